@@ -1,0 +1,277 @@
+//! What `routing.yaml` says (SPEC §2): the serde schema of the file, read with unknown keys
+//! refused, and the errors that point at `FILE:LINE:COL`. This module only reads; turning the
+//! file into the table that requests use (and every cross-field check) is `router.rs`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::source_map::{Pos, SourceMap};
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutingFile {
+    pub backends: BTreeMap<String, BackendSpec>,
+    /// The backend that serves every request no route matches. Required: there is no implicit
+    /// default, because guessing which service answers is exactly what this file must not do.
+    pub default: Option<String>,
+    #[serde(default)]
+    pub routes: Vec<RouteSpec>,
+    /// Peers (IPs or CIDRs) whose `X-Forwarded-For` is believed when picking a split's sticky
+    /// `ip` key. Empty by default: the TCP peer address is the client.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+}
+
+/// `backends.NAME`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendSpec {
+    pub url: String,
+    #[serde(default)]
+    pub trailing_slash: TrailingSlash,
+    pub host: Option<String>,
+    pub connect_timeout: Option<String>,
+    pub timeout: Option<String>,
+}
+
+/// What a backend wants done with a trailing slash on the paths sent to it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrailingSlash {
+    /// Sent as the client wrote it.
+    #[default]
+    Keep,
+    /// Always ends with `/` (Django's APPEND_SLASH wants this: it cannot redirect a POST).
+    Add,
+    /// Never ends with `/` (except the root).
+    Strip,
+}
+
+/// One entry of `routes`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSpec {
+    pub name: Option<String>,
+    pub path: String,
+    pub methods: Option<Vec<String>>,
+    pub to: String,
+    #[serde(default)]
+    pub exact: bool,
+    pub split: Option<f64>,
+    pub sticky: Option<String>,
+    pub shadow: Option<String>,
+    #[serde(default)]
+    pub shadow_ignore: Vec<String>,
+    #[serde(default)]
+    pub failover: bool,
+    pub rewrite: Option<String>,
+    pub rollback: Option<RollbackSpec>,
+}
+
+/// `routes[].rollback`: when to pin a route back to `default` by itself.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackSpec {
+    pub error_rate: PercentSpec,
+    pub min_requests: u64,
+    pub window: String,
+}
+
+/// A percentage as written: `5%`, or a bare number meaning percent.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PercentSpec {
+    Number(f64),
+    Text(String),
+}
+
+/// One error in a routing file, with its position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub pos: Pos,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file, self.pos.line, self.pos.col, self.message
+        )
+    }
+}
+
+/// Every error found in one file; displayed one per line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// A file read and parsed, with what is needed to report on it later.
+#[derive(Debug)]
+pub struct Source {
+    /// The name used in error messages: the path as given.
+    pub file: String,
+    pub map: SourceMap,
+    /// Hex SHA-256 of the bytes read: the audit trail names the config by it.
+    pub sha256: String,
+}
+
+impl Source {
+    /// An error at the value of `path` (`routes.3.to`).
+    pub fn error_at(&self, path: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.file.clone(),
+            pos: self.map.pos(path),
+            message: message.into(),
+        }
+    }
+}
+
+/// Reads and parses `path`. Syntax errors and unknown keys come back with serde_yaml's position.
+pub fn read(path: &Path) -> Result<(RoutingFile, Source), ConfigErrors> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: file.clone(),
+            pos: Pos { line: 0, col: 0 },
+            message: format!("cannot read: {e}"),
+        }])
+    })?;
+    parse(&file, &text)
+}
+
+/// Parses `text` as the routing file named `file`.
+pub fn parse(file: &str, text: &str) -> Result<(RoutingFile, Source), ConfigErrors> {
+    let sha256 = sha256_hex(text.as_bytes());
+    let parsed: RoutingFile = serde_yaml::from_str(text).map_err(|e| {
+        let pos = e
+            .location()
+            .map(|l| Pos {
+                line: l.line(),
+                col: l.column(),
+            })
+            .unwrap_or(Pos { line: 1, col: 1 });
+        ConfigErrors(vec![ConfigError {
+            file: file.to_string(),
+            pos,
+            message: clean_serde_message(&e.to_string()),
+        }])
+    })?;
+    let source = Source {
+        file: file.to_string(),
+        map: SourceMap::new(text),
+        sha256,
+    };
+    Ok((parsed, source))
+}
+
+/// serde_yaml appends " at line L column C" to its messages; the position is already in front.
+fn clean_serde_message(msg: &str) -> String {
+    match msg.rfind(" at line ") {
+        Some(i) => msg[..i].to_string(),
+        None => msg.to_string(),
+    }
+}
+
+/// Hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Parses `2s`, `500ms`, `1.5s`, `1m`, `1h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .ok_or_else(|| format!("duration {s:?} needs a unit: ms, s, m or h (e.g. 2s, 500ms)"))?;
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("duration {s:?}: {num:?} is not a number"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("duration {s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+    };
+    if !secs.is_finite() || secs <= 0.0 || secs > 86_400.0 {
+        return Err(format!("duration {s:?} must be above 0 and at most 24h"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+impl PercentSpec {
+    /// The value in percent (`5%` → 5.0), checked to lie in 0..=100.
+    pub fn percent(&self) -> Result<f64, String> {
+        let v = match self {
+            PercentSpec::Number(n) => *n,
+            PercentSpec::Text(t) => {
+                let t = t.trim();
+                let num = t.strip_suffix('%').unwrap_or(t).trim();
+                num.parse::<f64>()
+                    .map_err(|_| format!("{t:?} is not a percentage like 5%"))?
+            }
+        };
+        if !(0.0..=100.0).contains(&v) || v.is_nan() {
+            return Err(format!("percentage {v} is outside 0..100"));
+        }
+        Ok(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        for bad in ["2", "s", "2 sec", "-1s", "0s", "2d", "", "1.2.3s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn percentages() {
+        assert_eq!(PercentSpec::Text("5%".into()).percent(), Ok(5.0));
+        assert_eq!(PercentSpec::Text("0.5 %".into()).percent(), Ok(0.5));
+        assert_eq!(PercentSpec::Number(50.0).percent(), Ok(50.0));
+        assert!(PercentSpec::Text("150%".into()).percent().is_err());
+        assert!(PercentSpec::Text("x%".into()).percent().is_err());
+    }
+
+    #[test]
+    fn unknown_keys_point_at_the_key() {
+        let text = "backends:\n  legacy:\n    url: http://127.0.0.1:1\n    colour: red\ndefault: legacy\n";
+        let err = parse("r.yaml", text).unwrap_err();
+        let e = &err.0[0];
+        assert_eq!((e.pos.line, e.pos.col), (4, 5), "{e}");
+        assert!(e.message.contains("unknown field `colour`"), "{e}");
+        assert!(err.to_string().starts_with("r.yaml:4:5: "), "{err}");
+    }
+}

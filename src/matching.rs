@@ -1,0 +1,331 @@
+//! Route matching (SPEC §3): a segment trie from path patterns to route indexes. Pure: it knows
+//! patterns, segments and methods, nothing about backends, files or requests.
+//!
+//! Precedence falls out of the walk order: at each segment the literal child is tried before the
+//! `{param}` child (a literal beats a parameter), deeper nodes are tried before the routes that
+//! end at the current node (more segments beat fewer), and among the routes ending at one node a
+//! route whose `methods` include the method beats one without `methods`. The cost of a lookup
+//! depends on the depth of the path, never on the number of routes or their order in the file.
+
+use std::collections::HashMap;
+
+use crate::path::NormalPath;
+
+/// One segment of a route's path pattern.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum PatternSegment {
+    /// Matches exactly this segment (case-sensitive).
+    Literal(String),
+    /// `{name}`: matches any one non-empty segment.
+    Param(String),
+}
+
+/// Parses a route path (`/itineraries/{id}/itinerary_maps`) into segments. The caller has
+/// already checked it starts with `/`; empty segments (`//`, trailing `/`) are ignored, as they
+/// are in requests.
+pub fn parse_pattern(path: &str) -> Result<Vec<PatternSegment>, String> {
+    let mut out = Vec::new();
+    for seg in path.split('/').filter(|s| !s.is_empty()) {
+        if let Some(inner) = seg.strip_prefix('{') {
+            let name = inner
+                .strip_suffix('}')
+                .ok_or_else(|| format!("segment {seg:?} opens '{{' but does not close it"))?;
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(format!(
+                    "parameter {seg:?} must be {{name}} with letters, digits or '_'"
+                ));
+            }
+            out.push(PatternSegment::Param(name.to_string()));
+        } else if seg.contains(['{', '}']) {
+            return Err(format!(
+                "segment {seg:?}: a parameter must be a whole segment, like {{id}}"
+            ));
+        } else if seg == "." || seg == ".." {
+            return Err(format!("segment {seg:?} can never match: dot segments are refused"));
+        } else if seg.contains('%') || seg.contains(['\\', '?', '#']) || seg.chars().any(char::is_control) {
+            return Err(format!(
+                "segment {seg:?}: write the path decoded, without '%', '?', '#', '\\\\' or control characters"
+            ));
+        } else {
+            out.push(PatternSegment::Literal(seg.to_string()));
+        }
+    }
+    Ok(out)
+}
+
+/// What a route asks of a request besides its path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Constraint {
+    /// The request must have exactly as many segments as the pattern.
+    pub exact: bool,
+    /// Methods (upper-case) the route serves; `None` for every method.
+    pub methods: Option<Vec<String>>,
+}
+
+impl Constraint {
+    fn overlaps(&self, other: &Constraint) -> bool {
+        if self.exact != other.exact {
+            return false;
+        }
+        match (&self.methods, &other.methods) {
+            (None, None) => true,
+            (Some(a), Some(b)) => a.iter().any(|m| b.contains(m)),
+            // One with methods and one without coexist: the one with methods wins for its methods.
+            _ => false,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    route: usize,
+    constraint: Constraint,
+}
+
+#[derive(Debug, Default)]
+struct Node {
+    literals: HashMap<Box<str>, Node>,
+    param: Option<Box<Node>>,
+    /// Routes whose pattern ends at this node, in insertion order (order never decides).
+    here: Vec<Entry>,
+}
+
+/// Two routes that can never be told apart: same pattern (parameter names aside), same `exact`,
+/// overlapping methods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conflict {
+    /// The route already in the trie.
+    pub existing: usize,
+    /// The route being inserted.
+    pub new: usize,
+}
+
+/// The segment trie. Built once per table, then shared read-only by every request.
+#[derive(Debug, Default)]
+pub struct RouteTrie {
+    root: Node,
+    len: usize,
+}
+
+impl RouteTrie {
+    /// Adds route `route` under `pattern`, refusing one that conflicts with a route already added.
+    pub fn insert(
+        &mut self,
+        pattern: &[PatternSegment],
+        constraint: Constraint,
+        route: usize,
+    ) -> Result<(), Conflict> {
+        let mut node = &mut self.root;
+        for seg in pattern {
+            node = match seg {
+                PatternSegment::Literal(s) => node.literals.entry(s.as_str().into()).or_default(),
+                PatternSegment::Param(_) => node.param.get_or_insert_with(Default::default),
+            };
+        }
+        if let Some(e) = node.here.iter().find(|e| e.constraint.overlaps(&constraint)) {
+            return Err(Conflict {
+                existing: e.route,
+                new: route,
+            });
+        }
+        node.here.push(Entry { route, constraint });
+        self.len += 1;
+        Ok(())
+    }
+
+    /// Number of routes in the trie.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the trie holds no route.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The most specific route for this normalised path and method, if any.
+    pub fn lookup(&self, path: &NormalPath, method: &str) -> Option<usize> {
+        walk(&self.root, path, 0, method)
+    }
+}
+
+fn walk(node: &Node, path: &NormalPath, i: usize, method: &str) -> Option<usize> {
+    if i < path.len() {
+        if let Some(child) = node.literals.get(path.segment(i)) {
+            if let Some(r) = walk(child, path, i + 1, method) {
+                return Some(r);
+            }
+        }
+        if let Some(child) = &node.param {
+            if let Some(r) = walk(child, path, i + 1, method) {
+                return Some(r);
+            }
+        }
+    }
+    pick(&node.here, i == path.len(), method)
+}
+
+/// Among the routes ending at one node: methods that name the request's method beat no
+/// `methods`; then `exact` beats prefix.
+fn pick(here: &[Entry], at_end: bool, method: &str) -> Option<usize> {
+    let mut best: Option<(u8, usize)> = None;
+    for e in here {
+        if e.constraint.exact && !at_end {
+            continue;
+        }
+        let by_method = match &e.constraint.methods {
+            Some(ms) if ms.iter().any(|m| m == method) => 2,
+            Some(_) => continue,
+            None => 0,
+        };
+        let rank = by_method + u8::from(e.constraint.exact);
+        if best.is_none_or(|(r, _)| rank > r) {
+            best = Some((rank, e.route));
+        }
+    }
+    best.map(|(_, r)| r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// (pattern, exact, methods) in file order; the route index is the position.
+    type Spec<'a> = (&'a str, bool, Option<&'a [&'a str]>);
+
+    fn build(routes: &[Spec]) -> RouteTrie {
+        let mut t = RouteTrie::default();
+        for (i, (p, exact, methods)) in routes.iter().enumerate() {
+            let c = Constraint {
+                exact: *exact,
+                methods: methods.map(|m| m.iter().map(|s| s.to_string()).collect()),
+            };
+            t.insert(&parse_pattern(p).unwrap(), c, i).unwrap();
+        }
+        t
+    }
+
+    fn find(t: &RouteTrie, method: &str, path: &str) -> Option<usize> {
+        let n = crate::path::normalize(path).unwrap();
+        t.lookup(&n, method)
+    }
+
+    const TABLE: &[Spec] = &[
+        ("/bookings", false, None),                                // 0
+        ("/itineraries/{id}/itinerary_maps", false, Some(&["GET", "HEAD"])), // 1
+        ("/itineraries", false, None),                             // 2
+        ("/departures", true, None),                               // 3
+        ("/a/{id}/x", false, None),                                // 4
+        ("/a/b", false, None),                                     // 5
+        ("/a", false, None),                                       // 6
+        ("/tours/{id}", false, Some(&["POST"])),                   // 7
+        ("/tours/{id}", false, None),                              // 8
+        ("/tours/{id}", true, None),                               // 9
+        ("/x/{p}/y", false, None),                                 // 10
+        ("/x/lit", true, None),                                    // 11
+    ];
+
+    #[test]
+    fn matches_case_by_case() {
+        let t = build(TABLE);
+        let cases: &[(&str, &str, Option<usize>)] = &[
+            ("GET", "/bookings", Some(0)),
+            ("GET", "/bookings/", Some(0)),
+            ("GET", "/bookings/42", Some(0)),
+            ("POST", "/bookings/42/x", Some(0)),
+            ("GET", "/bookingsX", None),
+            ("GET", "/Bookings", None),
+            ("GET", "//bookings", Some(0)),
+            ("GET", "/%62ookings", Some(0)),
+            ("GET", "/bookings%2F42", None),
+            ("GET", "/bookings/a%2Fb", Some(0)),
+            ("GET", "/bookings?x=/itineraries", Some(0)),
+            ("GET", "/itineraries/7/itinerary_maps", Some(1)),
+            ("HEAD", "/itineraries/7/itinerary_maps/", Some(1)),
+            ("POST", "/itineraries/7/itinerary_maps", Some(2)),
+            ("GET", "/itineraries/7", Some(2)),
+            ("GET", "/departures", Some(3)),
+            ("GET", "/departures/", Some(3)),
+            ("GET", "/departures/1", None),
+            // literal beats param at the first differing segment, whatever the depth
+            ("GET", "/a/b/x", Some(5)),
+            ("GET", "/a/c/x", Some(4)),
+            ("GET", "/a/c", Some(6)),
+            ("GET", "/a", Some(6)),
+            // methods beat no methods; exact beats prefix at the same pattern
+            ("POST", "/tours/1", Some(7)),
+            ("GET", "/tours/1", Some(9)),
+            ("GET", "/tours/1/more", Some(8)),
+            ("POST", "/tours/1/more", Some(7)),
+            ("GET", "/tours", None),
+            // a failed literal branch falls back to the param branch
+            ("GET", "/x/lit/y", Some(10)),
+            ("GET", "/x/lit", Some(11)),
+            ("GET", "/x/lit/z", None),
+            ("GET", "/", None),
+        ];
+        for (m, p, want) in cases {
+            assert_eq!(find(&t, m, p), *want, "{m} {p}");
+        }
+    }
+
+    #[test]
+    fn order_of_routes_never_decides() {
+        let forward = build(TABLE);
+        let reversed: Vec<Spec> = TABLE.iter().rev().cloned().collect();
+        let backward = build(&reversed);
+        let n = TABLE.len();
+        for (m, p) in [
+            ("GET", "/a/b/x"),
+            ("GET", "/a/c/x"),
+            ("POST", "/tours/1"),
+            ("GET", "/tours/1"),
+            ("GET", "/x/lit/y"),
+            ("HEAD", "/itineraries/1/itinerary_maps"),
+        ] {
+            let a = find(&forward, m, p);
+            let b = find(&backward, m, p).map(|i| n - 1 - i);
+            assert_eq!(a, b, "{m} {p}");
+        }
+    }
+
+    #[test]
+    fn conflicts_are_refused() {
+        let mut t = build(&[("/a/{id}", false, Some(&["GET", "PUT"]))]);
+        let c = |methods: Option<&[&str]>, exact| Constraint {
+            exact,
+            methods: methods.map(|m| m.iter().map(|s| s.to_string()).collect()),
+        };
+        let p = parse_pattern("/a/{other}").unwrap();
+        assert_eq!(
+            t.insert(&p, c(Some(&["PUT"]), false), 1),
+            Err(Conflict { existing: 0, new: 1 })
+        );
+        assert!(t.insert(&p, c(Some(&["POST"]), false), 2).is_ok());
+        assert!(t.insert(&p, c(None, false), 3).is_ok());
+        assert!(t.insert(&p, c(None, false), 4).is_err());
+        assert!(t.insert(&p, c(None, true), 5).is_ok());
+    }
+
+    #[test]
+    fn patterns_are_checked() {
+        assert_eq!(
+            parse_pattern("/a/{id}/b/").unwrap(),
+            vec![
+                PatternSegment::Literal("a".into()),
+                PatternSegment::Param("id".into()),
+                PatternSegment::Literal("b".into())
+            ]
+        );
+        for bad in ["/a/{id", "/a/x{id}", "/a/{}", "/a/..", "/a/%41", "/a/{i-d}"] {
+            assert!(parse_pattern(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn deep_paths_beyond_the_inline_buffer() {
+        let t = build(&[("/a", false, None)]);
+        let long = format!("/a{}", "/x".repeat(40));
+        assert_eq!(find(&t, "GET", &long), Some(0));
+    }
+}

@@ -1,0 +1,734 @@
+//! The routing table that requests use: `routing.yaml` validated into backends, routes and a
+//! segment trie, built off to the side and published whole (see `reload.rs`). Owns every
+//! cross-field rule of SPEC §2 and the upstream path a request is sent with. Holds no live state:
+//! pins, counters and metrics live in `control.rs`, so a table can be rebuilt at any time.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::HeaderName;
+
+use crate::config::{
+    parse_duration, ConfigError, ConfigErrors, RoutingFile, Source, TrailingSlash,
+};
+use crate::matching::{parse_pattern, Constraint, PatternSegment, RouteTrie};
+use crate::path::NormalPath;
+
+/// The reserved route name of requests no route matches.
+pub const DEFAULT_ROUTE: &str = "default";
+/// The backend label of requests the proxy answered itself, before choosing a backend.
+pub const NO_BACKEND: &str = "none";
+
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// An upstream service.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    pub name: Arc<str>,
+    /// `scheme://authority` as normalised from `url` (no trailing slash).
+    pub url: String,
+    pub tls: bool,
+    /// The URL's host, without IPv6 brackets: the TLS SNI, and what `Set-Cookie` Domain is
+    /// compared with.
+    pub host: String,
+    pub port: u16,
+    /// Resolved once per table build: DNS is never on the request path.
+    pub addr: Option<SocketAddr>,
+    /// `Host` sent upstream; `None` keeps the client's.
+    pub host_header: Option<String>,
+    pub trailing_slash: TrailingSlash,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+    /// Prefixes of `Location` values that point at this backend (`http://h:p`, and `http://h`
+    /// when the port is the scheme's default).
+    pub location_prefixes: Vec<String>,
+}
+
+/// Where a split's sticky key comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sticky {
+    /// The client's address (see `trusted_proxies`).
+    Ip,
+    Header(HeaderName),
+    Cookie(String),
+}
+
+/// `split` on a route.
+#[derive(Debug, Clone)]
+pub struct Split {
+    pub percent: f64,
+    /// Buckets `0..threshold` (of 10 000) go to `to`.
+    pub threshold: u32,
+    pub sticky: Sticky,
+}
+
+/// `rollback` on a route.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AutoRollback {
+    /// Failure share (0..=1) at or above which the route is pinned.
+    pub error_rate: f64,
+    pub min_requests: u64,
+    pub window: Duration,
+}
+
+/// A route as the proxy uses it.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub name: Arc<str>,
+    /// The pattern as written in the file.
+    pub path: String,
+    pub pattern: Vec<PatternSegment>,
+    pub methods: Option<Vec<String>>,
+    pub exact: bool,
+    pub to: usize,
+    pub split: Option<Split>,
+    pub shadow: Option<usize>,
+    pub shadow_ignore: Vec<String>,
+    pub failover: bool,
+    pub rewrite: Option<String>,
+    pub rollback: Option<AutoRollback>,
+}
+
+/// The state SPEC §5 derives for a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RouteState {
+    Legacy,
+    Shadow,
+    Canary,
+    New,
+    RolledBack,
+}
+
+impl RouteState {
+    pub const ALL: [RouteState; 5] = [
+        RouteState::New,
+        RouteState::Canary,
+        RouteState::Shadow,
+        RouteState::Legacy,
+        RouteState::RolledBack,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteState::Legacy => "legacy",
+            RouteState::Shadow => "shadow",
+            RouteState::Canary => "canary",
+            RouteState::New => "new",
+            RouteState::RolledBack => "rolled_back",
+        }
+    }
+}
+
+/// A CIDR block of `trusted_proxies`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(a), IpAddr::V4(b)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(a) & mask == u32::from(b) & mask
+            }
+            (IpAddr::V6(a), IpAddr::V6(b)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(a) & mask == u128::from(b) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The validated table.
+#[derive(Debug)]
+pub struct RoutingTable {
+    pub backends: Vec<Backend>,
+    pub default: usize,
+    pub routes: Vec<Route>,
+    pub trusted_proxies: Vec<Cidr>,
+    /// The file it was read from, and the hex SHA-256 of its bytes.
+    pub file: String,
+    pub sha256: String,
+    trie: RouteTrie,
+}
+
+impl RoutingTable {
+    /// Validates `file` into a table, reporting every error found (not just the first).
+    /// Backends are not resolved: see [`RoutingTable::resolve`].
+    pub fn build(file: RoutingFile, source: &Source) -> Result<Self, ConfigErrors> {
+        let mut errors = Vec::new();
+        let mut backends = Vec::new();
+        let mut by_name: HashMap<String, usize> = HashMap::new();
+        if file.backends.is_empty() {
+            errors.push(source.error_at("backends", "at least one backend is required"));
+        }
+        for (name, spec) in &file.backends {
+            let at = |field: &str| format!("backends.{name}.{field}");
+            if name == NO_BACKEND || name.is_empty() {
+                errors.push(source.error_at(
+                    &format!("backends.{name}"),
+                    format!("backend name {name:?} is reserved"),
+                ));
+            }
+            let parsed = match parse_url(&spec.url) {
+                Ok(p) => p,
+                Err(msg) => {
+                    errors.push(source.error_at(&at("url"), msg));
+                    continue;
+                }
+            };
+            let mut duration = |field: &str, v: &Option<String>, dflt| match v {
+                None => dflt,
+                Some(s) => parse_duration(s).unwrap_or_else(|msg| {
+                    errors.push(source.error_at(&at(field), msg));
+                    dflt
+                }),
+            };
+            let connect_timeout =
+                duration("connect_timeout", &spec.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+            let timeout = duration("timeout", &spec.timeout, DEFAULT_TIMEOUT);
+            if let Some(h) = &spec.host {
+                if h.is_empty() || http::HeaderValue::from_str(h).is_err() || h.contains(['/', ' ']) {
+                    errors.push(source.error_at(&at("host"), format!("{h:?} is not a valid Host")));
+                }
+            }
+            by_name.insert(name.clone(), backends.len());
+            backends.push(Backend {
+                name: name.as_str().into(),
+                url: parsed.origin.clone(),
+                tls: parsed.tls,
+                host: parsed.host,
+                port: parsed.port,
+                addr: None,
+                host_header: spec.host.clone(),
+                trailing_slash: spec.trailing_slash,
+                connect_timeout,
+                timeout,
+                location_prefixes: parsed.location_prefixes,
+            });
+        }
+
+        let lookup = |errors: &mut Vec<ConfigError>, name: &str, at: &str| -> Option<usize> {
+            let found = by_name.get(name).copied();
+            if found.is_none() && !file.backends.contains_key(name) {
+                let known: Vec<&str> = file.backends.keys().map(String::as_str).collect();
+                errors.push(source.error_at(
+                    at,
+                    format!("backend {name:?} is not defined (backends: {})", known.join(", ")),
+                ));
+            }
+            found
+        };
+
+        let default = match &file.default {
+            Some(d) => lookup(&mut errors, d, "default"),
+            None => {
+                errors.push(source.error_at(
+                    "",
+                    "`default` is missing: name the backend that serves unmatched requests",
+                ));
+                None
+            }
+        };
+
+        let trusted_proxies = file
+            .trusted_proxies
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                parse_cidr(s)
+                    .map_err(|m| errors.push(source.error_at(&format!("trusted_proxies.{i}"), m)))
+                    .ok()
+            })
+            .collect();
+
+        let mut routes = Vec::new();
+        let mut trie = RouteTrie::default();
+        let mut names: HashMap<String, usize> = HashMap::new();
+        for (i, spec) in file.routes.into_iter().enumerate() {
+            let at = |field: &str| format!("routes.{i}.{field}");
+            let before = errors.len();
+            if !spec.path.starts_with('/') {
+                errors.push(source.error_at(&at("path"), "path must start with '/'"));
+            }
+            let pattern = parse_pattern(&spec.path).unwrap_or_else(|m| {
+                errors.push(source.error_at(&at("path"), m));
+                Vec::new()
+            });
+            let name = spec.name.clone().unwrap_or_else(|| spec.path.clone());
+            let name_at = if spec.name.is_some() { at("name") } else { at("path") };
+            if name == DEFAULT_ROUTE {
+                errors.push(source.error_at(&name_at, "route name \"default\" is reserved"));
+            } else if name.is_empty() || name.chars().any(char::is_control) {
+                errors.push(source.error_at(&name_at, "route name must be printable and non-empty"));
+            } else if let Some(&first) = names.get(&name) {
+                errors.push(source.error_at(
+                    &name_at,
+                    format!(
+                        "duplicate route name {name:?} (also route {} at line {}){}",
+                        first + 1,
+                        source.map.pos(&format!("routes.{first}")).line,
+                        if spec.name.is_none() { "; give one of them a `name`" } else { "" }
+                    ),
+                ));
+            } else {
+                names.insert(name.clone(), i);
+            }
+            let methods = spec.methods.as_ref().map(|ms| {
+                if ms.is_empty() {
+                    errors.push(source.error_at(&at("methods"), "methods is empty: omit it to serve every method"));
+                }
+                ms.iter()
+                    .enumerate()
+                    .map(|(j, m)| {
+                        let up = m.to_ascii_uppercase();
+                        if up.is_empty() || !up.bytes().all(|b| b.is_ascii_alphabetic() || b == b'-' || b == b'_') {
+                            errors.push(source.error_at(&format!("routes.{i}.methods.{j}"), format!("{m:?} is not an HTTP method")));
+                        }
+                        up
+                    })
+                    .collect::<Vec<_>>()
+            });
+            let to = lookup(&mut errors, &spec.to, &at("to"));
+            let shadow = spec
+                .shadow
+                .as_ref()
+                .and_then(|s| lookup(&mut errors, s, &at("shadow")));
+            if shadow.is_some() && shadow == to {
+                errors.push(source.error_at(&at("shadow"), "shadow must be another backend than `to`"));
+            }
+            if !spec.shadow_ignore.is_empty() && spec.shadow.is_none() {
+                errors.push(source.error_at(&at("shadow_ignore"), "shadow_ignore needs `shadow`"));
+            }
+            for (j, p) in spec.shadow_ignore.iter().enumerate() {
+                if !p.starts_with('/') {
+                    errors.push(source.error_at(
+                        &format!("routes.{i}.shadow_ignore.{j}"),
+                        format!("{p:?} is not a JSON pointer (it must start with '/')"),
+                    ));
+                }
+            }
+            let split = match spec.split {
+                Some(pct) if !(0.0..=100.0).contains(&pct) || pct.is_nan() => {
+                    errors.push(source.error_at(&at("split"), format!("split {pct} is outside 0..100")));
+                    None
+                }
+                Some(pct) => {
+                    let sticky = match spec.sticky.as_deref().map(parse_sticky) {
+                        None => Sticky::Ip,
+                        Some(Ok(s)) => s,
+                        Some(Err(m)) => {
+                            errors.push(source.error_at(&at("sticky"), m));
+                            Sticky::Ip
+                        }
+                    };
+                    Some(Split {
+                        percent: pct,
+                        threshold: (pct * 100.0).round() as u32,
+                        sticky,
+                    })
+                }
+                None => {
+                    if spec.sticky.is_some() {
+                        errors.push(source.error_at(&at("sticky"), "sticky needs `split`"));
+                    }
+                    None
+                }
+            };
+            if let Some(rw) = &spec.rewrite {
+                if pattern.iter().any(|s| matches!(s, PatternSegment::Param(_))) {
+                    errors.push(source.error_at(
+                        &at("rewrite"),
+                        "rewrite cannot be used on a path with a {param}",
+                    ));
+                } else if !rw.starts_with('/') || rw.contains(['?', '#', '{', '}', ' ', '\\']) {
+                    errors.push(source.error_at(
+                        &at("rewrite"),
+                        format!("rewrite {rw:?} must be a plain path starting with '/'"),
+                    ));
+                }
+            }
+            let rollback = spec.rollback.as_ref().and_then(|r| {
+                let rate = r.error_rate.percent().map_err(|m| {
+                    errors.push(source.error_at(&at("rollback.error_rate"), m));
+                });
+                if matches!(rate, Ok(v) if v <= 0.0) {
+                    errors.push(source.error_at(&at("rollback.error_rate"), "error_rate must be above 0%"));
+                }
+                if r.min_requests == 0 {
+                    errors.push(source.error_at(&at("rollback.min_requests"), "min_requests must be at least 1"));
+                }
+                let window = parse_duration(&r.window).map_err(|m| {
+                    errors.push(source.error_at(&at("rollback.window"), m));
+                });
+                Some(AutoRollback {
+                    error_rate: rate.ok()? / 100.0,
+                    min_requests: r.min_requests,
+                    window: window.ok()?,
+                })
+            });
+            if errors.len() > before {
+                continue;
+            }
+            let Some(to) = to else { continue };
+            let constraint = Constraint {
+                exact: spec.exact,
+                methods: methods.clone(),
+            };
+            if let Err(c) = trie.insert(&pattern, constraint, routes.len()) {
+                let other: &Route = &routes[c.existing];
+                errors.push(source.error_at(
+                    &at("path"),
+                    format!(
+                        "route {name:?} conflicts with route {:?} ({}): same path pattern{} and overlapping methods",
+                        other.name,
+                        other.path,
+                        if spec.exact { ", both exact," } else { "" }
+                    ),
+                ));
+                continue;
+            }
+            routes.push(Route {
+                name: name.into(),
+                path: spec.path,
+                pattern,
+                methods,
+                exact: spec.exact,
+                to,
+                split,
+                shadow,
+                shadow_ignore: spec.shadow_ignore,
+                failover: spec.failover,
+                rewrite: spec.rewrite.map(|r| r.trim_end_matches('/').to_string()),
+                rollback,
+            });
+        }
+
+        errors.sort_by_key(|e| (e.pos.line, e.pos.col));
+        match default {
+            Some(default) if errors.is_empty() => Ok(RoutingTable {
+                backends,
+                default,
+                routes,
+                trusted_proxies,
+                file: source.file.clone(),
+                sha256: source.sha256.clone(),
+                trie,
+            }),
+            _ => Err(ConfigErrors(errors)),
+        }
+    }
+
+    /// Resolves every backend's address. Done once per build so that DNS never runs on the
+    /// request path; a name that does not resolve fails the build like any other error.
+    pub fn resolve(&mut self) -> Result<(), String> {
+        let mut failed = Vec::new();
+        for b in &mut self.backends {
+            match (b.host.as_str(), b.port).to_socket_addrs() {
+                Ok(mut addrs) => b.addr = addrs.next(),
+                Err(e) => failed.push(format!("backend {:?} ({}): {e}", b.name, b.url)),
+            }
+            if b.addr.is_none() && failed.is_empty() {
+                failed.push(format!("backend {:?} ({}): no address", b.name, b.url));
+            }
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(failed.join("; "))
+        }
+    }
+
+    /// The route for a normalised path and the method to match with.
+    pub fn lookup(&self, path: &NormalPath, method: &str) -> Option<usize> {
+        self.trie.lookup(path, method)
+    }
+
+    /// A backend by name.
+    pub fn backend_index(&self, name: &str) -> Option<usize> {
+        self.backends.iter().position(|b| &*b.name == name)
+    }
+
+    /// A route by name.
+    pub fn route_index(&self, name: &str) -> Option<usize> {
+        self.routes.iter().position(|r| &*r.name == name)
+    }
+
+    /// The state of a route, given whether it is pinned.
+    pub fn state(&self, route: &Route, pinned: bool) -> RouteState {
+        if pinned {
+            RouteState::RolledBack
+        } else if route.to == self.default {
+            if route.shadow.is_some() {
+                RouteState::Shadow
+            } else {
+                RouteState::Legacy
+            }
+        } else if route.split.as_ref().is_some_and(|s| s.percent < 100.0) {
+            RouteState::Canary
+        } else {
+            RouteState::New
+        }
+    }
+
+    /// Routes per state, in the order of [`RouteState::ALL`].
+    pub fn state_totals(&self, pinned: impl Fn(&Route) -> bool) -> BTreeMap<RouteState, usize> {
+        let mut totals: BTreeMap<RouteState, usize> = RouteState::ALL.iter().map(|s| (*s, 0)).collect();
+        for r in &self.routes {
+            *totals.entry(self.state(r, pinned(r))).or_default() += 1;
+        }
+        totals
+    }
+
+    /// "12 routes: 5 new, 2 canary, 1 shadow, 3 legacy, 1 rolled_back".
+    pub fn summary(&self, pinned: impl Fn(&Route) -> bool) -> String {
+        let totals = self.state_totals(pinned);
+        let parts: Vec<String> = RouteState::ALL
+            .iter()
+            .map(|s| format!("{} {}", totals[s], s.as_str()))
+            .collect();
+        format!("{} routes: {}", self.routes.len(), parts.join(", "))
+    }
+}
+
+/// The path (and query) sent to `backend` for `path`. `rewrite` applies only when the request
+/// goes to the route's own `to` (`use_rewrite`): a pinned, split-off or failed-over request
+/// reaches `default` with the path the client sent.
+pub fn upstream_path(
+    route: Option<&Route>,
+    use_rewrite: bool,
+    backend: &Backend,
+    path: &NormalPath,
+) -> String {
+    let mut out = String::with_capacity(path.path().len() + 16);
+    match route.and_then(|r| r.rewrite.as_deref().filter(|_| use_rewrite).map(|rw| (r, rw))) {
+        Some((r, rw)) => {
+            out.push_str(rw);
+            out.push_str(path.rest_from(r.pattern.len()));
+            if out.is_empty() {
+                out.push('/');
+            }
+        }
+        None => out.push_str(path.path()),
+    }
+    match backend.trailing_slash {
+        TrailingSlash::Keep => {}
+        TrailingSlash::Add => {
+            if !out.ends_with('/') {
+                out.push('/');
+            }
+        }
+        TrailingSlash::Strip => {
+            while out.len() > 1 && out.ends_with('/') {
+                out.pop();
+            }
+        }
+    }
+    if let Some(q) = path.query() {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
+struct ParsedUrl {
+    origin: String,
+    tls: bool,
+    host: String,
+    port: u16,
+    location_prefixes: Vec<String>,
+}
+
+fn parse_url(url: &str) -> Result<ParsedUrl, String> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+    let tls = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        Some(s) => return Err(format!("{url:?}: scheme {s:?} is not http or https")),
+        None => return Err(format!("{url:?}: needs http:// or https://")),
+    };
+    let auth = uri
+        .authority()
+        .ok_or_else(|| format!("{url:?}: needs a host"))?;
+    if auth.as_str().contains('@') {
+        return Err(format!("{url:?}: credentials in the URL are not supported"));
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(format!(
+            "{url:?}: a backend URL has no path or query (use `rewrite` on a route)"
+        ));
+    }
+    let host = auth.host().trim_start_matches('[').trim_end_matches(']').to_string();
+    if host.is_empty() {
+        return Err(format!("{url:?}: needs a host"));
+    }
+    let default_port = if tls { 443 } else { 80 };
+    let port = auth.port_u16().unwrap_or(default_port);
+    let scheme = if tls { "https" } else { "http" };
+    let host_lc = auth.host().to_ascii_lowercase();
+    let origin = format!("{scheme}://{host_lc}:{port}");
+    let mut location_prefixes = vec![origin.clone()];
+    if port == default_port {
+        location_prefixes.push(format!("{scheme}://{host_lc}"));
+    }
+    Ok(ParsedUrl {
+        origin,
+        tls,
+        host,
+        port,
+        location_prefixes,
+    })
+}
+
+fn parse_sticky(s: &str) -> Result<Sticky, String> {
+    if s == "ip" {
+        return Ok(Sticky::Ip);
+    }
+    if let Some(h) = s.strip_prefix("header:") {
+        return HeaderName::from_bytes(h.trim().as_bytes())
+            .map(Sticky::Header)
+            .map_err(|_| format!("sticky {s:?}: {h:?} is not a header name"));
+    }
+    if let Some(c) = s.strip_prefix("cookie:") {
+        let c = c.trim();
+        if c.is_empty() || c.contains([';', '=', ' ', ',']) {
+            return Err(format!("sticky {s:?}: {c:?} is not a cookie name"));
+        }
+        return Ok(Sticky::Cookie(c.to_string()));
+    }
+    Err(format!(
+        "sticky {s:?} must be ip, header:NAME or cookie:NAME"
+    ))
+}
+
+fn parse_cidr(s: &str) -> Result<Cidr, String> {
+    let (addr, prefix) = match s.split_once('/') {
+        Some((a, p)) => (a, Some(p)),
+        None => (s, None),
+    };
+    let addr: IpAddr = addr
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not an IP address or CIDR block"))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let prefix = match prefix {
+        None => max,
+        Some(p) => p
+            .parse::<u8>()
+            .ok()
+            .filter(|p| *p <= max)
+            .ok_or_else(|| format!("{s:?}: prefix length must be 0..{max}"))?,
+    };
+    Ok(Cidr { addr, prefix })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse;
+    use crate::path::normalize;
+
+    fn table(yaml: &str) -> RoutingTable {
+        let (f, s) = parse("t.yaml", yaml).unwrap();
+        RoutingTable::build(f, &s).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn errors(yaml: &str) -> Vec<String> {
+        let (f, s) = match parse("t.yaml", yaml) {
+            Ok(x) => x,
+            Err(e) => return e.0.iter().map(|e| e.to_string()).collect(),
+        };
+        match RoutingTable::build(f, &s) {
+            Ok(_) => vec![],
+            Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    const BASE: &str = "backends:\n  legacy: {url: http://127.0.0.1:9001}\n  new: {url: 'http://127.0.0.1:9002', trailing_slash: add}\ndefault: legacy\n";
+
+    #[test]
+    fn semantic_errors_point_at_the_node() {
+        let cases: &[(&str, &str)] = &[
+            ("routes:\n  - {path: /a, to: nope}\n", "t.yaml:6:20: backend \"nope\" is not defined"),
+            ("routes:\n  - {path: /a, to: new}\n  - {path: /a, to: legacy}\n", "t.yaml:7:12: duplicate route name \"/a\""),
+            ("routes:\n  - {name: x, path: /a, to: new}\n  - {name: y, path: '/a/', to: legacy}\n", "t.yaml:7:21: route \"y\" conflicts with route \"x\""),
+            ("routes:\n  - {path: /a, to: new, split: 101}\n", "t.yaml:6:32: split 101 is outside 0..100"),
+            ("routes:\n  - {path: '/a/{id}', to: new, rewrite: /b}\n", "t.yaml:6:41: rewrite cannot be used on a path with a {param}"),
+            ("routes:\n  - {name: default, path: /a, to: new}\n", "t.yaml:6:12: route name \"default\" is reserved"),
+            ("routes:\n  - path: /a\n    to: new\n    rollback: {error_rate: 5%, min_requests: 20, window: 60}\n", "t.yaml:8:58: duration \"60\" needs a unit"),
+            ("routes:\n  - {path: /a, to: new, sticky: 'header:X'}\n", "sticky needs `split`"),
+        ];
+        for (routes, want) in cases {
+            let errs = errors(&format!("{BASE}{routes}"));
+            assert!(
+                errs.iter().any(|e| e.starts_with(want) || e.contains(want)),
+                "want {want:?}, got {errs:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn file_level_errors() {
+        let errs = errors("backends:\n  legacy: {url: 'ftp://x'}\n");
+        assert!(errs.iter().any(|e| e.contains("`default` is missing")), "{errs:?}");
+        assert!(errs.iter().any(|e| e.starts_with("t.yaml:2:") && e.contains("not http or https")), "{errs:?}");
+        let errs = errors("backends:\n  legacy: {url: 'http://h:1/api'}\ndefault: legacy\n");
+        assert!(errs[0].contains("no path"), "{errs:?}");
+        let errs = errors("backends:\n  legacy: {url: 'http://h:1', timeout: 3x}\ndefault: legacy\n");
+        assert!(errs[0].starts_with("t.yaml:2:") && errs[0].contains("unknown unit"), "{errs:?}");
+        let errs = errors("backends: {}\ndefault: x\nroutes: [{path: /a, to: y}, {path: /b, to: z}]\n");
+        assert!(errs.len() >= 3, "every error is reported: {errs:?}");
+    }
+
+    #[test]
+    fn upstream_paths() {
+        let t = table(&format!(
+            "{BASE}routes:\n  - {{path: /departures, to: new, rewrite: /v2/departures}}\n  - {{path: /root, to: legacy, rewrite: /}}\n"
+        ));
+        let new = &t.backends[t.backend_index("new").unwrap()];
+        let legacy = &t.backends[t.backend_index("legacy").unwrap()];
+        let dep = &t.routes[0];
+        let root = &t.routes[1];
+        let up = |r, rw, b, p: &str| upstream_path(r, rw, b, &normalize(p).unwrap());
+        assert_eq!(up(Some(dep), true, new, "/departures/5?x=%2F&y"), "/v2/departures/5/?x=%2F&y");
+        assert_eq!(up(Some(dep), true, new, "/departures"), "/v2/departures/");
+        assert_eq!(up(Some(dep), false, legacy, "/departures/5/"), "/departures/5/");
+        assert_eq!(up(Some(root), true, legacy, "/root/x"), "/x");
+        assert_eq!(up(Some(root), true, legacy, "/root"), "/");
+        assert_eq!(up(None, false, new, "/a%2Fb"), "/a%2Fb/");
+        let mut strip = new.clone();
+        strip.trailing_slash = TrailingSlash::Strip;
+        assert_eq!(up(None, false, &strip, "/a/?q"), "/a?q");
+        assert_eq!(up(None, false, &strip, "/"), "/");
+    }
+
+    #[test]
+    fn states_and_summary() {
+        let t = table(&format!(
+            "{BASE}routes:\n  - {{path: /a, to: new}}\n  - {{path: /b, to: new, split: 10}}\n  - {{path: /c, to: legacy, shadow: new}}\n  - {{path: /d, to: legacy}}\n  - {{path: /e, to: new}}\n"
+        ));
+        let pinned = |r: &Route| &*r.name == "/e";
+        assert_eq!(
+            t.summary(pinned),
+            "5 routes: 1 new, 1 canary, 1 shadow, 1 legacy, 1 rolled_back"
+        );
+    }
+
+    #[test]
+    fn cidrs() {
+        let c = parse_cidr("10.0.0.0/8").unwrap();
+        assert!(c.contains("10.1.2.3".parse().unwrap()));
+        assert!(!c.contains("11.1.2.3".parse().unwrap()));
+        assert!(parse_cidr("::1").unwrap().contains("::1".parse().unwrap()));
+        assert!(parse_cidr("0.0.0.0/0").unwrap().contains("1.2.3.4".parse().unwrap()));
+        assert!(parse_cidr("10.0.0.0/33").is_err());
+    }
+}

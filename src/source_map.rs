@@ -1,0 +1,153 @@
+//! Where each node of a YAML document sits (line, column), so that errors found after
+//! deserialisation — an undefined backend, a duplicate name — can still point at `FILE:LINE:COL`.
+//! serde_yaml reports positions only for its own errors; this walks the same text once with
+//! yaml-rust2's event parser and records the position of every node by its key path
+//! (`routes.3.to`).
+
+use std::collections::HashMap;
+
+use yaml_rust2::parser::{Event, Parser};
+
+/// A 1-based line and column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Pos {
+    pub line: usize,
+    pub col: usize,
+}
+
+/// Key path → position of the node's value.
+#[derive(Debug, Default)]
+pub struct SourceMap {
+    nodes: HashMap<String, Pos>,
+}
+
+impl SourceMap {
+    /// Indexes `text`. A document the event parser cannot read yields an empty map: serde_yaml
+    /// reports the syntax error itself, with its own position.
+    pub fn new(text: &str) -> Self {
+        let mut map = SourceMap::default();
+        let mut parser = Parser::new_from_str(text);
+        // One frame per open collection: the path prefix, and either the next sequence index or,
+        // for a mapping, the key waiting for its value.
+        enum Frame {
+            Seq(String, usize),
+            Map(String, Option<String>),
+        }
+        let mut stack: Vec<Frame> = Vec::new();
+        loop {
+            let Ok((event, mark)) = parser.next_token() else {
+                break;
+            };
+            let pos = Pos {
+                line: mark.line(),
+                col: mark.col() + 1,
+            };
+            // The path of the node this event starts, if it is a node and not a mapping key.
+            let node_path = match stack.last_mut() {
+                None => Some(String::new()),
+                Some(Frame::Seq(prefix, i)) => match event {
+                    Event::SequenceEnd => None,
+                    _ => {
+                        let p = join(prefix, &i.to_string());
+                        *i += 1;
+                        Some(p)
+                    }
+                },
+                Some(Frame::Map(prefix, key)) => match (&event, key.take()) {
+                    (Event::MappingEnd, _) => None,
+                    (_, Some(k)) => Some(join(prefix, &k)),
+                    (Event::Scalar(k, ..), None) => {
+                        // A key: remember it, and where it stands (for "unknown key" style errors).
+                        map.nodes
+                            .insert(format!("{}#key", join(prefix, k)), pos);
+                        *key = Some(k.clone());
+                        None
+                    }
+                    (_, None) => {
+                        // A complex key (a mapping used as a key): give it a placeholder name.
+                        *key = Some("?".into());
+                        None
+                    }
+                },
+            };
+            match event {
+                Event::StreamEnd => break,
+                Event::Scalar(..) | Event::Alias(_) => {
+                    if let Some(p) = node_path {
+                        map.nodes.insert(p, pos);
+                    }
+                }
+                Event::SequenceStart(..) => {
+                    let p = node_path.unwrap_or_default();
+                    map.nodes.insert(p.clone(), pos);
+                    stack.push(Frame::Seq(p, 0));
+                }
+                Event::MappingStart(..) => {
+                    let p = node_path.unwrap_or_default();
+                    map.nodes.insert(p.clone(), pos);
+                    stack.push(Frame::Map(p, None));
+                }
+                Event::SequenceEnd | Event::MappingEnd => {
+                    stack.pop();
+                }
+                _ => {}
+            }
+        }
+        map
+    }
+
+    /// The position of the value at `path` (`routes.3.to`), else of its nearest ancestor, else
+    /// line 1 column 1.
+    pub fn pos(&self, path: &str) -> Pos {
+        let mut p = path;
+        loop {
+            if let Some(pos) = self.nodes.get(p) {
+                return *pos;
+            }
+            match p.rfind('.') {
+                Some(i) => p = &p[..i],
+                None => {
+                    return self
+                        .nodes
+                        .get("")
+                        .copied()
+                        .unwrap_or(Pos { line: 1, col: 1 })
+                }
+            }
+        }
+    }
+
+    /// The position of the key `path` (`routes.3.split`) itself, falling back to its value.
+    pub fn key_pos(&self, path: &str) -> Pos {
+        self.nodes
+            .get(&format!("{path}#key"))
+            .copied()
+            .unwrap_or_else(|| self.pos(path))
+    }
+}
+
+fn join(prefix: &str, key: &str) -> String {
+    if prefix.is_empty() {
+        key.to_string()
+    } else {
+        format!("{prefix}.{key}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_nodes_by_key_path() {
+        let text = "backends:\n  legacy:\n    url: http://a:1\nroutes:\n  - path: /x\n    to: new\n  - {path: /y, to: legacy}\n";
+        let m = SourceMap::new(text);
+        assert_eq!(m.pos("backends.legacy.url"), Pos { line: 3, col: 10 });
+        assert_eq!(m.pos("routes.0.to"), Pos { line: 6, col: 9 });
+        assert_eq!(m.key_pos("routes.0.to"), Pos { line: 6, col: 5 });
+        assert_eq!(m.pos("routes.1.to").line, 7);
+        assert_eq!(m.pos("routes.0").line, 5);
+        // Unknown paths fall back to the nearest ancestor.
+        assert_eq!(m.pos("routes.0.nothing"), m.pos("routes.0"));
+    }
+}
