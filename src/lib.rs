@@ -3,14 +3,36 @@
 //!
 //! How the pieces own each other:
 //! ```text
-//! main ─ cli (commands) ─ server (Pingora Server, services)
-//!                           ├─ proxy::Strangler (ProxyHttp hooks) ── Arc<ArcSwap<RoutingTable>>
-//!                           ├─ reload::Reloader (background: file watch, SIGHUP) ─┘
-//!                           └─ admin (metrics, routes, pins)
-//! config (file schema) ─► router::RoutingTable (validated) ─► matching::RouteTrie (pure)
+//! main ─ cli (flags) ─┬ server (Pingora Server and its services)
+//!                     │   ├ proxy::Strangler (the ProxyHttp hooks) ─┐
+//!                     │   ├ admin::Admin (metrics, routes, pins) ───┼─ state::State ─ ArcSwap<LiveTable>
+//!                     │   ├ reload::Reloader (file watch, SIGHUP) ──┘        └ router::RoutingTable
+//!                     │   └ demo (sample services)                               └ matching::RouteTrie
+//!                     ├ check (check, explain: offline)
+//!                     └ client (routes, rollback, resume: admin API client)
+//! config (file schema) + source_map (FILE:LINE:COL) ─► router (validated table)
+//! path (normalisation) · split · shadow · rollback · pins · audit · forwarding · errors · metrics
 //! ```
+pub mod admin;
+pub mod audit;
+pub mod check;
+pub mod cli;
+pub mod client;
 pub mod config;
+pub mod demo;
+pub mod errors;
+pub mod forwarding;
+pub mod logging;
 pub mod matching;
+pub mod metrics;
 pub mod path;
+pub mod pins;
+pub mod proxy;
+pub mod reload;
+pub mod rollback;
 pub mod router;
+pub mod server;
+pub mod shadow;
 pub mod source_map;
+pub mod split;
+pub mod state;

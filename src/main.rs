@@ -1,1 +1,50 @@
-fn main() {}
+//! The `strangler` binary: parses the command line and hands over to the command.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use strangler::cli::{Cli, Command, RunArgs};
+use strangler::server::{self, ServeOptions};
+use strangler::{check, client, logging};
+
+fn serve_options(a: RunArgs, demo: Vec<(String, String)>) -> ServeOptions {
+    ServeOptions {
+        config: a.config.config,
+        listen: a.listen,
+        admin: a.admin,
+        admin_token: a.admin_token,
+        state_file: a.state,
+        audit_log: a.audit_log,
+        threads: a.threads,
+        drain_timeout: a.drain_timeout,
+        upgrade: a.upgrade,
+        upgrade_sock: a.upgrade_sock,
+        demo_services: demo,
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    let result = match cli.command {
+        Command::Run(a) => server::serve(serve_options(a, Vec::new())).map(|_| ExitCode::SUCCESS),
+        Command::Demo(a) => check::demo_backends(&a.config.config)
+            .and_then(|demo| server::serve(serve_options(a, demo)))
+            .map(|_| ExitCode::SUCCESS),
+        Command::Check(a) => Ok(check::check(&a)),
+        Command::Explain(a) => Ok(check::explain(&a)),
+        Command::Routes(a) => Ok(client::routes(&a)),
+        Command::Rollback(a) => Ok(client::rollback(&a)),
+        Command::Resume(a) => Ok(client::resume(&a)),
+        Command::DemoService(a) => {
+            server::serve_demo_services(vec![(a.name, a.listen)]).map(|_| ExitCode::SUCCESS)
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(1)
+        }
+    }
+}

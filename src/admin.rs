@@ -1,0 +1,230 @@
+//! The admin listener (SPEC §7): metrics, health, the route table with states and pins, and the
+//! rollback / resume / reload controls. Served by Pingora on its own address; it reads the same
+//! `State` as the proxy and changes it only through `State`'s methods.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use http::{Method, Response, StatusCode};
+use pingora_core::apps::http_app::ServeHttp;
+use pingora_core::protocols::http::ServerSession;
+use serde_json::{json, Value};
+
+use crate::metrics;
+use crate::pins::PinReason;
+use crate::state::{recent_counts, ControlError, LiveTable, State};
+
+/// The admin application.
+pub struct Admin {
+    pub state: Arc<State>,
+    /// `STRANGLER_ADMIN_TOKEN`: when set, every POST needs `Authorization: Bearer TOKEN`.
+    pub token: Option<String>,
+}
+
+fn respond(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, content_type)
+        .header(http::header::CONTENT_LENGTH, body.len())
+        .header(http::header::CACHE_CONTROL, "no-store")
+        .body(body)
+        .unwrap_or_default()
+}
+
+fn json_response(status: StatusCode, v: Value) -> Response<Vec<u8>> {
+    let mut body = serde_json::to_vec_pretty(&v).unwrap_or_default();
+    body.push(b'\n');
+    respond(status, "application/json", body)
+}
+
+fn error(status: StatusCode, code: &str, message: String) -> Response<Vec<u8>> {
+    json_response(status, json!({"error": code, "message": message}))
+}
+
+/// Constant-time comparison, so a token cannot be guessed byte by byte from response times.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Percent-decodes a route name taken from the URL (route names may contain `/` and `{`).
+fn decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The `/routes` document.
+pub fn routes_json(live: &LiveTable) -> Value {
+    let t = &live.table;
+    let default = &*t.backends[t.default].name;
+    let mut out: Vec<Value> = t
+        .routes
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let control = &live.routes[i].control;
+            let pin = control.pin();
+            let counts = recent_counts(live, Some(i));
+            json!({
+                "name": &*r.name,
+                "path": r.path,
+                "methods": r.methods,
+                "exact": r.exact,
+                "to": &*t.backends[r.to].name,
+                "default": default,
+                "split": r.split.as_ref().map(|s| s.percent),
+                "shadow": r.shadow.map(|b| &*t.backends[b].name),
+                "failover": r.failover,
+                "rewrite": r.rewrite,
+                "state": t.state(r, pin.is_some()).as_str(),
+                "pinned": pin.map(|p| json!({"reason": p.reason.as_str(), "since": p.since})),
+                "requests": counts.iter().map(|(b, r, _)| (b.clone(), json!(r))).collect::<serde_json::Map<_, _>>(),
+                "errors": counts.iter().map(|(b, _, e)| (b.clone(), json!(e))).collect::<serde_json::Map<_, _>>(),
+            })
+        })
+        .collect();
+    let counts = recent_counts(live, None);
+    out.push(json!({
+        "name": crate::router::DEFAULT_ROUTE,
+        "path": null,
+        "methods": null,
+        "exact": false,
+        "to": default,
+        "default": default,
+        "split": null,
+        "shadow": null,
+        "failover": false,
+        "rewrite": null,
+        "state": "legacy",
+        "pinned": null,
+        "requests": counts.iter().map(|(b, r, _)| (b.clone(), json!(r))).collect::<serde_json::Map<_, _>>(),
+        "errors": counts.iter().map(|(b, _, e)| (b.clone(), json!(e))).collect::<serde_json::Map<_, _>>(),
+    }));
+    Value::Array(out)
+}
+
+impl Admin {
+    fn authorized(&self, session: &ServerSession) -> bool {
+        let Some(token) = &self.token else {
+            return true;
+        };
+        let given = session
+            .req_header()
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        same(given.trim().as_bytes(), token.as_bytes())
+    }
+
+    fn handle(&self, method: &Method, path: &str, authorized: bool) -> Response<Vec<u8>> {
+        let get = method == Method::GET || method == Method::HEAD;
+        match (get, path) {
+            (true, "/metrics") => respond(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                metrics::render(),
+            ),
+            (true, "/healthz") => respond(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
+            (true, "/routes") => json_response(StatusCode::OK, routes_json(&self.state.snapshot())),
+            (true, _) => error(StatusCode::NOT_FOUND, "not_found", format!("no endpoint {path}")),
+            _ if *method != Method::POST => error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{method} is not allowed here"),
+            ),
+            _ if !authorized => error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "this admin API needs Authorization: Bearer $STRANGLER_ADMIN_TOKEN".into(),
+            ),
+            (_, "/rollback") => {
+                let n = self.state.pin_all("POST /rollback");
+                json_response(StatusCode::OK, json!({"pinned": n, "routes": routes_json(&self.state.snapshot())}))
+            }
+            (_, "/reload") => match self.state.reload("POST /reload") {
+                Ok(()) => json_response(StatusCode::OK, json!({"reloaded": true, "sha256": self.state.snapshot().table.sha256})),
+                Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_config", e),
+            },
+            (_, p) => {
+                let Some(rest) = p.strip_prefix("/routes/") else {
+                    return error(StatusCode::NOT_FOUND, "not_found", format!("no endpoint {p}"));
+                };
+                let (name, action) = match rest.rsplit_once('/') {
+                    Some((n, a @ ("rollback" | "resume"))) => (decode(n), a),
+                    _ => return error(StatusCode::NOT_FOUND, "not_found", format!("no endpoint {p}")),
+                };
+                let result = if action == "rollback" {
+                    self.state.pin(&name, PinReason::Manual, "POST rollback (admin API)")
+                } else {
+                    self.state.resume(&name)
+                };
+                match result {
+                    Ok(changed) => {
+                        let live = self.state.snapshot();
+                        let route = routes_json(&live)
+                            .as_array()
+                            .and_then(|a| a.iter().find(|r| r["name"] == name.as_str()).cloned())
+                            .unwrap_or(Value::Null);
+                        json_response(StatusCode::OK, json!({"changed": changed, "route": route}))
+                    }
+                    Err(ControlError::UnknownRoute) => error(
+                        StatusCode::NOT_FOUND,
+                        "unknown_route",
+                        format!("no route named {name:?}"),
+                    ),
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl ServeHttp for Admin {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let method = session.req_header().method.clone();
+        let path = session.req_header().uri.path().to_string();
+        let authorized = self.authorized(session);
+        // The body of a POST is not used; read it so the connection stays usable.
+        let _ = session.drain_request_body().await;
+        let state = self.state.clone();
+        let token = self.token.clone();
+        // Pins and reloads write files: keep them off the async workers.
+        tokio::task::spawn_blocking(move || Admin { state, token }.handle(&method, &path, authorized))
+            .await
+            .unwrap_or_else(|e| error(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_route_names() {
+        assert_eq!(decode("bookings"), "bookings");
+        assert_eq!(decode("%2Fitineraries%2F%7Bid%7D"), "/itineraries/{id}");
+        assert_eq!(decode("a%2"), "a%2");
+        assert_eq!(decode("/bookings"), "/bookings");
+    }
+
+    #[test]
+    fn constant_time_compare() {
+        assert!(same(b"abc", b"abc"));
+        assert!(!same(b"abc", b"abd"));
+        assert!(!same(b"abc", b"ab"));
+    }
+}

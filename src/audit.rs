@@ -1,0 +1,72 @@
+//! The audit trail (SPEC §5): one structured line for every change of who serves what — a reload
+//! that changes a route's backend, split or shadow, a pin, a resume. Logged on the `audit` target,
+//! and appended as a JSON line to `--audit-log` when given.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use parking_lot::Mutex;
+use serde::Serialize;
+use serde_json::json;
+
+/// Who serves a route, as the audit trail records it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Serving {
+    pub to: String,
+    pub split: Option<f64>,
+    pub shadow: Option<String>,
+    pub state: &'static str,
+}
+
+/// The audit sink.
+#[derive(Debug, Default)]
+pub struct Audit {
+    file: Option<(PathBuf, Mutex<Option<std::fs::File>>)>,
+}
+
+impl Audit {
+    pub fn new(path: Option<PathBuf>) -> Self {
+        Audit {
+            file: path.map(|p| (p, Mutex::new(None))),
+        }
+    }
+
+    /// Records one change.
+    pub fn record(
+        &self,
+        route: &str,
+        before: Option<&Serving>,
+        after: Option<&Serving>,
+        reason: &str,
+        config_sha256: &str,
+    ) {
+        let ts = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let entry = json!({
+            "ts": ts,
+            "route": route,
+            "before": before,
+            "after": after,
+            "reason": reason,
+            "config_sha256": config_sha256,
+        });
+        log::info!(target: "audit", "{entry}");
+        if let Some((path, file)) = &self.file {
+            let mut guard = file.lock();
+            if guard.is_none() {
+                match std::fs::OpenOptions::new().create(true).append(true).open(path) {
+                    Ok(f) => *guard = Some(f),
+                    Err(e) => {
+                        log::error!("cannot open audit log {}: {e}", path.display());
+                        return;
+                    }
+                }
+            }
+            if let Some(f) = guard.as_mut() {
+                if let Err(e) = writeln!(f, "{entry}") {
+                    log::error!("cannot append to audit log {}: {e}", path.display());
+                    *guard = None;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,337 @@
+//! The offline commands: `check` (validate, print the table with states, run golden cases) and
+//! `explain` (what would happen to one request). Both read the file exactly as the proxy does
+//! and decide exactly as the proxy does; neither contacts a backend.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::Path;
+use std::process::ExitCode;
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+use serde::Deserialize;
+
+use crate::cli::{CheckArgs, ExplainArgs};
+use crate::config::{self, ConfigErrors};
+use crate::path;
+use crate::pins::{Pin, StateFile};
+use crate::router::{upstream_path, RoutingTable, DEFAULT_ROUTE};
+use crate::split;
+
+/// Reads and validates without resolving backends (so `check` works offline, e.g. in CI).
+pub fn load(config: &Path) -> Result<RoutingTable, ConfigErrors> {
+    let (file, source) = config::read(config)?;
+    RoutingTable::build(file, &source)
+}
+
+/// The `(name, address)` of the sample services `demo` starts: the `legacy` and `new` backends.
+pub fn demo_backends(config: &Path) -> Result<Vec<(String, String)>, String> {
+    let table = load(config).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for name in ["legacy", "new"] {
+        let b = table
+            .backend_index(name)
+            .map(|i| &table.backends[i])
+            .ok_or_else(|| format!("demo needs backends named `legacy` and `new` in {}", config.display()))?;
+        if b.tls {
+            return Err(format!("demo services speak plain http; backend {name} is https"));
+        }
+        out.push((name.to_string(), format!("{}:{}", bracket(&b.host), b.port)));
+    }
+    Ok(out)
+}
+
+fn bracket(host: &str) -> String {
+    if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    }
+}
+
+fn pins(config: &Path, state: Option<&Path>) -> BTreeMap<String, Pin> {
+    let path = state.map(Path::to_path_buf).unwrap_or_else(|| StateFile::beside(config));
+    StateFile::new(path).load()
+}
+
+/// `strangler check`.
+pub fn check(a: &CheckArgs) -> ExitCode {
+    let table = match load(&a.config.config) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(1);
+        }
+    };
+    let pins = pins(&a.config.config, a.state.as_deref());
+    let pinned = |name: &str| pins.contains_key(name);
+    println!("{}: valid (sha256 {})", table.file, &table.sha256[..16]);
+    println!("\nbackends:");
+    for (i, b) in table.backends.iter().enumerate() {
+        let mut notes = Vec::new();
+        if i == table.default {
+            notes.push("default".to_string());
+        }
+        if let Some(h) = &b.host_header {
+            notes.push(format!("host={h}"));
+        }
+        notes.push(format!("trailing_slash={:?}", b.trailing_slash).to_lowercase());
+        notes.push(format!("connect_timeout={:?} timeout={:?}", b.connect_timeout, b.timeout));
+        println!("  {:<12} {:<32} {}", b.name, b.url, notes.join(" "));
+    }
+    println!("\nroutes:");
+    let rows: Vec<[String; 6]> = table
+        .routes
+        .iter()
+        .map(|r| {
+            let methods = r.methods.as_ref().map_or("*".to_string(), |m| m.join(","));
+            let mut extra = Vec::new();
+            if let Some(s) = &r.split {
+                extra.push(format!("split={}%", s.percent));
+            }
+            if let Some(s) = r.shadow {
+                extra.push(format!("shadow={}", table.backends[s].name));
+            }
+            if r.exact {
+                extra.push("exact".into());
+            }
+            if r.failover {
+                extra.push("failover".into());
+            }
+            if let Some(rw) = &r.rewrite {
+                extra.push(format!("rewrite={rw}"));
+            }
+            if r.rollback.is_some() {
+                extra.push("auto-rollback".into());
+            }
+            [
+                r.name.to_string(),
+                r.path.clone(),
+                methods,
+                table.backends[r.to].name.to_string(),
+                table.state(r, pinned(&r.name)).as_str().to_string(),
+                extra.join(" "),
+            ]
+        })
+        .collect();
+    let header = ["NAME", "PATH", "METHODS", "TO", "STATE", ""];
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, c) in widths.iter_mut().zip(row) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: [&str; 6]| {
+        let mut s = String::from(" ");
+        for (c, w) in cells.iter().zip(widths) {
+            s.push_str(&format!(" {c:<w$}"));
+        }
+        println!("{}", s.trim_end());
+    };
+    line(header);
+    for row in &rows {
+        line([&row[0], &row[1], &row[2], &row[3], &row[4], &row[5]]);
+    }
+    println!("\n{}", table.summary(|r| pinned(&r.name)));
+    match &a.cases {
+        None => ExitCode::SUCCESS,
+        Some(cases) => run_cases(&table, cases, &pins),
+    }
+}
+
+/// One golden case.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Case {
+    request: String,
+    route: String,
+    backend: Option<String>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    client_ip: Option<IpAddr>,
+}
+
+/// Where one request goes.
+#[derive(Debug)]
+pub struct Decision {
+    pub route: Option<usize>,
+    pub backend: usize,
+    pub to_target: bool,
+    pub upstream_target: String,
+    pub normal_path: String,
+}
+
+/// Decides like the proxy: normalise, match (preflights as their announced method), then
+/// pin → split → `to`.
+pub fn decide(
+    table: &RoutingTable,
+    method: &str,
+    target: &str,
+    headers: &HeaderMap,
+    client_ip: IpAddr,
+    pinned: impl Fn(&str) -> bool,
+) -> Result<Decision, String> {
+    let normal = path::normalize(target).map_err(|e| format!("400 bad_request: {e}"))?;
+    let match_method = match (method, headers.get("access-control-request-method")) {
+        ("OPTIONS", Some(m)) => m.to_str().unwrap_or(method).to_string(),
+        _ => method.to_string(),
+    };
+    let route = table.lookup(&normal, &match_method);
+    let (backend, to_target) = match route {
+        None => (table.default, false),
+        Some(i) => {
+            let r = &table.routes[i];
+            let to = !pinned(&r.name)
+                && r.split.as_ref().is_none_or(|s| {
+                    let key = split::sticky_key(&s.sticky, headers, Some(client_ip));
+                    split::decide(&r.name, s, key.as_deref())
+                });
+            if to {
+                (r.to, true)
+            } else {
+                (table.default, false)
+            }
+        }
+    };
+    let upstream_target = upstream_path(
+        route.map(|i| &table.routes[i]),
+        to_target,
+        &table.backends[backend],
+        &normal,
+    );
+    Ok(Decision {
+        route,
+        backend,
+        to_target,
+        upstream_target,
+        normal_path: normal.path().to_string(),
+    })
+}
+
+fn header_map(pairs: impl IntoIterator<Item = (String, String)>) -> Result<HeaderMap, String> {
+    let mut h = HeaderMap::new();
+    for (k, v) in pairs {
+        let name = HeaderName::from_bytes(k.trim().as_bytes()).map_err(|_| format!("bad header name {k:?}"))?;
+        let value = HeaderValue::from_str(v.trim()).map_err(|_| format!("bad header value {v:?}"))?;
+        h.append(name, value);
+    }
+    Ok(h)
+}
+
+fn run_cases(table: &RoutingTable, file: &Path, pins: &BTreeMap<String, Pin>) -> ExitCode {
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("{}: cannot read: {e}", file.display());
+            return ExitCode::from(1);
+        }
+    };
+    let cases: Vec<Case> = match serde_yaml::from_str(&text) {
+        Ok(c) => c,
+        Err(e) => {
+            let (l, c) = e.location().map_or((1, 1), |l| (l.line(), l.column()));
+            eprintln!("{}:{l}:{c}: {e}", file.display());
+            return ExitCode::from(1);
+        }
+    };
+    let mut failed = 0;
+    for (n, case) in cases.iter().enumerate() {
+        let outcome = (|| -> Result<(), String> {
+            let (method, target) = case
+                .request
+                .split_once(' ')
+                .ok_or_else(|| format!("request {:?} must be \"METHOD /path\"", case.request))?;
+            let headers = header_map(case.headers.clone())?;
+            let ip = case.client_ip.unwrap_or(IpAddr::from([127, 0, 0, 1]));
+            let d = decide(table, method, target.trim(), &headers, ip, |r| pins.contains_key(r))?;
+            let route = d.route.map_or(DEFAULT_ROUTE, |i| &table.routes[i].name);
+            let backend = &*table.backends[d.backend].name;
+            if route != case.route {
+                return Err(format!("route: want {}, got {route}", case.route));
+            }
+            if let Some(want) = &case.backend {
+                if want != backend {
+                    return Err(format!("backend: want {want}, got {backend}"));
+                }
+            }
+            Ok(())
+        })();
+        match outcome {
+            Ok(()) => println!("ok    {}", case.request),
+            Err(e) => {
+                failed += 1;
+                println!("FAIL  {} (case {}): {e}", case.request, n + 1);
+            }
+        }
+    }
+    println!("{} passed, {failed} failed", cases.len() - failed);
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+/// `strangler explain`.
+pub fn explain(a: &ExplainArgs) -> ExitCode {
+    let table = match load(&a.config.config) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(1);
+        }
+    };
+    let pairs: Result<Vec<(String, String)>, String> = a
+        .headers
+        .iter()
+        .map(|h| {
+            h.split_once(':')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| format!("header {h:?} must be 'Name: value'"))
+        })
+        .collect();
+    let headers = match pairs.and_then(header_map) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(1);
+        }
+    };
+    let pins = pins(&a.config.config, None);
+    let method = a.method.to_ascii_uppercase();
+    let d = match decide(&table, &method, &a.path, &headers, a.client_ip, |r| pins.contains_key(r)) {
+        Ok(d) => d,
+        Err(e) => {
+            println!("{method} {}\n  answered by strangler: {e}; sent nowhere", a.path);
+            return ExitCode::SUCCESS;
+        }
+    };
+    let backend = &table.backends[d.backend];
+    println!("{method} {}", a.path);
+    println!("  normalised path: {}", d.normal_path);
+    match d.route {
+        Some(i) => {
+            let r = &table.routes[i];
+            let state = table.state(r, pins.contains_key(&*r.name)).as_str();
+            println!("  route:    {} (path {}, state {state})", r.name, r.path);
+            let why = if d.to_target {
+                "the route's `to`".to_string()
+            } else if pins.contains_key(&*r.name) {
+                "pinned to default".to_string()
+            } else {
+                format!("split: this client is outside the {}%", r.split.as_ref().map_or(0.0, |s| s.percent))
+            };
+            println!("  backend:  {} ({}) — {why}", backend.name, backend.url);
+        }
+        None => {
+            println!("  route:    {DEFAULT_ROUTE} (no route matches)");
+            println!("  backend:  {} ({}) — the default", backend.name, backend.url);
+        }
+    }
+    println!("  upstream: {method} {} HTTP/1.1", d.upstream_target);
+    match (&backend.host_header, headers.get(http::header::HOST)) {
+        (Some(h), _) => println!("  Host:     {h} (set by backend `host`)"),
+        (None, Some(h)) => println!("  Host:     {} (the client's)", h.to_str().unwrap_or("?")),
+        (None, None) => println!("  Host:     the client's Host, kept"),
+    }
+    ExitCode::SUCCESS
+}

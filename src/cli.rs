@@ -1,0 +1,160 @@
+//! The command line (SPEC §1): clap definitions only. What each command does lives in
+//! `server.rs` (run, demo), `check.rs` (check, explain) and `client.rs` (routes, rollback,
+//! resume).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::logging::LogFormat;
+
+/// strangler: a migration proxy that routes each resource of an HTTP API to the legacy service
+/// or its replacement, as routing.yaml says, and flips a route back in seconds.
+#[derive(Debug, Parser)]
+#[command(name = "strangler", version, about, long_about = None)]
+pub struct Cli {
+    /// Log lines as text or JSON (filter with RUST_LOG, e.g. RUST_LOG=info,audit=info).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "STRANGLER_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve: proxy on --listen, admin API on --admin; SIGHUP reloads, SIGTERM drains.
+    Run(RunArgs),
+    /// As `run`, and also start two sample services on the addresses of the file's `legacy` and
+    /// `new` backends, so routing can be tried with nothing else installed.
+    Demo(RunArgs),
+    /// Validate routing.yaml and print its table; with --cases, also check golden routing cases.
+    Check(CheckArgs),
+    /// Dry run: which route and backend a request gets, and the exact upstream request line.
+    Explain(ExplainArgs),
+    /// List the routes of a running proxy (states, pins, last-minute traffic).
+    Routes(ClientArgs),
+    /// Pin a route (or --all) of a running proxy to `default`.
+    Rollback(RollbackArgs),
+    /// Lift the pin of a route of a running proxy.
+    Resume(ResumeArgs),
+    /// Run one sample service (what `demo` starts), e.g. for a Compose stack.
+    DemoService(DemoServiceArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ConfigArg {
+    /// The routing table.
+    #[arg(short = 'c', long = "config", env = "STRANGLER_CONFIG", default_value = "routing.yaml")]
+    pub config: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Proxy listener address (repeatable).
+    #[arg(long, env = "STRANGLER_LISTEN", value_delimiter = ',', default_value = "0.0.0.0:8080")]
+    pub listen: Vec<String>,
+    /// Admin API address. A non-loopback address requires STRANGLER_ADMIN_TOKEN.
+    #[arg(long, env = "STRANGLER_ADMIN", default_value = "127.0.0.1:9900")]
+    pub admin: String,
+    /// Bearer token required by every admin POST.
+    #[arg(long, env = "STRANGLER_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Pin state file [default: .strangler-state.json beside routing.yaml].
+    #[arg(long, env = "STRANGLER_STATE")]
+    pub state: Option<PathBuf>,
+    /// Append every change of who serves what as a JSON line to this file.
+    #[arg(long, env = "STRANGLER_AUDIT_LOG")]
+    pub audit_log: Option<PathBuf>,
+    /// Proxy worker threads.
+    #[arg(long, env = "STRANGLER_THREADS", default_value_t = 2)]
+    pub threads: usize,
+    /// Longest wait for in-flight requests after SIGTERM/SIGINT (e.g. 10s).
+    #[arg(long, env = "STRANGLER_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration_arg)]
+    pub drain_timeout: std::time::Duration,
+    /// Take over the listening sockets of a running strangler (send it SIGQUIT afterwards).
+    #[arg(long)]
+    pub upgrade: bool,
+    /// Unix socket for handing listeners over on --upgrade.
+    #[arg(long, env = "STRANGLER_UPGRADE_SOCK", default_value = "/tmp/strangler-upgrade.sock")]
+    pub upgrade_sock: PathBuf,
+}
+
+fn parse_duration_arg(s: &str) -> Result<std::time::Duration, String> {
+    if s == "0" || s == "0s" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    crate::config::parse_duration(s)
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Golden routing cases: a YAML list of {request: "GET /path", route: NAME, backend: NAME, headers: {..}}.
+    #[arg(long)]
+    pub cases: Option<PathBuf>,
+    /// Pin state file whose pins the printed states reflect [default: beside routing.yaml].
+    #[arg(long, env = "STRANGLER_STATE")]
+    pub state: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ExplainArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Request method, e.g. GET.
+    pub method: String,
+    /// Request target, e.g. /bookings/42?x=1.
+    pub path: String,
+    /// A request header, 'Name: value' (repeatable).
+    #[arg(short = 'H', long = "header")]
+    pub headers: Vec<String>,
+    /// The client's address, for `sticky: ip` splits.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub client_ip: std::net::IpAddr,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// Admin API URL of the proxy (repeatable, or one DNS name that resolves to every replica).
+    #[arg(long, env = "STRANGLER_ADMIN", value_delimiter = ',', default_value = "http://127.0.0.1:9900")]
+    pub admin: Vec<String>,
+    /// Bearer token for the admin API.
+    #[arg(long, env = "STRANGLER_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Print the raw JSON answer.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RollbackArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The route to pin to `default`.
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    pub route: Option<String>,
+    /// Pin every route.
+    #[arg(long)]
+    pub all: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ResumeArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The route whose pin to lift.
+    pub route: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DemoServiceArgs {
+    /// The name the service answers with.
+    #[arg(long)]
+    pub name: String,
+    /// Address to listen on.
+    #[arg(long)]
+    pub listen: String,
+}

@@ -1,0 +1,253 @@
+//! `strangler routes | rollback | resume`: the admin API from the command line. Several
+//! `--admin` URLs, or one DNS name that resolves to many replicas (a headless Service), are
+//! all asked at once; one line per replica says how each answered, and the exit code is 1 if
+//! any failed.
+
+use std::net::ToSocketAddrs;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::cli::{ClientArgs, ResumeArgs, RollbackArgs};
+
+/// One admin endpoint to ask.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// How the replica is named in output.
+    pub label: String,
+    /// Base URL, without a trailing slash.
+    pub base: String,
+}
+
+/// Expands `--admin` values into targets: a name resolving to several addresses becomes one
+/// target per address.
+pub fn targets(admin: &[String]) -> Vec<Target> {
+    let mut out = Vec::new();
+    for a in admin {
+        let a = a.trim().trim_end_matches('/');
+        let url = if a.contains("://") { a.to_string() } else { format!("http://{a}") };
+        let (scheme, rest) = url.split_once("://").unwrap_or(("http", &url));
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        let default_port = if scheme == "https" { 443 } else { 80 };
+        let host_port = if authority.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+            authority.to_string()
+        } else {
+            format!("{authority}:{default_port}")
+        };
+        let addrs: Vec<_> = host_port
+            .to_socket_addrs()
+            .map(|it| {
+                let mut v: Vec<_> = it.collect();
+                v.sort();
+                v.dedup();
+                v
+            })
+            .unwrap_or_default();
+        if addrs.len() > 1 {
+            for addr in addrs {
+                out.push(Target {
+                    label: format!("{authority} ({addr})"),
+                    base: format!("{scheme}://{addr}{path}"),
+                });
+            }
+        } else {
+            out.push(Target {
+                label: authority.to_string(),
+                base: url.clone(),
+            });
+        }
+    }
+    out
+}
+
+fn agent() -> ureq::Agent {
+    let config = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(5)))
+        .build();
+    ureq::Agent::new_with_config(config)
+}
+
+/// Sends one request; `Ok((status, json))` when the replica answered.
+fn call(target: &Target, method: &str, path: &str, token: Option<&str>) -> Result<(u16, Value), String> {
+    let url = format!("{}{path}", target.base);
+    let agent = agent();
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let result = if method == "POST" {
+        let mut req = agent.post(&url);
+        if let Some(a) = &auth {
+            req = req.header("Authorization", a);
+        }
+        req.send_empty()
+    } else {
+        let mut req = agent.get(&url);
+        if let Some(a) = &auth {
+            req = req.header("Authorization", a);
+        }
+        req.call()
+    };
+    let mut resp = result.map_err(|e| format!("{url}: {e}"))?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .body_mut()
+        .read_to_string()
+        .map_err(|e| format!("{url}: {e}"))?;
+    let json = serde_json::from_str(&body).unwrap_or(Value::String(body));
+    Ok((status, json))
+}
+
+/// Asks every target concurrently, printing one block per replica.
+fn fan_out(
+    args: &ClientArgs,
+    method: &str,
+    path: &str,
+    show: impl Fn(&Value) -> String + Sync,
+) -> ExitCode {
+    let targets = targets(&args.admin);
+    let token = args.admin_token.as_deref().filter(|t| !t.is_empty());
+    let results: Vec<(Target, Result<(u16, Value), String>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = targets
+            .iter()
+            .map(|t| s.spawn(move || (t.clone(), call(t, method, path, token))))
+            .collect();
+        handles.into_iter().filter_map(|h| h.join().ok()).collect()
+    });
+    let many = results.len() > 1;
+    let mut failed = 0;
+    for (t, r) in &results {
+        let prefix = if many { format!("{}: ", t.label) } else { String::new() };
+        match r {
+            Ok((status, body)) if (200..300).contains(status) => {
+                if args.json {
+                    println!("{prefix}{}", serde_json::to_string_pretty(body).unwrap_or_default());
+                } else {
+                    let text = show(body);
+                    if many && text.contains('\n') {
+                        println!("{}:\n{text}", t.label);
+                    } else {
+                        println!("{prefix}{text}");
+                    }
+                }
+            }
+            Ok((status, body)) => {
+                failed += 1;
+                let msg = body["message"].as_str().map(str::to_owned).unwrap_or_else(|| body.to_string());
+                eprintln!("{prefix}error {status}: {msg}");
+            }
+            Err(e) => {
+                failed += 1;
+                eprintln!("{prefix}unreachable: {e}");
+            }
+        }
+    }
+    if many {
+        println!("{} of {} replicas ok", results.len() - failed, results.len());
+    }
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+/// Route names may contain `/` and `{}`: escape everything but unreserved characters.
+fn escape(name: &str) -> String {
+    name.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+fn route_table(v: &Value) -> String {
+    let Some(routes) = v.as_array() else {
+        return v.to_string();
+    };
+    let mut lines = vec![format!(
+        "{:<24} {:<28} {:<10} {:<8} {:<8} {:<22} {}",
+        "NAME", "PATH", "STATE", "TO", "SPLIT", "PINNED", "LAST MINUTE (req/err)"
+    )];
+    for r in routes {
+        let pinned = match &r["pinned"] {
+            Value::Object(p) => format!(
+                "{} {}",
+                p.get("reason").and_then(Value::as_str).unwrap_or("?"),
+                p.get("since").and_then(Value::as_str).unwrap_or("")
+            ),
+            _ => "-".into(),
+        };
+        let mut traffic = Vec::new();
+        if let Some(reqs) = r["requests"].as_object() {
+            for (b, n) in reqs {
+                let e = r["errors"][b].as_u64().unwrap_or(0);
+                traffic.push(format!("{b} {}/{e}", n.as_u64().unwrap_or(0)));
+            }
+        }
+        lines.push(format!(
+            "{:<24} {:<28} {:<10} {:<8} {:<8} {:<22} {}",
+            r["name"].as_str().unwrap_or("?"),
+            r["path"].as_str().unwrap_or("*"),
+            r["state"].as_str().unwrap_or("?"),
+            r["to"].as_str().unwrap_or("?"),
+            r["split"].as_f64().map_or("-".into(), |s| format!("{s}%")),
+            pinned,
+            traffic.join(", ")
+        ));
+    }
+    lines.join("\n")
+}
+
+/// `strangler routes`.
+pub fn routes(a: &ClientArgs) -> ExitCode {
+    fan_out(a, "GET", "/routes", route_table)
+}
+
+/// `strangler rollback ROUTE` / `--all`.
+pub fn rollback(a: &RollbackArgs) -> ExitCode {
+    match &a.route {
+        Some(route) if !a.all => fan_out(&a.client, "POST", &format!("/routes/{}/rollback", escape(route)), |v| {
+            if v["changed"].as_bool() == Some(true) {
+                format!("{route}: pinned to default")
+            } else {
+                format!("{route}: already pinned")
+            }
+        }),
+        _ => fan_out(&a.client, "POST", "/rollback", |v| {
+            format!("pinned {} route(s) to default", v["pinned"].as_u64().unwrap_or(0))
+        }),
+    }
+}
+
+/// `strangler resume ROUTE`.
+pub fn resume(a: &ResumeArgs) -> ExitCode {
+    let route = a.route.clone();
+    fan_out(&a.client, "POST", &format!("/routes/{}/resume", escape(&a.route)), move |v| {
+        if v["changed"].as_bool() == Some(true) {
+            format!("{route}: resumed")
+        } else {
+            format!("{route}: was not pinned")
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_and_escaping() {
+        let t = targets(&["127.0.0.1:9900".into(), "http://127.0.0.1:9901/".into()]);
+        assert_eq!(t[0].base, "http://127.0.0.1:9900");
+        assert_eq!(t[1].base, "http://127.0.0.1:9901");
+        assert_eq!(escape("/itineraries/{id}"), "%2Fitineraries%2F%7Bid%7D");
+        assert_eq!(escape("bookings"), "bookings");
+    }
+}

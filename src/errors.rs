@@ -1,0 +1,161 @@
+//! The one place where failures become HTTP statuses, JSON bodies (SPEC §4) and the `kind`
+//! label of `strangler_upstream_errors_total` (SPEC §8).
+
+use bytes::Bytes;
+use pingora_error::{Error, ErrorSource, ErrorType};
+use serde_json::json;
+
+/// The `kind` of an upstream failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamErrorKind {
+    /// The connection could not be made: refused, unreachable, timed out connecting, TLS
+    /// handshake failed. Nothing reached the backend.
+    Connect,
+    /// Connected, but the backend stayed silent past `timeout`.
+    Timeout,
+    /// The backend closed or reset the connection mid-exchange.
+    Reset,
+    Other,
+}
+
+impl UpstreamErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamErrorKind::Connect => "connect",
+            UpstreamErrorKind::Timeout => "timeout",
+            UpstreamErrorKind::Reset => "reset",
+            UpstreamErrorKind::Other => "other",
+        }
+    }
+
+    /// Classifies an upstream-side error; `None` for errors that are not the backend's doing.
+    pub fn of(e: &Error) -> Option<UpstreamErrorKind> {
+        if *e.esource() != ErrorSource::Upstream {
+            return None;
+        }
+        use ErrorType::*;
+        Some(match e.etype() {
+            ConnectTimedout | ConnectRefused | ConnectNoRoute | TLSHandshakeFailure
+            | TLSHandshakeTimedout | InvalidCert | HandshakeError | ConnectError | BindError
+            | SocketError | TLSWantX509Lookup | ConnectProxyFailure => UpstreamErrorKind::Connect,
+            ReadTimedout | WriteTimedout => UpstreamErrorKind::Timeout,
+            ReadError | WriteError | ConnectionClosed => UpstreamErrorKind::Reset,
+            _ => UpstreamErrorKind::Other,
+        })
+    }
+}
+
+/// An error response the proxy makes itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProxyError {
+    pub status: u16,
+    pub code: &'static str,
+    pub message: &'static str,
+}
+
+pub const BAD_REQUEST: ProxyError = ProxyError {
+    status: 400,
+    code: "bad_request",
+    message: "the request is malformed",
+};
+pub const URI_TOO_LONG: ProxyError = ProxyError {
+    status: 414,
+    code: "uri_too_long",
+    message: "the request target is too long",
+};
+pub const HEADERS_TOO_LARGE: ProxyError = ProxyError {
+    status: 431,
+    code: "headers_too_large",
+    message: "the request headers are too large",
+};
+pub const BAD_GATEWAY: ProxyError = ProxyError {
+    status: 502,
+    code: "bad_gateway",
+    message: "the backend could not be reached or broke the connection",
+};
+pub const GATEWAY_TIMEOUT: ProxyError = ProxyError {
+    status: 504,
+    code: "gateway_timeout",
+    message: "the backend did not answer in time",
+};
+pub const INTERNAL: ProxyError = ProxyError {
+    status: 500,
+    code: "internal_error",
+    message: "the proxy failed to handle the request",
+};
+
+impl ProxyError {
+    /// The response for a Pingora error that ended a request; `None` when the client is gone
+    /// and there is nobody to answer.
+    pub fn for_error(e: &Error) -> Option<ProxyError> {
+        use ErrorType::*;
+        match (e.esource(), e.etype()) {
+            (_, HTTPStatus(400)) => Some(BAD_REQUEST),
+            (_, HTTPStatus(414)) => Some(URI_TOO_LONG),
+            (_, HTTPStatus(431)) => Some(HEADERS_TOO_LARGE),
+            (_, HTTPStatus(504)) => Some(GATEWAY_TIMEOUT),
+            (_, HTTPStatus(s)) if *s >= 500 => Some(BAD_GATEWAY),
+            (_, HTTPStatus(_)) => Some(BAD_REQUEST),
+            (ErrorSource::Upstream, ConnectTimedout | ReadTimedout | WriteTimedout) => {
+                Some(GATEWAY_TIMEOUT)
+            }
+            (ErrorSource::Upstream, _) => Some(BAD_GATEWAY),
+            (ErrorSource::Downstream, ReadError | WriteError | ConnectionClosed) => None,
+            (ErrorSource::Downstream, ReadTimedout | WriteTimedout) => None,
+            (ErrorSource::Downstream, _) => Some(BAD_REQUEST),
+            _ => Some(INTERNAL),
+        }
+    }
+
+    /// The JSON body: `{"error", "message", "route", "backend", "request_id"}`.
+    pub fn body(&self, detail: Option<&str>, route: &str, backend: &str, request_id: &str) -> Bytes {
+        let message = match detail {
+            Some(d) => format!("{}: {d}", self.message),
+            None => self.message.to_string(),
+        };
+        let v = json!({
+            "error": self.code,
+            "message": message,
+            "route": route,
+            "backend": backend,
+            "request_id": request_id,
+        });
+        Bytes::from(v.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_and_kinds() {
+        let up = |t| {
+            let mut e = Error::new(t);
+            e.as_up();
+            e
+        };
+        let e = up(ErrorType::ConnectRefused);
+        assert_eq!(ProxyError::for_error(&e), Some(BAD_GATEWAY));
+        assert_eq!(UpstreamErrorKind::of(&e), Some(UpstreamErrorKind::Connect));
+        let e = up(ErrorType::ReadTimedout);
+        assert_eq!(ProxyError::for_error(&e), Some(GATEWAY_TIMEOUT));
+        assert_eq!(UpstreamErrorKind::of(&e), Some(UpstreamErrorKind::Timeout));
+        let e = up(ErrorType::ConnectionClosed);
+        assert_eq!(UpstreamErrorKind::of(&e), Some(UpstreamErrorKind::Reset));
+        let mut e = Error::new(ErrorType::ReadError);
+        e.as_down();
+        assert_eq!(ProxyError::for_error(&e), None);
+        assert_eq!(UpstreamErrorKind::of(&e), None);
+    }
+
+    #[test]
+    fn body_is_json_with_every_field() {
+        let b = BAD_GATEWAY.body(None, "bookings", "new", "abc");
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["error"], "bad_gateway");
+        assert_eq!(v["route"], "bookings");
+        assert_eq!(v["backend"], "new");
+        assert_eq!(v["request_id"], "abc");
+    }
+}

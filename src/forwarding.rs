@@ -1,0 +1,180 @@
+//! Header rules of SPEC §4 as pure functions: the request id, `X-Forwarded-For`, and the
+//! response rewrites that keep backend addresses from leaking (`Location`, `Set-Cookie`).
+
+use std::net::IpAddr;
+
+use rand::RngCore;
+
+use crate::router::{Backend, Cidr};
+
+/// The client's `X-Request-Id` when it is usable (1–128 visible ASCII characters), else a new
+/// random one (32 hex digits).
+pub fn request_id(client: Option<&[u8]>) -> String {
+    match client {
+        Some(v) if !v.is_empty() && v.len() <= 128 && v.iter().all(|b| (0x21..0x7f).contains(b)) => {
+            // Checked to be ASCII just above.
+            String::from_utf8_lossy(v).into_owned()
+        }
+        _ => {
+            let mut bytes = [0u8; 16];
+            rand::thread_rng().fill_bytes(&mut bytes);
+            let mut s = String::with_capacity(32);
+            for b in bytes {
+                s.push(char::from_digit(u32::from(b >> 4), 16).unwrap_or('0'));
+                s.push(char::from_digit(u32::from(b & 15), 16).unwrap_or('0'));
+            }
+            s
+        }
+    }
+}
+
+/// `X-Forwarded-For` with the peer appended to what the client sent.
+pub fn forwarded_for(existing: Option<&str>, peer: IpAddr) -> String {
+    match existing.map(str::trim).filter(|s| !s.is_empty()) {
+        Some(e) => format!("{e}, {peer}"),
+        None => peer.to_string(),
+    }
+}
+
+/// The client's address for a split's `ip` key: the peer, unless the peer is a trusted proxy,
+/// in which case the right-most `X-Forwarded-For` entry that is not itself trusted.
+pub fn client_ip(peer: IpAddr, xff: Option<&str>, trusted: &[Cidr]) -> IpAddr {
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|c| c.contains(ip));
+    if trusted.is_empty() || !is_trusted(peer) {
+        return peer;
+    }
+    let mut client = peer;
+    if let Some(xff) = xff {
+        for hop in xff.rsplit(',') {
+            match hop.trim().parse::<IpAddr>() {
+                Ok(ip) => {
+                    client = ip;
+                    if !is_trusted(ip) {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+    }
+    client
+}
+
+/// A `Location` pointing at `backend` rewritten onto the client's scheme and host; `None` when it
+/// points elsewhere (relative locations are left alone too: they are already the client's).
+pub fn rewrite_location(
+    location: &str,
+    backend: &Backend,
+    client_scheme: &str,
+    client_host: &str,
+) -> Option<String> {
+    let lower = location.get(..location.len().min(300))?.to_ascii_lowercase();
+    for prefix in &backend.location_prefixes {
+        if lower.starts_with(prefix.as_str()) {
+            let rest = &location[prefix.len()..];
+            // `http://h:8080` must not match `http://h:80` as a prefix.
+            if rest.is_empty() || rest.starts_with(['/', '?', '#']) {
+                return Some(format!("{client_scheme}://{client_host}{rest}"));
+            }
+        }
+    }
+    None
+}
+
+/// A `Set-Cookie` without its `Domain` attribute when that domain is one of `hosts`; `None` when
+/// there is nothing to change.
+pub fn strip_cookie_domain(cookie: &str, hosts: &[&str]) -> Option<String> {
+    let mut changed = false;
+    let kept: Vec<&str> = cookie
+        .split(';')
+        .enumerate()
+        .filter(|(i, attr)| {
+            if *i == 0 {
+                return true;
+            }
+            let Some((k, v)) = attr.split_once('=') else {
+                return true;
+            };
+            if !k.trim().eq_ignore_ascii_case("domain") {
+                return true;
+            }
+            let v = v.trim().trim_start_matches('.');
+            let ours = hosts.iter().any(|h| h.eq_ignore_ascii_case(v));
+            changed |= ours;
+            !ours
+        })
+        .map(|(_, a)| a)
+        .collect();
+    changed.then(|| kept.join(";"))
+}
+
+/// The value of cookie `name` in a `Cookie` header.
+pub fn cookie_value<'a>(header: &'a str, name: &str) -> Option<&'a str> {
+    header.split(';').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        (k.trim() == name).then(|| v.trim())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse;
+    use crate::router::RoutingTable;
+
+    fn backend(url: &str) -> Backend {
+        let yaml = format!("backends:\n  b: {{url: '{url}'}}\ndefault: b\n");
+        let (f, s) = parse("t", &yaml).unwrap();
+        RoutingTable::build(f, &s).unwrap().backends[0].clone()
+    }
+
+    #[test]
+    fn request_ids() {
+        assert_eq!(request_id(Some(b"abc-123")), "abc-123");
+        let fresh = request_id(None);
+        assert_eq!(fresh.len(), 32);
+        assert_ne!(fresh, request_id(None));
+        assert_eq!(request_id(Some(b"bad id")).len(), 32);
+        assert_eq!(request_id(Some(&[b'a'; 200])).len(), 32);
+    }
+
+    #[test]
+    fn locations() {
+        let b = backend("http://127.0.0.1:9002");
+        let rw = |l| rewrite_location(l, &b, "https", "api.example.com");
+        assert_eq!(rw("http://127.0.0.1:9002/bookings/"), Some("https://api.example.com/bookings/".into()));
+        assert_eq!(rw("http://127.0.0.1:9002"), Some("https://api.example.com".into()));
+        assert_eq!(rw("http://127.0.0.1:90021/x"), None);
+        assert_eq!(rw("http://other/x"), None);
+        assert_eq!(rw("/relative"), None);
+        let b80 = backend("http://legacy.internal");
+        assert_eq!(
+            rewrite_location("http://LEGACY.internal/x?y", &b80, "http", "h:8080"),
+            Some("http://h:8080/x?y".into())
+        );
+    }
+
+    #[test]
+    fn cookies() {
+        let hosts = ["127.0.0.1", "api.internal"];
+        assert_eq!(
+            strip_cookie_domain("sid=1; Path=/; Domain=api.internal; HttpOnly", &hosts),
+            Some("sid=1; Path=/; HttpOnly".into())
+        );
+        assert_eq!(strip_cookie_domain("sid=1; domain=.API.internal", &hosts), Some("sid=1".into()));
+        assert_eq!(strip_cookie_domain("sid=1; Domain=example.com", &hosts), None);
+        assert_eq!(cookie_value("a=1; cid=xyz; b=2", "cid"), Some("xyz"));
+        assert_eq!(cookie_value("a=1", "cid"), None);
+    }
+
+    #[test]
+    fn client_ips() {
+        let trusted = [Cidr { addr: "10.0.0.0".parse().unwrap(), prefix: 8 }];
+        let peer: IpAddr = "10.0.0.5".parse().unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(client_ip(peer, Some("1.2.3.4, 10.0.0.9"), &trusted), ip("1.2.3.4"));
+        assert_eq!(client_ip(peer, Some("1.2.3.4"), &[]), peer);
+        assert_eq!(client_ip(ip("8.8.8.8"), Some("1.2.3.4"), &trusted), ip("8.8.8.8"));
+        assert_eq!(forwarded_for(Some("1.1.1.1"), ip("2.2.2.2")), "1.1.1.1, 2.2.2.2");
+    }
+}

@@ -1,0 +1,145 @@
+//! Every metric of SPEC §8, registered once in the default registry of `prometheus` 0.14 (the
+//! registry `pingora-prometheus` and our admin `/metrics` gather from). Names, types and labels
+//! here are a contract with dashboards and alert rules: change none of them.
+//!
+//! Label values are bounded by construction: `route` is a route name from the table or
+//! `default`, `backend` a backend name or `none`, `method` one of eight words, `code` a status.
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    exponential_buckets, register_gauge_vec, register_histogram, register_histogram_vec,
+    register_int_counter, register_int_counter_vec, register_int_gauge, register_int_gauge_vec, GaugeVec, Histogram,
+    HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+};
+
+/// Latency buckets for an API proxy: 1 ms … ~33 s, doubling.
+fn latency_buckets() -> Vec<f64> {
+    // 0.001 · 2^0 … 0.001 · 2^15 = 32.768 s
+    exponential_buckets(0.001, 2.0, 16).unwrap_or_default()
+}
+
+macro_rules! metric {
+    ($name:ident: $ty:ty = $e:expr) => {
+        pub static $name: LazyLock<$ty> =
+            LazyLock::new(|| $e.expect(concat!("registering ", stringify!($name))));
+    };
+}
+
+metric!(REQUESTS: IntCounterVec = register_int_counter_vec!(
+    "strangler_requests_total",
+    "Requests answered, by route, backend, method and the status code sent to the client (499: client went away).",
+    &["route", "backend", "method", "code"]
+));
+metric!(DURATION: HistogramVec = register_histogram_vec!(
+    "strangler_request_duration_seconds",
+    "Time from the request's arrival to the end of its response, by route and backend.",
+    &["route", "backend"],
+    latency_buckets()
+));
+metric!(UPSTREAM_ERRORS: IntCounterVec = register_int_counter_vec!(
+    "strangler_upstream_errors_total",
+    "Failures talking to a backend, by kind: connect, timeout, reset, other.",
+    &["route", "backend", "kind"]
+));
+metric!(SHADOW: IntCounterVec = register_int_counter_vec!(
+    "strangler_shadow_total",
+    "Shadow comparisons, by result: match, mismatch, error, skipped.",
+    &["route", "backend", "result"]
+));
+metric!(ROLLBACKS: IntCounterVec = register_int_counter_vec!(
+    "strangler_rollbacks_total",
+    "Routes pinned to default, by reason: auto or manual.",
+    &["route", "reason"]
+));
+metric!(ROUTE_PINNED: IntGaugeVec = register_int_gauge_vec!(
+    "strangler_route_pinned",
+    "1 while the route is pinned to default, else 0.",
+    &["route"]
+));
+metric!(ROUTE_SPLIT: GaugeVec = register_gauge_vec!(
+    "strangler_route_split_percent",
+    "Share of new clients (percent) that the backend gets on this route.",
+    &["route", "backend"]
+));
+metric!(ROUTE_STATE: IntGaugeVec = register_int_gauge_vec!(
+    "strangler_route_state",
+    "1 for the route's current state (legacy, shadow, canary, new, rolled_back), 0 for the others.",
+    &["route", "state"]
+));
+metric!(FAILOVERS: IntCounterVec = register_int_counter_vec!(
+    "strangler_failovers_total",
+    "Requests retried on default after their backend could not be reached.",
+    &["route", "from", "to"]
+));
+metric!(CONFIG_RELOADS: IntCounterVec = register_int_counter_vec!(
+    "strangler_config_reloads_total",
+    "Attempts to load routing.yaml, by result: success or error.",
+    &["result"]
+));
+metric!(CONFIG_LAST_SUCCESS: IntGauge = register_int_gauge!(
+    "strangler_config_last_reload_success_timestamp_seconds",
+    "Unix time of the last successful load of routing.yaml."
+));
+metric!(CONFIG_VALID: IntGauge = register_int_gauge!(
+    "strangler_config_valid",
+    "1 when the routing.yaml on disk is the table in force, 0 when the last load failed."
+));
+metric!(CONFIG_RELOAD_DURATION: Histogram = register_histogram!(
+    "strangler_config_reload_duration_seconds",
+    "Time to read, parse, validate and swap in routing.yaml.",
+    exponential_buckets(0.0005, 2.0, 14).unwrap_or_default()
+));
+metric!(IN_FLIGHT: IntGaugeVec = register_int_gauge_vec!(
+    "strangler_requests_in_flight",
+    "Requests being served now, by route.",
+    &["route"]
+));
+metric!(STATE_FILE_ERRORS: IntCounter = register_int_counter!(
+    "strangler_state_file_write_errors_total",
+    "Failed writes of the pin state file since start (pins still hold in memory)."
+));
+
+/// The `method` label: the eight fixed values, never the raw method.
+pub fn method_label(method: &http::Method) -> &'static str {
+    match *method {
+        http::Method::GET => "GET",
+        http::Method::HEAD => "HEAD",
+        http::Method::POST => "POST",
+        http::Method::PUT => "PUT",
+        http::Method::PATCH => "PATCH",
+        http::Method::DELETE => "DELETE",
+        http::Method::OPTIONS => "OPTIONS",
+        _ => "OTHER",
+    }
+}
+
+/// Forces registration of every metric, so `/metrics` lists them (with their HELP) from start-up.
+pub fn register_all() {
+    LazyLock::force(&REQUESTS);
+    LazyLock::force(&DURATION);
+    LazyLock::force(&UPSTREAM_ERRORS);
+    LazyLock::force(&SHADOW);
+    LazyLock::force(&ROLLBACKS);
+    LazyLock::force(&ROUTE_PINNED);
+    LazyLock::force(&ROUTE_SPLIT);
+    LazyLock::force(&ROUTE_STATE);
+    LazyLock::force(&FAILOVERS);
+    LazyLock::force(&CONFIG_RELOADS);
+    LazyLock::force(&CONFIG_LAST_SUCCESS);
+    LazyLock::force(&CONFIG_VALID);
+    LazyLock::force(&CONFIG_RELOAD_DURATION);
+    LazyLock::force(&IN_FLIGHT);
+    LazyLock::force(&STATE_FILE_ERRORS);
+}
+
+/// The Prometheus text exposition of every registered metric.
+pub fn render() -> Vec<u8> {
+    use prometheus::Encoder;
+    let mut buf = Vec::with_capacity(16 * 1024);
+    let encoder = prometheus::TextEncoder::new();
+    if let Err(e) = encoder.encode(&prometheus::gather(), &mut buf) {
+        log::error!("encoding metrics: {e}");
+    }
+    buf
+}

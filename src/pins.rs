@@ -1,0 +1,179 @@
+//! Pins (SPEC §5): a route held on `default`, by hand or by the automatic rollback, and the
+//! state file that keeps pins across restarts. The file is written whole, to a temporary file
+//! then renamed over the old one, so a crash never leaves half a file; a file that cannot be
+//! written or read is logged and counted, never fatal: the pin holds in memory regardless.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::metrics;
+
+/// Why a route is pinned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PinReason {
+    Auto,
+    Manual,
+}
+
+impl PinReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PinReason::Auto => "auto",
+            PinReason::Manual => "manual",
+        }
+    }
+}
+
+/// A pin: the route is served by `default` until resumed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pin {
+    pub reason: PinReason,
+    /// RFC 3339, UTC.
+    pub since: String,
+}
+
+impl Pin {
+    pub fn now(reason: PinReason) -> Pin {
+        let since: chrono::DateTime<chrono::Utc> = SystemTime::now().into();
+        Pin {
+            reason,
+            since: since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        }
+    }
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct StateDoc {
+    version: u32,
+    pins: BTreeMap<String, Pin>,
+}
+
+/// The state file beside routing.yaml (or where `--state` says).
+#[derive(Debug, Clone)]
+pub struct StateFile {
+    path: PathBuf,
+}
+
+impl StateFile {
+    pub fn new(path: PathBuf) -> Self {
+        StateFile { path }
+    }
+
+    /// The default location: `.strangler-state.json` in routing.yaml's directory.
+    pub fn beside(config: &Path) -> PathBuf {
+        config
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .join(".strangler-state.json")
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The pins on disk. A missing file is no pins; a corrupt one is logged and ignored.
+    pub fn load(&self) -> BTreeMap<String, Pin> {
+        match std::fs::read(&self.path) {
+            Ok(bytes) => match serde_json::from_slice::<StateDoc>(&bytes) {
+                Ok(doc) => doc.pins,
+                Err(e) => {
+                    log::error!(
+                        "state file {} is corrupt, ignoring it (pins start empty): {e}",
+                        self.path.display()
+                    );
+                    BTreeMap::new()
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => {
+                log::error!(
+                    "cannot read state file {}, ignoring it: {e}",
+                    self.path.display()
+                );
+                BTreeMap::new()
+            }
+        }
+    }
+
+    /// Writes `pins` atomically. Failure is logged and counted; the caller keeps its pins.
+    pub fn save(&self, pins: &BTreeMap<String, Pin>) -> bool {
+        match self.try_save(pins) {
+            Ok(()) => true,
+            Err(e) => {
+                metrics::STATE_FILE_ERRORS.inc();
+                log::error!(
+                    "cannot write state file {} (pins still hold in memory until restart): {e}",
+                    self.path.display()
+                );
+                false
+            }
+        }
+    }
+
+    fn try_save(&self, pins: &BTreeMap<String, Pin>) -> std::io::Result<()> {
+        let doc = StateDoc {
+            version: 1,
+            pins: pins.clone(),
+        };
+        let bytes = serde_json::to_vec_pretty(&doc)?;
+        let dir = self
+            .path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let name = self
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "state".into());
+        let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+        let result = (|| {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &self.path)
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = StateFile::new(dir.path().join("s.json"));
+        assert!(file.load().is_empty(), "missing file: no pins");
+        let mut pins = BTreeMap::new();
+        pins.insert("bookings".to_string(), Pin::now(PinReason::Manual));
+        assert!(file.save(&pins));
+        assert_eq!(file.load(), pins);
+        std::fs::write(file.path(), b"{not json").unwrap();
+        assert!(file.load().is_empty(), "corrupt file: ignored");
+        let unwritable = StateFile::new(dir.path().join("no/such/dir/s.json"));
+        assert!(!unwritable.save(&pins));
+    }
+
+    #[test]
+    fn default_location_is_beside_the_config() {
+        assert_eq!(
+            StateFile::beside(Path::new("/etc/strangler/routing.yaml")),
+            PathBuf::from("/etc/strangler/.strangler-state.json")
+        );
+        assert_eq!(
+            StateFile::beside(Path::new("routing.yaml")),
+            PathBuf::from("./.strangler-state.json")
+        );
+    }
+}

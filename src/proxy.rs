@@ -1,0 +1,649 @@
+//! The Pingora hooks: every request's way through strangler, in one place. Each hook states its
+//! phase and contract. The request takes one snapshot of the table in `request_filter` and keeps
+//! it to the end, so a reload never changes a request halfway.
+//!
+//! Phases, in order: `request_filter` (normalise, route, choose the backend, or answer 400) →
+//! `upstream_peer` (where to connect) → `upstream_request_filter` (path, Host, X-Forwarded-*) →
+//! `upstream_response_filter` (Location, Set-Cookie, hop-by-hop) → `response_filter`
+//! (X-Strangler-* headers) → `logging` (metrics, rollback window). On failure:
+//! `fail_to_connect` / `error_while_proxy` (failover) → `fail_to_proxy` (JSON error).
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_error::{Error, ErrorSource, ErrorType, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+use prometheus::IntGauge;
+
+use crate::errors::{self, ProxyError, UpstreamErrorKind};
+use crate::forwarding;
+use crate::metrics;
+use crate::path::{self, NormalPath};
+use crate::rollback;
+use crate::router::{upstream_path, DEFAULT_ROUTE, NO_BACKEND};
+use crate::shadow::{self, ShadowTap};
+use crate::split;
+use crate::state::{LiveTable, State};
+
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_STRANGLER_ROUTE: HeaderName = HeaderName::from_static("x-strangler-route");
+static X_STRANGLER_BACKEND: HeaderName = HeaderName::from_static("x-strangler-backend");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static ACRM: HeaderName = HeaderName::from_static("access-control-request-method");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// The proxy service.
+pub struct Strangler {
+    pub state: Arc<State>,
+}
+
+/// Decrements a route's in-flight gauge when the request ends, however it ends.
+struct InFlight(IntGauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Counts the request in [`crate::server::ACTIVE`] for as long as it lives.
+struct Active;
+
+impl Active {
+    fn new() -> Self {
+        crate::server::ACTIVE.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Active
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        crate::server::ACTIVE.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// Per-request state, from the first hook to the last.
+pub struct RequestCtx {
+    _active: Active,
+    start: Instant,
+    /// The table this request is served under (taken once, in `request_filter`).
+    live: Option<Arc<LiveTable>>,
+    request_id: String,
+    method: &'static str,
+    path: Option<NormalPath>,
+    /// Route index in `live.table.routes`; `None` is the unmatched `default` route.
+    route: Option<usize>,
+    /// Backend index the request is being sent to; `None` until routed (answered by the proxy).
+    backend: Option<usize>,
+    /// The request went to its route's `to` (not pinned, not split off, not failed over).
+    to_target: bool,
+    failed_over: bool,
+    upstream_error: Option<UpstreamErrorKind>,
+    /// Status of a response the proxy wrote itself.
+    proxy_status: Option<u16>,
+    /// The client's Host, for Location rewriting and X-Forwarded-Host.
+    client_host: Option<String>,
+    _in_flight: Option<InFlight>,
+    shadow: Option<ShadowTap>,
+}
+
+impl RequestCtx {
+    fn route_name(&self) -> &str {
+        match (&self.live, self.route) {
+            (Some(l), Some(i)) => &l.table.routes[i].name,
+            _ => DEFAULT_ROUTE,
+        }
+    }
+
+    fn backend_name(&self) -> &str {
+        match (&self.live, self.backend) {
+            (Some(l), Some(b)) => &l.table.backends[b].name,
+            _ => NO_BACKEND,
+        }
+    }
+}
+
+impl Strangler {
+    /// Answers the request with one of the proxy's own JSON errors.
+    async fn answer(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        err: ProxyError,
+        detail: Option<&str>,
+    ) -> Result<()> {
+        ctx.proxy_status = Some(err.status);
+        let body = err.body(detail, ctx.route_name(), ctx.backend_name(), &ctx.request_id);
+        let mut resp = ResponseHeader::build(err.status, Some(6))?;
+        resp.insert_header(header::CONTENT_TYPE, "application/json")?;
+        resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+        resp.insert_header(header::CACHE_CONTROL, "no-store")?;
+        self.stamp(&mut resp, ctx)?;
+        // A malformed request leaves the connection in doubt: close it after answering.
+        session.set_keepalive(None);
+        session.write_response_header(Box::new(resp), false).await?;
+        session.write_response_body(Some(body), true).await?;
+        Ok(())
+    }
+
+    /// The three headers every response carries.
+    fn stamp(&self, resp: &mut ResponseHeader, ctx: &RequestCtx) -> Result<()> {
+        resp.insert_header(X_REQUEST_ID.clone(), &ctx.request_id)?;
+        let (route, backend) = match &ctx.live {
+            Some(l) => (
+                l.route_live(ctx.route).header.clone(),
+                ctx.backend
+                    .map(|b| l.backend_headers[b].clone())
+                    .unwrap_or(HeaderValue::from_static(NO_BACKEND)),
+            ),
+            None => (
+                HeaderValue::from_static(DEFAULT_ROUTE),
+                HeaderValue::from_static(NO_BACKEND),
+            ),
+        };
+        resp.insert_header(X_STRANGLER_ROUTE.clone(), route)?;
+        resp.insert_header(X_STRANGLER_BACKEND.clone(), backend)?;
+        Ok(())
+    }
+
+    /// The split decision for route `i`: does this client go to `to`?
+    fn split_to_target(&self, session: &Session, live: &LiveTable, i: usize) -> bool {
+        let route = &live.table.routes[i];
+        let Some(split) = &route.split else {
+            return true;
+        };
+        let req = session.req_header();
+        let client = peer_ip(session).map(|peer| {
+            let xff = req.headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok());
+            forwarding::client_ip(peer, xff, &live.table.trusted_proxies)
+        });
+        let key = split::sticky_key(&split.sticky, &req.headers, client);
+        split::decide(&route.name, split, key.as_deref())
+    }
+}
+
+fn peer_ip(session: &Session) -> Option<IpAddr> {
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip())
+}
+
+/// Exactly one Host on HTTP/1.1 (RFC 9112 §3.2): none, or two, is a 400.
+fn host_ok(req: &RequestHeader) -> bool {
+    let mut hosts = req.headers.get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), None) => true,
+        (None, None) => req.version != http::Version::HTTP_11,
+        _ => false,
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Strangler {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            _active: Active::new(),
+            start: Instant::now(),
+            live: None,
+            request_id: String::new(),
+            method: "OTHER",
+            path: None,
+            route: None,
+            backend: None,
+            to_target: false,
+            failed_over: false,
+            upstream_error: None,
+            proxy_status: None,
+            client_host: None,
+            _in_flight: None,
+            shadow: None,
+        }
+    }
+
+    /// Phase: request header read, nothing sent upstream yet. Takes the table snapshot,
+    /// normalises the target, routes, and picks the backend (pin → split → `to`). Answers 400
+    /// itself for a target SPEC §3 refuses. Contract: `Ok(true)` means "answered already".
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let live = self.state.snapshot();
+        let req = session.req_header();
+        ctx.method = metrics::method_label(&req.method);
+        ctx.request_id = forwarding::request_id(req.headers.get(&X_REQUEST_ID).map(|v| v.as_bytes()));
+        ctx.client_host = req
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_owned);
+        ctx.live = Some(live.clone());
+
+        let raw = req.raw_path();
+        let asterisk = raw == b"*" && req.method == http::Method::OPTIONS;
+        let normal = if asterisk {
+            None
+        } else {
+            let parsed = std::str::from_utf8(raw)
+                .map_err(|_| path::PathError::ForbiddenByte)
+                .and_then(path::normalize);
+            match parsed {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    let detail = e.to_string();
+                    self.answer(session, ctx, errors::BAD_REQUEST, Some(&detail)).await?;
+                    return Ok(true);
+                }
+            }
+        };
+        if !host_ok(session.req_header()) {
+            self.answer(session, ctx, errors::BAD_REQUEST, Some("exactly one Host header is required"))
+                .await?;
+            return Ok(true);
+        }
+
+        // A CORS preflight is routed as the request it announces.
+        let req = session.req_header();
+        let preflight = (req.method == http::Method::OPTIONS)
+            .then(|| req.headers.get(&ACRM).and_then(|v| v.to_str().ok()))
+            .flatten();
+        let match_method = preflight.unwrap_or(req.method.as_str());
+        let route = normal.as_ref().and_then(|p| live.table.lookup(p, match_method));
+        let default = live.table.default;
+        let backend = match route {
+            None => default,
+            Some(i) => {
+                let r = &live.table.routes[i];
+                if live.routes[i].control.is_pinned() || !self.split_to_target(session, &live, i) {
+                    default
+                } else {
+                    ctx.to_target = true;
+                    r.to
+                }
+            }
+        };
+        ctx.route = route;
+        ctx.backend = Some(backend);
+        ctx.path = normal;
+        let gauge = live.route_live(route).in_flight.clone();
+        gauge.inc();
+        ctx._in_flight = Some(InFlight(gauge));
+        if let Some(i) = route {
+            ctx.shadow = shadow::tap(&live, i, session.req_header(), ctx.path.as_ref(), &ctx.request_id);
+        }
+        Ok(false)
+    }
+
+    /// Phase: before connecting (again, on a retry). Returns the chosen backend's peer with its
+    /// timeouts. DNS was resolved when the table was built.
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+        let (Some(live), Some(b)) = (&ctx.live, ctx.backend) else {
+            return Error::e_explain(ErrorType::InternalError, "no backend chosen");
+        };
+        let backend = &live.table.backends[b];
+        let Some(addr) = backend.addr else {
+            return Error::e_explain(ErrorType::ConnectNoRoute, "backend address unresolved");
+        };
+        let sni = backend.host_header.clone().unwrap_or_else(|| backend.host.clone());
+        let mut peer = HttpPeer::new(addr, backend.tls, sni);
+        let o = &mut peer.options;
+        o.connection_timeout = Some(backend.connect_timeout);
+        // `timeout` bounds the wait for the first response byte; Pingora applies it per read,
+        // so it is also the longest silence tolerated mid-body.
+        o.read_timeout = Some(backend.timeout);
+        o.write_timeout = Some(backend.timeout);
+        o.idle_timeout = Some(Duration::from_secs(60));
+        Ok(Box::new(peer))
+    }
+
+    /// Phase: connected, request header about to be sent (once per attempt). Sets the
+    /// normalised (and rewritten) path, Host, and the X-Forwarded-* / X-Request-Id headers.
+    /// Pingora has already removed the hop-by-hop headers (its standard upstream policy).
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        up: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let (Some(live), Some(b)) = (&ctx.live, ctx.backend) else {
+            return Ok(());
+        };
+        let backend = &live.table.backends[b];
+        if let Some(p) = &ctx.path {
+            let route = ctx.route.map(|i| &live.table.routes[i]);
+            let target = upstream_path(route, ctx.to_target, backend, p);
+            up.set_raw_path(target.as_bytes())?;
+        }
+        if let Some(h) = &backend.host_header {
+            up.insert_header(header::HOST, h.as_str())?;
+        }
+        if let Some(peer) = peer_ip(session) {
+            let existing = up.headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok());
+            let xff = forwarding::forwarded_for(existing, peer);
+            up.insert_header(X_FORWARDED_FOR.clone(), xff)?;
+        }
+        up.insert_header(X_FORWARDED_PROTO.clone(), "http")?;
+        if let Some(h) = &ctx.client_host {
+            up.insert_header(X_FORWARDED_HOST.clone(), h.as_str())?;
+        }
+        up.insert_header(X_REQUEST_ID.clone(), ctx.request_id.as_str())?;
+        Ok(())
+    }
+
+    /// Phase: the backend's response header arrived. Rewrites a `Location` or `Set-Cookie`
+    /// that would leak the backend's address, and drops hop-by-hop headers.
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if resp.status != http::StatusCode::SWITCHING_PROTOCOLS {
+            let nominated: Vec<HeaderName> = resp
+                .headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+                .filter(|n| n != header::CONNECTION && n != header::CONTENT_LENGTH && n != header::TRANSFER_ENCODING)
+                .collect();
+            for n in nominated {
+                resp.remove_header(&n);
+            }
+            resp.remove_header(&KEEP_ALIVE);
+            resp.remove_header(&PROXY_CONNECTION);
+        }
+        let (Some(live), Some(b)) = (&ctx.live, ctx.backend) else {
+            return Ok(());
+        };
+        let backend = &live.table.backends[b];
+        if let Some(loc) = resp.headers.get(header::LOCATION).and_then(|v| v.to_str().ok()) {
+            let host = ctx.client_host.as_deref().unwrap_or("localhost");
+            if let Some(new) = forwarding::rewrite_location(loc, backend, "http", host) {
+                resp.insert_header(header::LOCATION, new)?;
+            }
+        }
+        if resp.headers.contains_key(header::SET_COOKIE) {
+            let mut hosts = vec![backend.host.as_str()];
+            if let Some(h) = &backend.host_header {
+                hosts.push(h.split(':').next().unwrap_or(h));
+            }
+            let cookies: Vec<HeaderValue> = resp.headers.get_all(header::SET_COOKIE).iter().cloned().collect();
+            let mut changed = false;
+            let rewritten: Vec<HeaderValue> = cookies
+                .iter()
+                .map(|c| {
+                    match c.to_str().ok().and_then(|s| forwarding::strip_cookie_domain(s, &hosts)) {
+                        Some(new) => {
+                            changed = true;
+                            HeaderValue::from_str(&new).unwrap_or_else(|_| c.clone())
+                        }
+                        None => c.clone(),
+                    }
+                })
+                .collect();
+            if changed {
+                resp.remove_header(&header::SET_COOKIE);
+                for c in rewritten {
+                    resp.append_header(header::SET_COOKIE, c)?;
+                }
+            }
+        }
+        if let Some(tap) = &mut ctx.shadow {
+            tap.primary_status(resp.status.as_u16());
+        }
+        Ok(())
+    }
+
+    /// Phase: response header about to go to the client. Adds X-Request-Id, X-Strangler-Route
+    /// and X-Strangler-Backend.
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        self.stamp(resp, ctx)
+    }
+
+    /// Phase: each chunk of the response body on its way to the client. The body streams; the
+    /// only copy kept is the shadow comparison's, bounded at 1 MiB.
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
+        if let Some(tap) = &mut ctx.shadow {
+            tap.primary_chunk(body.as_ref(), end_of_stream);
+        }
+        Ok(None)
+    }
+
+    /// Phase: connecting to the backend failed. With `failover`, the request is retried once
+    /// on `default` (safe: nothing was sent). Otherwise no retry: the error is final.
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        ctx.upstream_error = Some(UpstreamErrorKind::Connect);
+        record_upstream_error(ctx, UpstreamErrorKind::Connect);
+        let retry = self.fail_over(ctx);
+        e.set_retry(retry);
+        e
+    }
+
+    /// Phase: an error after the connection was made (or reused). Pingora's policy is kept
+    /// (idempotent requests on a reused connection are retried once it closed under us); in
+    /// addition, with `failover`, a GET/HEAD whose backend timed out before any response byte
+    /// is retried on `default`.
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        let kind = UpstreamErrorKind::of(&e);
+        let idempotent = session.req_header().method.is_idempotent();
+        if !idempotent || session.as_ref().retry_buffer_truncated() {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
+        let retrying = e.retry();
+        if let Some(kind) = kind {
+            // A retried stale keep-alive connection is not the backend's failure.
+            if !retrying {
+                ctx.upstream_error = Some(kind);
+                record_upstream_error(ctx, kind);
+            }
+        }
+        let get_or_head = matches!(session.req_header().method, http::Method::GET | http::Method::HEAD);
+        if !retrying
+            && kind == Some(UpstreamErrorKind::Timeout)
+            && get_or_head
+            && session.response_written().is_none()
+            && self.fail_over(ctx)
+        {
+            e.set_retry(true);
+        }
+        e
+    }
+
+    /// Phase: the request failed for good. Writes the JSON error (502, 504, 400) unless the
+    /// client is gone. Contract: returns the status for logging; the connection is not reused.
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy
+    where
+        RequestCtx: Send + Sync,
+    {
+        let Some(err) = ProxyError::for_error(e) else {
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        };
+        if session.response_written().is_some() {
+            // Mid-body failure: the status is already out; the client sees a truncated response.
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        }
+        let detail = e.etype().as_str();
+        if let Err(we) = self.answer(session, ctx, err, Some(detail)).await {
+            log::debug!("could not send the error response: {we}");
+        }
+        FailToProxy {
+            error_code: err.status,
+            can_reuse_downstream: false,
+        }
+    }
+
+    /// Phase: the request is over (answered, failed, or abandoned). Counts it: requests, latency,
+    /// the last-minute view, the rollback window (and pins the route when it crosses the
+    /// threshold), and hands the shadow its copy of the primary response.
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx)
+    where
+        RequestCtx: Send + Sync,
+    {
+        let Some(live) = ctx.live.clone() else {
+            return;
+        };
+        let client_gone = e.is_some_and(|e| {
+            *e.esource() == ErrorSource::Downstream
+                && matches!(
+                    e.etype(),
+                    ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed | ErrorType::ReadTimedout | ErrorType::WriteTimedout
+                )
+        });
+        let code: u16 = if client_gone {
+            499
+        } else if let Some(s) = ctx.proxy_status {
+            s
+        } else {
+            session
+                .response_written()
+                .map(|r| r.status.as_u16())
+                .unwrap_or(if e.is_some() { 502 } else { 200 })
+        };
+        let rl = live.route_live(ctx.route);
+        let backend = ctx.backend_name();
+        metrics::REQUESTS
+            .with_label_values(&[ctx.route_name(), backend, ctx.method, status_str(code).as_ref()])
+            .inc();
+        let now = Instant::now();
+        if let Some(b) = ctx.backend {
+            rl.duration[b].observe(now.duration_since(ctx.start).as_secs_f64());
+            let failed = code >= 500 || ctx.upstream_error.is_some();
+            rl.recent[b].record(now, crate::state::RECENT, failed);
+        }
+        if let Some(tap) = ctx.shadow.take() {
+            tap.finish(client_gone || e.is_some());
+        }
+        // The automatic rollback watches requests sent to `to` (after a failover, the attempt
+        // on `to` failed: that counts too).
+        let (Some(i), true) = (ctx.route, ctx.to_target || ctx.failed_over) else {
+            return;
+        };
+        let route = &live.table.routes[i];
+        let Some(rule) = &route.rollback else {
+            return;
+        };
+        if client_gone && ctx.upstream_error.is_none() {
+            return;
+        }
+        let failed = ctx.failed_over
+            || ctx.upstream_error.is_some()
+            || (ctx.to_target && code >= 500 && ctx.proxy_status.is_none())
+            || (ctx.to_target && ctx.proxy_status.is_some_and(|s| s >= 500));
+        let control = &live.routes[i].control;
+        control.to_window.record(now, rule.window, failed);
+        if failed && !control.is_pinned() {
+            let (requests, failures) = control.to_window.totals(now, rule.window);
+            if rollback::should_roll_back(requests, failures, rule.min_requests, rule.error_rate) {
+                let why = format!(
+                    "{failures} of {requests} requests to {} failed within {:?} (threshold {}% of at least {})",
+                    live.table.backends[route.to].name,
+                    rule.window,
+                    rule.error_rate * 100.0,
+                    rule.min_requests
+                );
+                self.state.auto_pin(&live, i, &why);
+            }
+        }
+    }
+}
+
+impl Strangler {
+    /// Switches the request to `default` for one retry if its route allows failover and it has
+    /// not failed over yet. Returns whether a retry should happen.
+    fn fail_over(&self, ctx: &mut RequestCtx) -> bool {
+        let (Some(live), Some(i), Some(b)) = (&ctx.live, ctx.route, ctx.backend) else {
+            return false;
+        };
+        let route = &live.table.routes[i];
+        let default = live.table.default;
+        if !route.failover || ctx.failed_over || b == default {
+            return false;
+        }
+        metrics::FAILOVERS
+            .with_label_values(&[&*route.name, &*live.table.backends[b].name, &*live.table.backends[default].name])
+            .inc();
+        log::warn!(
+            "request {} on route {:?}: {} unreachable, failing over to {}",
+            ctx.request_id,
+            route.name,
+            live.table.backends[b].name,
+            live.table.backends[default].name
+        );
+        ctx.failed_over = true;
+        ctx.to_target = false;
+        ctx.backend = Some(default);
+        ctx.upstream_error = None;
+        true
+    }
+}
+
+fn record_upstream_error(ctx: &RequestCtx, kind: UpstreamErrorKind) {
+    metrics::UPSTREAM_ERRORS
+        .with_label_values(&[ctx.route_name(), ctx.backend_name(), kind.as_str()])
+        .inc();
+}
+
+/// Status codes as label strings without formatting on the common path.
+fn status_str(code: u16) -> std::borrow::Cow<'static, str> {
+    match code {
+        200 => "200".into(),
+        201 => "201".into(),
+        204 => "204".into(),
+        301 => "301".into(),
+        302 => "302".into(),
+        304 => "304".into(),
+        400 => "400".into(),
+        401 => "401".into(),
+        403 => "403".into(),
+        404 => "404".into(),
+        499 => "499".into(),
+        500 => "500".into(),
+        502 => "502".into(),
+        503 => "503".into(),
+        504 => "504".into(),
+        c => c.to_string().into(),
+    }
+}

@@ -1,0 +1,129 @@
+//! The sliding window behind automatic rollback (SPEC §5): per route, how many requests went to
+//! its `to` and how many of them failed, over the last `window`. Lock-free: every request adds
+//! to one slot with atomic increments; a slot older than the window is recycled by the first
+//! request that lands on it. The window is cut in `SLOTS` slots, so it slides in steps of
+//! `window / SLOTS`.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+const SLOTS: usize = 20;
+
+/// Requests and failures, packed in one u64 per slot together with the slot's epoch so that a
+/// recycle and an increment never tear: high 24 bits epoch, then 20 bits requests, 20 failures.
+#[derive(Debug)]
+pub struct Window {
+    origin: Instant,
+    slots: [AtomicU64; SLOTS],
+}
+
+const COUNT_BITS: u32 = 20;
+const COUNT_MASK: u64 = (1 << COUNT_BITS) - 1;
+const EPOCH_MASK: u64 = (1 << 24) - 1;
+
+fn pack(epoch: u64, requests: u64, failures: u64) -> u64 {
+    ((epoch & EPOCH_MASK) << (2 * COUNT_BITS))
+        | (requests.min(COUNT_MASK) << COUNT_BITS)
+        | failures.min(COUNT_MASK)
+}
+
+fn unpack(v: u64) -> (u64, u64, u64) {
+    (
+        v >> (2 * COUNT_BITS),
+        (v >> COUNT_BITS) & COUNT_MASK,
+        v & COUNT_MASK,
+    )
+}
+
+impl Default for Window {
+    fn default() -> Self {
+        Window {
+            origin: Instant::now(),
+            slots: Default::default(),
+        }
+    }
+}
+
+impl Window {
+    fn epoch(&self, now: Instant, window: Duration) -> u64 {
+        let step = (window.as_nanos() / SLOTS as u128).max(1);
+        (now.saturating_duration_since(self.origin).as_nanos() / step) as u64 + 1
+    }
+
+    /// Counts one request (and whether it failed) at `now`.
+    pub fn record(&self, now: Instant, window: Duration, failed: bool) {
+        let epoch = self.epoch(now, window) & EPOCH_MASK;
+        let slot = &self.slots[epoch as usize % SLOTS];
+        let mut cur = slot.load(Relaxed);
+        loop {
+            let (e, r, f) = unpack(cur);
+            let next = if e == epoch {
+                pack(epoch, r + 1, f + u64::from(failed))
+            } else {
+                pack(epoch, 1, u64::from(failed))
+            };
+            match slot.compare_exchange_weak(cur, next, Relaxed, Relaxed) {
+                Ok(_) => return,
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    /// Requests and failures within the window ending at `now`.
+    pub fn totals(&self, now: Instant, window: Duration) -> (u64, u64) {
+        let epoch = self.epoch(now, window) & EPOCH_MASK;
+        let mut requests = 0;
+        let mut failures = 0;
+        for slot in &self.slots {
+            let (e, r, f) = unpack(slot.load(Relaxed));
+            // Live slots are this epoch and the SLOTS-1 before it.
+            if e != 0 && epoch.wrapping_sub(e) & EPOCH_MASK < SLOTS as u64 {
+                requests += r;
+                failures += f;
+            }
+        }
+        (requests, failures)
+    }
+
+    /// Forgets everything (after a pin is lifted, the route starts with a clean slate).
+    pub fn clear(&self) {
+        for slot in &self.slots {
+            slot.store(0, Relaxed);
+        }
+    }
+}
+
+/// Whether these totals call for a rollback.
+pub fn should_roll_back(requests: u64, failures: u64, min_requests: u64, error_rate: f64) -> bool {
+    requests >= min_requests && requests > 0 && failures as f64 >= error_rate * requests as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_within_the_window_and_forgets_after() {
+        let w = Window::default();
+        let t0 = w.origin;
+        let win = Duration::from_secs(60);
+        for i in 0..10 {
+            w.record(t0 + Duration::from_secs(i), win, i % 2 == 0);
+        }
+        assert_eq!(w.totals(t0 + Duration::from_secs(10), win), (10, 5));
+        // 61 s later the first three seconds (one slot) have left the window.
+        let (r, _) = w.totals(t0 + Duration::from_secs(63), win);
+        assert!(r < 10, "{r}");
+        assert_eq!(w.totals(t0 + Duration::from_secs(200), win), (0, 0));
+        w.clear();
+        assert_eq!(w.totals(t0 + Duration::from_secs(10), win), (0, 0));
+    }
+
+    #[test]
+    fn the_rule() {
+        assert!(should_roll_back(10, 10, 10, 0.5));
+        assert!(should_roll_back(10, 5, 10, 0.5));
+        assert!(!should_roll_back(9, 9, 10, 0.5));
+        assert!(!should_roll_back(10, 2, 10, 0.5));
+    }
+}

@@ -1,0 +1,198 @@
+//! The running process: builds the Pingora `Server` with its services — the proxy listeners,
+//! the admin listener, the reloader, the drain watcher, and for `demo` the sample services —
+//! and runs it until SIGTERM/SIGINT (drain, then exit 0) or SIGQUIT (hand the listening sockets
+//! to a new process started with `--upgrade`, then drain).
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora_core::apps::http_app::HttpServer;
+use pingora_core::server::configuration::{Opt, ServerConf};
+use pingora_core::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
+use pingora_core::services::background::{background_service, BackgroundService};
+use pingora_core::services::listening::Service;
+
+use crate::admin::Admin;
+use crate::audit::Audit;
+use crate::pins::StateFile;
+use crate::proxy::Strangler;
+use crate::reload::Reloader;
+use crate::state::State;
+
+/// Requests in progress, process-wide: the drain watcher exits when it reaches zero.
+pub static ACTIVE: AtomicUsize = AtomicUsize::new(0);
+
+/// What `run` and `demo` need.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub config: PathBuf,
+    pub listen: Vec<String>,
+    pub admin: String,
+    pub admin_token: Option<String>,
+    pub state_file: Option<PathBuf>,
+    pub audit_log: Option<PathBuf>,
+    pub threads: usize,
+    /// Longest wait for in-flight requests after SIGTERM.
+    pub drain_timeout: Duration,
+    /// Take over the listening sockets of a running strangler (zero-downtime upgrade).
+    pub upgrade: bool,
+    pub upgrade_sock: PathBuf,
+    /// `(name, address)` of sample services to start beside the proxy.
+    pub demo_services: Vec<(String, String)>,
+}
+
+/// The admin address must be loopback unless a token guards it (SPEC §7).
+pub fn check_admin_address(admin: &str, token: Option<&str>) -> Result<(), String> {
+    let addrs: Vec<SocketAddr> = admin
+        .to_socket_addrs()
+        .map_err(|e| format!("admin address {admin:?}: {e}"))?
+        .collect();
+    let exposed = addrs.iter().any(|a| !a.ip().is_loopback());
+    if exposed && token.is_none_or(str::is_empty) {
+        return Err(format!(
+            "refusing to serve the admin API on non-loopback {admin} without a token: set STRANGLER_ADMIN_TOKEN"
+        ));
+    }
+    Ok(())
+}
+
+/// SIGTERM and SIGINT drain; SIGQUIT hands over to an upgraded process.
+struct Signals;
+
+#[async_trait]
+impl ShutdownSignalWatch for Signals {
+    async fn recv(&self) -> ShutdownSignal {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int), Ok(mut quit)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::quit()),
+        ) else {
+            log::error!("cannot install signal handlers; SIGTERM will kill without draining");
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => { log::info!("SIGTERM: draining in-flight requests"); ShutdownSignal::GracefulTerminate }
+            _ = int.recv() => { log::info!("SIGINT: draining in-flight requests"); ShutdownSignal::GracefulTerminate }
+            _ = quit.recv() => { log::info!("SIGQUIT: handing listeners to the new process, then draining"); ShutdownSignal::GracefulUpgrade }
+        }
+    }
+}
+
+/// Ends the process as soon as a graceful shutdown has no request left, instead of always
+/// sleeping the whole grace period (Pingora's grace period stays as the upper bound).
+struct DrainWatcher;
+
+#[async_trait]
+impl BackgroundService for DrainWatcher {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        if shutdown.changed().await.is_err() {
+            return;
+        }
+        // Let the listeners close and requests already accepted register themselves.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        loop {
+            let active = ACTIVE.load(Ordering::Acquire);
+            if active == 0 {
+                log::info!("drained: no request in flight, exiting");
+                std::process::exit(0);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Runs the proxy until it is told to stop. Errors are start-up errors (exit 1).
+pub fn serve(opts: ServeOptions) -> Result<(), String> {
+    check_admin_address(&opts.admin, opts.admin_token.as_deref())?;
+    let state_path = opts
+        .state_file
+        .clone()
+        .unwrap_or_else(|| StateFile::beside(&opts.config));
+    let state = State::start(
+        &opts.config,
+        StateFile::new(state_path),
+        Audit::new(opts.audit_log.clone()),
+    )?;
+
+    let conf = ServerConf {
+        threads: opts.threads.max(1),
+        grace_period_seconds: Some(opts.drain_timeout.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(1),
+        upgrade_sock: opts.upgrade_sock.display().to_string(),
+        pid_file: std::env::temp_dir()
+            .join(format!("strangler-{}.pid", std::process::id()))
+            .display()
+            .to_string(),
+        ..ServerConf::default()
+    };
+    let opt = Opt {
+        upgrade: opts.upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
+
+    let mut proxy = pingora_proxy::http_proxy_service_with_name(
+        &server.configuration,
+        Strangler { state: state.clone() },
+        "strangler proxy",
+    );
+    for addr in &opts.listen {
+        proxy.add_tcp(addr);
+    }
+    server.add_service(proxy);
+
+    let mut admin = Service::new(
+        "strangler admin".to_string(),
+        HttpServer::new_app(Admin {
+            state: state.clone(),
+            token: opts.admin_token.clone().filter(|t| !t.is_empty()),
+        }),
+    );
+    admin.add_tcp(&opts.admin);
+    // The admin listener is small: one thread keeps it off the proxy's threads.
+    admin.threads = Some(1);
+    server.add_service(admin);
+
+    server.add_service(background_service("reloader", Reloader { state: state.clone() }));
+    server.add_service(background_service("drain watcher", DrainWatcher));
+    for (name, addr) in &opts.demo_services {
+        let mut s = crate::demo::service(name, addr);
+        s.threads = Some(1);
+        server.add_service(s);
+    }
+    log::info!(
+        "strangler serving on {} (admin {}), {} thread(s)",
+        opts.listen.join(", "),
+        opts.admin,
+        opts.threads
+    );
+    server.run(RunArgs {
+        shutdown_signal: Box::new(Signals),
+    });
+    Ok(())
+}
+
+/// Runs sample services only (`strangler demo-service`).
+pub fn serve_demo_services(services: Vec<(String, String)>) -> Result<(), String> {
+    let conf = ServerConf {
+        threads: 1,
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
+    server.bootstrap();
+    for (name, addr) in &services {
+        log::info!("demo service {name} on {addr}");
+        server.add_service(crate::demo::service(name, addr));
+    }
+    server.run(RunArgs {
+        shutdown_signal: Box::new(Signals),
+    });
+    Ok(())
+}

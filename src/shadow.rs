@@ -1,0 +1,409 @@
+//! Shadow traffic (SPEC §5): a GET or HEAD on a route with `shadow` is also sent to the shadow
+//! backend, on its own task, with its own timeout and a cap on requests in flight per route.
+//! The client only ever gets the primary's answer and never waits for the shadow: the primary
+//! body streams on while a bounded copy (1 MiB, then length + SHA-256) is kept; when both sides
+//! are complete the task compares them and counts the result.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderName};
+use pingora_core::connectors::http::Connector;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_http::RequestHeader;
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use crate::metrics;
+use crate::path::NormalPath;
+use crate::router::upstream_path;
+use crate::state::{LiveTable, RouteControl};
+
+/// Bodies up to this size are compared in full; larger ones by length and hash.
+pub const BODY_CAP: usize = 1 << 20;
+/// Shadow requests in flight per route; beyond it a shadow is `skipped`.
+pub const MAX_IN_FLIGHT: usize = 32;
+
+static CLIENT: LazyLock<Connector> = LazyLock::new(|| Connector::new(None));
+static X_STRANGLER_SHADOW: HeaderName = HeaderName::from_static("x-strangler-shadow");
+
+/// Hop-by-hop and framing headers never copied onto a shadow request.
+const NOT_COPIED: &[HeaderName] = &[
+    header::CONNECTION,
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::CONTENT_LENGTH,
+    header::EXPECT,
+    header::PROXY_AUTHORIZATION,
+];
+
+/// What was seen of one side's response.
+pub struct Capture {
+    status: u16,
+    len: u64,
+    body: Vec<u8>,
+    hash: ring::digest::Context,
+}
+
+impl Capture {
+    fn new(status: u16) -> Self {
+        Capture {
+            status,
+            len: 0,
+            body: Vec::new(),
+            hash: ring::digest::Context::new(&ring::digest::SHA256),
+        }
+    }
+
+    fn push(&mut self, chunk: &[u8]) {
+        self.len += chunk.len() as u64;
+        self.hash.update(chunk);
+        if self.body.len() + chunk.len() <= BODY_CAP {
+            self.body.extend_from_slice(chunk);
+        } else {
+            // Over the cap: only length and hash are compared, so stop holding the bytes.
+            self.body = Vec::new();
+        }
+    }
+
+    fn is_capped(&self) -> bool {
+        self.len > BODY_CAP as u64
+    }
+}
+
+/// The primary side's tap, carried in the request context.
+pub struct ShadowTap {
+    primary: Option<Capture>,
+    to_task: Option<oneshot::Sender<Option<Capture>>>,
+}
+
+impl ShadowTap {
+    /// The primary's response status arrived.
+    pub fn primary_status(&mut self, status: u16) {
+        self.primary = Some(Capture::new(status));
+    }
+
+    /// A chunk of the primary's response body passed to the client.
+    pub fn primary_chunk(&mut self, chunk: Option<&Bytes>, _end: bool) {
+        if let (Some(p), Some(c)) = (&mut self.primary, chunk) {
+            p.push(c);
+        }
+    }
+
+    /// The primary is done; `failed` if it did not complete normally.
+    pub fn finish(mut self, failed: bool) {
+        let primary = if failed { None } else { self.primary.take() };
+        if let Some(tx) = self.to_task.take() {
+            let _ = tx.send(primary);
+        }
+    }
+}
+
+/// Frees a shadow slot when the task ends, however it ends.
+struct Slot(Arc<RouteControl>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.shadow_in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Starts the shadow request for route `i` if it has `shadow` and the request is a GET or HEAD.
+pub fn tap(
+    live: &Arc<LiveTable>,
+    i: usize,
+    req: &RequestHeader,
+    path: Option<&NormalPath>,
+    request_id: &str,
+) -> Option<ShadowTap> {
+    let route = &live.table.routes[i];
+    let shadow = route.shadow?;
+    if !matches!(req.method, http::Method::GET | http::Method::HEAD) {
+        return None;
+    }
+    let path = path?;
+    let backend = &live.table.backends[shadow];
+    let labels = [&*route.name, &*backend.name];
+    let control = live.routes[i].control.clone();
+    if control.shadow_in_flight.fetch_add(1, Ordering::AcqRel) >= MAX_IN_FLIGHT {
+        control.shadow_in_flight.fetch_sub(1, Ordering::AcqRel);
+        metrics::SHADOW.with_label_values(&[labels[0], labels[1], "skipped"]).inc();
+        return None;
+    }
+    let slot = Slot(control);
+    let addr = backend.addr?;
+
+    let mut up = RequestHeader::build(req.method.clone(), b"/", Some(req.headers.len() + 2)).ok()?;
+    let target = upstream_path(Some(route), false, backend, path);
+    up.set_raw_path(target.as_bytes()).ok()?;
+    for (name, value) in req.headers.iter() {
+        if !NOT_COPIED.contains(name) {
+            up.append_header(name.clone(), value.clone()).ok()?;
+        }
+    }
+    if let Some(h) = &backend.host_header {
+        up.insert_header(header::HOST, h.as_str()).ok()?;
+    }
+    up.insert_header(X_STRANGLER_SHADOW.clone(), "1").ok()?;
+    up.insert_header(HeaderName::from_static("x-request-id"), request_id).ok()?;
+
+    let sni = backend.host_header.clone().unwrap_or_else(|| backend.host.clone());
+    let mut peer = HttpPeer::new(addr, backend.tls, sni);
+    peer.options.connection_timeout = Some(backend.connect_timeout);
+    peer.options.read_timeout = Some(backend.timeout);
+    peer.options.write_timeout = Some(backend.timeout);
+    let deadline = backend.timeout + backend.connect_timeout;
+    let ignore = route.shadow_ignore.clone();
+    let (route_name, backend_name) = (route.name.clone(), backend.name.clone());
+    let request_id = request_id.to_string();
+    let head = req.method == http::Method::HEAD;
+    let (tx, rx) = oneshot::channel();
+
+    tokio::spawn(async move {
+        let _slot = slot;
+        let shadow = tokio::time::timeout(deadline, fetch(&peer, up, head)).await;
+        let primary = rx.await.ok().flatten();
+        let labels = [&*route_name, &*backend_name];
+        let result = match (primary, shadow) {
+            (None, _) => "skipped",
+            (Some(_), Err(_)) => {
+                log::info!(target: "shadow", "shadow request {request_id} on route {route_name:?} to {backend_name}: timed out after {deadline:?}");
+                "error"
+            }
+            (Some(_), Ok(Err(e))) => {
+                log::info!(target: "shadow", "shadow request {request_id} on route {route_name:?} to {backend_name}: {e}");
+                "error"
+            }
+            (Some(p), Ok(Ok(s))) => match compare(&p, &s, &ignore) {
+                None => "match",
+                Some(diff) => {
+                    log::warn!(
+                        target: "shadow",
+                        "shadow mismatch: request {request_id} route {route_name:?} backend {backend_name}: at {:?} primary={} shadow={}",
+                        diff.pointer,
+                        truncate(&diff.primary),
+                        truncate(&diff.shadow)
+                    );
+                    "mismatch"
+                }
+            },
+        };
+        metrics::SHADOW.with_label_values(&[labels[0], labels[1], result]).inc();
+    });
+
+    Some(ShadowTap {
+        primary: None,
+        to_task: Some(tx),
+    })
+}
+
+async fn fetch(peer: &HttpPeer, req: RequestHeader, head: bool) -> pingora_error::Result<Capture> {
+    let (mut session, _reused) = CLIENT.get_http_session(peer).await?;
+    session.write_request_header(Box::new(req)).await?;
+    session.finish_request_body().await?;
+    session.read_response_header().await?;
+    let status = session
+        .response_header()
+        .map(|r| r.status.as_u16())
+        .unwrap_or(0);
+    let mut cap = Capture::new(status);
+    if !head {
+        while let Some(chunk) = session.read_response_body().await? {
+            cap.push(&chunk);
+        }
+    }
+    CLIENT
+        .release_http_session(session, peer, Some(Duration::from_secs(30)))
+        .await;
+    Ok(cap)
+}
+
+/// The first difference between two responses.
+#[derive(Debug, PartialEq)]
+pub struct Difference {
+    /// A JSON pointer into the body, or `status`, `body` (non-JSON), `length`.
+    pub pointer: String,
+    pub primary: String,
+    pub shadow: String,
+}
+
+/// Compares status, then body: JSON as values with `ignore` pointers removed, other bodies byte
+/// for byte, bodies over the cap by length and hash. `None` means they match.
+pub fn compare(p: &Capture, s: &Capture, ignore: &[String]) -> Option<Difference> {
+    if p.status != s.status {
+        return Some(Difference {
+            pointer: "status".into(),
+            primary: p.status.to_string(),
+            shadow: s.status.to_string(),
+        });
+    }
+    if p.is_capped() || s.is_capped() {
+        let (hp, hs) = (p.hash.clone().finish(), s.hash.clone().finish());
+        if p.len != s.len || hp.as_ref() != hs.as_ref() {
+            return Some(Difference {
+                pointer: "length+sha256".into(),
+                primary: format!("{} bytes", p.len),
+                shadow: format!("{} bytes", s.len),
+            });
+        }
+        return None;
+    }
+    compare_bodies(&p.body, &s.body, ignore)
+}
+
+/// Body comparison, JSON-aware.
+pub fn compare_bodies(p: &[u8], s: &[u8], ignore: &[String]) -> Option<Difference> {
+    match (serde_json::from_slice::<Value>(p), serde_json::from_slice::<Value>(s)) {
+        (Ok(mut a), Ok(mut b)) => {
+            for ptr in ignore {
+                remove_pointer(&mut a, ptr);
+                remove_pointer(&mut b, ptr);
+            }
+            first_difference(&a, &b, String::new())
+        }
+        _ if p == s => None,
+        _ => {
+            let at = p.iter().zip(s).position(|(x, y)| x != y).unwrap_or(p.len().min(s.len()));
+            Some(Difference {
+                pointer: format!("body (byte {at})"),
+                primary: String::from_utf8_lossy(&p[at..p.len().min(at + 64)]).into_owned(),
+                shadow: String::from_utf8_lossy(&s[at..s.len().min(at + 64)]).into_owned(),
+            })
+        }
+    }
+}
+
+fn first_difference(a: &Value, b: &Value, at: String) -> Option<Difference> {
+    let diff = |at: String| {
+        Some(Difference {
+            pointer: if at.is_empty() { "/".into() } else { at },
+            primary: a.to_string(),
+            shadow: b.to_string(),
+        })
+    };
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            for k in keys {
+                let here = format!("{at}/{}", k.replace('~', "~0").replace('/', "~1"));
+                match (x.get(k), y.get(k)) {
+                    (Some(va), Some(vb)) => {
+                        if let Some(d) = first_difference(va, vb, here) {
+                            return Some(d);
+                        }
+                    }
+                    (va, vb) => {
+                        return Some(Difference {
+                            pointer: here,
+                            primary: va.map_or("(absent)".into(), Value::to_string),
+                            shadow: vb.map_or("(absent)".into(), Value::to_string),
+                        })
+                    }
+                }
+            }
+            None
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            for (i, (va, vb)) in x.iter().zip(y).enumerate() {
+                if let Some(d) = first_difference(va, vb, format!("{at}/{i}")) {
+                    return Some(d);
+                }
+            }
+            if x.len() != y.len() {
+                let i = x.len().min(y.len());
+                return Some(Difference {
+                    pointer: format!("{at}/{i}"),
+                    primary: x.get(i).map_or("(absent)".into(), Value::to_string),
+                    shadow: y.get(i).map_or("(absent)".into(), Value::to_string),
+                });
+            }
+            None
+        }
+        _ if a == b => None,
+        _ => diff(at),
+    }
+}
+
+/// Removes the value at JSON pointer `ptr`, if present.
+fn remove_pointer(v: &mut Value, ptr: &str) {
+    let Some((parent, last)) = ptr.rsplit_once('/') else {
+        return;
+    };
+    let key = last.replace("~1", "/").replace("~0", "~");
+    match v.pointer_mut(parent) {
+        Some(Value::Object(m)) => {
+            m.remove(&key);
+        }
+        Some(Value::Array(a)) => {
+            if let Ok(i) = key.parse::<usize>() {
+                if i < a.len() {
+                    a.remove(i);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+fn truncate(s: &str) -> String {
+    if s.len() <= 200 {
+        return s.to_string();
+    }
+    let mut end = 200;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cmp(a: &str, b: &str, ignore: &[&str]) -> Option<Difference> {
+        let ignore: Vec<String> = ignore.iter().map(|s| s.to_string()).collect();
+        compare_bodies(a.as_bytes(), b.as_bytes(), &ignore)
+    }
+
+    #[test]
+    fn json_as_values() {
+        assert_eq!(cmp(r#"{"a":1,"b":[1,2]}"#, r#"{"b":[1,2],"a":1}"#, &[]), None);
+        let d = cmp(r#"{"a":{"x":1},"b":2}"#, r#"{"a":{"x":2},"b":2}"#, &[]).unwrap();
+        assert_eq!((d.pointer.as_str(), d.primary.as_str(), d.shadow.as_str()), ("/a/x", "1", "2"));
+        assert_eq!(cmp(r#"{"a":1,"updated_at":"x"}"#, r#"{"a":1,"updated_at":"y"}"#, &["/updated_at"]), None);
+        assert_eq!(
+            cmp(r#"{"meta":{"request_id":"1","n":1}}"#, r#"{"meta":{"request_id":"2","n":1}}"#, &["/meta/request_id"]),
+            None
+        );
+        let d = cmp(r#"[1,2]"#, r#"[1,2,3]"#, &[]).unwrap();
+        assert_eq!(d.pointer, "/2");
+        let d = cmp(r#"{"a":1}"#, r#"{}"#, &[]).unwrap();
+        assert_eq!((d.pointer.as_str(), d.shadow.as_str()), ("/a", "(absent)"));
+    }
+
+    #[test]
+    fn other_bodies_byte_for_byte() {
+        assert_eq!(cmp("hello", "hello", &[]), None);
+        assert!(cmp("hello", "help!", &[]).unwrap().pointer.contains("byte 3"));
+    }
+
+    #[test]
+    fn status_then_large_bodies() {
+        let mut p = Capture::new(200);
+        let mut s = Capture::new(500);
+        assert_eq!(compare(&p, &s, &[]).unwrap().pointer, "status");
+        s.status = 200;
+        let big = vec![7u8; BODY_CAP + 10];
+        p.push(&big);
+        s.push(&big);
+        assert!(p.is_capped() && p.body.is_empty());
+        assert_eq!(compare(&p, &s, &[]), None);
+        s.push(b"x");
+        assert_eq!(compare(&p, &s, &[]).unwrap().pointer, "length+sha256");
+    }
+}

@@ -1,0 +1,91 @@
+//! Sticky canary split (SPEC §5): a client's key is hashed with the route's name into a bucket
+//! 0..9999; buckets below `split × 100` go to `to`. The hash is fixed (FNV-1a, then a 64-bit
+//! finaliser for avalanche) so every replica and every restart puts a client on the same side,
+//! and raising the percentage only moves clients from `default` to `to`.
+
+use crate::router::{Split, Sticky};
+
+/// Number of buckets.
+pub const BUCKETS: u32 = 10_000;
+
+/// The bucket of `key` on route `route`.
+pub fn bucket(route: &str, key: &[u8]) -> u32 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in route.as_bytes().iter().chain(&[0xff]).chain(key) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    // splitmix64's finaliser: FNV alone clusters similar keys.
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^= h >> 31;
+    (h % u64::from(BUCKETS)) as u32
+}
+
+/// The sticky key of a request: the client's address, a header's value, or a cookie's value.
+/// `None` when the request carries none (the split then picks at random).
+pub fn sticky_key(
+    sticky: &Sticky,
+    headers: &http::HeaderMap,
+    client_ip: Option<std::net::IpAddr>,
+) -> Option<Vec<u8>> {
+    match sticky {
+        Sticky::Ip => client_ip.map(|ip| ip.to_string().into_bytes()),
+        Sticky::Header(h) => headers
+            .get(h)
+            .filter(|v| !v.is_empty())
+            .map(|v| v.as_bytes().to_vec()),
+        Sticky::Cookie(name) => headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(|c| crate::forwarding::cookie_value(c, name))
+            .map(|v| v.as_bytes().to_vec()),
+    }
+}
+
+/// Whether a request with this sticky key goes to the route's `to` under `split`.
+pub fn decide(route_name: &str, split: &Split, key: Option<&[u8]>) -> bool {
+    let b = key.map_or_else(random_bucket, |k| bucket(route_name, k));
+    goes_to_target(b, split.threshold)
+}
+
+/// A random bucket, for a request without a sticky key.
+pub fn random_bucket() -> u32 {
+    use rand::Rng;
+    rand::thread_rng().gen_range(0..BUCKETS)
+}
+
+/// Whether a bucket goes to `to` under a split with this threshold (`split × 100`).
+pub fn goes_to_target(bucket: u32, threshold: u32) -> bool {
+    bucket < threshold
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stable_and_spread() {
+        assert_eq!(bucket("tours", b"client-1"), bucket("tours", b"client-1"));
+        let n = 20_000;
+        let under_10 = (0..n)
+            .filter(|i| bucket("tours", format!("10.0.{}.{}", i / 256, i % 256).as_bytes()) < 1000)
+            .count();
+        let share = under_10 as f64 / n as f64;
+        assert!((0.09..0.11).contains(&share), "{share}");
+    }
+
+    #[test]
+    fn routes_split_independently() {
+        let same = (0..1000)
+            .filter(|i| {
+                let k = format!("c{i}");
+                (bucket("a", k.as_bytes()) < 5000) == (bucket("b", k.as_bytes()) < 5000)
+            })
+            .count();
+        assert!((400..600).contains(&same), "{same}");
+    }
+}

@@ -1,0 +1,503 @@
+//! The live state shared by the proxy hooks, the admin API and the reloader: the published
+//! table (one `ArcSwap`, read without locks), and per route what outlives a reload — its pin,
+//! its rollback window, its shadow slots. Every change of who serves what goes through here:
+//! reloads, pins and resumes are serialised by one lock, each builds the new `LiveTable` off to
+//! the side and publishes it with one store, then updates gauges, the state file and the audit.
+//!
+//! ```text
+//! State ─ live: ArcSwap<LiveTable> ─ table: RoutingTable (validated, immutable)
+//!       │                          └ routes[i]: RouteLive (metric handles, per table build)
+//!       │                                         └ control: Arc<RouteControl> (kept by name)
+//!       └ controls: name → Arc<RouteControl>  (pin, rollback window, shadow slots)
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use http::HeaderValue;
+use parking_lot::Mutex;
+use prometheus::{Histogram, IntGauge};
+
+use crate::audit::{Audit, Serving};
+use crate::config::{self, ConfigErrors};
+use crate::metrics;
+use crate::pins::{Pin, PinReason, StateFile};
+use crate::rollback::Window;
+use crate::router::{Route, RouteState, RoutingTable, DEFAULT_ROUTE};
+
+/// The window over which `/routes` reports requests and errors per backend.
+pub const RECENT: Duration = Duration::from_secs(60);
+
+/// What a route keeps across reloads, found again by its name.
+#[derive(Debug)]
+pub struct RouteControl {
+    pub name: Arc<str>,
+    pin: ArcSwapOption<Pin>,
+    /// Requests sent to the route's `to`, and their failures: the automatic rollback's input.
+    pub to_window: Window,
+    /// Shadow requests in flight, against the per-route cap.
+    pub shadow_in_flight: AtomicUsize,
+    /// Requests and errors per backend name over [`RECENT`], for `/routes`.
+    recent: Mutex<HashMap<Arc<str>, Arc<Window>>>,
+}
+
+impl RouteControl {
+    fn new(name: Arc<str>) -> Self {
+        RouteControl {
+            name,
+            pin: ArcSwapOption::empty(),
+            to_window: Window::default(),
+            shadow_in_flight: AtomicUsize::new(0),
+            recent: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The pin, if the route is pinned.
+    pub fn pin(&self) -> Option<Arc<Pin>> {
+        self.pin.load_full()
+    }
+
+    /// Whether the route is pinned (cheap: one atomic load).
+    pub fn is_pinned(&self) -> bool {
+        self.pin.load().is_some()
+    }
+
+    fn recent_window(&self, backend: &Arc<str>) -> Arc<Window> {
+        self.recent
+            .lock()
+            .entry(backend.clone())
+            .or_insert_with(|| Arc::new(Window::default()))
+            .clone()
+    }
+}
+
+/// A route's handles for one table build: resolved once, so the request path formats no label.
+#[derive(Debug)]
+pub struct RouteLive {
+    pub control: Arc<RouteControl>,
+    /// `X-Strangler-Route` value.
+    pub header: HeaderValue,
+    pub in_flight: IntGauge,
+    /// `strangler_request_duration_seconds{route, backend}` by backend index.
+    pub duration: Vec<Histogram>,
+    /// Last-minute requests/errors by backend index.
+    pub recent: Vec<Arc<Window>>,
+}
+
+/// The table in force and its live handles. Requests take one `Arc` of it and keep it to the end.
+#[derive(Debug)]
+pub struct LiveTable {
+    pub table: RoutingTable,
+    /// Aligned with `table.routes`.
+    pub routes: Vec<RouteLive>,
+    /// For requests no route matched (`route="default"`).
+    pub unmatched: RouteLive,
+    /// `X-Strangler-Backend` values by backend index.
+    pub backend_headers: Vec<HeaderValue>,
+}
+
+impl LiveTable {
+    /// The live handles of route `i`, or of the unmatched pseudo-route.
+    pub fn route_live(&self, i: Option<usize>) -> &RouteLive {
+        match i {
+            Some(i) => &self.routes[i],
+            None => &self.unmatched,
+        }
+    }
+
+    fn serving(&self, route: &Route, pinned: bool) -> Serving {
+        let t = &self.table;
+        Serving {
+            to: t.backends[route.to].name.to_string(),
+            split: route.split.as_ref().map(|s| s.percent),
+            shadow: route.shadow.map(|b| t.backends[b].name.to_string()),
+            state: t.state(route, pinned).as_str(),
+        }
+    }
+}
+
+/// Why a pin or resume could not be done.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ControlError {
+    UnknownRoute,
+}
+
+/// The process-wide state.
+pub struct State {
+    live: ArcSwap<LiveTable>,
+    config: PathBuf,
+    controls: Mutex<HashMap<Arc<str>, Arc<RouteControl>>>,
+    state_file: StateFile,
+    audit: Audit,
+    /// Serialises every publish (reload, pin, resume).
+    publish: Mutex<()>,
+}
+
+impl State {
+    /// Loads the table (an invalid file is an error: the caller exits 1), restores pins from
+    /// the state file, and publishes gauges.
+    pub fn start(
+        config: &Path,
+        state_file: StateFile,
+        audit: Audit,
+    ) -> Result<Arc<State>, String> {
+        metrics::register_all();
+        let t0 = Instant::now();
+        let table = load_table(config).map_err(|e| {
+            metrics::CONFIG_RELOADS.with_label_values(&["error"]).inc();
+            e
+        })?;
+        let saved = state_file.load();
+        let mut controls = HashMap::new();
+        let live = assemble(table, &mut controls);
+        let mut restored = 0;
+        for r in &live.routes {
+            if let Some(pin) = saved.get(&*r.control.name) {
+                r.control.pin.store(Some(Arc::new(pin.clone())));
+                restored += 1;
+                log::warn!(
+                    "route {:?} stays pinned to default ({} rollback since {}, from {})",
+                    r.control.name,
+                    pin.reason.as_str(),
+                    pin.since,
+                    state_file.path().display()
+                );
+            }
+        }
+        let state = Arc::new(State {
+            live: ArcSwap::from_pointee(live),
+            config: config.to_path_buf(),
+            controls: Mutex::new(controls),
+            state_file,
+            audit,
+            publish: Mutex::new(()),
+        });
+        if restored != saved.len() {
+            // Pins of routes that have left routing.yaml are lifted.
+            state.save_pins();
+        }
+        let live = state.snapshot();
+        state.publish_gauges(&live);
+        record_success(t0);
+        log::info!(
+            "loaded {} (sha256 {}): {}",
+            config.display(),
+            &live.table.sha256[..12],
+            live.table.summary(|r| state.is_pinned(&r.name))
+        );
+        Ok(state)
+    }
+
+    /// The table in force. Take it once per request and keep it to the end.
+    pub fn snapshot(&self) -> Arc<LiveTable> {
+        self.live.load_full()
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
+    fn is_pinned(&self, name: &str) -> bool {
+        self.controls
+            .lock()
+            .get(name)
+            .is_some_and(|c| c.is_pinned())
+    }
+
+    /// Reads, validates and swaps in routing.yaml. On error the table in force stays, the error
+    /// is logged with `FILE:LINE:COL` and counted, and `strangler_config_valid` drops to 0.
+    pub fn reload(&self, trigger: &str) -> Result<(), String> {
+        let _publish = self.publish.lock();
+        let t0 = Instant::now();
+        let table = match load_table(&self.config) {
+            Ok(t) => t,
+            Err(e) => {
+                metrics::CONFIG_RELOADS.with_label_values(&["error"]).inc();
+                metrics::CONFIG_VALID.set(0);
+                log::error!("reload ({trigger}) rejected, the previous table keeps serving:\n{e}");
+                return Err(e);
+            }
+        };
+        let old = self.snapshot();
+        let mut controls = self.controls.lock();
+        let before: BTreeMap<Arc<str>, Serving> = old
+            .table
+            .routes
+            .iter()
+            .zip(&old.routes)
+            .map(|(r, l)| (r.name.clone(), old.serving(r, l.control.is_pinned())))
+            .collect();
+        let live = assemble(table, &mut controls);
+        drop(controls);
+        let sha = live.table.sha256.clone();
+        let mut after: BTreeMap<Arc<str>, Serving> = BTreeMap::new();
+        for (r, l) in live.table.routes.iter().zip(&live.routes) {
+            after.insert(r.name.clone(), live.serving(r, l.control.is_pinned()));
+        }
+        let pins_changed = before.keys().any(|k| !after.contains_key(k));
+        let summary = live.table.summary(|r| {
+            live.table
+                .route_index(&r.name)
+                .is_some_and(|i| live.routes[i].control.is_pinned())
+        });
+        self.live.store(Arc::new(live));
+        record_success(t0);
+        let live = self.snapshot();
+        self.publish_gauges(&live);
+        if pins_changed {
+            self.save_pins();
+        }
+        for (name, b) in &before {
+            match after.get(name) {
+                Some(a) if a != b => self.audit.record(name, Some(b), Some(a), trigger, &sha),
+                Some(_) => {}
+                None => self.audit.record(name, Some(b), None, trigger, &sha),
+            }
+        }
+        for (name, a) in &after {
+            if !before.contains_key(name) {
+                self.audit.record(name, None, Some(a), trigger, &sha);
+            }
+        }
+        log::info!(
+            "reloaded {} ({trigger}) in {:.1} ms, sha256 {}: {summary}",
+            self.config.display(),
+            t0.elapsed().as_secs_f64() * 1000.0,
+            &sha[..12]
+        );
+        Ok(())
+    }
+
+    /// Pins `route` to `default`. Returns whether it was newly pinned.
+    pub fn pin(&self, route: &str, reason: PinReason, why: &str) -> Result<bool, ControlError> {
+        let _publish = self.publish.lock();
+        let live = self.snapshot();
+        let i = live
+            .table
+            .route_index(route)
+            .ok_or(ControlError::UnknownRoute)?;
+        Ok(self.pin_locked(&live, i, reason, why))
+    }
+
+    /// Pins every route. Returns how many were newly pinned.
+    pub fn pin_all(&self, why: &str) -> usize {
+        let _publish = self.publish.lock();
+        let live = self.snapshot();
+        (0..live.routes.len())
+            .filter(|&i| self.pin_locked(&live, i, PinReason::Manual, why))
+            .count()
+    }
+
+    /// The automatic rollback: called from the request path when a route's window crosses its
+    /// threshold. Only the first caller pins; the rest return at once.
+    pub fn auto_pin(&self, live: &LiveTable, i: usize, why: &str) {
+        if live.routes[i].control.is_pinned() {
+            return;
+        }
+        let _publish = self.publish.lock();
+        // The table may have been replaced meanwhile; pin by name in the current one.
+        let current = self.snapshot();
+        if let Some(j) = current.table.route_index(&live.table.routes[i].name) {
+            self.pin_locked(&current, j, PinReason::Auto, why);
+        }
+    }
+
+    fn pin_locked(&self, live: &LiveTable, i: usize, reason: PinReason, why: &str) -> bool {
+        let control = &live.routes[i].control;
+        let route = &live.table.routes[i];
+        if control.is_pinned() {
+            return false;
+        }
+        let before = live.serving(route, false);
+        control.pin.store(Some(Arc::new(Pin::now(reason))));
+        metrics::ROLLBACKS
+            .with_label_values(&[&*route.name, reason.as_str()])
+            .inc();
+        log::warn!(
+            "route {:?} pinned to default ({}): {why}",
+            route.name,
+            reason.as_str()
+        );
+        self.publish_gauges(live);
+        self.save_pins();
+        let after = live.serving(route, true);
+        let reason_text = format!("{} rollback: {why}", reason.as_str());
+        self.audit.record(
+            &route.name,
+            Some(&before),
+            Some(&after),
+            &reason_text,
+            &live.table.sha256,
+        );
+        true
+    }
+
+    /// Lifts the pin on `route`. Returns whether it was pinned.
+    pub fn resume(&self, route: &str) -> Result<bool, ControlError> {
+        let _publish = self.publish.lock();
+        let live = self.snapshot();
+        let i = live
+            .table
+            .route_index(route)
+            .ok_or(ControlError::UnknownRoute)?;
+        let control = &live.routes[i].control;
+        let r = &live.table.routes[i];
+        if !control.is_pinned() {
+            return Ok(false);
+        }
+        let before = live.serving(r, true);
+        control.pin.store(None);
+        // A fresh start: the failures that caused the pin must not re-pin at once.
+        control.to_window.clear();
+        log::warn!("route {:?} resumed: served by {} again", r.name, before.to);
+        self.publish_gauges(&live);
+        self.save_pins();
+        let after = live.serving(r, false);
+        self.audit
+            .record(&r.name, Some(&before), Some(&after), "resume", &live.table.sha256);
+        Ok(true)
+    }
+
+    fn save_pins(&self) {
+        let pins: BTreeMap<String, Pin> = self
+            .controls
+            .lock()
+            .values()
+            .filter_map(|c| c.pin().map(|p| (c.name.to_string(), (*p).clone())))
+            .collect();
+        self.state_file.save(&pins);
+    }
+
+    /// Sets the per-route gauges from scratch (routes may have left).
+    fn publish_gauges(&self, live: &LiveTable) {
+        metrics::ROUTE_PINNED.reset();
+        metrics::ROUTE_STATE.reset();
+        metrics::ROUTE_SPLIT.reset();
+        let t = &live.table;
+        for (r, l) in t.routes.iter().zip(&live.routes) {
+            let pinned = l.control.is_pinned();
+            metrics::ROUTE_PINNED
+                .with_label_values(&[&*r.name])
+                .set(i64::from(pinned));
+            let state = t.state(r, pinned);
+            for s in RouteState::ALL {
+                metrics::ROUTE_STATE
+                    .with_label_values(&[&*r.name, s.as_str()])
+                    .set(i64::from(s == state));
+            }
+            let to_share = match (&r.split, pinned) {
+                (_, true) => 0.0,
+                (Some(s), false) => s.percent,
+                (None, false) => 100.0,
+            };
+            let default = &*t.backends[t.default].name;
+            if r.to == t.default {
+                metrics::ROUTE_SPLIT.with_label_values(&[&*r.name, default]).set(100.0);
+            } else {
+                metrics::ROUTE_SPLIT
+                    .with_label_values(&[&*r.name, &*t.backends[r.to].name])
+                    .set(to_share);
+                metrics::ROUTE_SPLIT
+                    .with_label_values(&[&*r.name, default])
+                    .set(100.0 - to_share);
+            }
+        }
+    }
+}
+
+fn load_table(config: &Path) -> Result<RoutingTable, String> {
+    let (file, source) = config::read(config).map_err(|e: ConfigErrors| e.to_string())?;
+    let mut table = RoutingTable::build(file, &source).map_err(|e| e.to_string())?;
+    table
+        .resolve()
+        .map_err(|e| format!("{}:1:1: cannot resolve {e}", source.file))?;
+    Ok(table)
+}
+
+fn record_success(t0: Instant) {
+    metrics::CONFIG_RELOAD_DURATION.observe(t0.elapsed().as_secs_f64());
+    metrics::CONFIG_RELOADS.with_label_values(&["success"]).inc();
+    metrics::CONFIG_VALID.set(1);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    metrics::CONFIG_LAST_SUCCESS.set(now as i64);
+}
+
+/// Builds the live handles for `table`, reusing the controls of routes that keep their name and
+/// dropping the others (their pins are lifted: the route has left the file).
+fn assemble(table: RoutingTable, controls: &mut HashMap<Arc<str>, Arc<RouteControl>>) -> LiveTable {
+    let mut kept: HashMap<Arc<str>, Arc<RouteControl>> = HashMap::with_capacity(table.routes.len());
+    let live_for = |name: &Arc<str>, control: Arc<RouteControl>| RouteLive {
+        header: HeaderValue::from_str(name).unwrap_or_else(|_| HeaderValue::from_static("invalid")),
+        in_flight: metrics::IN_FLIGHT.with_label_values(&[&**name]),
+        duration: table
+            .backends
+            .iter()
+            .map(|b| metrics::DURATION.with_label_values(&[&**name, &*b.name]))
+            .collect(),
+        recent: table
+            .backends
+            .iter()
+            .map(|b| control.recent_window(&b.name))
+            .collect(),
+        control,
+    };
+    let routes: Vec<RouteLive> = table
+        .routes
+        .iter()
+        .map(|r| {
+            let control = controls
+                .get(&r.name)
+                .cloned()
+                .unwrap_or_else(|| Arc::new(RouteControl::new(r.name.clone())));
+            kept.insert(r.name.clone(), control.clone());
+            live_for(&r.name, control)
+        })
+        .collect();
+    let unmatched_name: Arc<str> = DEFAULT_ROUTE.into();
+    let unmatched_control = controls
+        .get(&unmatched_name)
+        .cloned()
+        .unwrap_or_else(|| Arc::new(RouteControl::new(unmatched_name.clone())));
+    let unmatched = live_for(&unmatched_name, unmatched_control.clone());
+    for name in controls.keys() {
+        if !kept.contains_key(name) && **name != *DEFAULT_ROUTE {
+            // Gone from the file: its series of per-route gauges go too (see publish_gauges).
+            let _ = metrics::IN_FLIGHT.remove_label_values(&[&**name]);
+        }
+    }
+    kept.insert(unmatched_name, unmatched_control);
+    *controls = kept;
+    let backend_headers = table
+        .backends
+        .iter()
+        .map(|b| HeaderValue::from_str(&b.name).unwrap_or_else(|_| HeaderValue::from_static("invalid")))
+        .collect();
+    LiveTable {
+        routes,
+        unmatched,
+        backend_headers,
+        table,
+    }
+}
+
+/// Requests and errors per backend over the last minute, for `/routes`.
+pub fn recent_counts(live: &LiveTable, i: Option<usize>) -> Vec<(String, u64, u64)> {
+    let l = live.route_live(i);
+    let now = Instant::now();
+    live.table
+        .backends
+        .iter()
+        .zip(&l.recent)
+        .map(|(b, w)| {
+            let (r, e) = w.totals(now, RECENT);
+            (b.name.to_string(), r, e)
+        })
+        .collect()
+}
