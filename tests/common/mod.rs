@@ -1,0 +1,425 @@
+//! Shared test helpers: real HTTP backends on loopback (hyper), the real `strangler` binary
+//! started on free ports against a temporary routing.yaml, and waiting on conditions.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response};
+
+pub type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// What a test backend saw of one request.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    /// The request target exactly as received (path and query).
+    pub target: String,
+    pub headers: HashMap<String, String>,
+    pub body_len: usize,
+}
+
+/// How a test backend answers.
+pub type Handler = Arc<dyn Fn(&Seen) -> Response<Body> + Send + Sync>;
+
+/// A real HTTP/1.1 backend on 127.0.0.1, on its own thread and runtime, recording requests.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    _rt: tokio::runtime::Runtime,
+}
+
+pub fn full(status: u16, body: impl Into<Bytes>) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .body(Full::new(body.into()).boxed())
+        .unwrap()
+}
+
+pub fn json(status: u16, v: serde_json::Value) -> Response<Body> {
+    let mut r = full(status, v.to_string());
+    r.headers_mut().insert("content-type", "application/json".parse().unwrap());
+    r
+}
+
+/// A body of `len` bytes of a repeating pattern, streamed in 64 KiB chunks.
+pub fn streamed(len: usize) -> Response<Body> {
+    let chunks = (0..len).step_by(65536).map(move |off| {
+        let n = 65536.min(len - off);
+        let data: Vec<u8> = (off..off + n).map(|i| (i % 251) as u8).collect();
+        Ok::<_, Infallible>(Frame::data(Bytes::from(data)))
+    });
+    let stream = futures_lite_stream(chunks);
+    Response::builder()
+        .status(200)
+        .header("content-length", len.to_string())
+        .body(BodyExt::boxed(StreamBody::new(stream)))
+        .unwrap()
+}
+
+fn futures_lite_stream<I: Iterator + Send + Unpin + 'static>(
+    it: I,
+) -> impl futures_core::Stream<Item = I::Item> + Send + 'static
+where
+    I::Item: Send,
+{
+    struct S<I>(I);
+    impl<I: Iterator + Unpin> futures_core::Stream for S<I> {
+        type Item = I::Item;
+        fn poll_next(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<I::Item>> {
+            std::task::Poll::Ready(self.0.next())
+        }
+    }
+    S(it)
+}
+
+impl Backend {
+    /// Echoes method, target and the interesting headers as JSON, naming itself.
+    pub fn echo(name: &str) -> Backend {
+        let name = name.to_string();
+        Backend::start(Arc::new(move |s: &Seen| {
+            json(
+                200,
+                serde_json::json!({
+                    "service": name,
+                    "method": s.method,
+                    "target": s.target,
+                    "body_len": s.body_len,
+                    "host": s.headers.get("host"),
+                    "xff": s.headers.get("x-forwarded-for"),
+                    "xfp": s.headers.get("x-forwarded-proto"),
+                    "xfh": s.headers.get("x-forwarded-host"),
+                    "request_id": s.headers.get("x-request-id"),
+                }),
+            )
+        }))
+    }
+
+    pub fn start(handler: Handler) -> Backend {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let std_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        std_listener.set_nonblocking(true).unwrap();
+        let addr = std_listener.local_addr().unwrap();
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let seen2 = seen.clone();
+        rt.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let handler = handler.clone();
+                let seen = seen2.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let handler = handler.clone();
+                        let seen = seen.clone();
+                        async move {
+                            let method = req.method().to_string();
+                            let target = req
+                                .uri()
+                                .path_and_query()
+                                .map(|p| p.as_str().to_string())
+                                .unwrap_or_default();
+                            let headers: HashMap<String, String> = req
+                                .headers()
+                                .iter()
+                                .map(|(k, v)| (k.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+                                .collect();
+                            let body = req.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
+                            let s = Seen { method, target, headers, body_len: body };
+                            seen.lock().unwrap().push(s.clone());
+                            Ok::<_, Infallible>(handler(&s))
+                        }
+                    });
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, svc)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        Backend { addr, seen, _rt: rt }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+/// A port nothing listens on (bound, then released).
+pub fn dead_port() -> u16 {
+    free_port()
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Polls `cond` every 10 ms until it holds or `timeout` passes; panics with `what` on timeout.
+pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
+}
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_strangler"))
+}
+
+/// A running `strangler run` process on free ports, killed on drop.
+pub struct Proxy {
+    pub child: Child,
+    pub port: u16,
+    pub admin_port: u16,
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    extra: Vec<String>,
+    envs: Vec<(String, String)>,
+}
+
+impl Proxy {
+    pub fn start(yaml: &str) -> Proxy {
+        Proxy::start_with(yaml, &[], &[])
+    }
+
+    pub fn start_with(yaml: &str, extra: &[&str], envs: &[(&str, &str)]) -> Proxy {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("routing.yaml"), yaml).unwrap();
+        Proxy::start_in(dir, "routing.yaml", extra, envs)
+    }
+
+    /// Starts on a routing file already in `dir`.
+    pub fn start_at(dir: tempfile::TempDir, file: &str) -> Proxy {
+        Proxy::start_in(dir, file, &[], &[])
+    }
+
+    fn start_in(dir: tempfile::TempDir, file: &str, extra: &[&str], envs: &[(&str, &str)]) -> Proxy {
+        let config = dir.path().join(file);
+        let mut p = Proxy {
+            child: Command::new("true").spawn().unwrap(),
+            port: 0,
+            admin_port: 0,
+            log: dir.path().join("strangler.log"),
+            config,
+            dir,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            envs: envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        };
+        p.spawn();
+        p
+    }
+
+    /// (Re)starts the process on fresh ports, keeping the directory (config, state file).
+    pub fn spawn(&mut self) {
+        for _attempt in 0..5 {
+            self.port = free_port();
+            self.admin_port = free_port();
+            let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+            let mut cmd = Command::new(bin());
+            cmd.arg("run")
+                .arg("-c")
+                .arg(&self.config)
+                .arg("--listen")
+                .arg(format!("127.0.0.1:{}", self.port))
+                .arg("--admin")
+                .arg(format!("127.0.0.1:{}", self.admin_port))
+                .arg("--threads")
+                .arg("2")
+                .arg("--upgrade-sock")
+                .arg(self.dir.path().join("upgrade.sock"))
+                .args(&self.extra)
+                .env_remove("STRANGLER_ADMIN_TOKEN")
+                .env("RUST_LOG", "info")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log);
+            for (k, v) in &self.envs {
+                cmd.env(k, v);
+            }
+            self.child = cmd.spawn().unwrap();
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    break; // exited (port taken?): try again on other ports
+                }
+                if get(&self.admin_url("/healthz")).0 == 200 && TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        panic!("strangler did not start; log:\n{}", self.log_text());
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.admin_port)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Replaces routing.yaml the way editors do: write a temp file, rename it over.
+    pub fn write_config(&self, yaml: &str) {
+        let tmp = self.dir.path().join(".routing.yaml.tmp");
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(&tmp, &self.config).unwrap();
+    }
+
+    /// The value of one sample in /metrics, 0 when absent.
+    pub fn metric(&self, name_and_labels: &str) -> f64 {
+        let (_, body) = get(&self.admin_url("/metrics"));
+        metric_value(&body, name_and_labels)
+    }
+
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        unsafe_kill(self.child.id(), "TERM");
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn unsafe_kill(pid: u32, sig: &str) {
+    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
+}
+
+/// Finds `name{labels}` (labels in any order) in a Prometheus text exposition.
+pub fn metric_value(body: &str, name_and_labels: &str) -> f64 {
+    let (name, labels) = match name_and_labels.find('{') {
+        Some(i) => (&name_and_labels[..i], &name_and_labels[i + 1..name_and_labels.len() - 1]),
+        None => (name_and_labels, ""),
+    };
+    let want: Vec<&str> = labels.split(',').filter(|s| !s.is_empty()).collect();
+    for line in body.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let Some((series, value)) = line.rsplit_once(' ') else { continue };
+        let (n, l) = match series.find('{') {
+            Some(i) => (&series[..i], &series[i + 1..series.len() - 1]),
+            None => (series, ""),
+        };
+        if n != name {
+            continue;
+        }
+        let have: Vec<&str> = l.split(',').filter(|s| !s.is_empty()).collect();
+        if want.len() == have.len() && want.iter().all(|w| have.contains(w)) {
+            return value.parse().unwrap_or(0.0);
+        }
+    }
+    0.0
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::new_with_config(
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build(),
+    )
+}
+
+/// GET; (status, body). Status 0 when the request failed.
+pub fn get(url: &str) -> (u16, String) {
+    let r = request("GET", url, &[], None);
+    (r.status, r.body)
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub headers: HashMap<String, String>,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+    pub fn header(&self, n: &str) -> &str {
+        self.headers.get(n).map(String::as_str).unwrap_or("")
+    }
+}
+
+pub fn request(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&[u8]>) -> Reply {
+    let agent = agent();
+    let mut b = http::Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let result = match body {
+        Some(data) => agent.run(b.body(data.to_vec()).unwrap()),
+        None => agent.run(b.body(()).unwrap()),
+    };
+    match result {
+        Ok(mut r) => Reply {
+            status: r.status().as_u16(),
+            headers: r
+                .headers()
+                .iter()
+                .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+                .collect(),
+            body: r.body_mut().with_config().limit(u64::MAX).read_to_string().unwrap_or_default(),
+        },
+        Err(_) => Reply { status: 0, headers: HashMap::new(), body: String::new() },
+    }
+}
+
+/// Sends raw bytes and returns the raw answer (until the server closes or 2 s of silence).
+pub fn raw(addr: &str, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    s.write_all(bytes).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A two-backend routing.yaml header: `legacy` (default) and `new`.
+pub fn base_yaml(legacy: &str, new: &str) -> String {
+    format!("backends:\n  legacy:\n    url: {legacy}\n  new:\n    url: {new}\ndefault: legacy\n")
+}
