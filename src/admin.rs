@@ -140,7 +140,11 @@ impl Admin {
             ),
             (true, "/healthz") => respond(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
             (true, "/routes") => json_response(StatusCode::OK, routes_json(&self.state.snapshot())),
-            (true, _) => error(StatusCode::NOT_FOUND, "not_found", format!("no endpoint {path}")),
+            (true, _) => error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no endpoint {path}"),
+            ),
             _ if *method != Method::POST => error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
@@ -153,22 +157,39 @@ impl Admin {
             ),
             (_, "/rollback") => {
                 let n = self.state.pin_all("POST /rollback");
-                json_response(StatusCode::OK, json!({"pinned": n, "routes": routes_json(&self.state.snapshot())}))
+                json_response(
+                    StatusCode::OK,
+                    json!({"pinned": n, "routes": routes_json(&self.state.snapshot())}),
+                )
             }
             (_, "/reload") => match self.state.reload("POST /reload") {
-                Ok(()) => json_response(StatusCode::OK, json!({"reloaded": true, "sha256": self.state.snapshot().table.sha256})),
+                Ok(()) => json_response(
+                    StatusCode::OK,
+                    json!({"reloaded": true, "sha256": self.state.snapshot().table.sha256}),
+                ),
                 Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_config", e),
             },
             (_, p) => {
                 let Some(rest) = p.strip_prefix("/routes/") else {
-                    return error(StatusCode::NOT_FOUND, "not_found", format!("no endpoint {p}"));
+                    return error(
+                        StatusCode::NOT_FOUND,
+                        "not_found",
+                        format!("no endpoint {p}"),
+                    );
                 };
                 let (name, action) = match rest.rsplit_once('/') {
                     Some((n, a @ ("rollback" | "resume"))) => (decode(n), a),
-                    _ => return error(StatusCode::NOT_FOUND, "not_found", format!("no endpoint {p}")),
+                    _ => {
+                        return error(
+                            StatusCode::NOT_FOUND,
+                            "not_found",
+                            format!("no endpoint {p}"),
+                        )
+                    }
                 };
                 let result = if action == "rollback" {
-                    self.state.pin(&name, PinReason::Manual, "POST rollback (admin API)")
+                    self.state
+                        .pin(&name, PinReason::Manual, "POST rollback (admin API)")
                 } else {
                     self.state.resume(&name)
                 };
@@ -203,9 +224,17 @@ impl ServeHttp for Admin {
         let state = self.state.clone();
         let token = self.token.clone();
         // Pins and reloads write files: keep them off the async workers.
-        tokio::task::spawn_blocking(move || Admin { state, token }.handle(&method, &path, authorized))
-            .await
-            .unwrap_or_else(|e| error(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", e.to_string()))
+        tokio::task::spawn_blocking(move || {
+            Admin { state, token }.handle(&method, &path, authorized)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                e.to_string(),
+            )
+        })
     }
 }
 

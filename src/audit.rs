@@ -53,7 +53,11 @@ impl Audit {
         if let Some((path, file)) = &self.file {
             let mut guard = file.lock();
             if guard.is_none() {
-                match std::fs::OpenOptions::new().create(true).append(true).open(path) {
+                match std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                {
                     Ok(f) => *guard = Some(f),
                     Err(e) => {
                         log::error!("cannot open audit log {}: {e}", path.display());

@@ -31,9 +31,16 @@ pub fn demo_backends(config: &Path) -> Result<Vec<(String, String)>, String> {
         let b = table
             .backend_index(name)
             .map(|i| &table.backends[i])
-            .ok_or_else(|| format!("demo needs backends named `legacy` and `new` in {}", config.display()))?;
+            .ok_or_else(|| {
+                format!(
+                    "demo needs backends named `legacy` and `new` in {}",
+                    config.display()
+                )
+            })?;
         if b.tls {
-            return Err(format!("demo services speak plain http; backend {name} is https"));
+            return Err(format!(
+                "demo services speak plain http; backend {name} is https"
+            ));
         }
         out.push((name.to_string(), format!("{}:{}", bracket(&b.host), b.port)));
     }
@@ -49,7 +56,9 @@ fn bracket(host: &str) -> String {
 }
 
 fn pins(config: &Path, state: Option<&Path>) -> BTreeMap<String, Pin> {
-    let path = state.map(Path::to_path_buf).unwrap_or_else(|| StateFile::beside(config));
+    let path = state
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| StateFile::beside(config));
     StateFile::new(path).load()
 }
 
@@ -75,7 +84,10 @@ pub fn check(a: &CheckArgs) -> ExitCode {
             notes.push(format!("host={h}"));
         }
         notes.push(format!("trailing_slash={:?}", b.trailing_slash).to_lowercase());
-        notes.push(format!("connect_timeout={:?} timeout={:?}", b.connect_timeout, b.timeout));
+        notes.push(format!(
+            "connect_timeout={:?} timeout={:?}",
+            b.connect_timeout, b.timeout
+        ));
         println!("  {:<12} {:<32} {}", b.name, b.url, notes.join(" "));
     }
     println!("\nroutes:");
@@ -210,8 +222,10 @@ pub fn decide(
 fn header_map(pairs: impl IntoIterator<Item = (String, String)>) -> Result<HeaderMap, String> {
     let mut h = HeaderMap::new();
     for (k, v) in pairs {
-        let name = HeaderName::from_bytes(k.trim().as_bytes()).map_err(|_| format!("bad header name {k:?}"))?;
-        let value = HeaderValue::from_str(v.trim()).map_err(|_| format!("bad header value {v:?}"))?;
+        let name = HeaderName::from_bytes(k.trim().as_bytes())
+            .map_err(|_| format!("bad header name {k:?}"))?;
+        let value =
+            HeaderValue::from_str(v.trim()).map_err(|_| format!("bad header value {v:?}"))?;
         h.append(name, value);
     }
     Ok(h)
@@ -242,7 +256,9 @@ fn run_cases(table: &RoutingTable, file: &Path, pins: &BTreeMap<String, Pin>) ->
                 .ok_or_else(|| format!("request {:?} must be \"METHOD /path\"", case.request))?;
             let headers = header_map(case.headers.clone())?;
             let ip = case.client_ip.unwrap_or(IpAddr::from([127, 0, 0, 1]));
-            let d = decide(table, method, target.trim(), &headers, ip, |r| pins.contains_key(r))?;
+            let d = decide(table, method, target.trim(), &headers, ip, |r| {
+                pins.contains_key(r)
+            })?;
             let route = d.route.map_or(DEFAULT_ROUTE, |i| &table.routes[i].name);
             let backend = &*table.backends[d.backend].name;
             if route != case.route {
@@ -298,10 +314,15 @@ pub fn explain(a: &ExplainArgs) -> ExitCode {
     };
     let pins = pins(&a.config.config, None);
     let method = a.method.to_ascii_uppercase();
-    let d = match decide(&table, &method, &a.path, &headers, a.client_ip, |r| pins.contains_key(r)) {
+    let d = match decide(&table, &method, &a.path, &headers, a.client_ip, |r| {
+        pins.contains_key(r)
+    }) {
         Ok(d) => d,
         Err(e) => {
-            println!("{method} {}\n  answered by strangler: {e}; sent nowhere", a.path);
+            println!(
+                "{method} {}\n  answered by strangler: {e}; sent nowhere",
+                a.path
+            );
             return ExitCode::SUCCESS;
         }
     };
@@ -318,13 +339,19 @@ pub fn explain(a: &ExplainArgs) -> ExitCode {
             } else if pins.contains_key(&*r.name) {
                 "pinned to default".to_string()
             } else {
-                format!("split: this client is outside the {}%", r.split.as_ref().map_or(0.0, |s| s.percent))
+                format!(
+                    "split: this client is outside the {}%",
+                    r.split.as_ref().map_or(0.0, |s| s.percent)
+                )
             };
             println!("  backend:  {} ({}) — {why}", backend.name, backend.url);
         }
         None => {
             println!("  route:    {DEFAULT_ROUTE} (no route matches)");
-            println!("  backend:  {} ({}) — the default", backend.name, backend.url);
+            println!(
+                "  backend:  {} ({}) — the default",
+                backend.name, backend.url
+            );
         }
     }
     println!("  upstream: {method} {} HTTP/1.1", d.upstream_target);

@@ -44,7 +44,12 @@ pub enum Command {
 #[derive(Debug, Clone, Args)]
 pub struct ConfigArg {
     /// The routing table.
-    #[arg(short = 'c', long = "config", env = "STRANGLER_CONFIG", default_value = "routing.yaml")]
+    #[arg(
+        short = 'c',
+        long = "config",
+        env = "STRANGLER_CONFIG",
+        default_value = "routing.yaml"
+    )]
     pub config: PathBuf,
 }
 
@@ -53,7 +58,12 @@ pub struct RunArgs {
     #[command(flatten)]
     pub config: ConfigArg,
     /// Proxy listener address (repeatable).
-    #[arg(long, env = "STRANGLER_LISTEN", value_delimiter = ',', default_value = "0.0.0.0:8080")]
+    #[arg(
+        long,
+        env = "STRANGLER_LISTEN",
+        value_delimiter = ',',
+        default_value = "0.0.0.0:8080"
+    )]
     pub listen: Vec<String>,
     /// Admin API address. A non-loopback address requires STRANGLER_ADMIN_TOKEN.
     #[arg(long, env = "STRANGLER_ADMIN", default_value = "127.0.0.1:9900")]
@@ -77,7 +87,11 @@ pub struct RunArgs {
     #[arg(long)]
     pub upgrade: bool,
     /// Unix socket for handing listeners over on --upgrade.
-    #[arg(long, env = "STRANGLER_UPGRADE_SOCK", default_value = "/tmp/strangler-upgrade.sock")]
+    #[arg(
+        long,
+        env = "STRANGLER_UPGRADE_SOCK",
+        default_value = "/tmp/strangler-upgrade.sock"
+    )]
     pub upgrade_sock: PathBuf,
 }
 
@@ -119,7 +133,12 @@ pub struct ExplainArgs {
 #[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
     /// Admin API URL of the proxy (repeatable, or one DNS name that resolves to every replica).
-    #[arg(long, env = "STRANGLER_ADMIN", value_delimiter = ',', default_value = "http://127.0.0.1:9900")]
+    #[arg(
+        long,
+        env = "STRANGLER_ADMIN",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:9900"
+    )]
     pub admin: Vec<String>,
     /// Bearer token for the admin API.
     #[arg(long, env = "STRANGLER_ADMIN_TOKEN", hide_env_values = true)]

@@ -26,14 +26,21 @@ pub fn targets(admin: &[String]) -> Vec<Target> {
     let mut out = Vec::new();
     for a in admin {
         let a = a.trim().trim_end_matches('/');
-        let url = if a.contains("://") { a.to_string() } else { format!("http://{a}") };
+        let url = if a.contains("://") {
+            a.to_string()
+        } else {
+            format!("http://{a}")
+        };
         let (scheme, rest) = url.split_once("://").unwrap_or(("http", &url));
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, ""),
         };
         let default_port = if scheme == "https" { 443 } else { 80 };
-        let host_port = if authority.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+        let host_port = if authority
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        {
             authority.to_string()
         } else {
             format!("{authority}:{default_port}")
@@ -73,7 +80,12 @@ fn agent() -> ureq::Agent {
 }
 
 /// Sends one request; `Ok((status, json))` when the replica answered.
-fn call(target: &Target, method: &str, path: &str, token: Option<&str>) -> Result<(u16, Value), String> {
+fn call(
+    target: &Target,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> Result<(u16, Value), String> {
     let url = format!("{}{path}", target.base);
     let agent = agent();
     let auth = token.map(|t| format!("Bearer {t}"));
@@ -100,6 +112,9 @@ fn call(target: &Target, method: &str, path: &str, token: Option<&str>) -> Resul
     Ok((status, json))
 }
 
+/// One replica's answer: `(status, body)`, or why it could not be asked.
+type Answer = Result<(u16, Value), String>;
+
 /// Asks every target concurrently, printing one block per replica.
 fn fan_out(
     args: &ClientArgs,
@@ -109,7 +124,7 @@ fn fan_out(
 ) -> ExitCode {
     let targets = targets(&args.admin);
     let token = args.admin_token.as_deref().filter(|t| !t.is_empty());
-    let results: Vec<(Target, Result<(u16, Value), String>)> = std::thread::scope(|s| {
+    let results: Vec<(Target, Answer)> = std::thread::scope(|s| {
         let handles: Vec<_> = targets
             .iter()
             .map(|t| s.spawn(move || (t.clone(), call(t, method, path, token))))
@@ -119,11 +134,18 @@ fn fan_out(
     let many = results.len() > 1;
     let mut failed = 0;
     for (t, r) in &results {
-        let prefix = if many { format!("{}: ", t.label) } else { String::new() };
+        let prefix = if many {
+            format!("{}: ", t.label)
+        } else {
+            String::new()
+        };
         match r {
             Ok((status, body)) if (200..300).contains(status) => {
                 if args.json {
-                    println!("{prefix}{}", serde_json::to_string_pretty(body).unwrap_or_default());
+                    println!(
+                        "{prefix}{}",
+                        serde_json::to_string_pretty(body).unwrap_or_default()
+                    );
                 } else {
                     let text = show(body);
                     if many && text.contains('\n') {
@@ -135,7 +157,10 @@ fn fan_out(
             }
             Ok((status, body)) => {
                 failed += 1;
-                let msg = body["message"].as_str().map(str::to_owned).unwrap_or_else(|| body.to_string());
+                let msg = body["message"]
+                    .as_str()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| body.to_string());
                 eprintln!("{prefix}error {status}: {msg}");
             }
             Err(e) => {
@@ -145,7 +170,11 @@ fn fan_out(
         }
     }
     if many {
-        println!("{} of {} replicas ok", results.len() - failed, results.len());
+        println!(
+            "{} of {} replicas ok",
+            results.len() - failed,
+            results.len()
+        );
     }
     if failed == 0 {
         ExitCode::SUCCESS
@@ -213,15 +242,23 @@ pub fn routes(a: &ClientArgs) -> ExitCode {
 /// `strangler rollback ROUTE` / `--all`.
 pub fn rollback(a: &RollbackArgs) -> ExitCode {
     match &a.route {
-        Some(route) if !a.all => fan_out(&a.client, "POST", &format!("/routes/{}/rollback", escape(route)), |v| {
-            if v["changed"].as_bool() == Some(true) {
-                format!("{route}: pinned to default")
-            } else {
-                format!("{route}: already pinned")
-            }
-        }),
+        Some(route) if !a.all => fan_out(
+            &a.client,
+            "POST",
+            &format!("/routes/{}/rollback", escape(route)),
+            |v| {
+                if v["changed"].as_bool() == Some(true) {
+                    format!("{route}: pinned to default")
+                } else {
+                    format!("{route}: already pinned")
+                }
+            },
+        ),
         _ => fan_out(&a.client, "POST", "/rollback", |v| {
-            format!("pinned {} route(s) to default", v["pinned"].as_u64().unwrap_or(0))
+            format!(
+                "pinned {} route(s) to default",
+                v["pinned"].as_u64().unwrap_or(0)
+            )
         }),
     }
 }
@@ -229,13 +266,18 @@ pub fn rollback(a: &RollbackArgs) -> ExitCode {
 /// `strangler resume ROUTE`.
 pub fn resume(a: &ResumeArgs) -> ExitCode {
     let route = a.route.clone();
-    fan_out(&a.client, "POST", &format!("/routes/{}/resume", escape(&a.route)), move |v| {
-        if v["changed"].as_bool() == Some(true) {
-            format!("{route}: resumed")
-        } else {
-            format!("{route}: was not pinned")
-        }
-    })
+    fan_out(
+        &a.client,
+        "POST",
+        &format!("/routes/{}/resume", escape(&a.route)),
+        move |v| {
+            if v["changed"].as_bool() == Some(true) {
+                format!("{route}: resumed")
+            } else {
+                format!("{route}: was not pinned")
+            }
+        },
+    )
 }
 
 #[cfg(test)]

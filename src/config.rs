@@ -214,7 +214,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "s" => n,
         "m" => n * 60.0,
         "h" => n * 3600.0,
-        _ => return Err(format!("duration {s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+        _ => {
+            return Err(format!(
+                "duration {s:?}: unknown unit {unit:?} (use ms, s, m or h)"
+            ))
+        }
     };
     if !secs.is_finite() || secs <= 0.0 || secs > 86_400.0 {
         return Err(format!("duration {s:?} must be above 0 and at most 24h"));
@@ -267,7 +271,8 @@ mod tests {
 
     #[test]
     fn unknown_keys_point_at_the_key() {
-        let text = "backends:\n  legacy:\n    url: http://127.0.0.1:1\n    colour: red\ndefault: legacy\n";
+        let text =
+            "backends:\n  legacy:\n    url: http://127.0.0.1:1\n    colour: red\ndefault: legacy\n";
         let err = parse("r.yaml", text).unwrap_err();
         let e = &err.0[0];
         assert_eq!((e.pos.line, e.pos.col), (4, 5), "{e}");

@@ -108,7 +108,13 @@ impl ProxyError {
     }
 
     /// The JSON body: `{"error", "message", "route", "backend", "request_id"}`.
-    pub fn body(&self, detail: Option<&str>, route: &str, backend: &str, request_id: &str) -> Bytes {
+    pub fn body(
+        &self,
+        detail: Option<&str>,
+        route: &str,
+        backend: &str,
+        request_id: &str,
+    ) -> Bytes {
         let message = match detail {
             Some(d) => format!("{}: {d}", self.message),
             None => self.message.to_string(),

@@ -11,7 +11,9 @@ use crate::router::{Backend, Cidr};
 /// random one (32 hex digits).
 pub fn request_id(client: Option<&[u8]>) -> String {
     match client {
-        Some(v) if !v.is_empty() && v.len() <= 128 && v.iter().all(|b| (0x21..0x7f).contains(b)) => {
+        Some(v)
+            if !v.is_empty() && v.len() <= 128 && v.iter().all(|b| (0x21..0x7f).contains(b)) =>
+        {
             // Checked to be ASCII just above.
             String::from_utf8_lossy(v).into_owned()
         }
@@ -68,7 +70,9 @@ pub fn rewrite_location(
     client_scheme: &str,
     client_host: &str,
 ) -> Option<String> {
-    let lower = location.get(..location.len().min(300))?.to_ascii_lowercase();
+    let lower = location
+        .get(..location.len().min(300))?
+        .to_ascii_lowercase();
     for prefix in &backend.location_prefixes {
         if lower.starts_with(prefix.as_str()) {
             let rest = &location[prefix.len()..];
@@ -142,8 +146,14 @@ mod tests {
     fn locations() {
         let b = backend("http://127.0.0.1:9002");
         let rw = |l| rewrite_location(l, &b, "https", "api.example.com");
-        assert_eq!(rw("http://127.0.0.1:9002/bookings/"), Some("https://api.example.com/bookings/".into()));
-        assert_eq!(rw("http://127.0.0.1:9002"), Some("https://api.example.com".into()));
+        assert_eq!(
+            rw("http://127.0.0.1:9002/bookings/"),
+            Some("https://api.example.com/bookings/".into())
+        );
+        assert_eq!(
+            rw("http://127.0.0.1:9002"),
+            Some("https://api.example.com".into())
+        );
         assert_eq!(rw("http://127.0.0.1:90021/x"), None);
         assert_eq!(rw("http://other/x"), None);
         assert_eq!(rw("/relative"), None);
@@ -161,20 +171,38 @@ mod tests {
             strip_cookie_domain("sid=1; Path=/; Domain=api.internal; HttpOnly", &hosts),
             Some("sid=1; Path=/; HttpOnly".into())
         );
-        assert_eq!(strip_cookie_domain("sid=1; domain=.API.internal", &hosts), Some("sid=1".into()));
-        assert_eq!(strip_cookie_domain("sid=1; Domain=example.com", &hosts), None);
+        assert_eq!(
+            strip_cookie_domain("sid=1; domain=.API.internal", &hosts),
+            Some("sid=1".into())
+        );
+        assert_eq!(
+            strip_cookie_domain("sid=1; Domain=example.com", &hosts),
+            None
+        );
         assert_eq!(cookie_value("a=1; cid=xyz; b=2", "cid"), Some("xyz"));
         assert_eq!(cookie_value("a=1", "cid"), None);
     }
 
     #[test]
     fn client_ips() {
-        let trusted = [Cidr { addr: "10.0.0.0".parse().unwrap(), prefix: 8 }];
+        let trusted = [Cidr {
+            addr: "10.0.0.0".parse().unwrap(),
+            prefix: 8,
+        }];
         let peer: IpAddr = "10.0.0.5".parse().unwrap();
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        assert_eq!(client_ip(peer, Some("1.2.3.4, 10.0.0.9"), &trusted), ip("1.2.3.4"));
+        assert_eq!(
+            client_ip(peer, Some("1.2.3.4, 10.0.0.9"), &trusted),
+            ip("1.2.3.4")
+        );
         assert_eq!(client_ip(peer, Some("1.2.3.4"), &[]), peer);
-        assert_eq!(client_ip(ip("8.8.8.8"), Some("1.2.3.4"), &trusted), ip("8.8.8.8"));
-        assert_eq!(forwarded_for(Some("1.1.1.1"), ip("2.2.2.2")), "1.1.1.1, 2.2.2.2");
+        assert_eq!(
+            client_ip(ip("8.8.8.8"), Some("1.2.3.4"), &trusted),
+            ip("8.8.8.8")
+        );
+        assert_eq!(
+            forwarded_for(Some("1.1.1.1"), ip("2.2.2.2")),
+            "1.1.1.1, 2.2.2.2"
+        );
     }
 }

@@ -41,8 +41,13 @@ pub fn parse_pattern(path: &str) -> Result<Vec<PatternSegment>, String> {
                 "segment {seg:?}: a parameter must be a whole segment, like {{id}}"
             ));
         } else if seg == "." || seg == ".." {
-            return Err(format!("segment {seg:?} can never match: dot segments are refused"));
-        } else if seg.contains('%') || seg.contains(['\\', '?', '#']) || seg.chars().any(char::is_control) {
+            return Err(format!(
+                "segment {seg:?} can never match: dot segments are refused"
+            ));
+        } else if seg.contains('%')
+            || seg.contains(['\\', '?', '#'])
+            || seg.chars().any(char::is_control)
+        {
             return Err(format!(
                 "segment {seg:?}: write the path decoded, without '%', '?', '#', '\\\\' or control characters"
             ));
@@ -122,7 +127,11 @@ impl RouteTrie {
                 PatternSegment::Param(_) => node.param.get_or_insert_with(Default::default),
             };
         }
-        if let Some(e) = node.here.iter().find(|e| e.constraint.overlaps(&constraint)) {
+        if let Some(e) = node
+            .here
+            .iter()
+            .find(|e| e.constraint.overlaps(&constraint))
+        {
             return Err(Conflict {
                 existing: e.route,
                 new: route,
@@ -211,18 +220,22 @@ mod tests {
     }
 
     const TABLE: &[Spec] = &[
-        ("/bookings", false, None),                                // 0
-        ("/itineraries/{id}/itinerary_maps", false, Some(&["GET", "HEAD"])), // 1
-        ("/itineraries", false, None),                             // 2
-        ("/departures", true, None),                               // 3
-        ("/a/{id}/x", false, None),                                // 4
-        ("/a/b", false, None),                                     // 5
-        ("/a", false, None),                                       // 6
-        ("/tours/{id}", false, Some(&["POST"])),                   // 7
-        ("/tours/{id}", false, None),                              // 8
-        ("/tours/{id}", true, None),                               // 9
-        ("/x/{p}/y", false, None),                                 // 10
-        ("/x/lit", true, None),                                    // 11
+        ("/bookings", false, None), // 0
+        (
+            "/itineraries/{id}/itinerary_maps",
+            false,
+            Some(&["GET", "HEAD"]),
+        ), // 1
+        ("/itineraries", false, None), // 2
+        ("/departures", true, None), // 3
+        ("/a/{id}/x", false, None), // 4
+        ("/a/b", false, None),      // 5
+        ("/a", false, None),        // 6
+        ("/tours/{id}", false, Some(&["POST"])), // 7
+        ("/tours/{id}", false, None), // 8
+        ("/tours/{id}", true, None), // 9
+        ("/x/{p}/y", false, None),  // 10
+        ("/x/lit", true, None),     // 11
     ];
 
     #[test]
@@ -299,7 +312,10 @@ mod tests {
         let p = parse_pattern("/a/{other}").unwrap();
         assert_eq!(
             t.insert(&p, c(Some(&["PUT"]), false), 1),
-            Err(Conflict { existing: 0, new: 1 })
+            Err(Conflict {
+                existing: 0,
+                new: 1
+            })
         );
         assert!(t.insert(&p, c(Some(&["POST"]), false), 2).is_ok());
         assert!(t.insert(&p, c(None, false), 3).is_ok());

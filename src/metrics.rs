@@ -9,8 +9,8 @@ use std::sync::LazyLock;
 
 use prometheus::{
     exponential_buckets, register_gauge_vec, register_histogram, register_histogram_vec,
-    register_int_counter, register_int_counter_vec, register_int_gauge, register_int_gauge_vec, GaugeVec, Histogram,
-    HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    register_int_counter, register_int_counter_vec, register_int_gauge, register_int_gauge_vec,
+    GaugeVec, Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
 };
 
 /// Latency buckets for an API proxy: 1 ms … ~33 s, doubling.
@@ -125,7 +125,9 @@ pub fn register_all() {
     LazyLock::force(&ROUTE_SPLIT);
     LazyLock::force(&ROUTE_STATE);
     LazyLock::force(&FAILOVERS);
-    LazyLock::force(&CONFIG_RELOADS);
+    // Both results exist from start-up, so `rate()` and alerts see a zero, not a gap.
+    CONFIG_RELOADS.with_label_values(&["success"]);
+    CONFIG_RELOADS.with_label_values(&["error"]);
     LazyLock::force(&CONFIG_LAST_SUCCESS);
     LazyLock::force(&CONFIG_VALID);
     LazyLock::force(&CONFIG_RELOAD_DURATION);

@@ -209,7 +209,12 @@ mod tests {
             ("/bookings", "/bookings", &["bookings"], None),
             ("/bookings/", "/bookings/", &["bookings"], None),
             ("//bookings", "/bookings", &["bookings"], None),
-            ("/bookings//42///x", "/bookings/42/x", &["bookings", "42", "x"], None),
+            (
+                "/bookings//42///x",
+                "/bookings/42/x",
+                &["bookings", "42", "x"],
+                None,
+            ),
             ("/%62ookings", "/bookings", &["bookings"], None),
             ("/%7euser/%41", "/~user/A", &["~user", "A"], None),
             ("/a%2Fb/c", "/a%2Fb/c", &["a%2Fb", "c"], None),

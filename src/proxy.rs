@@ -122,7 +122,12 @@ impl Strangler {
         detail: Option<&str>,
     ) -> Result<()> {
         ctx.proxy_status = Some(err.status);
-        let body = err.body(detail, ctx.route_name(), ctx.backend_name(), &ctx.request_id);
+        let body = err.body(
+            detail,
+            ctx.route_name(),
+            ctx.backend_name(),
+            &ctx.request_id,
+        );
         let mut resp = ResponseHeader::build(err.status, Some(6))?;
         resp.insert_header(header::CONTENT_TYPE, "application/json")?;
         resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
@@ -163,7 +168,10 @@ impl Strangler {
         };
         let req = session.req_header();
         let client = peer_ip(session).map(|peer| {
-            let xff = req.headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok());
+            let xff = req
+                .headers
+                .get(&X_FORWARDED_FOR)
+                .and_then(|v| v.to_str().ok());
             forwarding::client_ip(peer, xff, &live.table.trusted_proxies)
         });
         let key = split::sticky_key(&split.sticky, &req.headers, client);
@@ -219,7 +227,8 @@ impl ProxyHttp for Strangler {
         let live = self.state.snapshot();
         let req = session.req_header();
         ctx.method = metrics::method_label(&req.method);
-        ctx.request_id = forwarding::request_id(req.headers.get(&X_REQUEST_ID).map(|v| v.as_bytes()));
+        ctx.request_id =
+            forwarding::request_id(req.headers.get(&X_REQUEST_ID).map(|v| v.as_bytes()));
         ctx.client_host = req
             .headers
             .get(header::HOST)
@@ -239,14 +248,20 @@ impl ProxyHttp for Strangler {
                 Ok(p) => Some(p),
                 Err(e) => {
                     let detail = e.to_string();
-                    self.answer(session, ctx, errors::BAD_REQUEST, Some(&detail)).await?;
+                    self.answer(session, ctx, errors::BAD_REQUEST, Some(&detail))
+                        .await?;
                     return Ok(true);
                 }
             }
         };
         if !host_ok(session.req_header()) {
-            self.answer(session, ctx, errors::BAD_REQUEST, Some("exactly one Host header is required"))
-                .await?;
+            self.answer(
+                session,
+                ctx,
+                errors::BAD_REQUEST,
+                Some("exactly one Host header is required"),
+            )
+            .await?;
             return Ok(true);
         }
 
@@ -256,7 +271,9 @@ impl ProxyHttp for Strangler {
             .then(|| req.headers.get(&ACRM).and_then(|v| v.to_str().ok()))
             .flatten();
         let match_method = preflight.unwrap_or(req.method.as_str());
-        let route = normal.as_ref().and_then(|p| live.table.lookup(p, match_method));
+        let route = normal
+            .as_ref()
+            .and_then(|p| live.table.lookup(p, match_method));
         let default = live.table.default;
         let backend = match route {
             None => default,
@@ -277,14 +294,24 @@ impl ProxyHttp for Strangler {
         gauge.inc();
         ctx._in_flight = Some(InFlight(gauge));
         if let Some(i) = route {
-            ctx.shadow = shadow::tap(&live, i, session.req_header(), ctx.path.as_ref(), &ctx.request_id);
+            ctx.shadow = shadow::tap(
+                &live,
+                i,
+                session.req_header(),
+                ctx.path.as_ref(),
+                &ctx.request_id,
+            );
         }
         Ok(false)
     }
 
     /// Phase: before connecting (again, on a retry). Returns the chosen backend's peer with its
     /// timeouts. DNS was resolved when the table was built.
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
         let (Some(live), Some(b)) = (&ctx.live, ctx.backend) else {
             return Error::e_explain(ErrorType::InternalError, "no backend chosen");
         };
@@ -292,7 +319,10 @@ impl ProxyHttp for Strangler {
         let Some(addr) = backend.addr else {
             return Error::e_explain(ErrorType::ConnectNoRoute, "backend address unresolved");
         };
-        let sni = backend.host_header.clone().unwrap_or_else(|| backend.host.clone());
+        let sni = backend
+            .host_header
+            .clone()
+            .unwrap_or_else(|| backend.host.clone());
         let mut peer = HttpPeer::new(addr, backend.tls, sni);
         let o = &mut peer.options;
         o.connection_timeout = Some(backend.connect_timeout);
@@ -326,7 +356,10 @@ impl ProxyHttp for Strangler {
             up.insert_header(header::HOST, h.as_str())?;
         }
         if let Some(peer) = peer_ip(session) {
-            let existing = up.headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok());
+            let existing = up
+                .headers
+                .get(&X_FORWARDED_FOR)
+                .and_then(|v| v.to_str().ok());
             let xff = forwarding::forwarded_for(existing, peer);
             up.insert_header(X_FORWARDED_FOR.clone(), xff)?;
         }
@@ -354,7 +387,11 @@ impl ProxyHttp for Strangler {
                 .filter_map(|v| v.to_str().ok())
                 .flat_map(|v| v.split(','))
                 .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-                .filter(|n| n != header::CONNECTION && n != header::CONTENT_LENGTH && n != header::TRANSFER_ENCODING)
+                .filter(|n| {
+                    n != header::CONNECTION
+                        && n != header::CONTENT_LENGTH
+                        && n != header::TRANSFER_ENCODING
+                })
                 .collect();
             for n in nominated {
                 resp.remove_header(&n);
@@ -366,7 +403,11 @@ impl ProxyHttp for Strangler {
             return Ok(());
         };
         let backend = &live.table.backends[b];
-        if let Some(loc) = resp.headers.get(header::LOCATION).and_then(|v| v.to_str().ok()) {
+        if let Some(loc) = resp
+            .headers
+            .get(header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+        {
             let host = ctx.client_host.as_deref().unwrap_or("localhost");
             if let Some(new) = forwarding::rewrite_location(loc, backend, "http", host) {
                 resp.insert_header(header::LOCATION, new)?;
@@ -377,12 +418,21 @@ impl ProxyHttp for Strangler {
             if let Some(h) = &backend.host_header {
                 hosts.push(h.split(':').next().unwrap_or(h));
             }
-            let cookies: Vec<HeaderValue> = resp.headers.get_all(header::SET_COOKIE).iter().cloned().collect();
+            let cookies: Vec<HeaderValue> = resp
+                .headers
+                .get_all(header::SET_COOKIE)
+                .iter()
+                .cloned()
+                .collect();
             let mut changed = false;
             let rewritten: Vec<HeaderValue> = cookies
                 .iter()
                 .map(|c| {
-                    match c.to_str().ok().and_then(|s| forwarding::strip_cookie_domain(s, &hosts)) {
+                    match c
+                        .to_str()
+                        .ok()
+                        .and_then(|s| forwarding::strip_cookie_domain(s, &hosts))
+                    {
                         Some(new) => {
                             changed = true;
                             HeaderValue::from_str(&new).unwrap_or_else(|_| c.clone())
@@ -474,7 +524,10 @@ impl ProxyHttp for Strangler {
                 record_upstream_error(ctx, kind);
             }
         }
-        let get_or_head = matches!(session.req_header().method, http::Method::GET | http::Method::HEAD);
+        let get_or_head = matches!(
+            session.req_header().method,
+            http::Method::GET | http::Method::HEAD
+        );
         if !retrying
             && kind == Some(UpstreamErrorKind::Timeout)
             && get_or_head
@@ -488,7 +541,12 @@ impl ProxyHttp for Strangler {
 
     /// Phase: the request failed for good. Writes the JSON error (502, 504, 400) unless the
     /// client is gone. Contract: returns the status for logging; the connection is not reused.
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy
     where
         RequestCtx: Send + Sync,
     {
@@ -529,7 +587,11 @@ impl ProxyHttp for Strangler {
             *e.esource() == ErrorSource::Downstream
                 && matches!(
                     e.etype(),
-                    ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed | ErrorType::ReadTimedout | ErrorType::WriteTimedout
+                    ErrorType::ReadError
+                        | ErrorType::WriteError
+                        | ErrorType::ConnectionClosed
+                        | ErrorType::ReadTimedout
+                        | ErrorType::WriteTimedout
                 )
         });
         let code: u16 = if client_gone {
@@ -545,7 +607,12 @@ impl ProxyHttp for Strangler {
         let rl = live.route_live(ctx.route);
         let backend = ctx.backend_name();
         metrics::REQUESTS
-            .with_label_values(&[ctx.route_name(), backend, ctx.method, status_str(code).as_ref()])
+            .with_label_values(&[
+                ctx.route_name(),
+                backend,
+                ctx.method,
+                status_str(code).as_ref(),
+            ])
             .inc();
         let now = Instant::now();
         if let Some(b) = ctx.backend {
@@ -603,7 +670,11 @@ impl Strangler {
             return false;
         }
         metrics::FAILOVERS
-            .with_label_values(&[&*route.name, &*live.table.backends[b].name, &*live.table.backends[default].name])
+            .with_label_values(&[
+                &*route.name,
+                &*live.table.backends[b].name,
+                &*live.table.backends[default].name,
+            ])
             .inc();
         log::warn!(
             "request {} on route {:?}: {} unreachable, failing over to {}",

@@ -133,11 +133,15 @@ impl Cidr {
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, ip) {
             (IpAddr::V4(a), IpAddr::V4(b)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u32::from(a) & mask == u32::from(b) & mask
             }
             (IpAddr::V6(a), IpAddr::V6(b)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u128::from(a) & mask == u128::from(b) & mask
             }
             _ => false,
@@ -190,11 +194,15 @@ impl RoutingTable {
                     dflt
                 }),
             };
-            let connect_timeout =
-                duration("connect_timeout", &spec.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+            let connect_timeout = duration(
+                "connect_timeout",
+                &spec.connect_timeout,
+                DEFAULT_CONNECT_TIMEOUT,
+            );
             let timeout = duration("timeout", &spec.timeout, DEFAULT_TIMEOUT);
             if let Some(h) = &spec.host {
-                if h.is_empty() || http::HeaderValue::from_str(h).is_err() || h.contains(['/', ' ']) {
+                if h.is_empty() || http::HeaderValue::from_str(h).is_err() || h.contains(['/', ' '])
+                {
                     errors.push(source.error_at(&at("host"), format!("{h:?} is not a valid Host")));
                 }
             }
@@ -220,7 +228,10 @@ impl RoutingTable {
                 let known: Vec<&str> = file.backends.keys().map(String::as_str).collect();
                 errors.push(source.error_at(
                     at,
-                    format!("backend {name:?} is not defined (backends: {})", known.join(", ")),
+                    format!(
+                        "backend {name:?} is not defined (backends: {})",
+                        known.join(", ")
+                    ),
                 ));
             }
             found
@@ -262,11 +273,16 @@ impl RoutingTable {
                 Vec::new()
             });
             let name = spec.name.clone().unwrap_or_else(|| spec.path.clone());
-            let name_at = if spec.name.is_some() { at("name") } else { at("path") };
+            let name_at = if spec.name.is_some() {
+                at("name")
+            } else {
+                at("path")
+            };
             if name == DEFAULT_ROUTE {
                 errors.push(source.error_at(&name_at, "route name \"default\" is reserved"));
             } else if name.is_empty() || name.chars().any(char::is_control) {
-                errors.push(source.error_at(&name_at, "route name must be printable and non-empty"));
+                errors
+                    .push(source.error_at(&name_at, "route name must be printable and non-empty"));
             } else if let Some(&first) = names.get(&name) {
                 errors.push(source.error_at(
                     &name_at,
@@ -274,7 +290,11 @@ impl RoutingTable {
                         "duplicate route name {name:?} (also route {} at line {}){}",
                         first + 1,
                         source.map.pos(&format!("routes.{first}")).line,
-                        if spec.name.is_none() { "; give one of them a `name`" } else { "" }
+                        if spec.name.is_none() {
+                            "; give one of them a `name`"
+                        } else {
+                            ""
+                        }
                     ),
                 ));
             } else {
@@ -282,14 +302,24 @@ impl RoutingTable {
             }
             let methods = spec.methods.as_ref().map(|ms| {
                 if ms.is_empty() {
-                    errors.push(source.error_at(&at("methods"), "methods is empty: omit it to serve every method"));
+                    errors.push(source.error_at(
+                        &at("methods"),
+                        "methods is empty: omit it to serve every method",
+                    ));
                 }
                 ms.iter()
                     .enumerate()
                     .map(|(j, m)| {
                         let up = m.to_ascii_uppercase();
-                        if up.is_empty() || !up.bytes().all(|b| b.is_ascii_alphabetic() || b == b'-' || b == b'_') {
-                            errors.push(source.error_at(&format!("routes.{i}.methods.{j}"), format!("{m:?} is not an HTTP method")));
+                        if up.is_empty()
+                            || !up
+                                .bytes()
+                                .all(|b| b.is_ascii_alphabetic() || b == b'-' || b == b'_')
+                        {
+                            errors.push(source.error_at(
+                                &format!("routes.{i}.methods.{j}"),
+                                format!("{m:?} is not an HTTP method"),
+                            ));
                         }
                         up
                     })
@@ -301,7 +331,9 @@ impl RoutingTable {
                 .as_ref()
                 .and_then(|s| lookup(&mut errors, s, &at("shadow")));
             if shadow.is_some() && shadow == to {
-                errors.push(source.error_at(&at("shadow"), "shadow must be another backend than `to`"));
+                errors.push(
+                    source.error_at(&at("shadow"), "shadow must be another backend than `to`"),
+                );
             }
             if !spec.shadow_ignore.is_empty() && spec.shadow.is_none() {
                 errors.push(source.error_at(&at("shadow_ignore"), "shadow_ignore needs `shadow`"));
@@ -316,7 +348,9 @@ impl RoutingTable {
             }
             let split = match spec.split {
                 Some(pct) if !(0.0..=100.0).contains(&pct) || pct.is_nan() => {
-                    errors.push(source.error_at(&at("split"), format!("split {pct} is outside 0..100")));
+                    errors.push(
+                        source.error_at(&at("split"), format!("split {pct} is outside 0..100")),
+                    );
                     None
                 }
                 Some(pct) => {
@@ -342,7 +376,10 @@ impl RoutingTable {
                 }
             };
             if let Some(rw) = &spec.rewrite {
-                if pattern.iter().any(|s| matches!(s, PatternSegment::Param(_))) {
+                if pattern
+                    .iter()
+                    .any(|s| matches!(s, PatternSegment::Param(_)))
+                {
                     errors.push(source.error_at(
                         &at("rewrite"),
                         "rewrite cannot be used on a path with a {param}",
@@ -359,10 +396,15 @@ impl RoutingTable {
                     errors.push(source.error_at(&at("rollback.error_rate"), m));
                 });
                 if matches!(rate, Ok(v) if v <= 0.0) {
-                    errors.push(source.error_at(&at("rollback.error_rate"), "error_rate must be above 0%"));
+                    errors.push(
+                        source.error_at(&at("rollback.error_rate"), "error_rate must be above 0%"),
+                    );
                 }
                 if r.min_requests == 0 {
-                    errors.push(source.error_at(&at("rollback.min_requests"), "min_requests must be at least 1"));
+                    errors.push(source.error_at(
+                        &at("rollback.min_requests"),
+                        "min_requests must be at least 1",
+                    ));
                 }
                 let window = parse_duration(&r.window).map_err(|m| {
                     errors.push(source.error_at(&at("rollback.window"), m));
@@ -479,7 +521,8 @@ impl RoutingTable {
 
     /// Routes per state, in the order of [`RouteState::ALL`].
     pub fn state_totals(&self, pinned: impl Fn(&Route) -> bool) -> BTreeMap<RouteState, usize> {
-        let mut totals: BTreeMap<RouteState, usize> = RouteState::ALL.iter().map(|s| (*s, 0)).collect();
+        let mut totals: BTreeMap<RouteState, usize> =
+            RouteState::ALL.iter().map(|s| (*s, 0)).collect();
         for r in &self.routes {
             *totals.entry(self.state(r, pinned(r))).or_default() += 1;
         }
@@ -507,7 +550,12 @@ pub fn upstream_path(
     path: &NormalPath,
 ) -> String {
     let mut out = String::with_capacity(path.path().len() + 16);
-    match route.and_then(|r| r.rewrite.as_deref().filter(|_| use_rewrite).map(|rw| (r, rw))) {
+    match route.and_then(|r| {
+        r.rewrite
+            .as_deref()
+            .filter(|_| use_rewrite)
+            .map(|rw| (r, rw))
+    }) {
         Some((r, rw)) => {
             out.push_str(rw);
             out.push_str(path.rest_from(r.pattern.len()));
@@ -566,7 +614,11 @@ fn parse_url(url: &str) -> Result<ParsedUrl, String> {
             "{url:?}: a backend URL has no path or query (use `rewrite` on a route)"
         ));
     }
-    let host = auth.host().trim_start_matches('[').trim_end_matches(']').to_string();
+    let host = auth
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
     if host.is_empty() {
         return Err(format!("{url:?}: needs a host"));
     }
@@ -678,13 +730,25 @@ mod tests {
     #[test]
     fn file_level_errors() {
         let errs = errors("backends:\n  legacy: {url: 'ftp://x'}\n");
-        assert!(errs.iter().any(|e| e.contains("`default` is missing")), "{errs:?}");
-        assert!(errs.iter().any(|e| e.starts_with("t.yaml:2:") && e.contains("not http or https")), "{errs:?}");
+        assert!(
+            errs.iter().any(|e| e.contains("`default` is missing")),
+            "{errs:?}"
+        );
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("t.yaml:2:") && e.contains("not http or https")),
+            "{errs:?}"
+        );
         let errs = errors("backends:\n  legacy: {url: 'http://h:1/api'}\ndefault: legacy\n");
         assert!(errs[0].contains("no path"), "{errs:?}");
-        let errs = errors("backends:\n  legacy: {url: 'http://h:1', timeout: 3x}\ndefault: legacy\n");
-        assert!(errs[0].starts_with("t.yaml:2:") && errs[0].contains("unknown unit"), "{errs:?}");
-        let errs = errors("backends: {}\ndefault: x\nroutes: [{path: /a, to: y}, {path: /b, to: z}]\n");
+        let errs =
+            errors("backends:\n  legacy: {url: 'http://h:1', timeout: 3x}\ndefault: legacy\n");
+        assert!(
+            errs[0].starts_with("t.yaml:2:") && errs[0].contains("unknown unit"),
+            "{errs:?}"
+        );
+        let errs =
+            errors("backends: {}\ndefault: x\nroutes: [{path: /a, to: y}, {path: /b, to: z}]\n");
         assert!(errs.len() >= 3, "every error is reported: {errs:?}");
     }
 
@@ -698,9 +762,15 @@ mod tests {
         let dep = &t.routes[0];
         let root = &t.routes[1];
         let up = |r, rw, b, p: &str| upstream_path(r, rw, b, &normalize(p).unwrap());
-        assert_eq!(up(Some(dep), true, new, "/departures/5?x=%2F&y"), "/v2/departures/5/?x=%2F&y");
+        assert_eq!(
+            up(Some(dep), true, new, "/departures/5?x=%2F&y"),
+            "/v2/departures/5/?x=%2F&y"
+        );
         assert_eq!(up(Some(dep), true, new, "/departures"), "/v2/departures/");
-        assert_eq!(up(Some(dep), false, legacy, "/departures/5/"), "/departures/5/");
+        assert_eq!(
+            up(Some(dep), false, legacy, "/departures/5/"),
+            "/departures/5/"
+        );
         assert_eq!(up(Some(root), true, legacy, "/root/x"), "/x");
         assert_eq!(up(Some(root), true, legacy, "/root"), "/");
         assert_eq!(up(None, false, new, "/a%2Fb"), "/a%2Fb/");
@@ -728,7 +798,9 @@ mod tests {
         assert!(c.contains("10.1.2.3".parse().unwrap()));
         assert!(!c.contains("11.1.2.3".parse().unwrap()));
         assert!(parse_cidr("::1").unwrap().contains("::1".parse().unwrap()));
-        assert!(parse_cidr("0.0.0.0/0").unwrap().contains("1.2.3.4".parse().unwrap()));
+        assert!(parse_cidr("0.0.0.0/0")
+            .unwrap()
+            .contains("1.2.3.4".parse().unwrap()));
         assert!(parse_cidr("10.0.0.0/33").is_err());
     }
 }

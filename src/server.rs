@@ -138,7 +138,9 @@ pub fn serve(opts: ServeOptions) -> Result<(), String> {
 
     let mut proxy = pingora_proxy::http_proxy_service_with_name(
         &server.configuration,
-        Strangler { state: state.clone() },
+        Strangler {
+            state: state.clone(),
+        },
         "strangler proxy",
     );
     for addr in &opts.listen {
@@ -158,7 +160,12 @@ pub fn serve(opts: ServeOptions) -> Result<(), String> {
     admin.threads = Some(1);
     server.add_service(admin);
 
-    server.add_service(background_service("reloader", Reloader { state: state.clone() }));
+    server.add_service(background_service(
+        "reloader",
+        Reloader {
+            state: state.clone(),
+        },
+    ));
     server.add_service(background_service("drain watcher", DrainWatcher));
     for (name, addr) in &opts.demo_services {
         let mut s = crate::demo::service(name, addr);

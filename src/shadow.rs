@@ -130,13 +130,16 @@ pub fn tap(
     let control = live.routes[i].control.clone();
     if control.shadow_in_flight.fetch_add(1, Ordering::AcqRel) >= MAX_IN_FLIGHT {
         control.shadow_in_flight.fetch_sub(1, Ordering::AcqRel);
-        metrics::SHADOW.with_label_values(&[labels[0], labels[1], "skipped"]).inc();
+        metrics::SHADOW
+            .with_label_values(&[labels[0], labels[1], "skipped"])
+            .inc();
         return None;
     }
     let slot = Slot(control);
     let addr = backend.addr?;
 
-    let mut up = RequestHeader::build(req.method.clone(), b"/", Some(req.headers.len() + 2)).ok()?;
+    let mut up =
+        RequestHeader::build(req.method.clone(), b"/", Some(req.headers.len() + 2)).ok()?;
     let target = upstream_path(Some(route), false, backend, path);
     up.set_raw_path(target.as_bytes()).ok()?;
     for (name, value) in req.headers.iter() {
@@ -148,9 +151,13 @@ pub fn tap(
         up.insert_header(header::HOST, h.as_str()).ok()?;
     }
     up.insert_header(X_STRANGLER_SHADOW.clone(), "1").ok()?;
-    up.insert_header(HeaderName::from_static("x-request-id"), request_id).ok()?;
+    up.insert_header(HeaderName::from_static("x-request-id"), request_id)
+        .ok()?;
 
-    let sni = backend.host_header.clone().unwrap_or_else(|| backend.host.clone());
+    let sni = backend
+        .host_header
+        .clone()
+        .unwrap_or_else(|| backend.host.clone());
     let mut peer = HttpPeer::new(addr, backend.tls, sni);
     peer.options.connection_timeout = Some(backend.connect_timeout);
     peer.options.read_timeout = Some(backend.timeout);
@@ -191,7 +198,9 @@ pub fn tap(
                 }
             },
         };
-        metrics::SHADOW.with_label_values(&[labels[0], labels[1], result]).inc();
+        metrics::SHADOW
+            .with_label_values(&[labels[0], labels[1], result])
+            .inc();
     });
 
     Some(ShadowTap {
@@ -256,7 +265,10 @@ pub fn compare(p: &Capture, s: &Capture, ignore: &[String]) -> Option<Difference
 
 /// Body comparison, JSON-aware.
 pub fn compare_bodies(p: &[u8], s: &[u8], ignore: &[String]) -> Option<Difference> {
-    match (serde_json::from_slice::<Value>(p), serde_json::from_slice::<Value>(s)) {
+    match (
+        serde_json::from_slice::<Value>(p),
+        serde_json::from_slice::<Value>(s),
+    ) {
         (Ok(mut a), Ok(mut b)) => {
             for ptr in ignore {
                 remove_pointer(&mut a, ptr);
@@ -266,7 +278,11 @@ pub fn compare_bodies(p: &[u8], s: &[u8], ignore: &[String]) -> Option<Differenc
         }
         _ if p == s => None,
         _ => {
-            let at = p.iter().zip(s).position(|(x, y)| x != y).unwrap_or(p.len().min(s.len()));
+            let at = p
+                .iter()
+                .zip(s)
+                .position(|(x, y)| x != y)
+                .unwrap_or(p.len().min(s.len()));
             Some(Difference {
                 pointer: format!("body (byte {at})"),
                 primary: String::from_utf8_lossy(&p[at..p.len().min(at + 64)]).into_owned(),
@@ -372,12 +388,29 @@ mod tests {
 
     #[test]
     fn json_as_values() {
-        assert_eq!(cmp(r#"{"a":1,"b":[1,2]}"#, r#"{"b":[1,2],"a":1}"#, &[]), None);
-        let d = cmp(r#"{"a":{"x":1},"b":2}"#, r#"{"a":{"x":2},"b":2}"#, &[]).unwrap();
-        assert_eq!((d.pointer.as_str(), d.primary.as_str(), d.shadow.as_str()), ("/a/x", "1", "2"));
-        assert_eq!(cmp(r#"{"a":1,"updated_at":"x"}"#, r#"{"a":1,"updated_at":"y"}"#, &["/updated_at"]), None);
         assert_eq!(
-            cmp(r#"{"meta":{"request_id":"1","n":1}}"#, r#"{"meta":{"request_id":"2","n":1}}"#, &["/meta/request_id"]),
+            cmp(r#"{"a":1,"b":[1,2]}"#, r#"{"b":[1,2],"a":1}"#, &[]),
+            None
+        );
+        let d = cmp(r#"{"a":{"x":1},"b":2}"#, r#"{"a":{"x":2},"b":2}"#, &[]).unwrap();
+        assert_eq!(
+            (d.pointer.as_str(), d.primary.as_str(), d.shadow.as_str()),
+            ("/a/x", "1", "2")
+        );
+        assert_eq!(
+            cmp(
+                r#"{"a":1,"updated_at":"x"}"#,
+                r#"{"a":1,"updated_at":"y"}"#,
+                &["/updated_at"]
+            ),
+            None
+        );
+        assert_eq!(
+            cmp(
+                r#"{"meta":{"request_id":"1","n":1}}"#,
+                r#"{"meta":{"request_id":"2","n":1}}"#,
+                &["/meta/request_id"]
+            ),
             None
         );
         let d = cmp(r#"[1,2]"#, r#"[1,2,3]"#, &[]).unwrap();
@@ -389,7 +422,10 @@ mod tests {
     #[test]
     fn other_bodies_byte_for_byte() {
         assert_eq!(cmp("hello", "hello", &[]), None);
-        assert!(cmp("hello", "help!", &[]).unwrap().pointer.contains("byte 3"));
+        assert!(cmp("hello", "help!", &[])
+            .unwrap()
+            .pointer
+            .contains("byte 3"));
     }
 
     #[test]

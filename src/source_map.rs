@@ -34,10 +34,7 @@ impl SourceMap {
             Map(String, Option<String>),
         }
         let mut stack: Vec<Frame> = Vec::new();
-        loop {
-            let Ok((event, mark)) = parser.next_token() else {
-                break;
-            };
+        while let Ok((event, mark)) = parser.next_token() {
             let pos = Pos {
                 line: mark.line(),
                 col: mark.col() + 1,
@@ -58,8 +55,7 @@ impl SourceMap {
                     (_, Some(k)) => Some(join(prefix, &k)),
                     (Event::Scalar(k, ..), None) => {
                         // A key: remember it, and where it stands (for "unknown key" style errors).
-                        map.nodes
-                            .insert(format!("{}#key", join(prefix, k)), pos);
+                        map.nodes.insert(format!("{}#key", join(prefix, k)), pos);
                         *key = Some(k.clone());
                         None
                     }

@@ -140,16 +140,11 @@ pub struct State {
 impl State {
     /// Loads the table (an invalid file is an error: the caller exits 1), restores pins from
     /// the state file, and publishes gauges.
-    pub fn start(
-        config: &Path,
-        state_file: StateFile,
-        audit: Audit,
-    ) -> Result<Arc<State>, String> {
+    pub fn start(config: &Path, state_file: StateFile, audit: Audit) -> Result<Arc<State>, String> {
         metrics::register_all();
         let t0 = Instant::now();
-        let table = load_table(config).map_err(|e| {
+        let table = load_table(config).inspect_err(|_| {
             metrics::CONFIG_RELOADS.with_label_values(&["error"]).inc();
-            e
         })?;
         let saved = state_file.load();
         let mut controls = HashMap::new();
@@ -357,8 +352,13 @@ impl State {
         self.publish_gauges(&live);
         self.save_pins();
         let after = live.serving(r, false);
-        self.audit
-            .record(&r.name, Some(&before), Some(&after), "resume", &live.table.sha256);
+        self.audit.record(
+            &r.name,
+            Some(&before),
+            Some(&after),
+            "resume",
+            &live.table.sha256,
+        );
         Ok(true)
     }
 
@@ -396,7 +396,9 @@ impl State {
             };
             let default = &*t.backends[t.default].name;
             if r.to == t.default {
-                metrics::ROUTE_SPLIT.with_label_values(&[&*r.name, default]).set(100.0);
+                metrics::ROUTE_SPLIT
+                    .with_label_values(&[&*r.name, default])
+                    .set(100.0);
             } else {
                 metrics::ROUTE_SPLIT
                     .with_label_values(&[&*r.name, &*t.backends[r.to].name])
@@ -420,7 +422,9 @@ fn load_table(config: &Path) -> Result<RoutingTable, String> {
 
 fn record_success(t0: Instant) {
     metrics::CONFIG_RELOAD_DURATION.observe(t0.elapsed().as_secs_f64());
-    metrics::CONFIG_RELOADS.with_label_values(&["success"]).inc();
+    metrics::CONFIG_RELOADS
+        .with_label_values(&["success"])
+        .inc();
     metrics::CONFIG_VALID.set(1);
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -477,7 +481,9 @@ fn assemble(table: RoutingTable, controls: &mut HashMap<Arc<str>, Arc<RouteContr
     let backend_headers = table
         .backends
         .iter()
-        .map(|b| HeaderValue::from_str(&b.name).unwrap_or_else(|_| HeaderValue::from_static("invalid")))
+        .map(|b| {
+            HeaderValue::from_str(&b.name).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+        })
         .collect();
     LiveTable {
         routes,

@@ -30,18 +30,54 @@ fn every_matching_rule_end_to_end() {
         ("GET", "/bookings", "bookings", "new", "/bookings"),
         ("GET", "/bookings/", "bookings", "new", "/bookings/"),
         ("GET", "/bookings/42", "bookings", "new", "/bookings/42"),
-        ("POST", "/bookings/42/x?q=1&r=%2F", "bookings", "new", "/bookings/42/x?q=1&r=%2F"),
+        (
+            "POST",
+            "/bookings/42/x?q=1&r=%2F",
+            "bookings",
+            "new",
+            "/bookings/42/x?q=1&r=%2F",
+        ),
         ("GET", "/bookingsX", "default", "legacy", "/bookingsX"),
         ("GET", "/Bookings", "default", "legacy", "/Bookings"),
         ("GET", "//bookings//42", "bookings", "new", "/bookings/42"),
         ("GET", "/%62ookings", "bookings", "new", "/bookings"),
-        ("GET", "/bookings%2F42", "default", "legacy", "/bookings%2F42"),
-        ("GET", "/bookings/a%2Fb", "bookings", "new", "/bookings/a%2Fb"),
-        ("GET", "/itineraries/7/itinerary_maps", "maps", "new", "/itineraries/7/itinerary_maps"),
-        ("POST", "/itineraries/7/itinerary_maps", "itin", "legacy", "/itineraries/7/itinerary_maps"),
+        (
+            "GET",
+            "/bookings%2F42",
+            "default",
+            "legacy",
+            "/bookings%2F42",
+        ),
+        (
+            "GET",
+            "/bookings/a%2Fb",
+            "bookings",
+            "new",
+            "/bookings/a%2Fb",
+        ),
+        (
+            "GET",
+            "/itineraries/7/itinerary_maps",
+            "maps",
+            "new",
+            "/itineraries/7/itinerary_maps",
+        ),
+        (
+            "POST",
+            "/itineraries/7/itinerary_maps",
+            "itin",
+            "legacy",
+            "/itineraries/7/itinerary_maps",
+        ),
         ("GET", "/itineraries/7", "itin", "legacy", "/itineraries/7"),
         ("GET", "/departures", "departures", "new", "/v2/departures"),
-        ("GET", "/departures/?x=1", "departures", "new", "/v2/departures/?x=1"),
+        (
+            "GET",
+            "/departures/?x=1",
+            "departures",
+            "new",
+            "/v2/departures/?x=1",
+        ),
         ("GET", "/departures/1", "default", "legacy", "/departures/1"),
         ("GET", "/a/b/c", "lit", "new", "/a/b/c"),
         ("GET", "/a/z/c", "param", "legacy", "/a/z/c"),
@@ -50,7 +86,11 @@ fn every_matching_rule_end_to_end() {
         let r = request(method, &proxy.url(target), &[], None);
         assert_eq!(r.status, 200, "{method} {target}: {}", r.body);
         assert_eq!(r.header("x-strangler-route"), *route, "{method} {target}");
-        assert_eq!(r.header("x-strangler-backend"), *backend, "{method} {target}");
+        assert_eq!(
+            r.header("x-strangler-backend"),
+            *backend,
+            "{method} {target}"
+        );
         let v = r.json();
         assert_eq!(v["service"], *backend, "{method} {target}");
         assert_eq!(v["target"], *upstream, "{method} {target}");
@@ -59,7 +99,10 @@ fn every_matching_rule_end_to_end() {
     let r = request(
         "OPTIONS",
         &proxy.url("/itineraries/7/itinerary_maps"),
-        &[("Origin", "https://app"), ("Access-Control-Request-Method", "GET")],
+        &[
+            ("Origin", "https://app"),
+            ("Access-Control-Request-Method", "GET"),
+        ],
         None,
     );
     assert_eq!(r.header("x-strangler-route"), "maps");
@@ -78,35 +121,71 @@ fn refused_targets_are_400_json_and_sent_nowhere() {
     let new = Backend::echo("new");
     let proxy = Proxy::start(&routing(&legacy, &new));
     let addr = format!("127.0.0.1:{}", proxy.port);
-    for target in ["/a/../b", "/a/%2e%2e/b", "/a/./b", "/a%5cb", "/a%00b", "/a%zz"] {
-        let answer = raw(&addr, format!("GET {target} HTTP/1.1\r\nHost: x\r\nX-Request-Id: rid-1\r\n\r\n").as_bytes());
+    for target in [
+        "/a/../b",
+        "/a/%2e%2e/b",
+        "/a/./b",
+        "/a%5cb",
+        "/a%00b",
+        "/a%zz",
+    ] {
+        let answer = raw(
+            &addr,
+            format!("GET {target} HTTP/1.1\r\nHost: x\r\nX-Request-Id: rid-1\r\n\r\n").as_bytes(),
+        );
         assert!(answer.starts_with("HTTP/1.1 400"), "{target}: {answer}");
         let body = &answer[answer.find("\r\n\r\n").unwrap() + 4..];
-        let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{target}: {e}: {answer}"));
+        let v: serde_json::Value =
+            serde_json::from_str(body).unwrap_or_else(|e| panic!("{target}: {e}: {answer}"));
         assert_eq!(v["error"], "bad_request", "{target}");
         assert_eq!(v["request_id"], "rid-1", "{target}");
-        assert!(answer.to_ascii_lowercase().contains("x-request-id: rid-1"), "{answer}");
+        assert!(
+            answer.to_ascii_lowercase().contains("x-request-id: rid-1"),
+            "{answer}"
+        );
     }
     // Absolute-form is refused by Pingora's own parser (plain 400), never proxied.
-    let answer = raw(&addr, b"GET http://evil.example/bookings HTTP/1.1\r\nHost: x\r\n\r\n");
-    assert!(answer.starts_with("HTTP/1.1 400"), "absolute-form: {answer}");
+    let answer = raw(
+        &addr,
+        b"GET http://evil.example/bookings HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    assert!(
+        answer.starts_with("HTTP/1.1 400"),
+        "absolute-form: {answer}"
+    );
     let answer = raw(&addr, b"GET /bookings HTTP/1.1\r\n\r\n");
     assert!(answer.starts_with("HTTP/1.1 400"), "missing Host: {answer}");
-    let answer = raw(&addr, b"GET /bookings HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n");
+    let answer = raw(
+        &addr,
+        b"GET /bookings HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    );
     assert!(answer.starts_with("HTTP/1.1 400"), "two Hosts: {answer}");
-    assert!(legacy.seen().is_empty() && new.seen().is_empty(), "a refused request reached a backend");
+    assert!(
+        legacy.seen().is_empty() && new.seen().is_empty(),
+        "a refused request reached a backend"
+    );
 }
 
 #[test]
 fn forwarding_headers_and_rewrites() {
     let legacy = Backend::start(Arc::new(|s: &Seen| {
-        let mut r = json(200, serde_json::json!({"host": s.headers.get("host"), "xff": s.headers.get("x-forwarded-for"),
+        let mut r = json(
+            200,
+            serde_json::json!({"host": s.headers.get("host"), "xff": s.headers.get("x-forwarded-for"),
             "xfp": s.headers.get("x-forwarded-proto"), "xfh": s.headers.get("x-forwarded-host"), "rid": s.headers.get("x-request-id"),
-            "conn": s.headers.get("x-hop"), "target": s.target}));
+            "conn": s.headers.get("x-hop"), "target": s.target}),
+        );
         let port = s.headers.get("x-backend-port").cloned().unwrap_or_default();
-        r.headers_mut().insert("location", format!("http://127.0.0.1:{port}/next?a=1").parse().unwrap());
-        r.headers_mut().append("set-cookie", "sid=1; Path=/; Domain=127.0.0.1; HttpOnly".parse().unwrap());
-        r.headers_mut().append("set-cookie", "other=2; Domain=example.com".parse().unwrap());
+        r.headers_mut().insert(
+            "location",
+            format!("http://127.0.0.1:{port}/next?a=1").parse().unwrap(),
+        );
+        r.headers_mut().append(
+            "set-cookie",
+            "sid=1; Path=/; Domain=127.0.0.1; HttpOnly".parse().unwrap(),
+        );
+        r.headers_mut()
+            .append("set-cookie", "other=2; Domain=example.com".parse().unwrap());
         r
     }));
     let new = Backend::echo("new");
@@ -120,23 +199,47 @@ fn forwarding_headers_and_rewrites() {
     let r = request(
         "GET",
         &proxy.url("/x"),
-        &[("X-Forwarded-For", "10.1.1.1"), ("X-Request-Id", "abc"), ("X-Backend-Port", &port), ("Connection", "x-hop"), ("X-Hop", "1")],
+        &[
+            ("X-Forwarded-For", "10.1.1.1"),
+            ("X-Request-Id", "abc"),
+            ("X-Backend-Port", &port),
+            ("Connection", "x-hop"),
+            ("X-Hop", "1"),
+        ],
         None,
     );
     let v = r.json();
     assert_eq!(v["xff"], "10.1.1.1, 127.0.0.1");
     assert_eq!(v["xfp"], "http");
     assert_eq!(v["xfh"], format!("127.0.0.1:{}", proxy.port));
-    assert_eq!(v["host"], format!("127.0.0.1:{}", proxy.port), "the client's Host is kept");
+    assert_eq!(
+        v["host"],
+        format!("127.0.0.1:{}", proxy.port),
+        "the client's Host is kept"
+    );
     assert_eq!(v["rid"], "abc");
-    assert!(v["conn"].is_null(), "a Connection-nominated header is hop-by-hop");
+    assert!(
+        v["conn"].is_null(),
+        "a Connection-nominated header is hop-by-hop"
+    );
     assert_eq!(r.header("x-request-id"), "abc");
-    assert_eq!(r.header("location"), format!("http://127.0.0.1:{}/next?a=1", proxy.port));
-    let cookies: Vec<&str> = r.headers.iter().filter(|(k, _)| *k == "set-cookie").map(|(_, v)| v.as_str()).collect();
+    assert_eq!(
+        r.header("location"),
+        format!("http://127.0.0.1:{}/next?a=1", proxy.port)
+    );
+    let cookies: Vec<&str> = r
+        .headers
+        .iter()
+        .filter(|(k, _)| *k == "set-cookie")
+        .map(|(_, v)| v.as_str())
+        .collect();
     assert!(!cookies.is_empty());
     let r = request("GET", &proxy.url("/bookings/42?q=%2F"), &[], None);
     let v = r.json();
-    assert_eq!(v["target"], "/bookings/42/?q=%2F", "trailing_slash: add; query byte for byte");
+    assert_eq!(
+        v["target"], "/bookings/42/?q=%2F",
+        "trailing_slash: add; query byte for byte"
+    );
     assert_eq!(v["host"], "api.internal");
     assert_eq!(r.header("x-request-id").len(), 32, "a fresh request id");
     assert_eq!(v["request_id"], r.header("x-request-id"));
@@ -146,15 +249,32 @@ fn forwarding_headers_and_rewrites() {
 fn set_cookie_domain_of_the_backend_is_dropped() {
     let legacy = Backend::start(Arc::new(|_s: &Seen| {
         let mut r = full(200, "ok");
-        r.headers_mut().append("set-cookie", "sid=1; Path=/; Domain=127.0.0.1; HttpOnly".parse().unwrap());
-        r.headers_mut().append("set-cookie", "other=2; Domain=example.com".parse().unwrap());
+        r.headers_mut().append(
+            "set-cookie",
+            "sid=1; Path=/; Domain=127.0.0.1; HttpOnly".parse().unwrap(),
+        );
+        r.headers_mut()
+            .append("set-cookie", "other=2; Domain=example.com".parse().unwrap());
         r
     }));
-    let proxy = Proxy::start(&format!("backends:\n  legacy: {{url: '{}'}}\ndefault: legacy\n", legacy.url()));
+    let proxy = Proxy::start(&format!(
+        "backends:\n  legacy: {{url: '{}'}}\ndefault: legacy\n",
+        legacy.url()
+    ));
     let addr = format!("127.0.0.1:{}", proxy.port);
-    let answer = raw(&addr, b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n").to_ascii_lowercase();
-    assert!(answer.contains("set-cookie: sid=1; path=/; httponly"), "{answer}");
-    assert!(answer.contains("set-cookie: other=2; domain=example.com"), "{answer}");
+    let answer = raw(
+        &addr,
+        b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+    )
+    .to_ascii_lowercase();
+    assert!(
+        answer.contains("set-cookie: sid=1; path=/; httponly"),
+        "{answer}"
+    );
+    assert!(
+        answer.contains("set-cookie: other=2; domain=example.com"),
+        "{answer}"
+    );
 }
 
 #[test]
@@ -167,8 +287,15 @@ fn large_bodies_stream_intact() {
             streamed(BIG)
         }
     }));
-    let proxy = Proxy::start(&format!("backends:\n  legacy: {{url: '{}'}}\ndefault: legacy\n", legacy.url()));
-    let agent = ureq::Agent::new_with_config(ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(60))).build());
+    let proxy = Proxy::start(&format!(
+        "backends:\n  legacy: {{url: '{}'}}\ndefault: legacy\n",
+        legacy.url()
+    ));
+    let agent = ureq::Agent::new_with_config(
+        ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(60)))
+            .build(),
+    );
     let mut resp = agent.get(&proxy.url("/big")).call().unwrap();
     let mut reader = resp.body_mut().with_config().limit(u64::MAX).reader();
     let mut buf = vec![0u8; 1 << 16];
@@ -179,13 +306,23 @@ fn large_bodies_stream_intact() {
             break;
         }
         for (j, b) in buf[..n].iter().enumerate() {
-            assert_eq!(*b, ((total + j) % 251) as u8, "byte {} corrupted", total + j);
+            assert_eq!(
+                *b,
+                ((total + j) % 251) as u8,
+                "byte {} corrupted",
+                total + j
+            );
         }
         total += n;
     }
     assert_eq!(total, BIG);
     let body = vec![b'x'; 300 * 1024];
-    let r = request("POST", &proxy.url("/upload"), &[("Content-Type", "application/octet-stream")], Some(&body));
+    let r = request(
+        "POST",
+        &proxy.url("/upload"),
+        &[("Content-Type", "application/octet-stream")],
+        Some(&body),
+    );
     assert_eq!(r.json()["body_len"], 300 * 1024);
 }
 
@@ -201,7 +338,12 @@ fn backend_failures_are_json_502_and_504() {
         slow.url()
     );
     let proxy = Proxy::start(&yaml);
-    let r = request("GET", &proxy.url("/anything"), &[("X-Request-Id", "r502")], None);
+    let r = request(
+        "GET",
+        &proxy.url("/anything"),
+        &[("X-Request-Id", "r502")],
+        None,
+    );
     assert_eq!(r.status, 502);
     let v = r.json();
     assert_eq!(v["error"], "bad_gateway");
@@ -211,17 +353,30 @@ fn backend_failures_are_json_502_and_504() {
     let t0 = Instant::now();
     let r = request("GET", &proxy.url("/slow"), &[], None);
     assert_eq!(r.status, 504, "{}", r.body);
-    assert!(t0.elapsed() < Duration::from_millis(1400), "answered at the timeout, not when the backend did");
+    assert!(
+        t0.elapsed() < Duration::from_millis(1400),
+        "answered at the timeout, not when the backend did"
+    );
     assert_eq!(r.json()["error"], "gateway_timeout");
     assert_eq!(r.header("x-strangler-route"), "s");
     // The proxy is still fine.
-    assert_eq!(request("GET", &proxy.url("/anything"), &[], None).status, 502);
+    assert_eq!(
+        request("GET", &proxy.url("/anything"), &[], None).status,
+        502
+    );
     assert_eq!(proxy.metric("strangler_upstream_errors_total{route=\"default\",backend=\"legacy\",kind=\"connect\"}"), 2.0);
-    assert_eq!(proxy.metric("strangler_upstream_errors_total{route=\"s\",backend=\"slow\",kind=\"timeout\"}"), 1.0);
+    assert_eq!(
+        proxy.metric(
+            "strangler_upstream_errors_total{route=\"s\",backend=\"slow\",kind=\"timeout\"}"
+        ),
+        1.0
+    );
 }
 
 fn served_by(proxy: &Proxy, path: &str) -> String {
-    request("GET", &proxy.url(path), &[], None).header("x-strangler-backend").to_string()
+    request("GET", &proxy.url(path), &[], None)
+        .header("x-strangler-backend")
+        .to_string()
 }
 
 #[test]
@@ -229,26 +384,44 @@ fn a_saved_edit_serves_within_a_second_and_a_bad_one_changes_nothing() {
     let legacy = Backend::echo("legacy");
     let new = Backend::echo("new");
     let base = base_yaml(&legacy.url(), &new.url());
-    let proxy = Proxy::start(&format!("{base}routes:\n  - {{name: bookings, path: /bookings, to: legacy}}\n"));
+    let proxy = Proxy::start(&format!(
+        "{base}routes:\n  - {{name: bookings, path: /bookings, to: legacy}}\n"
+    ));
     assert_eq!(served_by(&proxy, "/bookings"), "legacy");
 
     let t0 = Instant::now();
-    proxy.write_config(&format!("{base}routes:\n  - {{name: bookings, path: /bookings, to: new}}\n"));
-    wait_for("the edit to be served", Duration::from_secs(1), || served_by(&proxy, "/bookings") == "new");
+    proxy.write_config(&format!(
+        "{base}routes:\n  - {{name: bookings, path: /bookings, to: new}}\n"
+    ));
+    wait_for("the edit to be served", Duration::from_secs(1), || {
+        served_by(&proxy, "/bookings") == "new"
+    });
     eprintln!("edit served after {:?}", t0.elapsed());
 
     // An invalid file changes nothing and says so.
-    proxy.write_config(&format!("{base}routes:\n  - {{name: bookings, path: /bookings, to: nowhere}}\n"));
+    proxy.write_config(&format!(
+        "{base}routes:\n  - {{name: bookings, path: /bookings, to: nowhere}}\n"
+    ));
     wait_for("the error to be counted", Duration::from_secs(2), || {
         proxy.metric("strangler_config_reloads_total{result=\"error\"}") >= 1.0
     });
     assert_eq!(proxy.metric("strangler_config_valid"), 0.0);
     assert_eq!(served_by(&proxy, "/bookings"), "new");
-    assert!(proxy.log_text().contains("routing.yaml:8:"), "FILE:LINE:COL in the log:\n{}", proxy.log_text());
+    assert!(
+        proxy.log_text().contains("routing.yaml:8:"),
+        "FILE:LINE:COL in the log:\n{}",
+        proxy.log_text()
+    );
 
     // In-place write (no rename) is seen too.
-    std::fs::write(&proxy.config, format!("{base}routes:\n  - {{name: bookings, path: /bookings, to: legacy}}\n")).unwrap();
-    wait_for("the in-place write", Duration::from_secs(2), || served_by(&proxy, "/bookings") == "legacy");
+    std::fs::write(
+        &proxy.config,
+        format!("{base}routes:\n  - {{name: bookings, path: /bookings, to: legacy}}\n"),
+    )
+    .unwrap();
+    wait_for("the in-place write", Duration::from_secs(2), || {
+        served_by(&proxy, "/bookings") == "legacy"
+    });
     assert_eq!(proxy.metric("strangler_config_valid"), 1.0);
 }
 
@@ -257,13 +430,20 @@ fn reloads_under_load_fail_no_request() {
     let legacy = Backend::echo("legacy");
     let new = Backend::echo("new");
     let base = base_yaml(&legacy.url(), &new.url());
-    let proxy = Proxy::start(&format!("{base}routes:\n  - {{name: bookings, path: /bookings, to: legacy}}\n"));
+    let proxy = Proxy::start(&format!(
+        "{base}routes:\n  - {{name: bookings, path: /bookings, to: legacy}}\n"
+    ));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let ok = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(AtomicUsize::new(0));
     let workers: Vec<_> = (0..4)
         .map(|_| {
-            let (stop, ok, failed, url) = (stop.clone(), ok.clone(), failed.clone(), proxy.url("/bookings/1"));
+            let (stop, ok, failed, url) = (
+                stop.clone(),
+                ok.clone(),
+                failed.clone(),
+                proxy.url("/bookings/1"),
+            );
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     if request("GET", &url, &[], None).status == 200 {
@@ -278,7 +458,9 @@ fn reloads_under_load_fail_no_request() {
     let before = proxy.metric("strangler_config_reloads_total{result=\"success\"}");
     for i in 0..60 {
         let to = if i % 2 == 0 { "new" } else { "legacy" };
-        proxy.write_config(&format!("{base}routes:\n  - {{name: bookings, path: /bookings, to: {to}}}\n# {i}\n"));
+        proxy.write_config(&format!(
+            "{base}routes:\n  - {{name: bookings, path: /bookings, to: {to}}}\n# {i}\n"
+        ));
         let want = before + i as f64 + 1.0;
         wait_for("the reload", Duration::from_secs(3), || {
             proxy.metric("strangler_config_reloads_total{result=\"success\"}") >= want
@@ -288,8 +470,16 @@ fn reloads_under_load_fail_no_request() {
     for w in workers {
         w.join().unwrap();
     }
-    assert!(ok.load(Ordering::Relaxed) > 100, "load ran: {}", ok.load(Ordering::Relaxed));
-    assert_eq!(failed.load(Ordering::Relaxed), 0, "requests failed across reloads");
+    assert!(
+        ok.load(Ordering::Relaxed) > 100,
+        "load ran: {}",
+        ok.load(Ordering::Relaxed)
+    );
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "requests failed across reloads"
+    );
 }
 
 #[test]
@@ -301,7 +491,11 @@ fn a_configmap_symlink_swap_is_picked_up() {
     let dir = tempfile::tempdir().unwrap();
     let v1 = dir.path().join("..v1");
     std::fs::create_dir(&v1).unwrap();
-    std::fs::write(v1.join("routing.yaml"), format!("{base}routes:\n  - {{name: b, path: /bookings, to: legacy}}\n")).unwrap();
+    std::fs::write(
+        v1.join("routing.yaml"),
+        format!("{base}routes:\n  - {{name: b, path: /bookings, to: legacy}}\n"),
+    )
+    .unwrap();
     std::os::unix::fs::symlink("..v1", dir.path().join("..data")).unwrap();
     std::os::unix::fs::symlink("..data/routing.yaml", dir.path().join("routing.yaml")).unwrap();
     let proxy = Proxy::start_at(dir, "routing.yaml");
@@ -309,10 +503,16 @@ fn a_configmap_symlink_swap_is_picked_up() {
     assert_eq!(served_by(&proxy, "/bookings"), "legacy");
     let v2 = dir.path().join("..v2");
     std::fs::create_dir(&v2).unwrap();
-    std::fs::write(v2.join("routing.yaml"), format!("{base}routes:\n  - {{name: b, path: /bookings, to: new}}\n")).unwrap();
+    std::fs::write(
+        v2.join("routing.yaml"),
+        format!("{base}routes:\n  - {{name: b, path: /bookings, to: new}}\n"),
+    )
+    .unwrap();
     std::os::unix::fs::symlink("..v2", dir.path().join("..data_tmp")).unwrap();
     std::fs::rename(dir.path().join("..data_tmp"), dir.path().join("..data")).unwrap();
-    wait_for("the symlink swap", Duration::from_secs(2), || served_by(&proxy, "/bookings") == "new");
+    wait_for("the symlink swap", Duration::from_secs(2), || {
+        served_by(&proxy, "/bookings") == "new"
+    });
 }
 
 #[test]
@@ -321,16 +521,31 @@ fn sigterm_drains_and_exits_zero() {
         std::thread::sleep(Duration::from_millis(500));
         full(200, "done")
     }));
-    let mut proxy = Proxy::start(&format!("backends:\n  legacy: {{url: '{}'}}\ndefault: legacy\n", slow.url()));
+    let mut proxy = Proxy::start(&format!(
+        "backends:\n  legacy: {{url: '{}'}}\ndefault: legacy\n",
+        slow.url()
+    ));
     let url = proxy.url("/x");
     let inflight = std::thread::spawn(move || request("GET", &url, &[], None));
-    wait_for("the request to reach the backend", Duration::from_secs(5), || !slow.seen().is_empty());
+    wait_for(
+        "the request to reach the backend",
+        Duration::from_secs(5),
+        || !slow.seen().is_empty(),
+    );
     let t0 = Instant::now();
     let status = proxy.stop();
     assert!(status.success(), "exit status {status:?}");
-    assert!(t0.elapsed() < Duration::from_secs(5), "took {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t0.elapsed()
+    );
     let r = inflight.join().unwrap();
-    assert_eq!((r.status, r.body.as_str()), (200, "done"), "the in-flight request finished");
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "done"),
+        "the in-flight request finished"
+    );
 }
 
 #[test]
@@ -339,11 +554,21 @@ fn start_up_on_a_bad_file_exits_1_with_the_position() {
     let cfg = dir.path().join("routing.yaml");
     std::fs::write(&cfg, "backends:\n  legacy: {url: 'http://127.0.0.1:1'}\ndefault: legacy\nroutes:\n  - {path: /a, to: nope}\n").unwrap();
     let out = std::process::Command::new(bin())
-        .args(["run", "--listen", &format!("127.0.0.1:{}", free_port()), "--admin", &format!("127.0.0.1:{}", free_port()), "-c"])
+        .args([
+            "run",
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--admin",
+            &format!("127.0.0.1:{}", free_port()),
+            "-c",
+        ])
         .arg(&cfg)
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("routing.yaml:5:20: backend \"nope\" is not defined"), "{err}");
+    assert!(
+        err.contains("routing.yaml:5:20: backend \"nope\" is not defined"),
+        "{err}"
+    );
 }

@@ -47,7 +47,8 @@ pub fn full(status: u16, body: impl Into<Bytes>) -> Response<Body> {
 
 pub fn json(status: u16, v: serde_json::Value) -> Response<Body> {
     let mut r = full(status, v.to_string());
-    r.headers_mut().insert("content-type", "application/json".parse().unwrap());
+    r.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
     r
 }
 
@@ -121,7 +122,9 @@ impl Backend {
         rt.spawn(async move {
             let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 let handler = handler.clone();
                 let seen = seen2.clone();
                 tokio::spawn(async move {
@@ -138,10 +141,25 @@ impl Backend {
                             let headers: HashMap<String, String> = req
                                 .headers()
                                 .iter()
-                                .map(|(k, v)| (k.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+                                .map(|(k, v)| {
+                                    (
+                                        k.as_str().to_string(),
+                                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                                    )
+                                })
                                 .collect();
-                            let body = req.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
-                            let s = Seen { method, target, headers, body_len: body };
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes().len())
+                                .unwrap_or(0);
+                            let s = Seen {
+                                method,
+                                target,
+                                headers,
+                                body_len: body,
+                            };
                             seen.lock().unwrap().push(s.clone());
                             Ok::<_, Infallible>(handler(&s))
                         }
@@ -154,7 +172,11 @@ impl Backend {
                 });
             }
         });
-        Backend { addr, seen, _rt: rt }
+        Backend {
+            addr,
+            seen,
+            _rt: rt,
+        }
     }
 
     pub fn url(&self) -> String {
@@ -172,7 +194,11 @@ pub fn dead_port() -> u16 {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Polls `cond` every 10 ms until it holds or `timeout` passes; panics with `what` on timeout.
@@ -219,7 +245,12 @@ impl Proxy {
         Proxy::start_in(dir, file, &[], &[])
     }
 
-    fn start_in(dir: tempfile::TempDir, file: &str, extra: &[&str], envs: &[(&str, &str)]) -> Proxy {
+    fn start_in(
+        dir: tempfile::TempDir,
+        file: &str,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Proxy {
         let config = dir.path().join(file);
         let mut p = Proxy {
             child: Command::new("true").spawn().unwrap(),
@@ -229,7 +260,10 @@ impl Proxy {
             config,
             dir,
             extra: extra.iter().map(|s| s.to_string()).collect(),
-            envs: envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            envs: envs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         p.spawn();
         p
@@ -240,7 +274,11 @@ impl Proxy {
         for _attempt in 0..5 {
             self.port = free_port();
             self.admin_port = free_port();
-            let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.log)
+                .unwrap();
             let mut cmd = Command::new(bin());
             cmd.arg("run")
                 .arg("-c")
@@ -268,7 +306,9 @@ impl Proxy {
                 if let Ok(Some(_)) = self.child.try_wait() {
                     break; // exited (port taken?): try again on other ports
                 }
-                if get(&self.admin_url("/healthz")).0 == 200 && TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                if get(&self.admin_url("/healthz")).0 == 200
+                    && TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+                {
                     return;
                 }
                 std::thread::sleep(Duration::from_millis(20));
@@ -318,13 +358,19 @@ impl Drop for Proxy {
 }
 
 pub fn unsafe_kill(pid: u32, sig: &str) {
-    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
 }
 
 /// Finds `name{labels}` (labels in any order) in a Prometheus text exposition.
 pub fn metric_value(body: &str, name_and_labels: &str) -> f64 {
     let (name, labels) = match name_and_labels.find('{') {
-        Some(i) => (&name_and_labels[..i], &name_and_labels[i + 1..name_and_labels.len() - 1]),
+        Some(i) => (
+            &name_and_labels[..i],
+            &name_and_labels[i + 1..name_and_labels.len() - 1],
+        ),
         None => (name_and_labels, ""),
     };
     let want: Vec<&str> = labels.split(',').filter(|s| !s.is_empty()).collect();
@@ -332,7 +378,9 @@ pub fn metric_value(body: &str, name_and_labels: &str) -> f64 {
         if line.starts_with('#') {
             continue;
         }
-        let Some((series, value)) = line.rsplit_once(' ') else { continue };
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
         let (n, l) = match series.find('{') {
             Some(i) => (&series[..i], &series[i + 1..series.len() - 1]),
             None => (series, ""),
@@ -397,9 +445,18 @@ pub fn request(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&
                 .iter()
                 .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
                 .collect(),
-            body: r.body_mut().with_config().limit(u64::MAX).read_to_string().unwrap_or_default(),
+            body: r
+                .body_mut()
+                .with_config()
+                .limit(u64::MAX)
+                .read_to_string()
+                .unwrap_or_default(),
         },
-        Err(_) => Reply { status: 0, headers: HashMap::new(), body: String::new() },
+        Err(_) => Reply {
+            status: 0,
+            headers: HashMap::new(),
+            body: String::new(),
+        },
     }
 }
 
