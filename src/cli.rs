@@ -83,6 +83,15 @@ pub struct RunArgs {
     /// Longest wait for in-flight requests after SIGTERM/SIGINT (e.g. 10s).
     #[arg(long, env = "STRANGLER_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration_arg)]
     pub drain_timeout: std::time::Duration,
+    /// Longest request target (path + query) in bytes; longer is answered 414.
+    #[arg(long, env = "STRANGLER_MAX_URI_BYTES", default_value_t = 8192)]
+    pub max_uri_bytes: usize,
+    /// Largest total size of request headers in bytes; larger is answered 431.
+    #[arg(long, env = "STRANGLER_MAX_HEADER_BYTES", default_value_t = 32768)]
+    pub max_header_bytes: usize,
+    /// Most request header fields; more is answered 431.
+    #[arg(long, env = "STRANGLER_MAX_HEADERS", default_value_t = 100)]
+    pub max_headers: usize,
     /// Take over the listening sockets of a running strangler (send it SIGQUIT afterwards).
     #[arg(long)]
     pub upgrade: bool,

@@ -41,9 +41,31 @@ static ACRM: HeaderName = HeaderName::from_static("access-control-request-method
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
+/// Request size limits enforced before routing (the backend is never contacted past them).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Longest request target (path + query), in bytes: 414 beyond.
+    pub max_uri_bytes: usize,
+    /// Largest total of header names and values, in bytes: 431 beyond.
+    pub max_header_bytes: usize,
+    /// Most header fields: 431 beyond.
+    pub max_headers: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_uri_bytes: 8 * 1024,
+            max_header_bytes: 32 * 1024,
+            max_headers: 100,
+        }
+    }
+}
+
 /// The proxy service.
 pub struct Strangler {
     pub state: Arc<State>,
+    pub limits: Limits,
 }
 
 /// Decrements a route's in-flight gauge when the request ends, however it ends.
@@ -236,6 +258,25 @@ impl ProxyHttp for Strangler {
             .map(str::to_owned);
         ctx.live = Some(live.clone());
 
+        let raw = req.raw_path();
+        if raw.len() > self.limits.max_uri_bytes {
+            self.answer(session, ctx, errors::URI_TOO_LONG, None)
+                .await?;
+            return Ok(true);
+        }
+        let header_bytes: usize = req
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len())
+            .sum();
+        if req.headers.len() > self.limits.max_headers
+            || header_bytes > self.limits.max_header_bytes
+        {
+            self.answer(session, ctx, errors::HEADERS_TOO_LARGE, None)
+                .await?;
+            return Ok(true);
+        }
+        let req = session.req_header();
         let raw = req.raw_path();
         let asterisk = raw == b"*" && req.method == http::Method::OPTIONS;
         let normal = if asterisk {

@@ -40,6 +40,8 @@ pub struct ServeOptions {
     /// Take over the listening sockets of a running strangler (zero-downtime upgrade).
     pub upgrade: bool,
     pub upgrade_sock: PathBuf,
+    /// Request size limits.
+    pub limits: crate::proxy::Limits,
     /// `(name, address)` of sample services to start beside the proxy.
     pub demo_services: Vec<(String, String)>,
 }
@@ -140,6 +142,7 @@ pub fn serve(opts: ServeOptions) -> Result<(), String> {
         &server.configuration,
         Strangler {
             state: state.clone(),
+            limits: opts.limits,
         },
         "strangler proxy",
     );

@@ -572,3 +572,40 @@ fn start_up_on_a_bad_file_exits_1_with_the_position() {
         "{err}"
     );
 }
+
+#[test]
+fn oversized_requests_are_414_and_431_and_sent_nowhere() {
+    let legacy = Backend::echo("legacy");
+    let proxy = Proxy::start_with(
+        &format!(
+            "backends:\n  legacy: {{url: '{}'}}\ndefault: legacy\n",
+            legacy.url()
+        ),
+        &[
+            "--max-uri-bytes",
+            "1000",
+            "--max-headers",
+            "20",
+            "--max-header-bytes",
+            "4000",
+        ],
+        &[],
+    );
+    let long = format!("/{}", "a".repeat(1200));
+    let r = request("GET", &proxy.url(&long), &[], None);
+    assert_eq!(r.status, 414);
+    assert_eq!(r.json()["error"], "uri_too_long");
+    let big = "v".repeat(5000);
+    let r = request("GET", &proxy.url("/x"), &[("X-Big", &big)], None);
+    assert_eq!(r.status, 431);
+    assert_eq!(r.json()["error"], "headers_too_large");
+    let names: Vec<String> = (0..30).map(|i| format!("X-H{i}")).collect();
+    let headers: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "1")).collect();
+    let r = request("GET", &proxy.url("/x"), &headers, None);
+    assert_eq!(r.status, 431);
+    assert!(
+        legacy.seen().is_empty(),
+        "an oversized request reached the backend"
+    );
+    assert_eq!(request("GET", &proxy.url("/ok"), &[], None).status, 200);
+}
