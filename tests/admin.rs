@@ -1,0 +1,715 @@
+//! The operator's side (issue: admin API, metrics, CLI): what /metrics counts, manual rollback
+//! and its pins across reloads and restarts, the admin token, the CLI against running proxies,
+//! and the offline `check` / `explain` commands. Real backends on loopback, the real binary.
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+// ---------------------------------------------------------------------------------------------
+// Helpers local to this file.
+
+/// Two backends and two routes sent to `new`.
+fn routing(legacy: &Backend, new: &Backend) -> String {
+    format!(
+        "{}routes:\n\
+         \x20 - {{name: bookings, path: /bookings, to: new}}\n\
+         \x20 - {{name: tours, path: /tours, to: new}}\n",
+        base_yaml(&legacy.url(), &new.url())
+    )
+}
+
+fn post(url: &str, token: Option<&str>) -> Reply {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", a.as_str())).collect();
+    request("POST", url, &headers, None)
+}
+
+fn routes(proxy: &Proxy) -> Vec<Value> {
+    let r = request("GET", &proxy.admin_url("/routes"), &[], None);
+    assert_eq!(r.status, 200, "GET /routes: {}", r.body);
+    r.json()
+        .as_array()
+        .cloned()
+        .expect("/routes is a JSON array")
+}
+
+fn route(proxy: &Proxy, name: &str) -> Value {
+    routes(proxy)
+        .into_iter()
+        .find(|r| r["name"] == name)
+        .unwrap_or_else(|| panic!("no route {name} in /routes"))
+}
+
+fn served_by(proxy: &Proxy, path: &str) -> String {
+    let r = request("GET", &proxy.url(path), &[], None);
+    assert_eq!(r.status, 200, "GET {path}: {}", r.body);
+    r.header("x-strangler-backend").to_string()
+}
+
+fn metrics_text(proxy: &Proxy) -> String {
+    let (status, body) = get(&proxy.admin_url("/metrics"));
+    assert_eq!(status, 200);
+    body
+}
+
+/// Rewrites routing.yaml and waits until the proxy has loaded it.
+fn reload_to(proxy: &Proxy, yaml: &str) {
+    let key = "strangler_config_reloads_total{result=\"success\"}";
+    let before = proxy.metric(key);
+    proxy.write_config(yaml);
+    wait_for("the reload", Duration::from_secs(3), || {
+        proxy.metric(key) > before
+    });
+}
+
+/// Runs the binary to completion (10 s at most) with no STRANGLER_* variables inherited:
+/// (exit code, stdout, stderr).
+fn strangler(args: &[&str]) -> (i32, String, String) {
+    strangler_env(args, &[])
+}
+
+fn strangler_env(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(bin());
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("STRANGLER_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.envs(envs.iter().copied());
+    let mut child = cmd.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "strangler {args:?} did not exit within 10 s; stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn admin_arg(proxy: &Proxy) -> String {
+    format!("http://127.0.0.1:{}", proxy.admin_port)
+}
+
+/// Pipes a Prometheus exposition to `promtool check metrics`; `None` when promtool is absent.
+fn promtool_check(body: &str) -> Option<(bool, String)> {
+    use std::io::Write;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .ok()?;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some((out.status.success(), text))
+}
+
+// ---------------------------------------------------------------------------------------------
+// /metrics
+
+#[test]
+fn metrics_count_every_request_once_and_never_name_a_path() {
+    let legacy = Backend::echo("legacy");
+    let new = Backend::echo("new");
+    let broken = Backend::start(Arc::new(|_s: &Seen| full(503, "down for maintenance")));
+    let yaml = format!(
+        "backends:\n\
+         \x20 legacy: {{url: '{}'}}\n\
+         \x20 new: {{url: '{}'}}\n\
+         \x20 broken: {{url: '{}'}}\n\
+         \x20 gone: {{url: 'http://127.0.0.1:{}'}}\n\
+         default: legacy\n\
+         routes:\n\
+         \x20 - {{name: bookings, path: /bookings, to: new}}\n\
+         \x20 - {{name: reports, path: /reports, to: broken}}\n\
+         \x20 - {{name: archive, path: /archive, to: gone}}\n",
+        legacy.url(),
+        new.url(),
+        broken.url(),
+        dead_port()
+    );
+    let proxy = Proxy::start(&yaml);
+
+    // Raw paths that must never show up as a label value.
+    let raw_paths = [
+        "/bookings/secret-7731",
+        "/unrouted-5512",
+        "/reports/q3-9087",
+        "/archive/old-4410",
+    ];
+    for _ in 0..3 {
+        assert_eq!(
+            request("GET", &proxy.url(raw_paths[0]), &[], None).status,
+            200
+        );
+    }
+    for _ in 0..2 {
+        let r = request("POST", &proxy.url(raw_paths[1]), &[], Some(b"{}"));
+        assert_eq!((r.status, r.header("x-strangler-route")), (200, "default"));
+    }
+    assert_eq!(
+        request("GET", &proxy.url(raw_paths[2]), &[], None).status,
+        503
+    );
+    assert_eq!(
+        request("GET", &proxy.url(raw_paths[3]), &[], None).status,
+        502,
+        "a refused connection"
+    );
+
+    let total = |body: &str| -> f64 {
+        body.lines()
+            .filter(|l| l.starts_with("strangler_requests_total{"))
+            .map(|l| l.rsplit_once(' ').unwrap().1.parse::<f64>().unwrap())
+            .sum()
+    };
+    wait_for("7 requests counted", Duration::from_secs(2), || {
+        total(&metrics_text(&proxy)) == 7.0
+    });
+    let body = metrics_text(&proxy);
+    let requests =
+        |labels: &str| metric_value(&body, &format!("strangler_requests_total{{{labels}}}"));
+    assert_eq!(
+        requests("route=\"bookings\",backend=\"new\",method=\"GET\",code=\"200\""),
+        3.0
+    );
+    assert_eq!(
+        requests("route=\"default\",backend=\"legacy\",method=\"POST\",code=\"200\""),
+        2.0
+    );
+    assert_eq!(
+        requests("route=\"reports\",backend=\"broken\",method=\"GET\",code=\"503\""),
+        1.0
+    );
+    assert_eq!(
+        requests("route=\"archive\",backend=\"gone\",method=\"GET\",code=\"502\""),
+        1.0
+    );
+
+    let count = |labels: &str| {
+        metric_value(
+            &body,
+            &format!("strangler_request_duration_seconds_count{{{labels}}}"),
+        )
+    };
+    assert_eq!(count("route=\"bookings\",backend=\"new\""), 3.0);
+    assert_eq!(count("route=\"default\",backend=\"legacy\""), 2.0);
+    assert_eq!(count("route=\"reports\",backend=\"broken\""), 1.0);
+    assert_eq!(count("route=\"archive\",backend=\"gone\""), 1.0);
+
+    assert_eq!(
+        metric_value(
+            &body,
+            "strangler_upstream_errors_total{route=\"archive\",backend=\"gone\",kind=\"connect\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric_value(&body, "strangler_upstream_errors_total{route=\"reports\",backend=\"broken\",kind=\"connect\"}"),
+        0.0,
+        "a 503 answer is not an upstream error"
+    );
+
+    for p in raw_paths {
+        let tail = p.rsplit('/').next().unwrap();
+        assert!(
+            !body.contains(tail),
+            "a raw path ({p}) leaked into /metrics:\n{body}"
+        );
+    }
+
+    match promtool_check(&body) {
+        Some((ok, out)) => assert!(ok, "promtool check metrics failed:\n{out}"),
+        None => eprintln!("promtool not on PATH: skipping `promtool check metrics` (CI runs it)"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Manual rollback and pins
+
+#[test]
+fn a_manual_rollback_holds_across_reload_and_restart_until_resumed() {
+    let legacy = Backend::echo("legacy");
+    let new = Backend::echo("new");
+    let yaml = routing(&legacy, &new);
+    let mut proxy = Proxy::start(&yaml);
+    assert_eq!(served_by(&proxy, "/bookings/1"), "new");
+    assert_eq!(route(&proxy, "bookings")["pinned"], Value::Null);
+
+    // Roll back: the very next request goes to legacy.
+    let r = post(&proxy.admin_url("/routes/bookings/rollback"), None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(served_by(&proxy, "/bookings/1"), "legacy");
+    assert_eq!(
+        served_by(&proxy, "/tours/1"),
+        "new",
+        "other routes are untouched"
+    );
+    assert_eq!(
+        proxy.metric("strangler_route_pinned{route=\"bookings\"}"),
+        1.0
+    );
+    assert_eq!(proxy.metric("strangler_route_pinned{route=\"tours\"}"), 0.0);
+    assert_eq!(
+        proxy.metric("strangler_rollbacks_total{route=\"bookings\",reason=\"manual\"}"),
+        1.0
+    );
+    assert_eq!(
+        proxy.metric("strangler_route_state{route=\"bookings\",state=\"rolled_back\"}"),
+        1.0
+    );
+    let b = route(&proxy, "bookings");
+    assert_eq!(b["state"], "rolled_back");
+    assert_eq!(b["pinned"]["reason"], "manual");
+    let since = b["pinned"]["since"]
+        .as_str()
+        .expect("pinned.since")
+        .to_string();
+    chrono::DateTime::parse_from_rfc3339(&since)
+        .unwrap_or_else(|e| panic!("since {since:?} is not RFC 3339: {e}"));
+    let log = proxy.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("bookings") && l.contains("pinned")),
+        "the rollback is logged:\n{log}"
+    );
+    // Rolling back twice changes nothing and counts nothing.
+    assert_eq!(
+        post(&proxy.admin_url("/routes/bookings/rollback"), None).status,
+        200
+    );
+    assert_eq!(
+        proxy.metric("strangler_rollbacks_total{route=\"bookings\",reason=\"manual\"}"),
+        1.0
+    );
+
+    // A reload keeps the pin.
+    reload_to(&proxy, &format!("{yaml}# a comment, so the bytes change\n"));
+    assert_eq!(served_by(&proxy, "/bookings/1"), "legacy");
+    assert_eq!(route(&proxy, "bookings")["state"], "rolled_back");
+
+    // So does a restart: the pin is in .strangler-state.json beside routing.yaml.
+    let state_file = proxy.config.parent().unwrap().join(".strangler-state.json");
+    let saved = std::fs::read_to_string(&state_file).expect("state file beside routing.yaml");
+    assert!(saved.contains("bookings"), "{saved}");
+    proxy.child.kill().unwrap();
+    proxy.child.wait().unwrap();
+    proxy.spawn();
+    assert_eq!(served_by(&proxy, "/bookings/1"), "legacy");
+    assert_eq!(
+        proxy.metric("strangler_route_pinned{route=\"bookings\"}"),
+        1.0
+    );
+    let b = route(&proxy, "bookings");
+    assert_eq!(
+        (b["state"].as_str(), b["pinned"]["reason"].as_str()),
+        (Some("rolled_back"), Some("manual"))
+    );
+    assert_eq!(
+        b["pinned"]["since"],
+        since.as_str(),
+        "the pin keeps its time"
+    );
+
+    // Resume lifts it.
+    let r = post(&proxy.admin_url("/routes/bookings/resume"), None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(served_by(&proxy, "/bookings/1"), "new");
+    assert_eq!(
+        proxy.metric("strangler_route_pinned{route=\"bookings\"}"),
+        0.0
+    );
+    let b = route(&proxy, "bookings");
+    assert_eq!(
+        (b["state"].as_str(), &b["pinned"]),
+        (Some("new"), &Value::Null)
+    );
+
+    // Unknown routes are 404.
+    for action in ["rollback", "resume"] {
+        let r = post(&proxy.admin_url(&format!("/routes/nosuch/{action}")), None);
+        assert_eq!(r.status, 404, "{action} of an unknown route: {}", r.body);
+    }
+
+    // POST /rollback pins every route.
+    assert_eq!(post(&proxy.admin_url("/rollback"), None).status, 200);
+    for name in ["bookings", "tours"] {
+        let r = route(&proxy, name);
+        assert_eq!(
+            (r["state"].as_str(), r["pinned"]["reason"].as_str()),
+            (Some("rolled_back"), Some("manual")),
+            "{name}"
+        );
+        assert_eq!(
+            proxy.metric(&format!("strangler_route_pinned{{route=\"{name}\"}}")),
+            1.0
+        );
+    }
+    assert_eq!(served_by(&proxy, "/tours/1"), "legacy");
+
+    // A route that leaves routing.yaml loses its pin: added back, it is not pinned.
+    let without_bookings = format!(
+        "{}routes:\n  - {{name: tours, path: /tours, to: new}}\n",
+        base_yaml(&legacy.url(), &new.url())
+    );
+    reload_to(&proxy, &without_bookings);
+    assert!(routes(&proxy).iter().all(|r| r["name"] != "bookings"));
+    wait_for(
+        "the state file to forget bookings",
+        Duration::from_secs(2),
+        || {
+            !std::fs::read_to_string(&state_file)
+                .unwrap_or_default()
+                .contains("bookings")
+        },
+    );
+    reload_to(&proxy, &yaml);
+    let b = route(&proxy, "bookings");
+    assert_eq!(
+        (b["state"].as_str(), &b["pinned"]),
+        (Some("new"), &Value::Null)
+    );
+    assert_eq!(served_by(&proxy, "/bookings/1"), "new");
+    assert_eq!(
+        route(&proxy, "tours")["state"],
+        "rolled_back",
+        "tours stayed in the file, so it stays pinned"
+    );
+}
+
+#[test]
+fn with_a_token_every_post_needs_it_and_reads_do_not() {
+    let legacy = Backend::echo("legacy");
+    let new = Backend::echo("new");
+    let proxy = Proxy::start_with(
+        &routing(&legacy, &new),
+        &[],
+        &[("STRANGLER_ADMIN_TOKEN", "s3cret")],
+    );
+    let rollback = proxy.admin_url("/routes/bookings/rollback");
+    assert_eq!(post(&rollback, None).status, 401);
+    assert_eq!(post(&rollback, Some("wrong")).status, 401);
+    assert_eq!(post(&proxy.admin_url("/rollback"), None).status, 401);
+    assert_eq!(post(&proxy.admin_url("/reload"), None).status, 401);
+    assert_eq!(
+        served_by(&proxy, "/bookings/1"),
+        "new",
+        "a refused POST changed nothing"
+    );
+    assert_eq!(post(&rollback, Some("s3cret")).status, 200);
+    assert_eq!(served_by(&proxy, "/bookings/1"), "legacy");
+    // Reads need no token.
+    assert_eq!(route(&proxy, "bookings")["state"], "rolled_back");
+    assert_eq!(get(&proxy.admin_url("/metrics")).0, 200);
+    assert_eq!(get(&proxy.admin_url("/healthz")).0, 200);
+}
+
+#[test]
+fn a_non_loopback_admin_address_needs_a_token() {
+    let legacy = Backend::echo("legacy");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("routing.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "backends:\n  legacy: {{url: '{}'}}\ndefault: legacy\n",
+            legacy.url()
+        ),
+    )
+    .unwrap();
+    let cfg = cfg.to_str().unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let admin = format!("0.0.0.0:{}", free_port());
+    let (code, _, err) = strangler(&["run", "-c", cfg, "--listen", &listen, "--admin", &admin]);
+    assert_eq!(code, 1, "refused at start-up; stderr:\n{err}");
+    assert!(
+        err.contains("STRANGLER_ADMIN_TOKEN"),
+        "the message names the remedy:\n{err}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The CLI against running proxies
+
+#[test]
+fn the_cli_lists_rolls_back_and_resumes_on_every_replica() {
+    let legacy = Backend::echo("legacy");
+    let new = Backend::echo("new");
+    let yaml = routing(&legacy, &new);
+    let one = Proxy::start(&yaml);
+    let two = Proxy::start(&yaml);
+    let (a1, a2) = (admin_arg(&one), admin_arg(&two));
+
+    let (code, out, err) = strangler(&["routes", "--admin", &a1]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("bookings") && out.contains("tours"), "{out}");
+
+    let (code, out, err) = strangler(&["rollback", "bookings", "--admin", &a1]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("bookings"), "{out}");
+    assert_eq!(route(&one, "bookings")["pinned"]["reason"], "manual");
+    assert_eq!(served_by(&one, "/bookings/1"), "legacy");
+    assert_eq!(
+        served_by(&two, "/bookings/1"),
+        "new",
+        "only the replica asked"
+    );
+
+    let (code, _, err) = strangler(&["resume", "bookings", "--admin", &a1]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(route(&one, "bookings")["pinned"], Value::Null);
+    assert_eq!(served_by(&one, "/bookings/1"), "new");
+
+    // Two replicas: one line each.
+    let (code, out, err) = strangler(&["rollback", "--all", "--admin", &a1, "--admin", &a2]);
+    assert_eq!(code, 0, "{err}");
+    for p in [one.admin_port, two.admin_port] {
+        assert_eq!(
+            out.lines()
+                .filter(|l| l.contains(&format!("127.0.0.1:{p}")))
+                .count(),
+            1,
+            "one line for the replica on port {p}:\n{out}"
+        );
+    }
+    for proxy in [&one, &two] {
+        for name in ["bookings", "tours"] {
+            assert_eq!(
+                route(proxy, name)["state"],
+                "rolled_back",
+                "{name} on port {}",
+                proxy.port
+            );
+        }
+    }
+    let (code, out, err) = strangler(&["routes", "--admin", &format!("{a1},{a2}")]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&one.admin_port.to_string()) && out.contains(&two.admin_port.to_string()),
+        "{out}"
+    );
+
+    // One replica unreachable: the others are still asked, and the exit code says it failed.
+    let dead = format!("http://127.0.0.1:{}", dead_port());
+    let (code, out, err) = strangler(&["resume", "tours", "--admin", &a1, "--admin", &dead]);
+    assert_ne!(
+        code, 0,
+        "an unreachable replica is a failure:\n{out}\n{err}"
+    );
+    assert!(
+        err.contains(&dead[7..]),
+        "the unreachable replica is named:\n{err}"
+    );
+    assert_eq!(
+        route(&one, "tours")["pinned"],
+        Value::Null,
+        "the reachable replica was resumed"
+    );
+    let (code, _, _) = strangler(&["routes", "--admin", &dead]);
+    assert_ne!(code, 0);
+}
+
+#[test]
+fn a_corrupt_state_file_is_ignored() {
+    let legacy = Backend::echo("legacy");
+    let new = Backend::echo("new");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("routing.yaml"), routing(&legacy, &new)).unwrap();
+    std::fs::write(
+        dir.path().join(".strangler-state.json"),
+        b"{\"pins\": {\"bookings\": tru\x00\xff",
+    )
+    .unwrap();
+    let proxy = Proxy::start_at(dir, "routing.yaml");
+    assert_eq!(served_by(&proxy, "/bookings/1"), "new", "nothing pinned");
+    let log = proxy.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains(".strangler-state.json") && l.to_lowercase().contains("corrupt")),
+        "the corrupt file is logged:\n{log}"
+    );
+    // And the next pin writes a good file over it.
+    assert_eq!(
+        post(&proxy.admin_url("/routes/bookings/rollback"), None).status,
+        200
+    );
+    let saved = std::fs::read_to_string(proxy.dir.path().join(".strangler-state.json")).unwrap();
+    let v: Value = serde_json::from_str(&saved).unwrap_or_else(|e| panic!("{e}: {saved}"));
+    assert!(v.to_string().contains("bookings"), "{saved}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Offline: check and explain
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+const BACKENDS: &str = "backends:\n  legacy:\n    url: http://127.0.0.1:9001\n  new:\n    url: http://127.0.0.1:9002\ndefault: legacy\n";
+
+#[test]
+fn check_prints_the_table_and_points_at_each_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = write(
+        dir.path(),
+        "routing.yaml",
+        &format!(
+            "{BACKENDS}routes:\n\
+             \x20 - name: bookings\n    path: /bookings\n    to: new\n\
+             \x20 - name: tours\n    path: /tours\n    to: new\n    split: 10\n    sticky: header:X-Client-Id\n\
+             \x20 - name: customers\n    path: /customers\n    to: legacy\n    shadow: new\n\
+             \x20 - name: itin\n    path: /itineraries/{{id}}\n    to: legacy\n"
+        ),
+    );
+    let (code, out, err) = strangler(&["check", "-c", &good]);
+    assert_eq!(code, 0, "{out}{err}");
+    for (name, state) in [
+        ("bookings", "new"),
+        ("tours", "canary"),
+        ("customers", "shadow"),
+        ("itin", "legacy"),
+    ] {
+        assert!(
+            out.lines()
+                .any(|l| l.contains(name) && l.split_whitespace().any(|w| w == state)),
+            "{name} is listed as {state}:\n{out}"
+        );
+    }
+    assert!(
+        out.contains("4 routes: 1 new, 1 canary, 1 shadow, 1 legacy, 0 rolled_back"),
+        "{out}"
+    );
+
+    // Each kind of error, at its line and column. (line of the offending value or key)
+    let bad: &[(&str, String, &str)] = &[
+        ("unknown-key.yaml", format!("{BACKENDS}routes:\n  - path: /a\n    to: new\n    colour: red\n"), ":10:5:"),
+        ("undefined.yaml", format!("{BACKENDS}routes:\n  - path: /a\n    to: nowhere\n"), ":9:9:"),
+        (
+            "duplicate.yaml",
+            format!("{BACKENDS}routes:\n  - name: a\n    path: /a\n    to: new\n  - name: a\n    path: /b\n    to: new\n"),
+            ":11:11:",
+        ),
+        (
+            "conflict.yaml",
+            format!("{BACKENDS}routes:\n  - name: a\n    path: /a\n    to: new\n  - name: b\n    path: /a\n    to: legacy\n"),
+            ":12:",
+        ),
+        ("split.yaml", format!("{BACKENDS}routes:\n  - path: /a\n    to: new\n    split: 100.5\n"), ":10:12:"),
+    ];
+    for (file, text, pos) in bad {
+        let path = write(dir.path(), file, text);
+        let (code, out, err) = strangler(&["check", "-c", &path]);
+        assert_eq!(code, 1, "{file} is invalid:\n{out}{err}");
+        let want = format!("{path}{pos}");
+        assert!(
+            err.lines().any(|l| l.starts_with(&want)),
+            "{file}: want {want}…, got:\n{err}"
+        );
+    }
+    // Several errors are all reported.
+    let path = write(
+        dir.path(),
+        "two.yaml",
+        &format!("{BACKENDS}routes:\n  - path: /a\n    to: nowhere\n  - path: /b\n    to: new\n    split: -1\n"),
+    );
+    let (code, _, err) = strangler(&["check", "-c", &path]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(&format!("{path}:9:")) && err.contains(&format!("{path}:12:")),
+        "both errors:\n{err}"
+    );
+}
+
+#[test]
+fn golden_cases_pin_the_routing_in_ci_and_explain_shows_the_upstream_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(
+        dir.path(),
+        "routing.yaml",
+        &format!(
+            "{BACKENDS}routes:\n\
+             \x20 - {{name: bookings, path: /bookings, to: new}}\n\
+             \x20 - {{name: departures, path: /departures, exact: true, to: new, rewrite: /v2/departures}}\n\
+             \x20 - {{name: tours, path: /tours, to: new, split: 100, sticky: 'header:X-Client-Id'}}\n"
+        ),
+    );
+    let good = write(
+        dir.path(),
+        "cases.yaml",
+        "- {request: GET /bookings/42, route: bookings, backend: new}\n\
+         - {request: POST /bookingsX, route: default, backend: legacy}\n\
+         - {request: GET /departures, route: departures, backend: new}\n\
+         - {request: GET /tours/1, route: tours, backend: new, headers: {X-Client-Id: c1}}\n",
+    );
+    let (code, out, err) = strangler(&["check", "-c", &cfg, "--cases", &good]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("4 passed, 0 failed"), "{out}");
+
+    let wrong = write(
+        dir.path(),
+        "wrong.yaml",
+        "- {request: GET /bookings/42, route: bookings, backend: new}\n\
+         - {request: GET /departures/1, route: departures, backend: new}\n",
+    );
+    let (code, out, err) = strangler(&["check", "-c", &cfg, "--cases", &wrong]);
+    assert_eq!(code, 1, "a wrong case fails the check:\n{out}{err}");
+    assert!(
+        out.contains("GET /departures/1"),
+        "the failing case is named:\n{out}"
+    );
+    assert!(out.contains("1 passed, 1 failed"), "{out}");
+
+    let (code, out, err) = strangler(&["explain", "-c", &cfg, "GET", "/bookings/42"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("bookings"), "the route:\n{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.contains("backend") && l.contains("new")),
+        "the backend:\n{out}"
+    );
+    assert!(
+        out.contains("GET /bookings/42 HTTP/1.1"),
+        "the upstream request line:\n{out}"
+    );
+
+    let (code, out, err) = strangler(&["explain", "-c", &cfg, "GET", "//departures/?x=1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("departures") && out.contains("GET /v2/departures/?x=1 HTTP/1.1"),
+        "rewritten:\n{out}"
+    );
+}

@@ -1,0 +1,556 @@
+//! Moving traffic (issue: cutover controls): the sticky split, shadow comparison, automatic
+//! rollback, failover, and the route states and audit trail that record who serves what.
+//! Real backends on loopback, the real binary.
+mod common;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+// ---------------------------------------------------------------------------------------------
+// Helpers local to this file.
+
+/// A keep-alive client: thousands of requests over a few connections.
+fn keep_alive() -> ureq::Agent {
+    ureq::Agent::new_with_config(
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .timeout_global(Some(Duration::from_secs(10)))
+            .build(),
+    )
+}
+
+/// The backend that served `client` on `url` (reads the body so the connection is reused).
+fn side(agent: &ureq::Agent, url: &str, client: &str) -> String {
+    let mut r = agent.get(url).header("X-Client-Id", client).call().unwrap();
+    assert_eq!(r.status(), 200);
+    let backend = r
+        .headers()
+        .get("x-strangler-backend")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    r.body_mut().read_to_vec().unwrap();
+    backend
+}
+
+fn routes(proxy: &Proxy) -> Vec<Value> {
+    let r = request("GET", &proxy.admin_url("/routes"), &[], None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json().as_array().cloned().unwrap()
+}
+
+fn route(proxy: &Proxy, name: &str) -> Value {
+    routes(proxy)
+        .into_iter()
+        .find(|r| r["name"] == name)
+        .unwrap_or_else(|| panic!("no route {name}"))
+}
+
+fn post(url: &str) -> Reply {
+    request("POST", url, &[], None)
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, bytes)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn audit_lines(path: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {l}"))
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Split
+
+#[test]
+fn a_sticky_split_keeps_each_client_on_its_side_and_only_ever_grows() {
+    let legacy = Backend::echo("legacy");
+    let new = Backend::echo("new");
+    let yaml = |percent: u32| {
+        format!(
+            "{}routes:\n  - {{name: tours, path: /tours, to: new, split: {percent}, sticky: 'header:X-Client-Id'}}\n",
+            base_yaml(&legacy.url(), &new.url())
+        )
+    };
+    let proxy = Proxy::start(&yaml(10));
+    assert_eq!(
+        proxy.metric("strangler_route_split_percent{route=\"tours\",backend=\"new\"}"),
+        10.0
+    );
+    assert_eq!(
+        proxy.metric("strangler_route_split_percent{route=\"tours\",backend=\"legacy\"}"),
+        90.0
+    );
+    assert_eq!(route(&proxy, "tours")["state"], "canary");
+
+    let agent = keep_alive();
+    let url = proxy.url("/tours/7");
+    let clients: Vec<String> = (0..2000).map(|i| format!("client-{i}")).collect();
+    let t0 = Instant::now();
+    let at_10: Vec<String> = clients.iter().map(|c| side(&agent, &url, c)).collect();
+    eprintln!("2000 split requests in {:?}", t0.elapsed());
+    let on_new: HashSet<&str> = clients
+        .iter()
+        .zip(&at_10)
+        .filter(|(_, s)| *s == "new")
+        .map(|(c, _)| c.as_str())
+        .collect();
+    let share = on_new.len() as f64 / 20.0;
+    eprintln!("split 10: {share}% of 2000 clients on new");
+    assert!(
+        (7.0..=13.0).contains(&share),
+        "split 10 gave {share}% on new"
+    );
+
+    // Sticky: a client asking again lands where it did.
+    for (c, first) in clients.iter().zip(&at_10).step_by(10) {
+        for _ in 0..3 {
+            assert_eq!(&side(&agent, &url, c), first, "client {c} moved");
+        }
+    }
+
+    // Raising the split only moves clients from legacy to new.
+    proxy.write_config(&yaml(30));
+    wait_for("split 30 in force", Duration::from_secs(3), || {
+        proxy.metric("strangler_route_split_percent{route=\"tours\",backend=\"new\"}") == 30.0
+    });
+    let at_30: Vec<String> = clients.iter().map(|c| side(&agent, &url, c)).collect();
+    let moved_back: Vec<&String> = clients
+        .iter()
+        .zip(&at_30)
+        .filter(|(c, s)| on_new.contains(c.as_str()) && *s == "legacy")
+        .map(|(c, _)| c)
+        .collect();
+    assert!(
+        moved_back.is_empty(),
+        "clients went back to legacy: {moved_back:?}"
+    );
+    let share = at_30.iter().filter(|s| *s == "new").count() as f64 / 20.0;
+    eprintln!("split 30: {share}% of 2000 clients on new");
+    assert!(
+        (26.0..=34.0).contains(&share),
+        "split 30 gave {share}% on new"
+    );
+    assert_eq!(
+        proxy.metric("strangler_route_split_percent{route=\"tours\",backend=\"legacy\"}"),
+        70.0
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shadow
+
+const LEGACY_DOC: &str = r#"{"a":1,"b":{"c":2},"updated_at":"x"}"#;
+
+#[test]
+fn shadow_compares_json_as_values_and_reports_the_first_difference() {
+    let legacy = Backend::start(Arc::new(|_s: &Seen| {
+        json(200, serde_json::from_str(LEGACY_DOC).unwrap())
+    }));
+    let new = Backend::start(Arc::new(|s: &Seen| {
+        let doc = match s.target.as_str() {
+            "/customers/same" => r#"{"b":{"c":2},"a":1,"updated_at":"y"}"#,
+            "/customers/differs" => r#"{"b":{"c":3},"a":1,"updated_at":"y"}"#,
+            _ => return json(404, serde_json::from_str(LEGACY_DOC).unwrap()),
+        };
+        json(200, serde_json::from_str(doc).unwrap())
+    }));
+    let yaml = format!(
+        "{}routes:\n  - {{name: customers, path: /customers, to: legacy, shadow: new, shadow_ignore: [/updated_at]}}\n",
+        base_yaml(&legacy.url(), &new.url())
+    );
+    let proxy = Proxy::start(&yaml);
+    let shadow = |result: &str| {
+        proxy.metric(&format!(
+            "strangler_shadow_total{{route=\"customers\",backend=\"new\",result=\"{result}\"}}"
+        ))
+    };
+
+    // Same values in another key order, ignored field different: a match. The client gets legacy's answer.
+    let r = request(
+        "GET",
+        &proxy.url("/customers/same"),
+        &[("X-Request-Id", "rid-same")],
+        None,
+    );
+    assert_eq!((r.status, r.header("x-strangler-backend")), (200, "legacy"));
+    assert_eq!(r.json(), serde_json::from_str::<Value>(LEGACY_DOC).unwrap());
+    wait_for("a match", Duration::from_secs(3), || shadow("match") == 1.0);
+
+    // A differing field: a mismatch, logged with its JSON pointer and the request id.
+    let r = request(
+        "GET",
+        &proxy.url("/customers/differs"),
+        &[("X-Request-Id", "rid-differs")],
+        None,
+    );
+    assert_eq!(
+        r.json()["b"]["c"],
+        2,
+        "the client never sees the shadow's answer"
+    );
+    wait_for("a mismatch", Duration::from_secs(3), || {
+        shadow("mismatch") == 1.0
+    });
+    wait_for("the mismatch in the log", Duration::from_secs(2), || {
+        proxy
+            .log_text()
+            .lines()
+            .any(|l| l.contains("rid-differs") && l.contains("/b/c"))
+    });
+
+    // A different status: a mismatch.
+    let r = request("GET", &proxy.url("/customers/missing"), &[], None);
+    assert_eq!(r.status, 200);
+    wait_for("a status mismatch", Duration::from_secs(3), || {
+        shadow("mismatch") == 2.0
+    });
+
+    // POST and DELETE reach the primary only.
+    assert_eq!(
+        request("POST", &proxy.url("/customers/same"), &[], Some(b"{}")).status,
+        200
+    );
+    assert_eq!(
+        request("DELETE", &proxy.url("/customers/same"), &[], None).status,
+        200
+    );
+    // A GET sent after them is shadowed; once its comparison is counted, theirs would have been.
+    let r = request("GET", &proxy.url("/customers/same"), &[], None);
+    let generated_id = r.header("x-request-id").to_string();
+    wait_for("the second match", Duration::from_secs(3), || {
+        shadow("match") == 2.0
+    });
+    let seen = new.seen();
+    let methods: Vec<&str> = seen.iter().map(|s| s.method.as_str()).collect();
+    assert_eq!(methods, ["GET"; 4], "only GETs are shadowed");
+    assert_eq!(legacy.seen().len(), 6, "the primary saw every request");
+    assert_eq!(shadow("error") + shadow("skipped"), 0.0);
+
+    // The shadow request says what it is, and carries the client request's id.
+    for s in &seen {
+        assert_eq!(
+            s.headers.get("x-strangler-shadow").map(String::as_str),
+            Some("1"),
+            "{s:?}"
+        );
+    }
+    let rid = |target: &str| {
+        seen.iter()
+            .filter(|s| s.target == target)
+            .map(|s| s.headers.get("x-request-id").cloned().unwrap_or_default())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(rid("/customers/differs"), ["rid-differs"]);
+    assert_eq!(
+        rid("/customers/same"),
+        ["rid-same".to_string(), generated_id]
+    );
+}
+
+#[test]
+fn a_slow_shadow_costs_the_client_nothing() {
+    let legacy = Backend::echo("legacy");
+    let slow = Backend::start(Arc::new(|_s: &Seen| {
+        std::thread::sleep(Duration::from_secs(2));
+        full(200, "late")
+    }));
+    let yaml = format!(
+        "backends:\n  legacy: {{url: '{}'}}\n  slow: {{url: '{}'}}\ndefault: legacy\nroutes:\n\
+         \x20 - {{name: plain, path: /plain, to: legacy}}\n\
+         \x20 - {{name: shadowed, path: /shadowed, to: legacy, shadow: slow}}\n",
+        legacy.url(),
+        slow.url()
+    );
+    let proxy = Proxy::start(&yaml);
+    let time = |path: &str| -> Vec<Duration> {
+        (0..5)
+            .map(|_| {
+                let t0 = Instant::now();
+                let r = request("GET", &proxy.url(path), &[], None);
+                assert_eq!((r.status, r.header("x-strangler-backend")), (200, "legacy"));
+                t0.elapsed()
+            })
+            .collect()
+    };
+    let plain = time("/plain");
+    let shadowed = time("/shadowed");
+    let mean = |v: &[Duration]| v.iter().sum::<Duration>() / v.len() as u32;
+    eprintln!(
+        "5 requests without shadow: mean {:?} {plain:?}; with a shadow 2 s slower: mean {:?} {shadowed:?}",
+        mean(&plain),
+        mean(&shadowed),
+    );
+    for (i, t) in shadowed.iter().enumerate() {
+        assert!(
+            *t < Duration::from_millis(500),
+            "shadowed request {i} took {t:?}"
+        );
+    }
+    wait_for(
+        "the slow shadow to be asked",
+        Duration::from_secs(3),
+        || !slow.seen().is_empty(),
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Automatic rollback
+
+#[test]
+fn a_failing_route_rolls_itself_back_and_a_flaky_one_does_not() {
+    let legacy = Backend::echo("legacy");
+    let broken = Backend::start(Arc::new(|_s: &Seen| full(500, "boom")));
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let flaky = Backend::start(Arc::new(move |_s: &Seen| {
+        if n2.fetch_add(1, Ordering::SeqCst) % 5 == 4 {
+            full(500, "every fifth")
+        } else {
+            full(200, "ok")
+        }
+    }));
+    let rule = "rollback: {error_rate: 50%, min_requests: 10, window: 60s}";
+    let yaml = format!(
+        "backends:\n  legacy: {{url: '{}'}}\n  broken: {{url: '{}'}}\n  flaky: {{url: '{}'}}\ndefault: legacy\nroutes:\n\
+         \x20 - {{name: payments, path: /payments, to: broken, {rule}}}\n\
+         \x20 - {{name: search, path: /search, to: flaky, {rule}}}\n",
+        legacy.url(),
+        broken.url(),
+        flaky.url()
+    );
+    let proxy = Proxy::start(&yaml);
+
+    for i in 0..10 {
+        let r = request("GET", &proxy.url("/payments/1"), &[], None);
+        assert_eq!(
+            (r.status, r.header("x-strangler-backend")),
+            (500, "broken"),
+            "request {i}"
+        );
+    }
+    let r = request("GET", &proxy.url("/payments/1"), &[], None);
+    assert_eq!(
+        (r.status, r.header("x-strangler-backend")),
+        (200, "legacy"),
+        "the 11th request"
+    );
+    let p = route(&proxy, "payments");
+    assert_eq!(
+        (p["state"].as_str(), p["pinned"]["reason"].as_str()),
+        (Some("rolled_back"), Some("auto"))
+    );
+    assert_eq!(
+        proxy.metric("strangler_rollbacks_total{route=\"payments\",reason=\"auto\"}"),
+        1.0
+    );
+    assert_eq!(
+        proxy.metric("strangler_route_pinned{route=\"payments\"}"),
+        1.0
+    );
+    assert!(
+        proxy
+            .log_text()
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains("payments")),
+        "logged as a warning"
+    );
+    assert_eq!(
+        broken.seen().len(),
+        10,
+        "nothing more was sent to the failing backend"
+    );
+
+    // 20 % failures stay under the 50 % threshold.
+    for _ in 0..25 {
+        let r = request("GET", &proxy.url("/search?q=x"), &[], None);
+        assert_eq!(r.header("x-strangler-backend"), "flaky");
+    }
+    assert_eq!(n.load(Ordering::SeqCst), 25);
+    let s = route(&proxy, "search");
+    assert_eq!(
+        (s["state"].as_str(), &s["pinned"]),
+        (Some("new"), &Value::Null)
+    );
+    assert_eq!(
+        proxy.metric("strangler_rollbacks_total{route=\"search\",reason=\"auto\"}"),
+        0.0
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Failover
+
+#[test]
+fn failover_retries_an_unreachable_backend_on_default() {
+    let legacy = Backend::echo("legacy");
+    let yaml = format!(
+        "{}routes:\n\
+         \x20 - {{name: departures, path: /departures, to: new, failover: true}}\n\
+         \x20 - {{name: arrivals, path: /arrivals, to: new}}\n",
+        base_yaml(&legacy.url(), &format!("http://127.0.0.1:{}", dead_port()))
+    );
+    let proxy = Proxy::start(&yaml);
+    let failovers = || {
+        proxy.metric("strangler_failovers_total{route=\"departures\",from=\"new\",to=\"legacy\"}")
+    };
+    for (i, method) in ["GET", "GET", "POST"].into_iter().enumerate() {
+        let r = request(method, &proxy.url("/departures/1"), &[], None);
+        assert_eq!(
+            (r.status, r.header("x-strangler-backend")),
+            (200, "legacy"),
+            "{method}: {}",
+            r.body
+        );
+        assert_eq!(r.json()["target"], "/departures/1");
+        wait_for("the failover counted", Duration::from_secs(2), || {
+            failovers() == (i + 1) as f64
+        });
+    }
+    let r = request("GET", &proxy.url("/arrivals/1"), &[], None);
+    assert_eq!(
+        (r.status, r.header("x-strangler-backend")),
+        (502, "new"),
+        "{}",
+        r.body
+    );
+    assert_eq!(r.json()["error"], "bad_gateway");
+    assert_eq!(failovers(), 3.0);
+    assert_eq!(legacy.seen().len(), 3);
+}
+
+// ---------------------------------------------------------------------------------------------
+// States and audit
+
+#[test]
+fn states_and_the_audit_trail_record_who_serves_what() {
+    let legacy = Backend::echo("legacy");
+    let new = Backend::echo("new");
+    let audit_dir = tempfile::tempdir().unwrap();
+    let audit = audit_dir.path().join("audit.jsonl");
+    let routes_yaml = |old_to: &str| {
+        format!(
+            "{}routes:\n\
+             \x20 - {{name: plain, path: /plain, to: new}}\n\
+             \x20 - {{name: canary, path: /canary, to: new, split: 25}}\n\
+             \x20 - {{name: shadowed, path: /shadowed, to: legacy, shadow: new}}\n\
+             \x20 - {{name: old, path: /old, to: {old_to}}}\n",
+            base_yaml(&legacy.url(), &new.url())
+        )
+    };
+    let yaml = routes_yaml("legacy");
+    let proxy = Proxy::start_with(&yaml, &["--audit-log", audit.to_str().unwrap()], &[]);
+    for (name, state) in [
+        ("plain", "new"),
+        ("canary", "canary"),
+        ("shadowed", "shadow"),
+        ("old", "legacy"),
+    ] {
+        assert_eq!(route(&proxy, name)["state"], state, "{name}");
+        assert_eq!(
+            proxy.metric(&format!(
+                "strangler_route_state{{route=\"{name}\",state=\"{state}\"}}"
+            )),
+            1.0
+        );
+        assert_eq!(
+            proxy.metric(&format!(
+                "strangler_route_state{{route=\"{name}\",state=\"rolled_back\"}}"
+            )),
+            0.0
+        );
+    }
+    assert_eq!(route(&proxy, "canary")["split"], 25.0);
+    assert_eq!(route(&proxy, "shadowed")["shadow"], "new");
+    assert!(audit_lines(&audit).is_empty(), "starting changes nothing");
+
+    let sha = sha256_hex(yaml.as_bytes());
+    assert_eq!(post(&proxy.admin_url("/routes/plain/rollback")).status, 200);
+    assert_eq!(post(&proxy.admin_url("/routes/plain/resume")).status, 200);
+    let lines = audit_lines(&audit);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let (pin, resume) = (&lines[0], &lines[1]);
+    assert_eq!(pin["route"], "plain");
+    assert_eq!(
+        (
+            pin["before"]["state"].as_str(),
+            pin["after"]["state"].as_str()
+        ),
+        (Some("new"), Some("rolled_back"))
+    );
+    assert!(pin["reason"].as_str().unwrap().contains("manual"), "{pin}");
+    assert_eq!(pin["config_sha256"], sha.as_str());
+    assert_eq!(resume["route"], "plain");
+    assert_eq!(
+        (
+            resume["before"]["state"].as_str(),
+            resume["after"]["state"].as_str()
+        ),
+        (Some("rolled_back"), Some("new"))
+    );
+    assert!(
+        resume["reason"].as_str().unwrap().contains("resume"),
+        "{resume}"
+    );
+    assert_eq!(resume["config_sha256"], sha.as_str());
+
+    // A reload that moves a route appends one line, naming the new file by its hash.
+    let moved = routes_yaml("new");
+    proxy.write_config(&moved);
+    wait_for("the reload's audit line", Duration::from_secs(3), || {
+        audit_lines(&audit).len() >= 3
+    });
+    let lines = audit_lines(&audit);
+    assert_eq!(lines.len(), 3, "only the route that changed: {lines:?}");
+    let reload = &lines[2];
+    assert_eq!(reload["route"], "old");
+    assert_eq!(
+        (
+            reload["before"]["to"].as_str(),
+            reload["after"]["to"].as_str()
+        ),
+        (Some("legacy"), Some("new"))
+    );
+    assert_eq!(
+        (
+            reload["before"]["state"].as_str(),
+            reload["after"]["state"].as_str()
+        ),
+        (Some("legacy"), Some("new"))
+    );
+    assert!(
+        reload["reason"].as_str().is_some_and(|r| !r.is_empty()),
+        "{reload}"
+    );
+    assert_eq!(
+        reload["config_sha256"],
+        sha256_hex(moved.as_bytes()).as_str()
+    );
+    assert_eq!(route(&proxy, "old")["state"], "new");
+    assert!(
+        proxy
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("audit"))
+            .count()
+            >= 3,
+        "each change is also a log line on the audit target:\n{}",
+        proxy.log_text()
+    );
+}
