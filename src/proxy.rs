@@ -109,6 +109,8 @@ pub struct RequestCtx {
     /// The request went to its route's `to` (not pinned, not split off, not failed over).
     to_target: bool,
     failed_over: bool,
+    /// The outcome has been counted in the rollback window.
+    judged: bool,
     upstream_error: Option<UpstreamErrorKind>,
     /// Status of a response the proxy wrote itself.
     proxy_status: Option<u16>,
@@ -234,6 +236,7 @@ impl ProxyHttp for Strangler {
             backend: None,
             to_target: false,
             failed_over: false,
+            judged: false,
             upstream_error: None,
             proxy_status: None,
             client_host: None,
@@ -503,6 +506,9 @@ impl ProxyHttp for Strangler {
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if resp.status.as_u16() >= 200 {
+            self.judge_target(ctx, resp.status.as_u16() >= 500);
+        }
         self.stamp(resp, ctx)
     }
 
@@ -604,6 +610,7 @@ impl ProxyHttp for Strangler {
                 can_reuse_downstream: false,
             };
         }
+        self.judge_target(ctx, err.status >= 500);
         let detail = e.etype().as_str();
         if let Err(we) = self.answer(session, ctx, err, Some(detail)).await {
             log::debug!("could not send the error response: {we}");
@@ -664,22 +671,38 @@ impl ProxyHttp for Strangler {
         if let Some(tap) = ctx.shadow.take() {
             tap.finish(client_gone || e.is_some());
         }
-        // The automatic rollback watches requests sent to `to` (after a failover, the attempt
-        // on `to` failed: that counts too).
-        let (Some(i), true) = (ctx.route, ctx.to_target || ctx.failed_over) else {
+        // Normally judged before the response went out; what is left (a client that went away,
+        // a failure mid-body) is judged now.
+        if !(client_gone && ctx.upstream_error.is_none()) {
+            let failed = ctx.failed_over || ctx.upstream_error.is_some() || code >= 500;
+            self.judge_target(ctx, failed);
+        }
+    }
+}
+
+impl Strangler {
+    /// Counts the outcome of a request sent to its route's `to` in the automatic-rollback
+    /// window, once per request, and pins the route when the window crosses its threshold.
+    /// Called as soon as the outcome is known — before the response goes to the client — so
+    /// that the request after the one that crossed the threshold is already served by `default`.
+    /// After a failover the attempt on `to` failed: that counts as a failure.
+    fn judge_target(&self, ctx: &mut RequestCtx, failed: bool) {
+        if ctx.judged {
+            return;
+        }
+        ctx.judged = true;
+        let (Some(live), Some(i)) = (&ctx.live, ctx.route) else {
             return;
         };
+        if !(ctx.to_target || ctx.failed_over) {
+            return;
+        }
         let route = &live.table.routes[i];
         let Some(rule) = &route.rollback else {
             return;
         };
-        if client_gone && ctx.upstream_error.is_none() {
-            return;
-        }
-        let failed = ctx.failed_over
-            || ctx.upstream_error.is_some()
-            || (ctx.to_target && code >= 500 && ctx.proxy_status.is_none())
-            || (ctx.to_target && ctx.proxy_status.is_some_and(|s| s >= 500));
+        let failed = failed || ctx.failed_over;
+        let now = Instant::now();
         let control = &live.routes[i].control;
         control.to_window.record(now, rule.window, failed);
         if failed && !control.is_pinned() {
@@ -692,13 +715,11 @@ impl ProxyHttp for Strangler {
                     rule.error_rate * 100.0,
                     rule.min_requests
                 );
-                self.state.auto_pin(&live, i, &why);
+                self.state.auto_pin(live, i, &why);
             }
         }
     }
-}
 
-impl Strangler {
     /// Switches the request to `default` for one retry if its route allows failover and it has
     /// not failed over yet. Returns whether a retry should happen.
     fn fail_over(&self, ctx: &mut RequestCtx) -> bool {

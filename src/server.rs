@@ -120,6 +120,8 @@ pub fn serve(opts: ServeOptions) -> Result<(), String> {
         Audit::new(opts.audit_log.clone()),
     )?;
 
+    // Before any request: a reload may add a shadow route at any time.
+    crate::shadow::warm_up();
     let conf = ServerConf {
         threads: opts.threads.max(1),
         grace_period_seconds: Some(opts.drain_timeout.as_secs()),

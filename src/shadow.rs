@@ -27,6 +27,12 @@ pub const BODY_CAP: usize = 1 << 20;
 pub const MAX_IN_FLIGHT: usize = 32;
 
 static CLIENT: LazyLock<Connector> = LazyLock::new(|| Connector::new(None));
+
+/// Builds the shadow client now. Building it loads the system's root certificates, a blocking
+/// job of tens of milliseconds that must not land on a proxy worker mid-request.
+pub fn warm_up() {
+    LazyLock::force(&CLIENT);
+}
 static X_STRANGLER_SHADOW: HeaderName = HeaderName::from_static("x-strangler-shadow");
 
 /// Hop-by-hop and framing headers never copied onto a shadow request.
