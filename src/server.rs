@@ -6,10 +6,13 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora_core::apps::http_app::HttpServer;
+use pingora_core::apps::ServerApp;
+use pingora_core::protocols::Stream;
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora_core::services::background::{background_service, BackgroundService};
@@ -84,6 +87,34 @@ impl ShutdownSignalWatch for Signals {
     }
 }
 
+/// How long a connection accepted just before shutdown gets to deliver its request header.
+const LATE_REQUEST_GRACE: Duration = Duration::from_millis(250);
+
+/// Pingora drops a connection that is still waiting for its request header the moment the
+/// listener shuts down — including one accepted microseconds earlier whose request is still on
+/// the wire, which during an upgrade or a drain is a failed request. This wrapper defers that
+/// cleanup by [`LATE_REQUEST_GRACE`]: the listener stops accepting at once, but every connection
+/// it already accepted gets its request served.
+struct LateCleanup<A> {
+    app: Arc<A>,
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for LateCleanup<A> {
+    async fn process_new(
+        self: &Arc<Self>,
+        session: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        self.app.process_new(session, shutdown).await
+    }
+
+    async fn cleanup(&self) {
+        tokio::time::sleep(LATE_REQUEST_GRACE).await;
+        self.app.cleanup().await;
+    }
+}
+
 /// Ends the process as soon as a graceful shutdown has no request left, instead of always
 /// sleeping the whole grace period (Pingora's grace period stays as the upper bound).
 struct DrainWatcher;
@@ -94,8 +125,8 @@ impl BackgroundService for DrainWatcher {
         if shutdown.changed().await.is_err() {
             return;
         }
-        // Let the listeners close and requests already accepted register themselves.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Let the listeners close and connections already accepted deliver their requests.
+        tokio::time::sleep(LATE_REQUEST_GRACE + Duration::from_millis(100)).await;
         loop {
             let active = ACTIVE.load(Ordering::Acquire);
             if active == 0 {
@@ -140,13 +171,16 @@ pub fn serve(opts: ServeOptions) -> Result<(), String> {
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
-    let mut proxy = pingora_proxy::http_proxy_service_with_name(
+    let app = pingora_proxy::http_proxy(
         &server.configuration,
         Strangler {
             state: state.clone(),
             limits: opts.limits,
         },
-        "strangler proxy",
+    );
+    let mut proxy = Service::new(
+        "strangler proxy".to_string(),
+        LateCleanup { app: Arc::new(app) },
     );
     for addr in &opts.listen {
         proxy.add_tcp(addr);

@@ -1,0 +1,206 @@
+//! Operating a fleet (issue: deploy and operate): a zero-downtime binary upgrade under load, and
+//! the fleet CLI against three real proxy processes.
+mod common;
+
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+
+/// Starts `strangler run` on the given ports (so a second process can take them over).
+fn spawn_on(dir: &std::path::Path, port: u16, admin: u16, upgrade: bool) -> std::process::Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("strangler.log"))
+        .unwrap();
+    let mut cmd = Command::new(bin());
+    cmd.arg("run")
+        .arg("-c")
+        .arg(dir.join("routing.yaml"))
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--admin",
+            &format!("127.0.0.1:{admin}"),
+        ])
+        .arg("--upgrade-sock")
+        .arg(dir.join("upgrade.sock"))
+        .env("RUST_LOG", "info")
+        .env_remove("STRANGLER_ADMIN_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    if upgrade {
+        cmd.arg("--upgrade");
+    }
+    cmd.spawn().unwrap()
+}
+
+#[test]
+fn a_binary_upgrade_under_load_fails_no_request() {
+    let legacy = Backend::echo("legacy");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("routing.yaml"),
+        format!(
+            "backends:\n  legacy: {{url: '{}'}}\ndefault: legacy\n",
+            legacy.url()
+        ),
+    )
+    .unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let mut old = spawn_on(dir.path(), port, admin, false);
+    let health = format!("http://127.0.0.1:{admin}/healthz");
+    wait_for("the old process", Duration::from_secs(15), || {
+        get(&health).0 == 200
+    });
+
+    // Load: fresh connections, as many clients make them, all through the upgrade.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let workers: Vec<_> = (0..3)
+        .map(|_| {
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            let url = format!("http://127.0.0.1:{port}/x");
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match request("GET", &url, &[], None).status {
+                        200 => ok.fetch_add(1, Ordering::Relaxed),
+                        _ => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            })
+        })
+        .collect();
+    wait_for("load to run", Duration::from_secs(5), || {
+        ok.load(Ordering::Relaxed) > 50
+    });
+
+    // The new binary waits for the listeners; SIGQUIT makes the old one hand them over.
+    let mut new = spawn_on(dir.path(), port, admin, true);
+    let sock = dir.path().join("upgrade.sock");
+    wait_for(
+        "the new process to wait for the sockets",
+        Duration::from_secs(10),
+        || sock.exists(),
+    );
+    unsafe_kill(old.id(), "QUIT");
+    let before = ok.load(Ordering::Relaxed);
+    wait_for(
+        "the old process to drain and exit",
+        Duration::from_secs(20),
+        || matches!(old.try_wait(), Ok(Some(_))),
+    );
+    let status = old.wait().unwrap();
+    wait_for(
+        "requests served after the old process left",
+        Duration::from_secs(10),
+        || ok.load(Ordering::Relaxed) > before + 50,
+    );
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().unwrap();
+    }
+    let log = std::fs::read_to_string(dir.path().join("strangler.log")).unwrap_or_default();
+    assert!(
+        status.success(),
+        "the old process exits 0: {status:?}\n{log}"
+    );
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "requests failed during the upgrade\n{log}"
+    );
+    assert!(
+        matches!(new.try_wait(), Ok(None)),
+        "the new process serves on"
+    );
+    assert_eq!(get(&health).0, 200, "the admin listener moved over too");
+    let _ = new.kill();
+    let _ = new.wait();
+    eprintln!(
+        "upgrade under load: {} requests, 0 failed",
+        ok.load(Ordering::Relaxed)
+    );
+}
+
+#[test]
+fn the_fleet_cli_acts_on_three_replicas_and_reports_each() {
+    let legacy = Backend::echo("legacy");
+    let new = Backend::echo("new");
+    let yaml = format!(
+        "{}routes:\n  - {{name: bookings, path: /bookings, to: new}}\n",
+        base_yaml(&legacy.url(), &new.url())
+    );
+    let fleet: Vec<Proxy> = (0..3).map(|_| Proxy::start(&yaml)).collect();
+    let admins: Vec<String> = fleet.iter().map(|p| p.admin_url("")).collect();
+    let cli = |args: &[&str], admins: &[String]| {
+        let mut cmd = Command::new(bin());
+        cmd.args(args)
+            .env_remove("STRANGLER_ADMIN_TOKEN")
+            .env_remove("STRANGLER_ADMIN");
+        for a in admins {
+            cmd.args(["--admin", a]);
+        }
+        cmd.output().unwrap()
+    };
+    let out = cli(&["rollback", "bookings"], &admins);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.contains("bookings: pinned to default"))
+            .count(),
+        3,
+        "{text}"
+    );
+    assert!(text.contains("3 of 3 replicas ok"), "{text}");
+    for p in &fleet {
+        let r = request("GET", &p.url("/bookings"), &[], None);
+        assert_eq!(
+            r.header("x-strangler-backend"),
+            "legacy",
+            "pinned on every replica"
+        );
+    }
+    // One replica down: the others are still acted on, and the exit code says so.
+    let mut with_dead = admins.clone();
+    with_dead.push(format!("http://127.0.0.1:{}", dead_port()));
+    let out = cli(&["resume", "bookings"], &with_dead);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{text}{err}");
+    assert!(text.contains("3 of 4 replicas ok"), "{text}");
+    assert!(err.contains("unreachable"), "{err}");
+    for p in &fleet {
+        let r = request("GET", &p.url("/bookings"), &[], None);
+        assert_eq!(
+            r.header("x-strangler-backend"),
+            "new",
+            "resumed on every live replica"
+        );
+    }
+    let out = cli(&["routes"], &admins);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("bookings ")).count(),
+        3,
+        "{text}"
+    );
+}
+
+#[test]
+fn one_dns_name_fans_out_to_every_address() {
+    // `localhost` resolves to 127.0.0.1 (and maybe ::1): each address is one target.
+    let t = strangler::client::targets(&["http://localhost:9900".to_string()]);
+    assert!(!t.is_empty());
+    assert!(t.iter().all(|t| t.base.ends_with(":9900")), "{t:?}");
+}
