@@ -3,29 +3,33 @@
 
 use std::net::IpAddr;
 
+use http::HeaderValue;
 use rand::RngCore;
 
 use crate::router::{Backend, Cidr};
 
 /// The client's `X-Request-Id` when it is usable (1–128 visible ASCII characters), else a new
-/// random one (32 hex digits).
-pub fn request_id(client: Option<&[u8]>) -> String {
+/// random one (32 hex digits). A header value, so it is stamped on requests and responses
+/// without being copied again.
+pub fn request_id(client: Option<&HeaderValue>) -> HeaderValue {
     match client {
         Some(v)
-            if !v.is_empty() && v.len() <= 128 && v.iter().all(|b| (0x21..0x7f).contains(b)) =>
+            if !v.is_empty()
+                && v.len() <= 128
+                && v.as_bytes().iter().all(|b| (0x21..0x7f).contains(b)) =>
         {
-            // Checked to be ASCII just above.
-            String::from_utf8_lossy(v).into_owned()
+            v.clone()
         }
         _ => {
             let mut bytes = [0u8; 16];
             rand::thread_rng().fill_bytes(&mut bytes);
-            let mut s = String::with_capacity(32);
-            for b in bytes {
-                s.push(char::from_digit(u32::from(b >> 4), 16).unwrap_or('0'));
-                s.push(char::from_digit(u32::from(b & 15), 16).unwrap_or('0'));
+            let mut hex = [0u8; 32];
+            const DIGITS: &[u8; 16] = b"0123456789abcdef";
+            for (i, b) in bytes.iter().enumerate() {
+                hex[2 * i] = DIGITS[usize::from(b >> 4)];
+                hex[2 * i + 1] = DIGITS[usize::from(b & 15)];
             }
-            s
+            HeaderValue::from_bytes(&hex).unwrap_or(HeaderValue::from_static("invalid"))
         }
     }
 }
@@ -134,12 +138,18 @@ mod tests {
 
     #[test]
     fn request_ids() {
-        assert_eq!(request_id(Some(b"abc-123")), "abc-123");
+        let hv = |s: &str| HeaderValue::from_str(s).unwrap();
+        assert_eq!(request_id(Some(&hv("abc-123"))), "abc-123");
         let fresh = request_id(None);
         assert_eq!(fresh.len(), 32);
+        assert!(fresh
+            .to_str()
+            .unwrap()
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit()));
         assert_ne!(fresh, request_id(None));
-        assert_eq!(request_id(Some(b"bad id")).len(), 32);
-        assert_eq!(request_id(Some(&[b'a'; 200])).len(), 32);
+        assert_eq!(request_id(Some(&hv("bad id"))).len(), 32);
+        assert_eq!(request_id(Some(&hv(&"a".repeat(200)))).len(), 32);
     }
 
     #[test]

@@ -114,6 +114,56 @@ pub fn method_label(method: &http::Method) -> &'static str {
     }
 }
 
+/// Index of a method label (see [`method_label`]), for compact keys.
+pub fn method_index(label: &str) -> u32 {
+    match label {
+        "GET" => 0,
+        "HEAD" => 1,
+        "POST" => 2,
+        "PUT" => 3,
+        "PATCH" => 4,
+        "DELETE" => 5,
+        "OPTIONS" => 6,
+        _ => 7,
+    }
+}
+
+/// `strangler_requests_total` handles of one route, resolved on first use and kept: the
+/// request path finds its counter by a small integer key instead of hashing four label strings
+/// in the registry. A route sees few distinct (backend, method, code) triples, so a short
+/// vector scanned under a read lock is the cheapest map.
+#[derive(Debug)]
+pub struct RequestCounters {
+    route: std::sync::Arc<str>,
+    cache: parking_lot::RwLock<Vec<(u32, IntCounter)>>,
+}
+
+impl RequestCounters {
+    pub fn new(route: std::sync::Arc<str>) -> Self {
+        RequestCounters {
+            route,
+            cache: parking_lot::RwLock::new(Vec::new()),
+        }
+    }
+
+    /// Counts one request. `backend` is the backend's index (`None`: answered by the proxy).
+    pub fn inc(&self, backend: Option<usize>, backend_name: &str, method: &'static str, code: u16) {
+        let b = backend.map_or(0xff, |b| b.min(0xfe) as u32);
+        let key = (b << 16) | (method_index(method) << 12) | u32::from(code.min(0xfff));
+        if let Some((_, c)) = self.cache.read().iter().find(|(k, _)| *k == key) {
+            c.inc();
+            return;
+        }
+        let counter =
+            REQUESTS.with_label_values(&[&*self.route, backend_name, method, &code.to_string()]);
+        counter.inc();
+        let mut cache = self.cache.write();
+        if !cache.iter().any(|(k, _)| *k == key) {
+            cache.push((key, counter));
+        }
+    }
+}
+
 /// Forces registration of every metric, so `/metrics` lists them (with their HELP) from start-up.
 pub fn register_all() {
     LazyLock::force(&REQUESTS);

@@ -99,7 +99,7 @@ pub struct RequestCtx {
     start: Instant,
     /// The table this request is served under (taken once, in `request_filter`).
     live: Option<Arc<LiveTable>>,
-    request_id: String,
+    request_id: HeaderValue,
     method: &'static str,
     path: Option<NormalPath>,
     /// Route index in `live.table.routes`; `None` is the unmatched `default` route.
@@ -115,7 +115,7 @@ pub struct RequestCtx {
     /// Status of a response the proxy wrote itself.
     proxy_status: Option<u16>,
     /// The client's Host, for Location rewriting and X-Forwarded-Host.
-    client_host: Option<String>,
+    client_host: Option<HeaderValue>,
     _in_flight: Option<InFlight>,
     shadow: Option<ShadowTap>,
 }
@@ -150,7 +150,7 @@ impl Strangler {
             detail,
             ctx.route_name(),
             ctx.backend_name(),
-            &ctx.request_id,
+            ctx.request_id.to_str().unwrap_or("-"),
         );
         let mut resp = ResponseHeader::build(err.status, Some(6))?;
         resp.insert_header(header::CONTENT_TYPE, "application/json")?;
@@ -166,7 +166,7 @@ impl Strangler {
 
     /// The three headers every response carries.
     fn stamp(&self, resp: &mut ResponseHeader, ctx: &RequestCtx) -> Result<()> {
-        resp.insert_header(X_REQUEST_ID.clone(), &ctx.request_id)?;
+        resp.insert_header(X_REQUEST_ID.clone(), ctx.request_id.clone())?;
         let (route, backend) = match &ctx.live {
             Some(l) => (
                 l.route_live(ctx.route).header.clone(),
@@ -229,7 +229,7 @@ impl ProxyHttp for Strangler {
             _active: Active::new(),
             start: Instant::now(),
             live: None,
-            request_id: String::new(),
+            request_id: HeaderValue::from_static("-"),
             method: "OTHER",
             path: None,
             route: None,
@@ -252,13 +252,8 @@ impl ProxyHttp for Strangler {
         let live = self.state.snapshot();
         let req = session.req_header();
         ctx.method = metrics::method_label(&req.method);
-        ctx.request_id =
-            forwarding::request_id(req.headers.get(&X_REQUEST_ID).map(|v| v.as_bytes()));
-        ctx.client_host = req
-            .headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_owned);
+        ctx.request_id = forwarding::request_id(req.headers.get(&X_REQUEST_ID));
+        ctx.client_host = req.headers.get(header::HOST).cloned();
         ctx.live = Some(live.clone());
 
         let raw = req.raw_path();
@@ -394,7 +389,10 @@ impl ProxyHttp for Strangler {
         if let Some(p) = &ctx.path {
             let route = ctx.route.map(|i| &live.table.routes[i]);
             let target = upstream_path(route, ctx.to_target, backend, p);
-            up.set_raw_path(target.as_bytes())?;
+            // Most requests arrive already normal: leave their target untouched then.
+            if target.as_bytes() != up.raw_path() {
+                up.set_raw_path(target.as_bytes())?;
+            }
         }
         if let Some(h) = &backend.host_header {
             up.insert_header(header::HOST, h.as_str())?;
@@ -409,9 +407,9 @@ impl ProxyHttp for Strangler {
         }
         up.insert_header(X_FORWARDED_PROTO.clone(), "http")?;
         if let Some(h) = &ctx.client_host {
-            up.insert_header(X_FORWARDED_HOST.clone(), h.as_str())?;
+            up.insert_header(X_FORWARDED_HOST.clone(), h.clone())?;
         }
-        up.insert_header(X_REQUEST_ID.clone(), ctx.request_id.as_str())?;
+        up.insert_header(X_REQUEST_ID.clone(), ctx.request_id.clone())?;
         Ok(())
     }
 
@@ -452,7 +450,11 @@ impl ProxyHttp for Strangler {
             .get(header::LOCATION)
             .and_then(|v| v.to_str().ok())
         {
-            let host = ctx.client_host.as_deref().unwrap_or("localhost");
+            let host = ctx
+                .client_host
+                .as_ref()
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("localhost");
             if let Some(new) = forwarding::rewrite_location(loc, backend, "http", host) {
                 resp.insert_header(header::LOCATION, new)?;
             }
@@ -654,14 +656,7 @@ impl ProxyHttp for Strangler {
         };
         let rl = live.route_live(ctx.route);
         let backend = ctx.backend_name();
-        metrics::REQUESTS
-            .with_label_values(&[
-                ctx.route_name(),
-                backend,
-                ctx.method,
-                status_str(code).as_ref(),
-            ])
-            .inc();
+        rl.requests.inc(ctx.backend, backend, ctx.method, code);
         let now = Instant::now();
         if let Some(b) = ctx.backend {
             rl.duration[b].observe(now.duration_since(ctx.start).as_secs_f64());
@@ -740,7 +735,7 @@ impl Strangler {
             .inc();
         log::warn!(
             "request {} on route {:?}: {} unreachable, failing over to {}",
-            ctx.request_id,
+            ctx.request_id.to_str().unwrap_or("-"),
             route.name,
             live.table.backends[b].name,
             live.table.backends[default].name
@@ -757,26 +752,4 @@ fn record_upstream_error(ctx: &RequestCtx, kind: UpstreamErrorKind) {
     metrics::UPSTREAM_ERRORS
         .with_label_values(&[ctx.route_name(), ctx.backend_name(), kind.as_str()])
         .inc();
-}
-
-/// Status codes as label strings without formatting on the common path.
-fn status_str(code: u16) -> std::borrow::Cow<'static, str> {
-    match code {
-        200 => "200".into(),
-        201 => "201".into(),
-        204 => "204".into(),
-        301 => "301".into(),
-        302 => "302".into(),
-        304 => "304".into(),
-        400 => "400".into(),
-        401 => "401".into(),
-        403 => "403".into(),
-        404 => "404".into(),
-        499 => "499".into(),
-        500 => "500".into(),
-        502 => "502".into(),
-        503 => "503".into(),
-        504 => "504".into(),
-        c => c.to_string().into(),
-    }
 }

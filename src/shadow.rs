@@ -9,7 +9,7 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderName};
+use http::header::{self, HeaderName, HeaderValue};
 use pingora_core::connectors::http::Connector;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_http::RequestHeader;
@@ -123,7 +123,7 @@ pub fn tap(
     i: usize,
     req: &RequestHeader,
     path: Option<&NormalPath>,
-    request_id: &str,
+    request_id: &HeaderValue,
 ) -> Option<ShadowTap> {
     let route = &live.table.routes[i];
     let shadow = route.shadow?;
@@ -171,7 +171,7 @@ pub fn tap(
     let deadline = backend.timeout + backend.connect_timeout;
     let ignore = route.shadow_ignore.clone();
     let (route_name, backend_name) = (route.name.clone(), backend.name.clone());
-    let request_id = request_id.to_string();
+    let request_id = request_id.to_str().unwrap_or("-").to_string();
     let head = req.method == http::Method::HEAD;
     let (tx, rx) = oneshot::channel();
 

@@ -86,6 +86,8 @@ pub struct RouteLive {
     pub duration: Vec<Histogram>,
     /// Last-minute requests/errors by backend index.
     pub recent: Vec<Arc<Window>>,
+    /// `strangler_requests_total` handles.
+    pub requests: metrics::RequestCounters,
 }
 
 /// The table in force and its live handles. Requests take one `Arc` of it and keep it to the end.
@@ -450,6 +452,7 @@ fn assemble(table: RoutingTable, controls: &mut HashMap<Arc<str>, Arc<RouteContr
             .iter()
             .map(|b| control.recent_window(&b.name))
             .collect(),
+        requests: metrics::RequestCounters::new(name.clone()),
         control,
     };
     let routes: Vec<RouteLive> = table
