@@ -83,6 +83,9 @@ pub struct RunArgs {
     /// Longest wait for in-flight requests after SIGTERM/SIGINT (e.g. 10s).
     #[arg(long, env = "STRANGLER_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration_arg)]
     pub drain_timeout: std::time::Duration,
+    /// Longest time from the first byte of a request header to its end (slow clients are cut).
+    #[arg(long, env = "STRANGLER_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration_arg)]
+    pub header_timeout: std::time::Duration,
     /// Longest request target (path + query) in bytes; longer is answered 414.
     #[arg(long, env = "STRANGLER_MAX_URI_BYTES", default_value_t = 8192)]
     pub max_uri_bytes: usize,

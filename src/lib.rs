@@ -19,6 +19,7 @@ pub mod check;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod connection;
 pub mod demo;
 pub mod errors;
 pub mod forwarding;

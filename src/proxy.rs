@@ -21,6 +21,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use prometheus::IntGauge;
 
+use crate::connection::DeadlineStream;
 use crate::errors::{self, ProxyError, UpstreamErrorKind};
 use crate::forwarding;
 use crate::metrics;
@@ -243,6 +244,23 @@ impl ProxyHttp for Strangler {
             _in_flight: None,
             shadow: None,
         }
+    }
+
+    /// Phase: the request header has just been read, before any module. Stops the connection's
+    /// header clock (see `connection.rs`). Never fails.
+    async fn early_request_filter(
+        &self,
+        session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(clock) = session
+            .as_downstream()
+            .stream()
+            .and_then(DeadlineStream::clock_of)
+        {
+            clock.header_done();
+        }
+        Ok(())
     }
 
     /// Phase: request header read, nothing sent upstream yet. Takes the table snapshot,
@@ -630,6 +648,13 @@ impl ProxyHttp for Strangler {
     where
         RequestCtx: Send + Sync,
     {
+        if let Some(clock) = session
+            .as_downstream()
+            .stream()
+            .and_then(DeadlineStream::clock_of)
+        {
+            clock.request_done();
+        }
         let Some(live) = ctx.live.clone() else {
             return;
         };

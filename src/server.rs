@@ -11,8 +11,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora_core::apps::http_app::HttpServer;
-use pingora_core::apps::ServerApp;
-use pingora_core::protocols::Stream;
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora_core::services::background::{background_service, BackgroundService};
@@ -43,6 +41,8 @@ pub struct ServeOptions {
     /// Take over the listening sockets of a running strangler (zero-downtime upgrade).
     pub upgrade: bool,
     pub upgrade_sock: PathBuf,
+    /// From the first byte of a request header to its end.
+    pub header_timeout: Duration,
     /// Request size limits.
     pub limits: crate::proxy::Limits,
     /// `(name, address)` of sample services to start beside the proxy.
@@ -87,34 +87,6 @@ impl ShutdownSignalWatch for Signals {
     }
 }
 
-/// How long a connection accepted just before shutdown gets to deliver its request header.
-const LATE_REQUEST_GRACE: Duration = Duration::from_millis(250);
-
-/// Pingora drops a connection that is still waiting for its request header the moment the
-/// listener shuts down — including one accepted microseconds earlier whose request is still on
-/// the wire, which during an upgrade or a drain is a failed request. This wrapper defers that
-/// cleanup by [`LATE_REQUEST_GRACE`]: the listener stops accepting at once, but every connection
-/// it already accepted gets its request served.
-struct LateCleanup<A> {
-    app: Arc<A>,
-}
-
-#[async_trait]
-impl<A: ServerApp + Send + Sync + 'static> ServerApp for LateCleanup<A> {
-    async fn process_new(
-        self: &Arc<Self>,
-        session: Stream,
-        shutdown: &ShutdownWatch,
-    ) -> Option<Stream> {
-        self.app.process_new(session, shutdown).await
-    }
-
-    async fn cleanup(&self) {
-        tokio::time::sleep(LATE_REQUEST_GRACE).await;
-        self.app.cleanup().await;
-    }
-}
-
 /// Ends the process as soon as a graceful shutdown has no request left, instead of always
 /// sleeping the whole grace period (Pingora's grace period stays as the upper bound).
 struct DrainWatcher;
@@ -126,7 +98,8 @@ impl BackgroundService for DrainWatcher {
             return;
         }
         // Let the listeners close and connections already accepted deliver their requests.
-        tokio::time::sleep(LATE_REQUEST_GRACE + Duration::from_millis(100)).await;
+        tokio::time::sleep(crate::connection::LATE_REQUEST_GRACE + Duration::from_millis(100))
+            .await;
         loop {
             let active = ACTIVE.load(Ordering::Acquire);
             if active == 0 {
@@ -180,7 +153,10 @@ pub fn serve(opts: ServeOptions) -> Result<(), String> {
     );
     let mut proxy = Service::new(
         "strangler proxy".to_string(),
-        LateCleanup { app: Arc::new(app) },
+        crate::connection::Guarded {
+            app: Arc::new(app),
+            header_timeout: opts.header_timeout,
+        },
     );
     for addr in &opts.listen {
         proxy.add_tcp(addr);

@@ -609,3 +609,97 @@ fn oversized_requests_are_414_and_431_and_sent_nowhere() {
     );
     assert_eq!(request("GET", &proxy.url("/ok"), &[], None).status, 200);
 }
+
+#[test]
+fn slowloris_connections_are_cut_by_the_header_deadline_while_load_runs() {
+    use std::io::{Read, Write};
+    let legacy = Backend::echo("legacy");
+    let proxy = Proxy::start_with(
+        &format!(
+            "backends:\n  legacy: {{url: '{}'}}\ndefault: legacy\n",
+            legacy.url()
+        ),
+        &["--header-timeout", "1s"],
+        &[],
+    );
+    let addr = format!("127.0.0.1:{}", proxy.port);
+    // 200 clients that start a header and drip one byte every 100 ms, never finishing it.
+    let mut slow: Vec<std::net::TcpStream> = (0..200)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(&addr).unwrap();
+            s.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\nX-A: ")
+                .unwrap();
+            s.set_nonblocking(true).unwrap();
+            s
+        })
+        .collect();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let load: Vec<_> = (0..2)
+        .map(|_| {
+            let (stop, ok, failed, url) = (
+                stop.clone(),
+                ok.clone(),
+                failed.clone(),
+                proxy.url("/healthy"),
+            );
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match request("GET", &url, &[], None).status {
+                        200 => ok.fetch_add(1, Ordering::Relaxed),
+                        _ => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            })
+        })
+        .collect();
+    let t0 = Instant::now();
+    let mut closed = vec![false; slow.len()];
+    wait_for(
+        "every slow client to be cut",
+        Duration::from_secs(8),
+        || {
+            for (i, s) in slow.iter_mut().enumerate() {
+                if closed[i] {
+                    continue;
+                }
+                let mut buf = [0u8; 64];
+                match s.read(&mut buf) {
+                    Ok(0) => closed[i] = true,
+                    Ok(_) => closed[i] = true, // an answer (e.g. 408/400) also ends it
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if s.write_all(b"a").is_err() {
+                            closed[i] = true;
+                        }
+                    }
+                    Err(_) => closed[i] = true,
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            closed.iter().all(|c| *c)
+        },
+    );
+    let cut_after = t0.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    for w in load {
+        w.join().unwrap();
+    }
+    assert!(
+        cut_after >= Duration::from_millis(900),
+        "cut too early: {cut_after:?}"
+    );
+    assert!(ok.load(Ordering::Relaxed) > 20, "the healthy load ran");
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "the healthy load saw errors"
+    );
+    assert!(
+        legacy.seen().iter().all(|s| s.target != "/slow"),
+        "a slow header reached the backend"
+    );
+    eprintln!(
+        "200 slowloris clients cut after {cut_after:?}; {} healthy requests, 0 failed",
+        ok.load(Ordering::Relaxed)
+    );
+}

@@ -1,0 +1,263 @@
+//! What strangler adds around every accepted client connection, below HTTP:
+//! - the **header read deadline**: from the first byte of a request header to its end, a client
+//!   gets `--header-timeout` (default 10 s) in all — not per read, so a client dripping one byte
+//!   at a time (slowloris) cannot hold a connection. Idle keep-alive time before the first byte
+//!   is not counted (Pingora's keep-alive timeout governs it);
+//! - the **late cleanup** at shutdown: Pingora drops a connection still waiting for its request
+//!   header the moment its listener shuts down — including one accepted microseconds earlier
+//!   whose request is still on the wire. During an upgrade or a drain that would be a failed
+//!   request; deferring the cleanup lets every accepted connection deliver its request.
+//!
+//! The proxy hooks tell the clock where a request starts and ends (`header_done`,
+//! `request_done`); the stream enforces it. No bytes are inspected.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora_core::apps::ServerApp;
+use pingora_core::protocols::raw_connect::ProxyDigest;
+use pingora_core::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
+    TimingDigest, UniqueID, UniqueIDType,
+};
+use pingora_core::server::ShutdownWatch;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// How long a connection accepted just before shutdown gets to deliver its request header.
+pub const LATE_REQUEST_GRACE: Duration = Duration::from_millis(250);
+
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+fn now_ns() -> u64 {
+    // +1 so that 0 can mean "not started".
+    EPOCH.elapsed().as_nanos() as u64 + 1
+}
+
+/// Where a connection stands between requests, shared by its stream and the proxy hooks.
+#[derive(Debug)]
+pub struct HeaderClock {
+    /// Between requests: the next bytes read belong to a request header.
+    awaiting_header: AtomicBool,
+    /// When the first byte of the current header arrived; 0 before it does.
+    started_ns: AtomicU64,
+}
+
+impl HeaderClock {
+    fn new() -> Self {
+        HeaderClock {
+            awaiting_header: AtomicBool::new(true),
+            started_ns: AtomicU64::new(0),
+        }
+    }
+
+    /// The request header has been read and parsed: stop the clock.
+    pub fn header_done(&self) {
+        self.awaiting_header.store(false, Ordering::Release);
+        self.started_ns.store(0, Ordering::Release);
+    }
+
+    /// The request is over: the next bytes start the next header's clock.
+    pub fn request_done(&self) {
+        self.started_ns.store(0, Ordering::Release);
+        self.awaiting_header.store(true, Ordering::Release);
+    }
+}
+
+/// A client stream with the header read deadline.
+pub struct DeadlineStream {
+    inner: Stream,
+    pub clock: Arc<HeaderClock>,
+    limit: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl fmt::Debug for DeadlineStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeadlineStream")
+            .field("inner", &self.inner)
+            .field("limit", &self.limit)
+            .finish()
+    }
+}
+
+impl DeadlineStream {
+    pub fn new(inner: Stream, limit: Duration) -> Self {
+        DeadlineStream {
+            inner,
+            clock: Arc::new(HeaderClock::new()),
+            limit,
+            timer: None,
+        }
+    }
+
+    /// The clock of the stream under a Pingora `Stream`, if it is one of ours.
+    pub fn clock_of(stream: &Stream) -> Option<&Arc<HeaderClock>> {
+        stream
+            .as_any()
+            .downcast_ref::<DeadlineStream>()
+            .map(|s| &s.clock)
+    }
+
+    fn expired() -> std::io::Error {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "request header not complete within the header timeout",
+        )
+    }
+}
+
+impl AsyncRead for DeadlineStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        let awaiting = this.clock.awaiting_header.load(Ordering::Acquire);
+        if !awaiting {
+            this.timer = None;
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        }
+        let started = this.clock.started_ns.load(Ordering::Acquire);
+        if started != 0 && now_ns().saturating_sub(started) > this.limit.as_nanos() as u64 {
+            return Poll::Ready(Err(Self::expired()));
+        }
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if started == 0 && buf.filled().len() > before {
+                    this.clock.started_ns.store(now_ns(), Ordering::Release);
+                    this.timer = Some(Box::pin(tokio::time::sleep(this.limit)));
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => {
+                if started != 0 {
+                    let remaining = this
+                        .limit
+                        .saturating_sub(Duration::from_nanos(now_ns().saturating_sub(started)));
+                    let timer = this
+                        .timer
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(remaining)));
+                    if timer.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Err(Self::expired()));
+                    }
+                }
+                Poll::Pending
+            }
+            other => other,
+        }
+    }
+}
+
+impl AsyncWrite for DeadlineStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[async_trait]
+impl Shutdown for DeadlineStream {
+    async fn shutdown(&mut self) {
+        self.inner.shutdown().await
+    }
+}
+
+impl UniqueID for DeadlineStream {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+/// Plain-text listeners only: no TLS to report.
+impl Ssl for DeadlineStream {}
+
+impl GetTimingDigest for DeadlineStream {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for DeadlineStream {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+    fn set_proxy_digest(&mut self, digest: ProxyDigest) {
+        self.inner.set_proxy_digest(digest)
+    }
+}
+
+impl GetSocketDigest for DeadlineStream {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+    fn set_socket_digest(&mut self, digest: SocketDigest) {
+        self.inner.set_socket_digest(digest)
+    }
+}
+
+#[async_trait]
+impl Peek for DeadlineStream {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> std::io::Result<bool> {
+        self.inner.try_peek(buf).await
+    }
+}
+
+/// The proxy application wrapped with both behaviours.
+pub struct Guarded<A> {
+    pub app: Arc<A>,
+    pub header_timeout: Duration,
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let stream: Stream = Box::new(DeadlineStream::new(stream, self.header_timeout));
+        self.app.process_new(stream, shutdown).await
+    }
+
+    async fn cleanup(&self) {
+        tokio::time::sleep(LATE_REQUEST_GRACE).await;
+        self.app.cleanup().await;
+    }
+}
