@@ -3,8 +3,6 @@
 mod common;
 
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -59,25 +57,8 @@ fn a_binary_upgrade_under_load_fails_no_request() {
     });
 
     // Load: fresh connections, as many clients make them, all through the upgrade.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let workers: Vec<_> = (0..3)
-        .map(|_| {
-            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-            let url = format!("http://127.0.0.1:{port}/x");
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match request("GET", &url, &[], None).status {
-                        200 => ok.fetch_add(1, Ordering::Relaxed),
-                        _ => failed.fetch_add(1, Ordering::Relaxed),
-                    };
-                }
-            })
-        })
-        .collect();
-    wait_for("load to run", Duration::from_secs(5), || {
-        ok.load(Ordering::Relaxed) > 50
-    });
+    let load = Load::start(&format!("http://127.0.0.1:{port}/x"), 3);
+    wait_for("load to run", Duration::from_secs(5), || load.ok() > 50);
 
     // The new binary waits for the listeners; SIGQUIT makes the old one hand them over.
     let mut new = spawn_on(dir.path(), port, admin, true);
@@ -88,7 +69,7 @@ fn a_binary_upgrade_under_load_fails_no_request() {
         || sock.exists(),
     );
     unsafe_kill(old.id(), "QUIT");
-    let before = ok.load(Ordering::Relaxed);
+    let before = load.ok();
     wait_for(
         "the old process to drain and exit",
         Duration::from_secs(20),
@@ -98,22 +79,15 @@ fn a_binary_upgrade_under_load_fails_no_request() {
     wait_for(
         "requests served after the old process left",
         Duration::from_secs(10),
-        || ok.load(Ordering::Relaxed) > before + 50,
+        || load.ok() > before + 50,
     );
-    stop.store(true, Ordering::Relaxed);
-    for w in workers {
-        w.join().unwrap();
-    }
+    let (ok, failed) = load.stop();
     let log = std::fs::read_to_string(dir.path().join("strangler.log")).unwrap_or_default();
     assert!(
         status.success(),
         "the old process exits 0: {status:?}\n{log}"
     );
-    assert_eq!(
-        failed.load(Ordering::Relaxed),
-        0,
-        "requests failed during the upgrade\n{log}"
-    );
+    assert_eq!(failed, 0, "requests failed during the upgrade\n{log}");
     assert!(
         matches!(new.try_wait(), Ok(None)),
         "the new process serves on"
@@ -121,10 +95,7 @@ fn a_binary_upgrade_under_load_fails_no_request() {
     assert_eq!(get(&health).0, 200, "the admin listener moved over too");
     let _ = new.kill();
     let _ = new.wait();
-    eprintln!(
-        "upgrade under load: {} requests, 0 failed",
-        ok.load(Ordering::Relaxed)
-    );
+    eprintln!("upgrade under load: {ok} requests, 0 failed");
 }
 
 #[test]

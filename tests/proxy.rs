@@ -1,7 +1,6 @@
 //! The proxy end to end (issue: the proxy itself): real backends on loopback, the real binary.
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -433,28 +432,7 @@ fn reloads_under_load_fail_no_request() {
     let proxy = Proxy::start(&format!(
         "{base}routes:\n  - {{name: bookings, path: /bookings, to: legacy}}\n"
     ));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let ok = Arc::new(AtomicUsize::new(0));
-    let failed = Arc::new(AtomicUsize::new(0));
-    let workers: Vec<_> = (0..4)
-        .map(|_| {
-            let (stop, ok, failed, url) = (
-                stop.clone(),
-                ok.clone(),
-                failed.clone(),
-                proxy.url("/bookings/1"),
-            );
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    if request("GET", &url, &[], None).status == 200 {
-                        ok.fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        failed.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            })
-        })
-        .collect();
+    let load = Load::start(&proxy.url("/bookings/1"), 4);
     let before = proxy.metric("strangler_config_reloads_total{result=\"success\"}");
     for i in 0..60 {
         let to = if i % 2 == 0 { "new" } else { "legacy" };
@@ -466,20 +444,9 @@ fn reloads_under_load_fail_no_request() {
             proxy.metric("strangler_config_reloads_total{result=\"success\"}") >= want
         });
     }
-    stop.store(true, Ordering::Relaxed);
-    for w in workers {
-        w.join().unwrap();
-    }
-    assert!(
-        ok.load(Ordering::Relaxed) > 100,
-        "load ran: {}",
-        ok.load(Ordering::Relaxed)
-    );
-    assert_eq!(
-        failed.load(Ordering::Relaxed),
-        0,
-        "requests failed across reloads"
-    );
+    let (ok, failed) = load.stop();
+    assert!(ok > 100, "load ran: {ok}");
+    assert_eq!(failed, 0, "requests failed across reloads");
 }
 
 #[test]
@@ -633,26 +600,7 @@ fn slowloris_connections_are_cut_by_the_header_deadline_while_load_runs() {
             s
         })
         .collect();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let load: Vec<_> = (0..2)
-        .map(|_| {
-            let (stop, ok, failed, url) = (
-                stop.clone(),
-                ok.clone(),
-                failed.clone(),
-                proxy.url("/healthy"),
-            );
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match request("GET", &url, &[], None).status {
-                        200 => ok.fetch_add(1, Ordering::Relaxed),
-                        _ => failed.fetch_add(1, Ordering::Relaxed),
-                    };
-                }
-            })
-        })
-        .collect();
+    let load = Load::start(&proxy.url("/healthy"), 2);
     let t0 = Instant::now();
     let mut closed = vec![false; slow.len()];
     wait_for(
@@ -680,26 +628,16 @@ fn slowloris_connections_are_cut_by_the_header_deadline_while_load_runs() {
         },
     );
     let cut_after = t0.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    for w in load {
-        w.join().unwrap();
-    }
+    let (ok, failed) = load.stop();
     assert!(
         cut_after >= Duration::from_millis(900),
         "cut too early: {cut_after:?}"
     );
-    assert!(ok.load(Ordering::Relaxed) > 20, "the healthy load ran");
-    assert_eq!(
-        failed.load(Ordering::Relaxed),
-        0,
-        "the healthy load saw errors"
-    );
+    assert!(ok > 20, "the healthy load ran");
+    assert_eq!(failed, 0, "the healthy load saw errors");
     assert!(
         legacy.seen().iter().all(|s| s.target != "/slow"),
         "a slow header reached the backend"
     );
-    eprintln!(
-        "200 slowloris clients cut after {cut_after:?}; {} healthy requests, 0 failed",
-        ok.load(Ordering::Relaxed)
-    );
+    eprintln!("200 slowloris clients cut after {cut_after:?}; {ok} healthy requests, 0 failed");
 }
