@@ -1,0 +1,354 @@
+#!/usr/bin/env bash
+# End-to-end throughput/latency/CPU/RSS comparison: no proxy vs nginx reverse proxy vs strangler
+# (10 routes and 10 000 routes), for 1 KiB and 1 MiB bodies.
+#
+#   scripts/bench.sh            # prints a markdown report on stdout
+#   scripts/bench.sh --write    # ... and appends it to BENCHMARKS.md
+#
+# Environment:
+#   DURATION=10     seconds per measured wrk run (after a 1 s warm-up run)
+#   REPS=3          interleaved repetitions; the report shows medians
+#   CONNS=32        wrk connections (wrk uses 1 thread, pinned with taskset -c $WRK_CPU)
+#   PROXY_CPU=0     core for the proxy under test (nginx worker / strangler --threads 1)
+#   WRK_CPU=1       core for wrk
+#   BACKEND_CPU=1   core for the backend nginx (1 worker). With 2 cores the proxy gets core 0
+#                   to itself; wrk and the backend share core 1.
+#   STRANGLER_BIN   default target/release/strangler (built with `cargo build --release` if missing)
+#
+# Needs nginx and wrk (Debian packages; installed with apt-get if missing), curl, taskset.
+# Every process runs from a temp dir on free loopback ports and is stopped on exit.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+DURATION=${DURATION:-10}
+REPS=${REPS:-3}
+CONNS=${CONNS:-32}
+PROXY_CPU=${PROXY_CPU:-0}
+WRK_CPU=${WRK_CPU:-1}
+BACKEND_CPU=${BACKEND_CPU:-1}
+STRANGLER_BIN=${STRANGLER_BIN:-$ROOT/target/release/strangler}
+WRITE=0
+for a in "$@"; do
+    case "$a" in
+        --write) WRITE=1 ;;
+        -h | --help) sed -n '2,20p' "$0"; exit 0 ;;
+        *) echo "unknown argument: $a" >&2; exit 2 ;;
+    esac
+done
+
+log() { echo "bench: $*" >&2; }
+
+# --- tools -----------------------------------------------------------------------------------
+if ! command -v nginx >/dev/null || ! command -v wrk >/dev/null; then
+    log "installing nginx and wrk"
+    # Keep the package from starting nginx as a system service.
+    POLICY=/usr/sbin/policy-rc.d
+    ADDED_POLICY=0
+    if [ ! -e "$POLICY" ]; then printf '#!/bin/sh\nexit 101\n' >"$POLICY"; chmod +x "$POLICY"; ADDED_POLICY=1; fi
+    apt-get install -y nginx wrk >&2 || { apt-get update >&2 && apt-get install -y nginx wrk >&2; }
+    [ "$ADDED_POLICY" = 1 ] && rm -f "$POLICY"
+fi
+for t in nginx wrk curl taskset; do command -v "$t" >/dev/null || { log "missing $t"; exit 1; }; done
+if [ ! -x "$STRANGLER_BIN" ]; then
+    log "building strangler (release)"
+    (cd "$ROOT" && cargo build --release >&2)
+fi
+
+# --- temp dir, cleanup -----------------------------------------------------------------------
+TMP=$(mktemp -d /tmp/strangler-bench.XXXXXX)
+chmod 755 "$TMP"   # nginx workers run as nobody
+PIDS=()
+cleanup() {
+    local p
+    for p in "${PIDS[@]:-}"; do
+        [ -n "$p" ] && kill "$p" 2>/dev/null || true
+    done
+    for p in "${PIDS[@]:-}"; do
+        [ -n "$p" ] && wait "$p" 2>/dev/null || true
+    done
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# A free loopback TCP port (not listening now, and not handed out before in this run).
+USED_PORTS=" "
+free_port() {
+    local p
+    while :; do
+        p=$((20000 + RANDOM % 40000))
+        case "$USED_PORTS" in *" $p "*) continue ;; esac
+        if ! ss -Htln "sport = :$p" | grep -q .; then
+            USED_PORTS+="$p "
+            echo "$p"
+            return
+        fi
+    done
+}
+
+wait_http() { # URL — until it answers at all (any status), 10 s at most
+    local i
+    for i in $(seq 1 100); do
+        curl -s -o /dev/null --max-time 1 "$1" && return 0
+        sleep 0.1
+    done
+    log "no answer from $1"; return 1
+}
+
+stop() { # PID — TERM, wait, drop from PIDS
+    kill "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+    local keep=() p
+    for p in "${PIDS[@]}"; do [ "$p" != "$1" ] && keep+=("$p"); done
+    PIDS=("${keep[@]:-}")
+}
+
+# --- backend: nginx with fixed bodies --------------------------------------------------------
+mkdir -p "$TMP/www" "$TMP/backend/logs" "$TMP/proxy/logs"
+head -c 1024 /dev/zero | tr '\0' 'a' >"$TMP/www/b1k"
+head -c 1048576 /dev/zero | tr '\0' 'a' >"$TMP/www/b1m"
+BACKEND_PORT=$(free_port)
+cat >"$TMP/backend/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $TMP/backend/nginx.pid;
+error_log $TMP/backend/logs/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 1000000;
+    default_type application/octet-stream;
+    client_body_temp_path $TMP/backend/body;
+    proxy_temp_path $TMP/backend/proxy;
+    fastcgi_temp_path $TMP/backend/fastcgi;
+    uwsgi_temp_path $TMP/backend/uwsgi;
+    scgi_temp_path $TMP/backend/scgi;
+    server {
+        listen 127.0.0.1:$BACKEND_PORT reuseport;
+        root $TMP/www;
+        # Any path ending in /b1k or /b1m is that body: proxies can forward route-shaped paths.
+        location / { rewrite ^.*/(b1[km])\$ /\$1 break; return 404; }
+    }
+}
+EOF
+taskset -c "$BACKEND_CPU" nginx -p "$TMP/backend" -c "$TMP/backend/nginx.conf" \
+    >"$TMP/backend/logs/stdout" 2>&1 &
+PIDS+=($!)
+wait_http "http://127.0.0.1:$BACKEND_PORT/b1k"
+
+# --- routing tables --------------------------------------------------------------------------
+# Same shapes as benches/routing.rs: per resource /svcK/resourceJ, /svcK/resourceJ/{id}
+# [GET, HEAD], /svcK/resourceJ/{id} [PUT, PATCH, DELETE], /svcK/resourceJ/{id}/sub; 50 resources
+# per service; cut at N routes.
+routing_yaml() { # N FILE
+    awk -v n="$1" -v port="$BACKEND_PORT" 'BEGIN {
+        print "backends:"
+        print "  legacy:\n    url: http://127.0.0.1:" port
+        print "  new:\n    url: http://127.0.0.1:" port
+        print "default: legacy"
+        print "routes:"
+        for (i = 0; i < n; i++) {
+            r = int(i / 4); k = int(r / 50); j = r % 50; s = i % 4
+            to = (r % 2 == 0) ? "new" : "legacy"
+            if (s == 0) printf "  - name: svc%d-resource%d\n    path: /svc%d/resource%d\n    to: %s\n", k, j, k, j, to
+            else if (s == 1) printf "  - name: svc%d-resource%d-read\n    path: /svc%d/resource%d/{id}\n    methods: [GET, HEAD]\n    to: new\n", k, j, k, j
+            else if (s == 2) printf "  - name: svc%d-resource%d-write\n    path: /svc%d/resource%d/{id}\n    methods: [PUT, PATCH, DELETE]\n    to: %s\n", k, j, k, j, to
+            else printf "  - name: svc%d-resource%d-sub\n    path: /svc%d/resource%d/{id}/sub\n    exact: %s\n    to: new\n", k, j, k, j, (r % 2 == 0) ? "true" : "false"
+        }
+    }' >"$2"
+}
+mkdir -p "$TMP/s10" "$TMP/s10k"
+routing_yaml 10 "$TMP/s10/routing.yaml"
+routing_yaml 10000 "$TMP/s10k/routing.yaml"
+# Each table's request hits the GET {id} route of its last complete resource.
+PATH_10=/svc0/resource1/42      # 10 routes: resource 1 is the last complete one
+PATH_10K=/svc49/resource49/42   # 10 000 routes: resource 2499
+
+# --- proxies under test ----------------------------------------------------------------------
+PROXY_PORT=$(free_port)
+ADMIN_PORT=$(free_port)
+cat >"$TMP/proxy/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $TMP/proxy/nginx.pid;
+error_log $TMP/proxy/logs/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    client_body_temp_path $TMP/proxy/body;
+    proxy_temp_path $TMP/proxy/proxy;
+    fastcgi_temp_path $TMP/proxy/fastcgi;
+    uwsgi_temp_path $TMP/proxy/uwsgi;
+    scgi_temp_path $TMP/proxy/scgi;
+    upstream backend {
+        server 127.0.0.1:$BACKEND_PORT;
+        keepalive 64;
+        keepalive_requests 1000000;
+    }
+    server {
+        listen 127.0.0.1:$PROXY_PORT;
+        location / {
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host \$host;
+        }
+    }
+}
+EOF
+
+PROXY_PID=    # the process whose CPU and RSS are measured
+start_target() { # TARGET
+    PROXY_PID=
+    case "$1" in
+        direct) URL_BASE="http://127.0.0.1:$BACKEND_PORT"; REQ_PATH=$PATH_10 ;;
+        nginx)
+            taskset -c "$PROXY_CPU" nginx -p "$TMP/proxy" -c "$TMP/proxy/nginx.conf" \
+                >"$TMP/proxy/logs/stdout" 2>&1 &
+            MASTER=$!; PIDS+=("$MASTER")
+            URL_BASE="http://127.0.0.1:$PROXY_PORT"; REQ_PATH=$PATH_10
+            wait_http "$URL_BASE/"
+            PROXY_PID=$(pgrep -P "$MASTER" | head -n1) # the single worker
+            ;;
+        strangler-10 | strangler-10k)
+            local dir=$TMP/s10 path=$PATH_10
+            [ "$1" = strangler-10k ] && { dir=$TMP/s10k; path=$PATH_10K; }
+            RUST_LOG=warn taskset -c "$PROXY_CPU" "$STRANGLER_BIN" run -c "$dir/routing.yaml" \
+                --listen "127.0.0.1:$PROXY_PORT" --admin "127.0.0.1:$ADMIN_PORT" --threads 1 \
+                >"$dir/log" 2>&1 &
+            PROXY_PID=$!; PIDS+=("$PROXY_PID")
+            URL_BASE="http://127.0.0.1:$PROXY_PORT"; REQ_PATH=$path
+            wait_http "http://127.0.0.1:$ADMIN_PORT/healthz"
+            wait_http "$URL_BASE/"
+            ;;
+    esac
+}
+stop_target() { # TARGET
+    case "$1" in
+        direct) ;;
+        nginx) stop "$MASTER" ;;
+        *) stop "$PROXY_PID" ;;
+    esac
+}
+
+CLK_TCK=$(getconf CLK_TCK)
+cpu_ticks() { # PID -> utime+stime (all threads) in clock ticks
+    local s
+    s=$(cat "/proc/$1/stat")
+    s=${s##*) }                # drop "pid (comm) "; fields now start at 3 (state)
+    awk '{ print $12 + $13 }' <<<"$s"
+}
+hwm_kib() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status"; }
+
+to_ms() { # wrk latency like 812.00us / 1.23ms / 1.02s -> ms
+    awk -v v="$1" 'BEGIN {
+        if (v ~ /us$/) { sub(/us$/, "", v); printf "%.3f", v / 1000 }
+        else if (v ~ /ms$/) { sub(/ms$/, "", v); printf "%.3f", v }
+        else if (v ~ /m$/) { sub(/m$/, "", v); printf "%.3f", v * 60000 }
+        else { sub(/s$/, "", v); printf "%.3f", v * 1000 }
+    }'
+}
+
+RESULTS=$TMP/results.tsv   # rep size target rps p50 p99 cpu_us rss_mib non2xx errors
+: >"$RESULTS"
+TARGETS=(direct nginx strangler-10 strangler-10k)
+SIZES=(1k 1m)
+WRK_CMD="taskset -c $WRK_CPU wrk -t1 -c$CONNS -d${DURATION}s --latency URL"
+
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+for rep in $(seq 1 "$REPS"); do
+    for size in "${SIZES[@]}"; do
+        for target in "${TARGETS[@]}"; do
+            start_target "$target"
+            url="$URL_BASE$REQ_PATH/b$size"
+            code=$(curl -s -o "$TMP/check" -w '%{http_code}' "$url")
+            [ "$size" = 1k ] && want=1024 || want=1048576
+            got=$(stat -c %s "$TMP/check")
+            if [ "$code" != 200 ] || [ "$got" != "$want" ]; then
+                log "$target $url: HTTP $code, $got bytes (want 200, $want)"; exit 1
+            fi
+            taskset -c "$WRK_CPU" wrk -t1 -c"$CONNS" -d1s "$url" >/dev/null # warm-up
+            t0=0; [ -n "$PROXY_PID" ] && t0=$(cpu_ticks "$PROXY_PID")
+            out=$(taskset -c "$WRK_CPU" wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "$url")
+            t1=0; [ -n "$PROXY_PID" ] && t1=$(cpu_ticks "$PROXY_PID")
+            rss=-; [ -n "$PROXY_PID" ] && rss=$(awk -v k="$(hwm_kib "$PROXY_PID")" 'BEGIN { printf "%.1f", k / 1024 }')
+            stop_target "$target"
+            reqs=$(awk '/requests in/ { print $1 }' <<<"$out")
+            rps=$(awk '/^Requests\/sec:/ { print $2 }' <<<"$out")
+            p50=$(to_ms "$(awk '$1 == "50%" { print $2 }' <<<"$out")")
+            p99=$(to_ms "$(awk '$1 == "99%" { print $2 }' <<<"$out")")
+            non2xx=$(awk '/Non-2xx/ { print $NF }' <<<"$out"); non2xx=${non2xx:-0}
+            errs=$(awk '/Socket errors/ { gsub(",", ""); print $4 + $6 + $8 + $10 }' <<<"$out"); errs=${errs:-0}
+            cpu=-
+            [ -n "$PROXY_PID" ] && cpu=$(awk -v d=$((t1 - t0)) -v hz="$CLK_TCK" -v n="$reqs" \
+                'BEGIN { printf "%.2f", d / hz * 1e6 / n }')
+            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$rep" "$size" "$target" "$rps" \
+                "$p50" "$p99" "$cpu" "$rss" "$non2xx" "$errs" >>"$RESULTS"
+            log "rep $rep $size $target: $rps req/s, p50 $p50 ms, p99 $p99 ms, cpu $cpu us/req, rss $rss MiB, non-2xx $non2xx, socket errors $errs"
+        done
+    done
+done
+LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# --- report ----------------------------------------------------------------------------------
+median() { # COLUMN SIZE TARGET
+    awk -F'\t' -v c="$1" -v s="$2" -v t="$3" '$2 == s && $3 == t && $c != "-" { print $c }' "$RESULTS" |
+        sort -g | awk '{ v[NR] = $1 } END {
+            if (NR == 0) { print "-"; exit }
+            if (NR % 2) print v[(NR + 1) / 2]; else printf "%.3f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+sum_col() { awk -F'\t' -v c="$1" -v s="$2" -v t="$3" '$2 == s && $3 == t { n += $c } END { print n + 0 }' "$RESULTS"; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b == 0) print "-"; else printf "%.2f", a / b }'; }
+
+report() {
+    echo
+    echo "## End-to-end run $(date -u +%Y-%m-%dT%H:%MZ) (scripts/bench.sh)"
+    echo
+    echo "DURATION=${DURATION}s per run (+1 s warm-up), REPS=$REPS interleaved (medians shown), $CONNS connections;"
+    echo "proxy on core $PROXY_CPU, wrk on core $WRK_CPU, backend nginx (1 worker) on core $BACKEND_CPU."
+    echo "Load average before: $LOAD_BEFORE; after: $LOAD_AFTER ($(nproc) cores)."
+    echo
+    echo "| body | target | req/s | p50 ms | p99 ms | CPU µs/req | peak RSS MiB | non-2xx | socket errors |"
+    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|"
+    local size target
+    for size in "${SIZES[@]}"; do
+        for target in "${TARGETS[@]}"; do
+            echo "| $size | $target | $(median 4 "$size" "$target") | $(median 5 "$size" "$target") | $(median 6 "$size" "$target") | $(median 7 "$size" "$target") | $(median 8 "$size" "$target") | $(sum_col 9 "$size" "$target") | $(sum_col 10 "$size" "$target") |"
+        done
+    done
+    echo
+    echo "| body | req/s strangler-10 / nginx | CPU/req strangler-10 / nginx | p99 strangler-10 / nginx | req/s strangler-10k / strangler-10 |"
+    echo "|---|---:|---:|---:|---:|"
+    for size in "${SIZES[@]}"; do
+        echo "| $size | $(ratio "$(median 4 "$size" strangler-10)" "$(median 4 "$size" nginx)") | $(ratio "$(median 7 "$size" strangler-10)" "$(median 7 "$size" nginx)") | $(ratio "$(median 6 "$size" strangler-10)" "$(median 6 "$size" nginx)") | $(ratio "$(median 4 "$size" strangler-10k)" "$(median 4 "$size" strangler-10)") |"
+    done
+    echo
+    echo "Per-run figures (rep, body, target, req/s, p50 ms, p99 ms, CPU µs/req, RSS MiB, non-2xx, socket errors):"
+    echo
+    echo '```'
+    cat "$RESULTS"
+    echo '```'
+    echo
+    echo "Tools: $(nginx -v 2>&1); $(wrk -v 2>&1 | head -n1 | cut -d' ' -f1-3); $("$STRANGLER_BIN" --version 2>/dev/null || echo strangler); $(rustc --version 2>/dev/null || echo 'rustc ?'); $(uname -srm)."
+    echo
+    echo "Commands (URL = http://127.0.0.1:PORT/PATH/b1k or /b1m):"
+    echo
+    echo '```'
+    echo "$WRK_CMD        # after: wrk -t1 -c$CONNS -d1s URL (warm-up)"
+    echo "taskset -c $BACKEND_CPU nginx -p DIR -c backend.conf             # worker_processes 1; daemon off; sendfile; access_log off"
+    echo "taskset -c $PROXY_CPU nginx -p DIR -c proxy.conf               # worker_processes 1; upstream keepalive 64; proxy_http_version 1.1; default proxy buffering"
+    echo "RUST_LOG=warn taskset -c $PROXY_CPU $STRANGLER_BIN run -c routing.yaml --listen 127.0.0.1:P --admin 127.0.0.1:P2 --threads 1"
+    echo "paths: direct, nginx, strangler-10: $PATH_10/b{1k,1m}; strangler-10k: $PATH_10K/b{1k,1m} (GET {id} route of the last resource)"
+    echo "CPU/req = (utime+stime of the proxy process [nginx: its worker] from /proc/PID/stat, after - before the measured run) / requests"
+    echo "RSS = VmHWM of the same process, read at the end of its run (each process serves one body size, one run)"
+    echo '```'
+}
+
+report | tee "$TMP/report.md"
+if [ "$WRITE" = 1 ]; then
+    cat "$TMP/report.md" >>"$ROOT/BENCHMARKS.md"
+    log "appended to $ROOT/BENCHMARKS.md"
+fi
