@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -131,17 +132,25 @@ impl std::error::Error for ConfigErrors {}
 pub struct Source {
     /// The name used in error messages: the path as given.
     pub file: String,
-    pub map: SourceMap,
+    /// The text, kept to locate errors: the position index is built only when there is an
+    /// error to report, so a valid file is parsed once.
+    text: String,
+    map: OnceLock<SourceMap>,
     /// Hex SHA-256 of the bytes read: the audit trail names the config by it.
     pub sha256: String,
 }
 
 impl Source {
+    /// The position of the value at `path` (`routes.3.to`).
+    pub fn pos(&self, path: &str) -> Pos {
+        self.map.get_or_init(|| SourceMap::new(&self.text)).pos(path)
+    }
+
     /// An error at the value of `path` (`routes.3.to`).
     pub fn error_at(&self, path: &str, message: impl Into<String>) -> ConfigError {
         ConfigError {
             file: self.file.clone(),
-            pos: self.map.pos(path),
+            pos: self.pos(path),
             message: message.into(),
         }
     }
@@ -179,7 +188,8 @@ pub fn parse(file: &str, text: &str) -> Result<(RoutingFile, Source), ConfigErro
     })?;
     let source = Source {
         file: file.to_string(),
-        map: SourceMap::new(text),
+        text: text.to_string(),
+        map: OnceLock::new(),
         sha256,
     };
     Ok((parsed, source))

@@ -684,7 +684,7 @@ impl ProxyHttp for Strangler {
         rl.requests.inc(ctx.backend, backend, ctx.method, code);
         let now = Instant::now();
         if let Some(b) = ctx.backend {
-            rl.duration[b].observe(now.duration_since(ctx.start).as_secs_f64());
+            rl.observe(b, backend, now.duration_since(ctx.start).as_secs_f64());
             let failed = code >= 500 || ctx.upstream_error.is_some();
             rl.recent[b].record(now, crate::state::RECENT, failed);
         }

@@ -289,7 +289,7 @@ impl RoutingTable {
                     format!(
                         "duplicate route name {name:?} (also route {} at line {}){}",
                         first + 1,
-                        source.map.pos(&format!("routes.{first}")).line,
+                        source.pos(&format!("routes.{first}")).line,
                         if spec.name.is_none() {
                             "; give one of them a `name`"
                         } else {
