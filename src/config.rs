@@ -143,7 +143,9 @@ pub struct Source {
 impl Source {
     /// The position of the value at `path` (`routes.3.to`).
     pub fn pos(&self, path: &str) -> Pos {
-        self.map.get_or_init(|| SourceMap::new(&self.text)).pos(path)
+        self.map
+            .get_or_init(|| SourceMap::new(&self.text))
+            .pos(path)
     }
 
     /// An error at the value of `path` (`routes.3.to`).

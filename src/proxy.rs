@@ -347,7 +347,7 @@ impl ProxyHttp for Strangler {
         ctx.route = route;
         ctx.backend = Some(backend);
         ctx.path = normal;
-        let gauge = live.route_live(route).in_flight.clone();
+        let gauge = live.route_live(route).control.in_flight.clone();
         gauge.inc();
         ctx._in_flight = Some(InFlight(gauge));
         if let Some(i) = route {

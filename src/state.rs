@@ -43,16 +43,88 @@ pub struct RouteControl {
     pub shadow_in_flight: AtomicUsize,
     /// Requests and errors per backend name over [`RECENT`], for `/routes`.
     recent: Mutex<HashMap<Arc<str>, Arc<Window>>>,
+    /// `strangler_requests_in_flight{route}`.
+    pub in_flight: IntGauge,
+    /// The route's gauges; `None` for the unmatched pseudo-route, which is not a route.
+    gauges: Option<RouteGauges>,
+}
+
+/// A route's series of `strangler_route_pinned`, `strangler_route_state` and
+/// `strangler_route_split_percent`, registered once when the route appears, set by value on
+/// every change, and removed when the route leaves the file. A reload or a pin therefore
+/// costs a few atomic stores per route, not a registry lookup per series.
+#[derive(Debug)]
+struct RouteGauges {
+    pinned: IntGauge,
+    /// In the order of [`RouteState::ALL`].
+    states: Vec<IntGauge>,
+    /// `(backend, gauge)`: re-registered only when the route's backends change.
+    split: Mutex<Vec<(Arc<str>, prometheus::Gauge)>>,
+}
+
+impl RouteGauges {
+    fn new(name: &str) -> Self {
+        RouteGauges {
+            pinned: metrics::ROUTE_PINNED.with_label_values(&[name]),
+            states: RouteState::ALL
+                .iter()
+                .map(|s| metrics::ROUTE_STATE.with_label_values(&[name, s.as_str()]))
+                .collect(),
+            split: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn set(&self, name: &str, pinned: bool, state: RouteState, shares: &[(&Arc<str>, f64)]) {
+        self.pinned.set(i64::from(pinned));
+        for (s, g) in RouteState::ALL.iter().zip(&self.states) {
+            g.set(i64::from(*s == state));
+        }
+        let mut split = self.split.lock();
+        let same =
+            split.len() == shares.len() && split.iter().zip(shares).all(|((a, _), (b, _))| a == *b);
+        if !same {
+            for (b, _) in split.drain(..) {
+                let _ = metrics::ROUTE_SPLIT.remove_label_values(&[name, &b]);
+            }
+            for (b, _) in shares {
+                let g = metrics::ROUTE_SPLIT.with_label_values(&[name, b]);
+                split.push(((*b).clone(), g));
+            }
+        }
+        for ((_, g), (_, v)) in split.iter().zip(shares) {
+            g.set(*v);
+        }
+    }
+
+    fn remove(&self, name: &str) {
+        let _ = metrics::ROUTE_PINNED.remove_label_values(&[name]);
+        for s in RouteState::ALL {
+            let _ = metrics::ROUTE_STATE.remove_label_values(&[name, s.as_str()]);
+        }
+        for (b, _) in self.split.lock().drain(..) {
+            let _ = metrics::ROUTE_SPLIT.remove_label_values(&[name, &b]);
+        }
+    }
 }
 
 impl RouteControl {
-    fn new(name: Arc<str>) -> Self {
+    fn new(name: Arc<str>, is_route: bool) -> Self {
         RouteControl {
+            in_flight: metrics::IN_FLIGHT.with_label_values(&[&name]),
+            gauges: is_route.then(|| RouteGauges::new(&name)),
             name,
             pin: ArcSwapOption::empty(),
             to_window: Window::default(),
             shadow_in_flight: AtomicUsize::new(0),
             recent: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Drops the route's series: it has left the file.
+    fn retire(&self) {
+        let _ = metrics::IN_FLIGHT.remove_label_values(&[&self.name]);
+        if let Some(g) = &self.gauges {
+            g.remove(&self.name);
         }
     }
 
@@ -81,7 +153,6 @@ pub struct RouteLive {
     pub control: Arc<RouteControl>,
     /// `X-Strangler-Route` value.
     pub header: HeaderValue,
-    pub in_flight: IntGauge,
     /// `strangler_request_duration_seconds{route, backend}` by backend index, created on the
     /// first request: a series per route and backend up front would be 18 lines of /metrics
     /// for every route of a 10 000-route table that never sees traffic.
@@ -189,7 +260,7 @@ impl State {
             state.save_pins();
         }
         let live = state.snapshot();
-        state.publish_gauges(&live);
+        state.publish_gauges(&live, None);
         record_success(t0);
         log::info!(
             "loaded {} (sha256 {}): {}",
@@ -255,7 +326,7 @@ impl State {
         self.live.store(Arc::new(live));
         record_success(t0);
         let live = self.snapshot();
-        self.publish_gauges(&live);
+        self.publish_gauges(&live, None);
         if pins_changed {
             self.save_pins();
         }
@@ -330,7 +401,7 @@ impl State {
             route.name,
             reason.as_str()
         );
-        self.publish_gauges(live);
+        self.publish_gauges(live, Some(i));
         self.save_pins();
         let after = live.serving(route, true);
         let reason_text = format!("{} rollback: {why}", reason.as_str());
@@ -362,7 +433,7 @@ impl State {
         // A fresh start: the failures that caused the pin must not re-pin at once.
         control.to_window.clear();
         log::warn!("route {:?} resumed: served by {} again", r.name, before.to);
-        self.publish_gauges(&live);
+        self.publish_gauges(&live, Some(i));
         self.save_pins();
         let after = live.serving(r, false);
         self.audit.record(
@@ -385,41 +456,34 @@ impl State {
         self.state_file.save(&pins);
     }
 
-    /// Sets the per-route gauges from scratch (routes may have left).
-    fn publish_gauges(&self, live: &LiveTable) {
-        metrics::ROUTE_PINNED.reset();
-        metrics::ROUTE_STATE.reset();
-        metrics::ROUTE_SPLIT.reset();
+    /// Sets the per-route gauges of every route (after a reload) or of one (after a pin).
+    fn publish_gauges(&self, live: &LiveTable, only: Option<usize>) {
         let t = &live.table;
-        for (r, l) in t.routes.iter().zip(&live.routes) {
+        let default = &t.backends[t.default].name;
+        let routes = match only {
+            Some(i) => i..i + 1,
+            None => 0..t.routes.len(),
+        };
+        for i in routes {
+            let (r, l) = (&t.routes[i], &live.routes[i]);
+            let Some(gauges) = &l.control.gauges else {
+                continue;
+            };
             let pinned = l.control.is_pinned();
-            metrics::ROUTE_PINNED
-                .with_label_values(&[&*r.name])
-                .set(i64::from(pinned));
-            let state = t.state(r, pinned);
-            for s in RouteState::ALL {
-                metrics::ROUTE_STATE
-                    .with_label_values(&[&*r.name, s.as_str()])
-                    .set(i64::from(s == state));
-            }
             let to_share = match (&r.split, pinned) {
                 (_, true) => 0.0,
                 (Some(s), false) => s.percent,
                 (None, false) => 100.0,
             };
-            let default = &*t.backends[t.default].name;
-            if r.to == t.default {
-                metrics::ROUTE_SPLIT
-                    .with_label_values(&[&*r.name, default])
-                    .set(100.0);
+            let shares: &[(&Arc<str>, f64)] = if r.to == t.default {
+                &[(default, 100.0)]
             } else {
-                metrics::ROUTE_SPLIT
-                    .with_label_values(&[&*r.name, &*t.backends[r.to].name])
-                    .set(to_share);
-                metrics::ROUTE_SPLIT
-                    .with_label_values(&[&*r.name, default])
-                    .set(100.0 - to_share);
-            }
+                &[
+                    (&t.backends[r.to].name, to_share),
+                    (default, 100.0 - to_share),
+                ]
+            };
+            gauges.set(&r.name, pinned, t.state(r, pinned), shares);
         }
     }
 }
@@ -452,7 +516,6 @@ fn assemble(table: RoutingTable, controls: &mut HashMap<Arc<str>, Arc<RouteContr
     let mut kept: HashMap<Arc<str>, Arc<RouteControl>> = HashMap::with_capacity(table.routes.len());
     let live_for = |name: &Arc<str>, control: Arc<RouteControl>| RouteLive {
         header: HeaderValue::from_str(name).unwrap_or_else(|_| HeaderValue::from_static("invalid")),
-        in_flight: metrics::IN_FLIGHT.with_label_values(&[&**name]),
         duration: table.backends.iter().map(|_| OnceLock::new()).collect(),
         recent: table
             .backends
@@ -469,7 +532,7 @@ fn assemble(table: RoutingTable, controls: &mut HashMap<Arc<str>, Arc<RouteContr
             let control = controls
                 .get(&r.name)
                 .cloned()
-                .unwrap_or_else(|| Arc::new(RouteControl::new(r.name.clone())));
+                .unwrap_or_else(|| Arc::new(RouteControl::new(r.name.clone(), true)));
             kept.insert(r.name.clone(), control.clone());
             live_for(&r.name, control)
         })
@@ -478,12 +541,11 @@ fn assemble(table: RoutingTable, controls: &mut HashMap<Arc<str>, Arc<RouteContr
     let unmatched_control = controls
         .get(&unmatched_name)
         .cloned()
-        .unwrap_or_else(|| Arc::new(RouteControl::new(unmatched_name.clone())));
+        .unwrap_or_else(|| Arc::new(RouteControl::new(unmatched_name.clone(), false)));
     let unmatched = live_for(&unmatched_name, unmatched_control.clone());
-    for name in controls.keys() {
+    for (name, control) in controls.iter() {
         if !kept.contains_key(name) && **name != *DEFAULT_ROUTE {
-            // Gone from the file: its series of per-route gauges go too (see publish_gauges).
-            let _ = metrics::IN_FLIGHT.remove_label_values(&[&**name]);
+            control.retire();
         }
     }
     kept.insert(unmatched_name, unmatched_control);

@@ -641,3 +641,41 @@ fn slowloris_connections_are_cut_by_the_header_deadline_while_load_runs() {
     );
     eprintln!("200 slowloris clients cut after {cut_after:?}; {ok} healthy requests, 0 failed");
 }
+
+#[test]
+fn a_route_that_leaves_the_file_leaves_the_metrics_too() {
+    let legacy = Backend::echo("legacy");
+    let new = Backend::echo("new");
+    let base = base_yaml(&legacy.url(), &new.url());
+    let proxy = Proxy::start(&format!(
+        "{base}routes:\n  - {{name: gone, path: /gone, to: new, split: 40}}\n  - {{name: stays, path: /stays, to: new}}\n"
+    ));
+    assert_eq!(
+        proxy.metric("strangler_route_state{route=\"gone\",state=\"canary\"}"),
+        1.0
+    );
+    assert_eq!(
+        proxy.metric("strangler_route_split_percent{route=\"gone\",backend=\"new\"}"),
+        40.0
+    );
+    // `stays` moves to legacy: its split series follow its backends.
+    proxy.write_config(&format!(
+        "{base}routes:\n  - {{name: stays, path: /stays, to: legacy}}\n"
+    ));
+    wait_for("the reload", Duration::from_secs(2), || {
+        proxy.metric("strangler_route_state{route=\"stays\",state=\"legacy\"}") == 1.0
+    });
+    let (_, body) = get(&proxy.admin_url("/metrics"));
+    assert!(
+        !body.contains("route=\"gone\""),
+        "series of a removed route remain:\n{body}"
+    );
+    assert_eq!(
+        proxy.metric("strangler_route_split_percent{route=\"stays\",backend=\"legacy\"}"),
+        100.0
+    );
+    assert!(
+        !body.contains("strangler_route_split_percent{backend=\"new\",route=\"stays\"}"),
+        "{body}"
+    );
+}
