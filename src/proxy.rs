@@ -267,6 +267,10 @@ impl ProxyHttp for Strangler {
     /// normalises the target, routes, and picks the backend (pin → split → `to`). Answers 400
     /// itself for a target SPEC §3 refuses. Contract: `Ok(true)` means "answered already".
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        // HTTP/1.1 pipelining is opt-in in Pingora: without it, requests a client sent back to
+        // back after the first are dropped with the connection although the answer says
+        // keep-alive. Pingora serves them in order once enabled.
+        session.as_downstream_mut().set_pipelining_enabled(true);
         let live = self.state.snapshot();
         let req = session.req_header();
         ctx.method = metrics::method_label(&req.method);
