@@ -1,0 +1,213 @@
+#!/usr/bin/env bash
+# Soak test (not run by CI): DURATION seconds (default 600) of wrk load against a release build
+# of strangler in front of two `strangler demo-service` backends, while
+#   - routing.yaml is rewritten every second (a route's `to` flips between legacy and new),
+#   - the `new` backend process is killed and restarted every 30 s (RESTART_EVERY),
+#   - routes are rolled back and resumed at random over the admin API every few seconds.
+# At the end it prints the requests served, status codes and upstream errors by kind (from
+# /metrics), wrk's own error counts, and the proxy's RSS and open fds at start and end.
+# Only 502s (and the odd 504/reset) are expected, while `new` restarts.
+#
+#   scripts/soak.sh                      # 10 minutes
+#   DURATION=120 scripts/soak.sh         # 2 minutes
+#   CONNECTIONS=64 THREADS=2 scripts/soak.sh
+#
+# Everything listens on 127.0.0.1 on free ports; every process started here is stopped on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION="${DURATION:-600}"
+RESTART_EVERY="${RESTART_EVERY:-30}"
+CONNECTIONS="${CONNECTIONS:-32}"
+THREADS="${THREADS:-2}"
+BIN="${STRANGLER_BIN:-target/release/strangler}"
+
+need() { command -v "$1" >/dev/null 2>&1; }
+if ! need wrk || ! need curl; then
+  echo "== installing wrk and curl"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk curl >/dev/null
+fi
+if [ -z "${STRANGLER_BIN:-}" ]; then
+  if [ ! -x "$BIN" ] || [ -n "$(find src Cargo.toml Cargo.lock -newer "$BIN" -print -quit)" ]; then
+    echo "== cargo build --release"
+    cargo build --release --quiet
+  fi
+fi
+
+WORK="$(mktemp -d /tmp/strangler-soak.XXXXXX)"
+PIDS=()
+LOOP_PIDS=()
+NEW_PID=""
+cleanup() {
+  set +e
+  for p in "${LOOP_PIDS[@]}"; do kill "$p" 2>/dev/null; done
+  for p in "${LOOP_PIDS[@]}"; do wait "$p" 2>/dev/null; done
+  [ -f "$WORK/new.pid" ] && kill "$(cat "$WORK/new.pid")" 2>/dev/null
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null; done
+}
+trap cleanup EXIT
+
+# A free port: bound by nobody right now, and below the ephemeral range, so that connecting to
+# `new` while it is down can never become a TCP self-connect (the kernel picking the same port
+# as the source port), which would make the proxy read its own request as the answer.
+used_ports=" "
+eph_low=$(awk '{print $1}' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+free_port() {
+  local p
+  while :; do
+    p=$(( (RANDOM % (eph_low - 10000)) + 10000 ))
+    case "$used_ports" in *" $p "*) continue ;; esac
+    if ! ss -Htln "( sport = :$p )" | grep -q .; then
+      used_ports+="$p "
+      echo "$p"
+      return
+    fi
+  done
+}
+
+P_LEGACY=$(free_port); P_NEW=$(free_port); P_PROXY=$(free_port); P_ADMIN=$(free_port)
+ADMIN="http://127.0.0.1:$P_ADMIN"
+
+"$BIN" demo-service --name legacy --listen "127.0.0.1:$P_LEGACY" >"$WORK/legacy.log" 2>&1 &
+PIDS+=($!)
+start_new() {
+  # (bash reports "Killed" for each earlier instance: that is the restart loop at work.)
+  "$BIN" demo-service --name new --listen "127.0.0.1:$P_NEW" >>"$WORK/new.log" 2>&1 &
+  echo $! >"$WORK/new.pid"
+}
+start_new
+
+write_config() { # $1: backend of `bookings`
+  cat >"$WORK/.routing.yaml.tmp" <<YAML
+backends:
+  legacy: {url: 'http://127.0.0.1:$P_LEGACY'}
+  new: {url: 'http://127.0.0.1:$P_NEW', timeout: 5s, connect_timeout: 1s}
+default: legacy
+routes:
+  - {name: bookings, path: /bookings, to: $1}
+  - {name: tours, path: /tours, to: new, split: 50, sticky: 'header:X-Client-Id'}
+  - {name: departures, path: /departures, to: new, failover: true}
+  - {name: maps, path: '/itineraries/{id}/itinerary_maps', methods: [GET, HEAD], to: new}
+YAML
+  mv "$WORK/.routing.yaml.tmp" "$WORK/routing.yaml"
+}
+write_config new
+
+"$BIN" run -c "$WORK/routing.yaml" --listen "127.0.0.1:$P_PROXY" --admin "127.0.0.1:$P_ADMIN" \
+  --threads 2 >"$WORK/proxy.log" 2>&1 &
+PROXY_PID=$!
+PIDS+=($PROXY_PID)
+for _ in $(seq 1 150); do
+  curl -fs "$ADMIN/healthz" >/dev/null 2>&1 && break
+  sleep 0.1
+done
+curl -fs "$ADMIN/healthz" >/dev/null || { echo "strangler did not start:"; cat "$WORK/proxy.log"; exit 1; }
+
+rss() { awk '/VmRSS/ {print $2 " kB"}' "/proc/$PROXY_PID/status"; }
+fds() { ls "/proc/$PROXY_PID/fd" | wc -l; }
+RSS_START=$(rss); FD_START=$(fds)
+
+# wrk: a mix of routed, split, failover and unmatched paths, with sticky keys.
+cat >"$WORK/mix.lua" <<'LUA'
+local paths = {"/bookings/42", "/bookings/", "/tours/1", "/departures", "/itineraries/7/itinerary_maps",
+               "/itineraries/7", "/flights", "/customers/3?x=1"}
+local n = 0
+request = function()
+  n = n + 1
+  local h = {["X-Client-Id"] = "c" .. (n % 97)}
+  return wrk.format("GET", paths[(n % #paths) + 1], h)
+end
+LUA
+
+echo "== soak: ${DURATION}s, $CONNECTIONS connections, proxy :$P_PROXY, admin :$P_ADMIN, legacy :$P_LEGACY, new :$P_NEW (work dir $WORK)"
+echo "start: RSS $RSS_START, open fds $FD_START"
+
+# 1. routing.yaml rewritten every second.
+( set +e; i=0; while :; do
+    i=$((i + 1)); if [ $((i % 2)) -eq 0 ]; then write_config new; else write_config legacy; fi
+    sleep 1
+  done ) &
+LOOP_PIDS+=($!)
+# 2. `new` killed (SIGKILL: in-flight requests are cut) and restarted every RESTART_EVERY s.
+( set +e; while :; do
+    sleep "$RESTART_EVERY"
+    pid=$(cat "$WORK/new.pid")
+    kill -KILL "$pid" 2>/dev/null
+    while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+    down_at=$(date +%s.%N)
+    echo "$(date +%T.%3N) new killed" >>"$WORK/events.log"
+    sleep 1
+    for _ in 1 2 3 4 5; do
+      start_new
+      for _ in $(seq 1 40); do
+        curl -s -o /dev/null "http://127.0.0.1:$P_NEW/" && break
+        sleep 0.05
+      done
+      curl -s -o /dev/null "http://127.0.0.1:$P_NEW/" && break
+      kill "$(cat "$WORK/new.pid")" 2>/dev/null
+    done
+    echo "$(date +%T.%3N) new restarted (down $(awk -v a="$down_at" -v b="$(date +%s.%N)" 'BEGIN {printf "%.2f", b - a}') s)" >>"$WORK/events.log"
+  done ) &
+LOOP_PIDS+=($!)
+# 3. random rollbacks and resumes over the admin API.
+( set +e; routes=(bookings tours departures maps); while :; do
+    sleep $(( (RANDOM % 4) + 2 ))
+    r=${routes[$((RANDOM % ${#routes[@]}))]}
+    if [ $((RANDOM % 2)) -eq 0 ]; then act=rollback; else act=resume; fi
+    code=$(curl -s -o /dev/null -w '%{http_code}' -X POST "$ADMIN/routes/$r/$act")
+    echo "$(date +%T) $act $r -> $code" >>"$WORK/events.log"
+    if [ $((RANDOM % 10)) -eq 0 ]; then
+      curl -s -o /dev/null -X POST "$ADMIN/rollback"; echo "$(date +%T) rollback --all" >>"$WORK/events.log"
+    fi
+  done ) &
+LOOP_PIDS+=($!)
+
+wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --timeout 10s --latency -s "$WORK/mix.lua" \
+  "http://127.0.0.1:$P_PROXY" >"$WORK/wrk.txt" 2>&1 || true
+
+set +e # the report below greps for what may be absent
+RSS_END=$(rss); FD_END=$(fds)
+for p in "${LOOP_PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+LOOP_PIDS=()
+# Let connections settle, then measure again.
+sleep 2
+RSS_IDLE=$(rss); FD_IDLE=$(fds)
+curl -fs "$ADMIN/metrics" >"$WORK/metrics.txt"
+
+echo
+echo "== wrk"
+sed -n '1,40p' "$WORK/wrk.txt"
+echo
+echo "== strangler_requests_total by code"
+grep '^strangler_requests_total{' "$WORK/metrics.txt" |
+  sed -E 's/.*code="([0-9]+)".* ([0-9.e+]+)$/\1 \2/' |
+  awk '{s[$1]+=$2; t+=$2} END {for (c in s) printf "  %s: %d\n", c, s[c]; printf "  total: %d\n", t}' | sort
+echo "== strangler_requests_total by route and backend (code != 200)"
+grep '^strangler_requests_total{' "$WORK/metrics.txt" | grep -v 'code="200"' | sed 's/^/  /'
+echo "== strangler_upstream_errors_total by kind"
+grep '^strangler_upstream_errors_total{' "$WORK/metrics.txt" |
+  sed -E 's/.*kind="([a-z]+)".* ([0-9.e+]+)$/\1 \2/' |
+  awk '{s[$1]+=$2} END {for (k in s) printf "  %s: %d\n", k, s[k]}' | sort
+grep '^strangler_upstream_errors_total{' "$WORK/metrics.txt" | sed 's/^/    /'
+echo "== reloads, rollbacks, failovers"
+grep -E '^strangler_config_reloads_total|^strangler_rollbacks_total|^strangler_failovers_total|^strangler_config_valid' "$WORK/metrics.txt" | sed 's/^/  /'
+kills=$(grep -c 'new killed' "$WORK/events.log" 2>/dev/null); admin_calls=$(grep -cE 'rollback|resume' "$WORK/events.log" 2>/dev/null)
+echo "== events: ${kills:-0} kills and restarts of new, ${admin_calls:-0} admin rollbacks/resumes"
+grep 'new ' "$WORK/events.log" | sed 's/^/  /'
+echo "== proxy process"
+echo "  RSS:      start $RSS_START, end of load $RSS_END, 2 s after $RSS_IDLE"
+echo "  open fds: start $FD_START, end of load $FD_END, 2 s after $FD_IDLE"
+est() { ss -Htn state established "( dport = :$1 )" | wc -l; }
+echo "  upstream connections held open (keep-alive pool, idle timeout 60 s): legacy $(est "$P_LEGACY"), new $(est "$P_NEW")"
+# 499: wrk cuts its connections when its time is up, mid-request.
+unexpected=$(grep '^strangler_requests_total{' "$WORK/metrics.txt" |
+  grep -vE 'code="(2[0-9][0-9]|499|502|504)"' | awk '{s+=$2} END {print s+0}')
+echo "  requests with a code other than 2xx/499/502/504: $unexpected"
+if grep -qE 'panicked|FATAL' "$WORK/proxy.log"; then
+  echo "  proxy log has panics:"; grep -E 'panicked|FATAL' "$WORK/proxy.log" | head -5
+fi
+kill -TERM "$PROXY_PID"
+wait "$PROXY_PID"; rc=$?
+echo "  proxy exit on SIGTERM: $rc"
