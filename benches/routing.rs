@@ -42,7 +42,7 @@ fn routing_yaml(n: usize) -> String {
     for i in 0..n {
         let r = i / ROUTES_PER_RESOURCE;
         let (k, j) = resource(r);
-        let to = if r % 2 == 0 { "new" } else { "legacy" };
+        let to = if r.is_multiple_of(2) { "new" } else { "legacy" };
         match i % ROUTES_PER_RESOURCE {
             0 => writeln!(y, "  - name: svc{k}-resource{j}\n    path: /svc{k}/resource{j}\n    to: {to}"),
             1 => writeln!(
@@ -56,7 +56,7 @@ fn routing_yaml(n: usize) -> String {
             _ => writeln!(
                 y,
                 "  - name: svc{k}-resource{j}-sub\n    path: /svc{k}/resource{j}/{{id}}/sub\n    exact: {}\n    to: new",
-                r % 2 == 0
+                r.is_multiple_of(2)
             ),
         }
         .unwrap();
@@ -77,7 +77,7 @@ fn request_mix(n: usize) -> Vec<(&'static str, String, Option<String>)> {
     let last = n / ROUTES_PER_RESOURCE - 1; // last resource that has all four routes
     let (k, j) = resource(last);
     let mid = resource(last / 2);
-    let sub_exact = last % 2 == 0;
+    let sub_exact = last.is_multiple_of(2);
     vec![
         // param hit, deep in the table
         (
