@@ -124,6 +124,13 @@ LUA
 echo "== soak: ${DURATION}s, $CONNECTIONS connections, proxy :$P_PROXY, admin :$P_ADMIN, legacy :$P_LEGACY, new :$P_NEW (work dir $WORK)"
 echo "start: RSS $RSS_START, open fds $FD_START"
 
+# 0. RSS and open fds every 30 s, so growth over time shows (start and end alone mix the
+#    idle-to-working-set jump with a leak).
+( set +e; while :; do
+    sleep 30
+    echo "$(date +%T) RSS $(rss), open fds $(fds)" >>"$WORK/samples.log"
+  done ) &
+LOOP_PIDS+=($!)
 # 1. routing.yaml rewritten every second.
 ( set +e; i=0; while :; do
     i=$((i + 1)); if [ $((i % 2)) -eq 0 ]; then write_config new; else write_config legacy; fi
@@ -197,6 +204,8 @@ kills=$(grep -c 'new killed' "$WORK/events.log" 2>/dev/null); admin_calls=$(grep
 echo "== events: ${kills:-0} kills and restarts of new, ${admin_calls:-0} admin rollbacks/resumes"
 grep 'new ' "$WORK/events.log" | sed 's/^/  /'
 echo "== proxy process"
+echo "  samples every 30 s under load:"
+sed 's/^/    /' "$WORK/samples.log" 2>/dev/null
 echo "  RSS:      start $RSS_START, end of load $RSS_END, 2 s after $RSS_IDLE"
 echo "  open fds: start $FD_START, end of load $FD_END, 2 s after $FD_IDLE"
 est() { ss -Htn state established "( dport = :$1 )" | wc -l; }
