@@ -4,10 +4,11 @@
 //! How the pieces own each other:
 //! ```text
 //! main ─ cli (flags) ─┬ server (Pingora Server and its services)
-//!                     │   ├ proxy::Strangler (the ProxyHttp hooks) ─┐
-//!                     │   ├ admin::Admin (metrics, routes, pins) ───┼─ state::State ─ ArcSwap<LiveTable>
-//!                     │   ├ reload::Reloader (file watch, SIGHUP) ──┘        └ router::RoutingTable
-//!                     │   └ demo (sample services)                               └ matching::RouteTrie
+//!                     │   ├ connection::Guarded (header deadline, late cleanup)
+//!                     │   │   └ proxy::Strangler (the ProxyHttp hooks) ─┐
+//!                     │   ├ admin::Admin (metrics, routes, pins) ───────┼─ state::State ─ ArcSwap<LiveTable>
+//!                     │   ├ reload::Reloader (file watch, SIGHUP) ──────┘      └ router::RoutingTable
+//!                     │   └ demo (sample services)                                 └ matching::RouteTrie
 //!                     ├ check (check, explain: offline)
 //!                     └ client (routes, rollback, resume: admin API client)
 //! config (file schema) + source_map (FILE:LINE:COL) ─► router (validated table)
