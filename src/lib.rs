@@ -7,8 +7,8 @@
 //!                     │   ├ connection::Guarded (header deadline, late cleanup)
 //!                     │   │   └ proxy::Strangler (the ProxyHttp hooks) ─┐
 //!                     │   ├ admin::Admin (metrics, routes, pins) ───────┼─ state::State ─ ArcSwap<LiveTable>
-//!                     │   ├ reload::Reloader (file watch, SIGHUP) ──────┘      └ router::RoutingTable
-//!                     │   └ demo (sample services)                                 └ matching::RouteTrie
+//!                     │   ├ reload::Reloader (file watch, SIGHUP) ──────┘                 └ router::RoutingTable
+//!                     │   └ demo (sample services)                                          └ matching::RouteTrie
 //!                     ├ check (check, explain: offline)
 //!                     └ client (routes, rollback, resume: admin API client)
 //! config (file schema) + source_map (FILE:LINE:COL) ─► router (validated table)
