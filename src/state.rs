@@ -351,14 +351,20 @@ impl State {
         Ok(())
     }
 
-    /// Pins `route` to `default`. Returns whether it was newly pinned.
-    pub fn pin(&self, route: &str, reason: PinReason, why: &str) -> Result<bool, ControlError> {
-        let _publish = self.publish.lock();
+    /// The table in force and the index of `route` in it.
+    fn find(&self, route: &str) -> Result<(Arc<LiveTable>, usize), ControlError> {
         let live = self.snapshot();
         let i = live
             .table
             .route_index(route)
             .ok_or(ControlError::UnknownRoute)?;
+        Ok((live, i))
+    }
+
+    /// Pins `route` to `default`. Returns whether it was newly pinned.
+    pub fn pin(&self, route: &str, reason: PinReason, why: &str) -> Result<bool, ControlError> {
+        let _publish = self.publish.lock();
+        let (live, i) = self.find(route)?;
         Ok(self.pin_locked(&live, i, reason, why))
     }
 
@@ -418,11 +424,7 @@ impl State {
     /// Lifts the pin on `route`. Returns whether it was pinned.
     pub fn resume(&self, route: &str) -> Result<bool, ControlError> {
         let _publish = self.publish.lock();
-        let live = self.snapshot();
-        let i = live
-            .table
-            .route_index(route)
-            .ok_or(ControlError::UnknownRoute)?;
+        let (live, i) = self.find(route)?;
         let control = &live.routes[i].control;
         let r = &live.table.routes[i];
         if !control.is_pinned() {
