@@ -14,6 +14,7 @@
 #   BACKEND_CPU=1   core for the backend nginx (1 worker). With 2 cores the proxy gets core 0
 #                   to itself; wrk and the backend share core 1.
 #   STRANGLER_BIN   default target/release/strangler (built with `cargo build --release` if missing)
+#   (the bare Pingora baseline, target/release/examples/pingora_bare, is built when missing)
 #
 # Needs nginx and wrk (Debian packages; installed with apt-get if missing), curl, taskset.
 # Every process runs from a temp dir on free loopback ports and is stopped on exit.
@@ -52,6 +53,12 @@ for t in nginx wrk curl taskset; do command -v "$t" >/dev/null || { log "missing
 if [ ! -x "$STRANGLER_BIN" ]; then
     log "building strangler (release)"
     (cd "$ROOT" && cargo build --release >&2)
+fi
+# The baseline: a bare Pingora proxy built with the same profile (examples/pingora_bare.rs).
+BARE_BIN=$ROOT/target/release/examples/pingora_bare
+if [ ! -x "$BARE_BIN" ] || [ "$ROOT/examples/pingora_bare.rs" -nt "$BARE_BIN" ]; then
+    log "building the bare Pingora baseline (release)"
+    (cd "$ROOT" && cargo build --release --example pingora_bare >&2)
 fi
 
 # --- temp dir, cleanup -----------------------------------------------------------------------
@@ -213,6 +220,13 @@ start_target() { # TARGET
             wait_http "$URL_BASE/"
             PROXY_PID=$(pgrep -P "$MASTER" | head -n1) # the single worker
             ;;
+        pingora-bare)
+            RUST_LOG=warn taskset -c "$PROXY_CPU" "$BARE_BIN" "127.0.0.1:$PROXY_PORT" \
+                "127.0.0.1:$BACKEND_PORT" >"$TMP/bare.log" 2>&1 &
+            PROXY_PID=$!; PIDS+=("$PROXY_PID")
+            URL_BASE="http://127.0.0.1:$PROXY_PORT"; REQ_PATH=$PATH_10
+            wait_http "$URL_BASE/"
+            ;;
         strangler-10 | strangler-10k)
             local dir=$TMP/s10 path=$PATH_10
             [ "$1" = strangler-10k ] && { dir=$TMP/s10k; path=$PATH_10K; }
@@ -254,7 +268,7 @@ to_ms() { # wrk latency like 812.00us / 1.23ms / 1.02s -> ms
 
 RESULTS=$TMP/results.tsv   # rep size target rps p50 p99 cpu_us rss_mib non2xx errors
 : >"$RESULTS"
-TARGETS=(direct nginx strangler-10 strangler-10k)
+TARGETS=(direct nginx pingora-bare strangler-10 strangler-10k)
 SIZES=(1k 1m)
 WRK_CMD="taskset -c $WRK_CPU wrk -t1 -c$CONNS -d${DURATION}s --latency URL"
 
@@ -320,10 +334,10 @@ report() {
         done
     done
     echo
-    echo "| body | req/s strangler-10 / nginx | CPU/req strangler-10 / nginx | p99 strangler-10 / nginx | req/s strangler-10k / strangler-10 |"
-    echo "|---|---:|---:|---:|---:|"
+    echo "| body | req/s strangler-10 / nginx | CPU/req strangler-10 / nginx | p99 strangler-10 / nginx | req/s strangler-10k / strangler-10 | req/s strangler-10 / pingora-bare | CPU/req strangler-10 / pingora-bare |"
+    echo "|---|---:|---:|---:|---:|---:|---:|"
     for size in "${SIZES[@]}"; do
-        echo "| $size | $(ratio "$(median 4 "$size" strangler-10)" "$(median 4 "$size" nginx)") | $(ratio "$(median 7 "$size" strangler-10)" "$(median 7 "$size" nginx)") | $(ratio "$(median 6 "$size" strangler-10)" "$(median 6 "$size" nginx)") | $(ratio "$(median 4 "$size" strangler-10k)" "$(median 4 "$size" strangler-10)") |"
+        echo "| $size | $(ratio "$(median 4 "$size" strangler-10)" "$(median 4 "$size" nginx)") | $(ratio "$(median 7 "$size" strangler-10)" "$(median 7 "$size" nginx)") | $(ratio "$(median 6 "$size" strangler-10)" "$(median 6 "$size" nginx)") | $(ratio "$(median 4 "$size" strangler-10k)" "$(median 4 "$size" strangler-10)") | $(ratio "$(median 4 "$size" strangler-10)" "$(median 4 "$size" pingora-bare)") | $(ratio "$(median 7 "$size" strangler-10)" "$(median 7 "$size" pingora-bare)") |"
     done
     echo
     echo "Per-run figures (rep, body, target, req/s, p50 ms, p99 ms, CPU µs/req, RSS MiB, non-2xx, socket errors):"
