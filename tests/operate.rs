@@ -7,8 +7,18 @@ use std::time::Duration;
 
 use common::*;
 
+/// A child process killed when the test ends, pass or fail.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts `strangler run` on the given ports (so a second process can take them over).
-fn spawn_on(dir: &std::path::Path, port: u16, admin: u16, upgrade: bool) -> std::process::Child {
+fn spawn_on(dir: &std::path::Path, port: u16, admin: u16, upgrade: bool) -> Reaped {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -34,7 +44,7 @@ fn spawn_on(dir: &std::path::Path, port: u16, admin: u16, upgrade: bool) -> std:
     if upgrade {
         cmd.arg("--upgrade");
     }
-    cmd.spawn().unwrap()
+    Reaped(cmd.spawn().unwrap())
 }
 
 #[test]
@@ -68,14 +78,14 @@ fn a_binary_upgrade_under_load_fails_no_request() {
         Duration::from_secs(10),
         || sock.exists(),
     );
-    unsafe_kill(old.id(), "QUIT");
+    unsafe_kill(old.0.id(), "QUIT");
     let before = load.ok();
     wait_for(
         "the old process to drain and exit",
         Duration::from_secs(20),
-        || matches!(old.try_wait(), Ok(Some(_))),
+        || matches!(old.0.try_wait(), Ok(Some(_))),
     );
-    let status = old.wait().unwrap();
+    let status = old.0.wait().unwrap();
     wait_for(
         "requests served after the old process left",
         Duration::from_secs(10),
@@ -89,12 +99,10 @@ fn a_binary_upgrade_under_load_fails_no_request() {
     );
     assert_eq!(failed, 0, "requests failed during the upgrade\n{log}");
     assert!(
-        matches!(new.try_wait(), Ok(None)),
+        matches!(new.0.try_wait(), Ok(None)),
         "the new process serves on"
     );
     assert_eq!(get(&health).0, 200, "the admin listener moved over too");
-    let _ = new.kill();
-    let _ = new.wait();
     eprintln!("upgrade under load: {ok} requests, 0 failed");
 }
 
