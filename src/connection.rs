@@ -30,7 +30,7 @@ use pingora_core::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// How long a connection accepted just before shutdown gets to deliver its request header.
-pub const LATE_REQUEST_GRACE: Duration = Duration::from_millis(250);
+pub const LATE_REQUEST_GRACE: Duration = Duration::from_secs(1);
 
 static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
 
