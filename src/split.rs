@@ -3,6 +3,8 @@
 //! finaliser for avalanche) so every replica and every restart puts a client on the same side,
 //! and raising the percentage only moves clients from `default` to `to`.
 
+use std::borrow::Cow;
+
 use crate::router::{Split, Sticky};
 
 /// Number of buckets.
@@ -24,25 +26,29 @@ pub fn bucket(route: &str, key: &[u8]) -> u32 {
     (h % u64::from(BUCKETS)) as u32
 }
 
-/// The sticky key of a request: the client's address, a header's value, or a cookie's value.
-/// `None` when the request carries none (the split then picks at random).
-pub fn sticky_key(
+/// The sticky key of a request: the client's address (its 4 or 16 bytes), a header's value, or
+/// a cookie's value — borrowed from the request where it can be. `None` when the request
+/// carries none (the split then picks at random).
+pub fn sticky_key<'a>(
     sticky: &Sticky,
-    headers: &http::HeaderMap,
+    headers: &'a http::HeaderMap,
     client_ip: Option<std::net::IpAddr>,
-) -> Option<Vec<u8>> {
+) -> Option<Cow<'a, [u8]>> {
     match sticky {
-        Sticky::Ip => client_ip.map(|ip| ip.to_string().into_bytes()),
+        Sticky::Ip => client_ip.map(|ip| match ip {
+            std::net::IpAddr::V4(a) => Cow::Owned(a.octets().to_vec()),
+            std::net::IpAddr::V6(a) => Cow::Owned(a.octets().to_vec()),
+        }),
         Sticky::Header(h) => headers
             .get(h)
             .filter(|v| !v.is_empty())
-            .map(|v| v.as_bytes().to_vec()),
+            .map(|v| Cow::Borrowed(v.as_bytes())),
         Sticky::Cookie(name) => headers
             .get_all(http::header::COOKIE)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .find_map(|c| crate::forwarding::cookie_value(c, name))
-            .map(|v| v.as_bytes().to_vec()),
+            .map(|v| Cow::Borrowed(v.as_bytes())),
     }
 }
 
