@@ -65,6 +65,16 @@ fn decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// `{backend: n}` from last-minute `(backend, requests, errors)` counts.
+fn per_backend(counts: &[(String, u64, u64)], pick: impl Fn(&(String, u64, u64)) -> u64) -> Value {
+    Value::Object(
+        counts
+            .iter()
+            .map(|c| (c.0.clone(), json!(pick(c))))
+            .collect(),
+    )
+}
+
 /// The `/routes` document.
 pub fn routes_json(live: &LiveTable) -> Value {
     let t = &live.table;
@@ -90,8 +100,8 @@ pub fn routes_json(live: &LiveTable) -> Value {
                 "rewrite": r.rewrite,
                 "state": t.state(r, pin.is_some()).as_str(),
                 "pinned": pin.map(|p| json!({"reason": p.reason.as_str(), "since": p.since})),
-                "requests": counts.iter().map(|(b, r, _)| (b.clone(), json!(r))).collect::<serde_json::Map<_, _>>(),
-                "errors": counts.iter().map(|(b, _, e)| (b.clone(), json!(e))).collect::<serde_json::Map<_, _>>(),
+                "requests": per_backend(&counts, |(_, r, _)| *r),
+                "errors": per_backend(&counts, |(_, _, e)| *e),
             })
         })
         .collect();
@@ -109,8 +119,8 @@ pub fn routes_json(live: &LiveTable) -> Value {
         "rewrite": null,
         "state": "legacy",
         "pinned": null,
-        "requests": counts.iter().map(|(b, r, _)| (b.clone(), json!(r))).collect::<serde_json::Map<_, _>>(),
-        "errors": counts.iter().map(|(b, _, e)| (b.clone(), json!(e))).collect::<serde_json::Map<_, _>>(),
+        "requests": per_backend(&counts, |(_, r, _)| *r),
+        "errors": per_backend(&counts, |(_, _, e)| *e),
     }));
     Value::Array(out)
 }
