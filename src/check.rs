@@ -23,38 +23,6 @@ pub fn load(config: &Path) -> Result<RoutingTable, ConfigErrors> {
     RoutingTable::build(file, &source)
 }
 
-/// The `(name, address)` of the sample services `demo` starts: the `legacy` and `new` backends.
-pub fn demo_backends(config: &Path) -> Result<Vec<(String, String)>, String> {
-    let table = load(config).map_err(|e| e.to_string())?;
-    let mut out = Vec::new();
-    for name in ["legacy", "new"] {
-        let b = table
-            .backend_index(name)
-            .map(|i| &table.backends[i])
-            .ok_or_else(|| {
-                format!(
-                    "demo needs backends named `legacy` and `new` in {}",
-                    config.display()
-                )
-            })?;
-        if b.tls {
-            return Err(format!(
-                "demo services speak plain http; backend {name} is https"
-            ));
-        }
-        out.push((name.to_string(), format!("{}:{}", bracket(&b.host), b.port)));
-    }
-    Ok(out)
-}
-
-fn bracket(host: &str) -> String {
-    if host.contains(':') {
-        format!("[{host}]")
-    } else {
-        host.to_string()
-    }
-}
-
 fn pins(config: &Path, state: Option<&Path>) -> BTreeMap<String, Pin> {
     let path = state
         .map(Path::to_path_buf)

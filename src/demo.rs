@@ -3,6 +3,8 @@
 //! so a newcomer sees routing work with nothing else installed. `?status=NNN` answers with that
 //! status and `?delay_ms=N` answers late, to try failover, rollback and the dashboard.
 
+use std::path::Path;
+
 use async_trait::async_trait;
 use http::{Response, StatusCode};
 use pingora_core::apps::http_app::{HttpServer, ServeHttp};
@@ -83,4 +85,36 @@ pub fn service(name: &str, addr: &str) -> Service<HttpServer<DemoService>> {
     );
     s.add_tcp(addr);
     s
+}
+
+/// The `(name, address)` of the sample services `demo` starts: the `legacy` and `new` backends.
+pub fn demo_backends(config: &Path) -> Result<Vec<(String, String)>, String> {
+    let table = crate::check::load(config).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for name in ["legacy", "new"] {
+        let b = table
+            .backend_index(name)
+            .map(|i| &table.backends[i])
+            .ok_or_else(|| {
+                format!(
+                    "demo needs backends named `legacy` and `new` in {}",
+                    config.display()
+                )
+            })?;
+        if b.tls {
+            return Err(format!(
+                "demo services speak plain http; backend {name} is https"
+            ));
+        }
+        out.push((name.to_string(), format!("{}:{}", bracket(&b.host), b.port)));
+    }
+    Ok(out)
+}
+
+fn bracket(host: &str) -> String {
+    if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    }
 }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use strangler::cli::{Cli, Command, RunArgs};
 use strangler::server::{self, ServeOptions};
-use strangler::{check, client, logging};
+use strangler::{check, client, demo, logging};
 
 fn serve_options(a: RunArgs, demo: Vec<(String, String)>) -> ServeOptions {
     ServeOptions {
@@ -34,7 +34,7 @@ fn main() -> ExitCode {
     logging::init(cli.log_format);
     let result = match cli.command {
         Command::Run(a) => server::serve(serve_options(a, Vec::new())).map(|_| ExitCode::SUCCESS),
-        Command::Demo(a) => check::demo_backends(&a.config.config)
+        Command::Demo(a) => demo::demo_backends(&a.config.config)
             .and_then(|demo| server::serve(serve_options(a, demo)))
             .map(|_| ExitCode::SUCCESS),
         Command::Check(a) => Ok(check::check(&a)),
