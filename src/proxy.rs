@@ -380,11 +380,7 @@ impl ProxyHttp for Strangler {
         let Some(addr) = backend.addr else {
             return Error::e_explain(ErrorType::ConnectNoRoute, "backend address unresolved");
         };
-        let sni = backend
-            .host_header
-            .clone()
-            .unwrap_or_else(|| backend.host.clone());
-        let mut peer = HttpPeer::new(addr, backend.tls, sni);
+        let mut peer = HttpPeer::new(addr, backend.tls, backend.sni.clone());
         let o = &mut peer.options;
         o.connection_timeout = Some(backend.connect_timeout);
         // `timeout` bounds the wait for the first response byte; Pingora applies it per read,

@@ -39,6 +39,8 @@ pub struct Backend {
     pub addr: Option<SocketAddr>,
     /// `Host` sent upstream; `None` keeps the client's.
     pub host_header: Option<String>,
+    /// The TLS server name: `host_header`'s host (no port, no IPv6 brackets), else `host`.
+    pub sni: String,
     pub trailing_slash: TrailingSlash,
     pub connect_timeout: Duration,
     pub timeout: Duration,
@@ -206,11 +208,18 @@ impl RoutingTable {
                     errors.push(source.error_at(&at("host"), format!("{h:?} is not a valid Host")));
                 }
             }
+            let sni = spec
+                .host
+                .as_deref()
+                .and_then(|h| h.parse::<http::uri::Authority>().ok())
+                .map(|a| a.host().trim_start_matches('[').trim_end_matches(']').to_string())
+                .unwrap_or_else(|| parsed.host.clone());
             by_name.insert(name.clone(), backends.len());
             backends.push(Backend {
                 name: name.as_str().into(),
                 url: parsed.origin.clone(),
                 tls: parsed.tls,
+                sni,
                 host: parsed.host,
                 port: parsed.port,
                 addr: None,
@@ -802,5 +811,20 @@ mod tests {
             .unwrap()
             .contains("1.2.3.4".parse().unwrap()));
         assert!(parse_cidr("10.0.0.0/33").is_err());
+    }
+
+    #[test]
+    fn sni_is_the_host_override_without_port() {
+        let sni = |host: &str| {
+            let t = table(&format!(
+                "backends:\n  b: {{url: 'https://10.0.0.1:8443', host: '{host}'}}\ndefault: b\n"
+            ));
+            t.backends[0].sni.clone()
+        };
+        assert_eq!(sni("api.example.com"), "api.example.com");
+        assert_eq!(sni("api.example.com:8443"), "api.example.com");
+        assert_eq!(sni("[::1]:8443"), "::1");
+        let t = table("backends:\n  b: {url: 'https://svc.internal'}\ndefault: b\n");
+        assert_eq!(t.backends[0].sni, "svc.internal");
     }
 }

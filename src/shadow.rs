@@ -160,11 +160,7 @@ pub fn tap(
     up.insert_header(HeaderName::from_static("x-request-id"), request_id)
         .ok()?;
 
-    let sni = backend
-        .host_header
-        .clone()
-        .unwrap_or_else(|| backend.host.clone());
-    let mut peer = HttpPeer::new(addr, backend.tls, sni);
+    let mut peer = HttpPeer::new(addr, backend.tls, backend.sni.clone());
     peer.options.connection_timeout = Some(backend.connect_timeout);
     peer.options.read_timeout = Some(backend.timeout);
     peer.options.write_timeout = Some(backend.timeout);
