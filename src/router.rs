@@ -162,6 +162,8 @@ pub struct RoutingTable {
     pub file: String,
     pub sha256: String,
     trie: RouteTrie,
+    /// Route index by name.
+    names: HashMap<String, usize>,
 }
 
 impl RoutingTable {
@@ -212,7 +214,12 @@ impl RoutingTable {
                 .host
                 .as_deref()
                 .and_then(|h| h.parse::<http::uri::Authority>().ok())
-                .map(|a| a.host().trim_start_matches('[').trim_end_matches(']').to_string())
+                .map(|a| {
+                    a.host()
+                        .trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .to_string()
+                })
                 .unwrap_or_else(|| parsed.host.clone());
             by_name.insert(name.clone(), backends.len());
             backends.push(Backend {
@@ -471,6 +478,7 @@ impl RoutingTable {
                 file: source.file.clone(),
                 sha256: source.sha256.clone(),
                 trie,
+                names,
             }),
             _ => Err(ConfigErrors(errors)),
         }
@@ -508,7 +516,7 @@ impl RoutingTable {
 
     /// A route by name.
     pub fn route_index(&self, name: &str) -> Option<usize> {
-        self.routes.iter().position(|r| &*r.name == name)
+        self.names.get(name).copied()
     }
 
     /// The state of a route, given whether it is pinned.

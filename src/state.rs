@@ -193,6 +193,22 @@ impl LiveTable {
         }
     }
 
+    /// What [`LiveTable::serving`] describes, borrowed: compared on every reload, formatted
+    /// only when it changed.
+    fn serving_key<'a>(
+        &'a self,
+        route: &'a Route,
+        pinned: bool,
+    ) -> (&'a str, Option<f64>, Option<&'a str>, RouteState) {
+        let t = &self.table;
+        (
+            &t.backends[route.to].name,
+            route.split.as_ref().map(|s| s.percent),
+            route.shadow.map(|b| &*t.backends[b].name),
+            t.state(route, pinned),
+        )
+    }
+
     fn serving(&self, route: &Route, pinned: bool) -> Serving {
         let t = &self.table;
         Serving {
@@ -227,7 +243,8 @@ impl State {
     pub fn start(config: &Path, state_file: StateFile, audit: Audit) -> Result<Arc<State>, String> {
         metrics::register_all();
         let t0 = Instant::now();
-        let table = load_table(config).inspect_err(|_| {
+        let mut parsed = Duration::ZERO;
+        let table = load_table(config, &mut parsed).inspect_err(|_| {
             metrics::CONFIG_RELOADS.with_label_values(&["error"]).inc();
         })?;
         let saved = state_file.load();
@@ -292,7 +309,8 @@ impl State {
     pub fn reload(&self, trigger: &str) -> Result<(), String> {
         let _publish = self.publish.lock();
         let t0 = Instant::now();
-        let table = match load_table(&self.config) {
+        let mut t_parsed = Duration::ZERO;
+        let table = match load_table(&self.config, &mut t_parsed) {
             Ok(t) => t,
             Err(e) => {
                 metrics::CONFIG_RELOADS.with_label_values(&["error"]).inc();
@@ -301,51 +319,66 @@ impl State {
                 return Err(e);
             }
         };
+        let t_loaded = t0.elapsed();
         let old = self.snapshot();
-        let mut controls = self.controls.lock();
-        let before: BTreeMap<Arc<str>, Serving> = old
-            .table
-            .routes
-            .iter()
-            .zip(&old.routes)
-            .map(|(r, l)| (r.name.clone(), old.serving(r, l.control.is_pinned())))
-            .collect();
-        let live = assemble(table, &mut controls);
-        drop(controls);
+        let live = assemble(table, &mut self.controls.lock());
+        self.live.store(Arc::new(live));
+        record_success(t0);
+        let t_swapped = t0.elapsed();
+
+        // The new table serves; what follows is bookkeeping. Only routes whose serving changed
+        // are formatted for the audit (a 10 000-route reload usually changes a handful).
+        let live = self.snapshot();
         let sha = live.table.sha256.clone();
-        let mut after: BTreeMap<Arc<str>, Serving> = BTreeMap::new();
-        for (r, l) in live.table.routes.iter().zip(&live.routes) {
-            after.insert(r.name.clone(), live.serving(r, l.control.is_pinned()));
+        self.publish_gauges(&live, None);
+        let mut changes: Vec<(Arc<str>, Option<Serving>, Option<Serving>)> = Vec::new();
+        for (r, l) in old.table.routes.iter().zip(&old.routes) {
+            let pinned = l.control.is_pinned();
+            match live.table.route_index(&r.name) {
+                None => changes.push((r.name.clone(), Some(old.serving(r, pinned)), None)),
+                Some(j) => {
+                    let (nr, nl) = (&live.table.routes[j], &live.routes[j]);
+                    let now_pinned = nl.control.is_pinned();
+                    if old.serving_key(r, pinned) != live.serving_key(nr, now_pinned) {
+                        changes.push((
+                            r.name.clone(),
+                            Some(old.serving(r, pinned)),
+                            Some(live.serving(nr, now_pinned)),
+                        ));
+                    }
+                }
+            }
         }
-        let pins_changed = before.keys().any(|k| !after.contains_key(k));
+        for (r, l) in live.table.routes.iter().zip(&live.routes) {
+            if old.table.route_index(&r.name).is_none() {
+                let serving = live.serving(r, l.control.is_pinned());
+                changes.push((r.name.clone(), None, Some(serving)));
+            }
+        }
+        changes.sort_by(|a, b| a.0.cmp(&b.0));
+        // Pins of routes that left the file are lifted: the state file follows.
+        if changes.iter().any(|(_, _, after)| after.is_none()) {
+            self.save_pins();
+        }
+        for (name, before, after) in &changes {
+            self.audit
+                .record(name, before.as_ref(), after.as_ref(), trigger, &sha);
+        }
         let summary = live.table.summary(|r| {
             live.table
                 .route_index(&r.name)
                 .is_some_and(|i| live.routes[i].control.is_pinned())
         });
-        self.live.store(Arc::new(live));
-        record_success(t0);
-        let live = self.snapshot();
-        self.publish_gauges(&live, None);
-        if pins_changed {
-            self.save_pins();
-        }
-        for (name, b) in &before {
-            match after.get(name) {
-                Some(a) if a != b => self.audit.record(name, Some(b), Some(a), trigger, &sha),
-                Some(_) => {}
-                None => self.audit.record(name, Some(b), None, trigger, &sha),
-            }
-        }
-        for (name, a) in &after {
-            if !before.contains_key(name) {
-                self.audit.record(name, None, Some(a), trigger, &sha);
-            }
-        }
+        drop(old);
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
         log::info!(
-            "reloaded {} ({trigger}) in {:.1} ms, sha256 {}: {summary}",
+            "reloaded {} ({trigger}) in {:.1} ms (read and parse {:.1}; validate {:.1}; swap {:.1}; gauges, audit {:.1}), sha256 {}: {summary}",
             self.config.display(),
-            t0.elapsed().as_secs_f64() * 1000.0,
+            ms(t0.elapsed()),
+            ms(t_parsed),
+            ms(t_loaded - t_parsed),
+            ms(t_swapped - t_loaded),
+            ms(t0.elapsed() - t_swapped),
             &sha[..12]
         );
         Ok(())
@@ -490,8 +523,13 @@ impl State {
     }
 }
 
-fn load_table(config: &Path) -> Result<RoutingTable, String> {
-    let (file, source) = config::read(config).map_err(|e: ConfigErrors| e.to_string())?;
+/// Reads, parses, validates and resolves routing.yaml. `parsed` is set to the time the read
+/// and the YAML parse took (the rest is validation and DNS).
+fn load_table(config: &Path, parsed: &mut Duration) -> Result<RoutingTable, String> {
+    let t0 = Instant::now();
+    let read = config::read(config);
+    *parsed = t0.elapsed();
+    let (file, source) = read.map_err(|e: ConfigErrors| e.to_string())?;
     let mut table = RoutingTable::build(file, &source).map_err(|e| e.to_string())?;
     table
         .resolve()
