@@ -33,14 +33,20 @@ use crate::split;
 use crate::state::{LiveTable, State};
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-static X_STRANGLER_ROUTE: HeaderName = HeaderName::from_static("x-strangler-route");
-static X_STRANGLER_BACKEND: HeaderName = HeaderName::from_static("x-strangler-backend");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static ACRM: HeaderName = HeaderName::from_static("access-control-request-method");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+// Header names as written on the wire. Pingora keeps each header's case beside the map; a
+// `&'static str` name costs it one copy less than a `HeaderName` (which it re-titles and copies).
+const WIRE_REQUEST_ID: &str = "X-Request-Id";
+const WIRE_STRANGLER_ROUTE: &str = "X-Strangler-Route";
+const WIRE_STRANGLER_BACKEND: &str = "X-Strangler-Backend";
+const WIRE_FORWARDED_FOR: &str = "X-Forwarded-For";
+const WIRE_FORWARDED_PROTO: &str = "X-Forwarded-Proto";
+const WIRE_FORWARDED_HOST: &str = "X-Forwarded-Host";
+static HTTP: HeaderValue = HeaderValue::from_static("http");
 
 /// Request size limits enforced before routing (the backend is never contacted past them).
 #[derive(Debug, Clone, Copy)]
@@ -167,7 +173,7 @@ impl Strangler {
 
     /// The three headers every response carries.
     fn stamp(&self, resp: &mut ResponseHeader, ctx: &RequestCtx) -> Result<()> {
-        resp.insert_header(X_REQUEST_ID.clone(), ctx.request_id.clone())?;
+        resp.insert_header(WIRE_REQUEST_ID, ctx.request_id.clone())?;
         let (route, backend) = match &ctx.live {
             Some(l) => (
                 l.route_live(ctx.route).header.clone(),
@@ -180,8 +186,8 @@ impl Strangler {
                 HeaderValue::from_static(NO_BACKEND),
             ),
         };
-        resp.insert_header(X_STRANGLER_ROUTE.clone(), route)?;
-        resp.insert_header(X_STRANGLER_BACKEND.clone(), backend)?;
+        resp.insert_header(WIRE_STRANGLER_ROUTE, route)?;
+        resp.insert_header(WIRE_STRANGLER_BACKEND, backend)?;
         Ok(())
     }
 
@@ -421,13 +427,13 @@ impl ProxyHttp for Strangler {
                 .get(&X_FORWARDED_FOR)
                 .and_then(|v| v.to_str().ok());
             let xff = forwarding::forwarded_for(existing, peer);
-            up.insert_header(X_FORWARDED_FOR.clone(), xff)?;
+            up.insert_header(WIRE_FORWARDED_FOR, xff)?;
         }
-        up.insert_header(X_FORWARDED_PROTO.clone(), "http")?;
+        up.insert_header(WIRE_FORWARDED_PROTO, HTTP.clone())?;
         if let Some(h) = &ctx.client_host {
-            up.insert_header(X_FORWARDED_HOST.clone(), h.clone())?;
+            up.insert_header(WIRE_FORWARDED_HOST, h.clone())?;
         }
-        up.insert_header(X_REQUEST_ID.clone(), ctx.request_id.clone())?;
+        up.insert_header(WIRE_REQUEST_ID, ctx.request_id.clone())?;
         Ok(())
     }
 
@@ -446,7 +452,13 @@ impl ProxyHttp for Strangler {
                 .iter()
                 .filter_map(|v| v.to_str().ok())
                 .flat_map(|v| v.split(','))
-                .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+                .map(str::trim)
+                // The usual `Connection: keep-alive` / `close` name no header to look for
+                // (Keep-Alive itself is removed below).
+                .filter(|t| {
+                    !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close")
+                })
+                .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
                 .filter(|n| {
                     n != header::CONNECTION
                         && n != header::CONTENT_LENGTH
