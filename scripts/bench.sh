@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# End-to-end throughput/latency/CPU/RSS comparison: no proxy vs nginx reverse proxy vs strangler
-# (10 routes and 10 000 routes), for 1 KiB and 1 MiB bodies.
+# End-to-end throughput/latency/CPU/RSS comparison: no proxy vs nginx reverse proxy vs a bare
+# Pingora proxy vs strangler (10 routes, 10 000 routes, and 10 000 routes with routing.yaml
+# rewritten every 100 ms under the load), for 1 KiB and 1 MiB bodies.
 #
 #   scripts/bench.sh            # prints a markdown report on stdout
 #   scripts/bench.sh --write    # ... and appends it to BENCHMARKS.md
 #
 # Environment:
-#   DURATION=10     seconds per measured wrk run (after a 1 s warm-up run)
+#   DURATION=15     seconds per measured wrk run (after a 1 s warm-up run)
 #   REPS=3          interleaved repetitions; the report shows medians
-#   CONNS=32        wrk connections (wrk uses 1 thread, pinned with taskset -c $WRK_CPU)
+#   CONNS=64        wrk connections (wrk uses 1 thread, pinned with taskset -c $WRK_CPU)
+#   TARGETS="direct nginx pingora-bare strangler-10 strangler-10k strangler-10k-reload"
+#   SIZES="1k 1m"   a subset of either, for a quicker run
+#   RELOAD_EVERY=0.1  seconds between rewrites of routing.yaml in strangler-10k-reload
 #   PROXY_CPU=0     core for the proxy under test (nginx worker / strangler --threads 1)
 #   WRK_CPU=1       core for wrk
 #   BACKEND_CPU=1   core for the backend nginx (1 worker). With 2 cores the proxy gets core 0
@@ -21,9 +25,10 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-DURATION=${DURATION:-10}
+DURATION=${DURATION:-15}
 REPS=${REPS:-3}
-CONNS=${CONNS:-32}
+CONNS=${CONNS:-64}
+RELOAD_EVERY=${RELOAD_EVERY:-0.1}
 PROXY_CPU=${PROXY_CPU:-0}
 WRK_CPU=${WRK_CPU:-1}
 BACKEND_CPU=${BACKEND_CPU:-1}
@@ -32,7 +37,7 @@ WRITE=0
 for a in "$@"; do
     case "$a" in
         --write) WRITE=1 ;;
-        -h | --help) sed -n '2,20p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,24p' "$0"; exit 0 ;;
         *) echo "unknown argument: $a" >&2; exit 2 ;;
     esac
 done
@@ -49,7 +54,7 @@ if ! command -v nginx >/dev/null || ! command -v wrk >/dev/null; then
     apt-get install -y nginx wrk >&2 || { apt-get update >&2 && apt-get install -y nginx wrk >&2; }
     [ "$ADDED_POLICY" = 1 ] && rm -f "$POLICY"
 fi
-for t in nginx wrk curl taskset; do command -v "$t" >/dev/null || { log "missing $t"; exit 1; }; done
+for t in nginx wrk curl taskset python3; do command -v "$t" >/dev/null || { log "missing $t"; exit 1; }; done
 if [ ! -x "$STRANGLER_BIN" ]; then
     log "building strangler (release)"
     (cd "$ROOT" && cargo build --release >&2)
@@ -169,6 +174,14 @@ routing_yaml() { # N FILE
 mkdir -p "$TMP/s10" "$TMP/s10k"
 routing_yaml 10 "$TMP/s10/routing.yaml"
 routing_yaml 10000 "$TMP/s10k/routing.yaml"
+# strangler-10k-reload alternates between two versions of the 10 000-route table that differ in
+# one route's backend, so that every rewrite is a real reload (parse, validate, swap).
+mkdir -p "$TMP/s10kr"
+cp "$TMP/s10k/routing.yaml" "$TMP/s10kr/a.yaml"
+awk '!done && /^    to: new$/ { print "    to: legacy"; done = 1; next } { print }' \
+    "$TMP/s10kr/a.yaml" >"$TMP/s10kr/b.yaml"
+cmp -s "$TMP/s10kr/a.yaml" "$TMP/s10kr/b.yaml" && { log "reload tables do not differ"; exit 1; }
+cp "$TMP/s10kr/a.yaml" "$TMP/s10kr/routing.yaml"
 # Each table's request hits the GET {id} route of its last complete resource.
 PATH_10=/svc0/resource1/42      # 10 routes: resource 1 is the last complete one
 PATH_10K=/svc49/resource49/42   # 10 000 routes: resource 2499
@@ -227,9 +240,10 @@ start_target() { # TARGET
             URL_BASE="http://127.0.0.1:$PROXY_PORT"; REQ_PATH=$PATH_10
             wait_http "$URL_BASE/"
             ;;
-        strangler-10 | strangler-10k)
+        strangler-10 | strangler-10k | strangler-10k-reload)
             local dir=$TMP/s10 path=$PATH_10
             [ "$1" = strangler-10k ] && { dir=$TMP/s10k; path=$PATH_10K; }
+            [ "$1" = strangler-10k-reload ] && { dir=$TMP/s10kr; path=$PATH_10K; }
             RUST_LOG=warn taskset -c "$PROXY_CPU" "$STRANGLER_BIN" run -c "$dir/routing.yaml" \
                 --listen "127.0.0.1:$PROXY_PORT" --admin "127.0.0.1:$ADMIN_PORT" --threads 1 \
                 >"$dir/log" 2>&1 &
@@ -240,6 +254,40 @@ start_target() { # TARGET
             ;;
     esac
 }
+# Rewrites routing.yaml every $RELOAD_EVERY s (write beside it, then rename over it, as deploy
+# tools do), alternating the two versions, until stopped. Runs on the wrk core.
+REWRITER=
+start_rewriter() {
+    # One long-lived process (no fork per rewrite), so that the load generator's core loses
+    # as little as possible to it.
+    python3 - "$TMP/s10kr" "$RELOAD_EVERY" <<'PY' &
+import os, sys, time
+d, every = sys.argv[1], float(sys.argv[2])
+versions = [open(os.path.join(d, f), "rb").read() for f in ("b.yaml", "a.yaml")]
+tmp, dst = os.path.join(d, ".next.yaml"), os.path.join(d, "routing.yaml")
+i = 0
+while True:
+    with open(tmp, "wb") as f:
+        f.write(versions[i % 2])
+    os.replace(tmp, dst)
+    i += 1
+    time.sleep(every)
+PY
+    REWRITER=$!
+    taskset -pc "$WRK_CPU" "$REWRITER" >/dev/null
+    PIDS+=("$REWRITER")
+}
+stop_rewriter() { [ -n "$REWRITER" ] && stop "$REWRITER"; REWRITER=; }
+metric() { # 'NAME{LABELS}' -> its value on the strangler under test (0 when absent)
+    curl -s "http://127.0.0.1:$ADMIN_PORT/metrics" |
+        awk -v m="$1" 'index($0, m " ") == 1 { v = $2 } END { print v + 0 }'
+}
+reload_stats() { # -> "successes errors duration_sum_seconds"
+    echo "$(metric 'strangler_config_reloads_total{result="success"}')" \
+        "$(metric 'strangler_config_reloads_total{result="error"}')" \
+        "$(metric strangler_config_reload_duration_seconds_sum)"
+}
+
 stop_target() { # TARGET
     case "$1" in
         direct) ;;
@@ -268,8 +316,10 @@ to_ms() { # wrk latency like 812.00us / 1.23ms / 1.02s -> ms
 
 RESULTS=$TMP/results.tsv   # rep size target rps p50 p99 cpu_us rss_mib non2xx errors
 : >"$RESULTS"
-TARGETS=(direct nginx pingora-bare strangler-10 strangler-10k)
-SIZES=(1k 1m)
+RELOADS=$TMP/reloads.tsv   # rep size reloads failed_reloads mean_reload_ms
+: >"$RELOADS"
+read -r -a TARGETS <<<"${TARGETS:-direct nginx pingora-bare strangler-10 strangler-10k strangler-10k-reload}"
+read -r -a SIZES <<<"${SIZES:-1k 1m}"
 WRK_CMD="taskset -c $WRK_CPU wrk -t1 -c$CONNS -d${DURATION}s --latency URL"
 
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -285,9 +335,21 @@ for rep in $(seq 1 "$REPS"); do
                 log "$target $url: HTTP $code, $got bytes (want 200, $want)"; exit 1
             fi
             taskset -c "$WRK_CPU" wrk -t1 -c"$CONNS" -d1s "$url" >/dev/null # warm-up
+            if [ "$target" = strangler-10k-reload ]; then
+                read -r r0 e0 d0 <<<"$(reload_stats)"
+                start_rewriter
+            fi
             t0=0; [ -n "$PROXY_PID" ] && t0=$(cpu_ticks "$PROXY_PID")
             out=$(taskset -c "$WRK_CPU" wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "$url")
             t1=0; [ -n "$PROXY_PID" ] && t1=$(cpu_ticks "$PROXY_PID")
+            if [ "$target" = strangler-10k-reload ]; then
+                stop_rewriter
+                read -r r1 e1 d1 <<<"$(reload_stats)"
+                awk -v rep="$rep" -v s="$size" -v r=$((r1 - r0)) -v e=$((e1 - e0)) -v d0="$d0" -v d1="$d1" \
+                    'BEGIN { ms = r > 0 ? (d1 - d0) / r * 1000 : 0; printf "%s\t%s\t%d\t%d\t%.1f\n", rep, s, r, e, ms }' \
+                    >>"$RELOADS"
+                log "rep $rep $size: $((r1 - r0)) reloads, $((e1 - e0)) failed"
+            fi
             rss=-; [ -n "$PROXY_PID" ] && rss=$(awk -v k="$(hwm_kib "$PROXY_PID")" 'BEGIN { printf "%.1f", k / 1024 }')
             stop_target "$target"
             reqs=$(awk '/requests in/ { print $1 }' <<<"$out")
@@ -339,6 +401,19 @@ report() {
     for size in "${SIZES[@]}"; do
         echo "| $size | $(ratio "$(median 4 "$size" strangler-10)" "$(median 4 "$size" nginx)") | $(ratio "$(median 7 "$size" strangler-10)" "$(median 7 "$size" nginx)") | $(ratio "$(median 6 "$size" strangler-10)" "$(median 6 "$size" nginx)") | $(ratio "$(median 4 "$size" strangler-10k)" "$(median 4 "$size" strangler-10)") | $(ratio "$(median 4 "$size" strangler-10)" "$(median 4 "$size" pingora-bare)") | $(ratio "$(median 7 "$size" strangler-10)" "$(median 7 "$size" pingora-bare)") |"
     done
+    if [ -s "$RELOADS" ]; then
+        local col3 col5
+        echo
+        echo "Reload under load (strangler-10k-reload: the 10 000-route routing.yaml rewritten every ${RELOAD_EVERY} s during the run):"
+        echo
+        echo "| body | req/s reload / strangler-10k | failed requests (all reps) | reloads per run (median) | failed reloads (all reps) | mean reload ms (median of runs) |"
+        echo "|---|---:|---:|---:|---:|---:|"
+        for size in "${SIZES[@]}"; do
+            col3=$(awk -F'\t' -v s="$size" '$2 == s { print $3 }' "$RELOADS" | sort -g | awk '{ v[NR] = $1 } END { print NR ? v[int((NR + 1) / 2)] : "-" }')
+            col5=$(awk -F'\t' -v s="$size" '$2 == s { print $5 }' "$RELOADS" | sort -g | awk '{ v[NR] = $1 } END { print NR ? v[int((NR + 1) / 2)] : "-" }')
+            echo "| $size | $(ratio "$(median 4 "$size" strangler-10k-reload)" "$(median 4 "$size" strangler-10k)") | $(($(sum_col 9 "$size" strangler-10k-reload) + $(sum_col 10 "$size" strangler-10k-reload))) | $col3 | $(awk -F'\t' -v s="$size" '$2 == s { n += $4 } END { print n + 0 }' "$RELOADS") | $col5 |"
+        done
+    fi
     echo
     echo "Per-run figures (rep, body, target, req/s, p50 ms, p99 ms, CPU µs/req, RSS MiB, non-2xx, socket errors):"
     echo
@@ -356,6 +431,8 @@ report() {
     echo "taskset -c $PROXY_CPU nginx -p DIR -c proxy.conf               # worker_processes 1; upstream keepalive 64; proxy_http_version 1.1; default proxy buffering"
     echo "RUST_LOG=warn taskset -c $PROXY_CPU $STRANGLER_BIN run -c routing.yaml --listen 127.0.0.1:P --admin 127.0.0.1:P2 --threads 1"
     echo "paths: direct, nginx, strangler-10: $PATH_10/b{1k,1m}; strangler-10k: $PATH_10K/b{1k,1m} (GET {id} route of the last resource)"
+    echo "strangler-10k-reload: as strangler-10k, while every $RELOAD_EVERY s a python loop writes the other version to .next.yaml and renames it over routing.yaml (on core $WRK_CPU)"
+    echo "reloads: strangler_config_reloads_total{result=...} and strangler_config_reload_duration_seconds_sum from /metrics, before and after the run"
     echo "CPU/req = (utime+stime of the proxy process [nginx: its worker] from /proc/PID/stat, after - before the measured run) / requests"
     echo "RSS = VmHWM of the same process, read at the end of its run (each process serves one body size, one run)"
     echo '```'
