@@ -1,11 +1,16 @@
 //! The baseline for `scripts/bench.sh`: a minimal Pingora proxy, built with the same release
-//! profile, that sends every request to one fixed peer — no routing, no metrics, no header work.
-//! The gap between it and strangler is the cost of strangler's own logic.
+//! profile and allocator, that sends every request to one fixed peer — no routing, no metrics,
+//! no header work. The gap between it and strangler is the cost of strangler's own logic.
 //!
 //! Try it: `cargo run --release --example pingora_bare -- 127.0.0.1:8081 127.0.0.1:9001`
 //! (listen address, peer address), then `curl localhost:8081/`.
 
 use async_trait::async_trait;
+
+/// The same allocator as strangler's binary: the baseline is built the same way.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::Server;
 use pingora_core::upstreams::peer::HttpPeer;
