@@ -37,6 +37,7 @@ impl ProxyHttp for Bare {
 }
 
 fn main() {
+    strangler::allocator::tune();
     let mut args = std::env::args().skip(1);
     let (Some(listen), Some(peer)) = (args.next(), args.next()) else {
         eprintln!("usage: pingora_bare LISTEN_ADDR PEER_ADDR");

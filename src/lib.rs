@@ -13,8 +13,10 @@
 //!                     └ client (routes, rollback, resume: admin API client)
 //! config (file schema) + source_map (FILE:LINE:COL) ─► router (validated table)
 //! path (normalisation) · split · shadow · rollback · pins · audit · forwarding · errors · metrics
+//! allocator (mimalloc settings)
 //! ```
 pub mod admin;
+pub mod allocator;
 pub mod audit;
 pub mod check;
 pub mod cli;

@@ -10,6 +10,7 @@ use strangler::{check, client, demo, logging};
 /// mimalloc instead of glibc's malloc: about 20 % fewer instructions per proxied request
 /// (callgrind, 127k -> 102k) and ~10 % more 1 KiB requests per second on one core
 /// (BENCHMARKS.md, "Allocator"). Pingora allocates per request (headers, buffers, futures).
+/// Its settings: `strangler::allocator`.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -36,6 +37,7 @@ fn serve_options(a: RunArgs, demo: Vec<(String, String)>) -> ServeOptions {
 }
 
 fn main() -> ExitCode {
+    strangler::allocator::tune();
     let cli = Cli::parse();
     logging::init(cli.log_format);
     let result = match cli.command {
