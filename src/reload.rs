@@ -6,6 +6,10 @@
 //! The watcher watches the directory, not the file: a rename or symlink swap replaces the
 //! file's inode, and a watch on the old inode would go silent. A slow poll backs the watcher up
 //! on filesystems where inotify sees nothing (NFS, some overlay mounts).
+//!
+//! Reloads must not take the serving threads' time: they run at a lower priority, and a file
+//! rewritten faster than it can be loaded is loaded at a bounded duty cycle, always in its
+//! latest version (`RELOAD_NICENESS`, `RELOAD_DUTY_WAIT`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -41,9 +45,9 @@ fn file_digest(path: &Path) -> Option<String> {
     std::fs::read(path).ok().map(|b| sha256_hex(&b))
 }
 
-/// After an automatic reload that took `T` of CPU, the next one waits until `T × RELOAD_DUTY_WAIT` has
-/// passed, so that a file rewritten faster than it can be reloaded costs at most a twentieth of
-/// a core (5 %): a 1 ms reload of a small table delays nothing (the debounce is longer); a
+/// After an automatic reload that used `T` of CPU, the next one waits until `T × RELOAD_DUTY_WAIT`
+/// has passed, so that a file rewritten faster than it can be reloaded costs at most a
+/// twentieth of a core (5 %): a 1 ms reload of a small table delays nothing (the debounce is longer); a
 /// 100 ms reload of a 10 000-route table lets the next one start 1.9 s later, with the latest
 /// version of the file. SIGHUP and `POST /reload` are never delayed.
 const RELOAD_DUTY_WAIT: f64 = 19.0;
@@ -143,7 +147,7 @@ impl BackgroundService for Reloader {
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         let mut last_tried: Option<String> = None;
-        // When the next automatic reload may start (see RELOAD_DUTY).
+        // When the next automatic reload may start (see RELOAD_DUTY_WAIT).
         let mut not_before = tokio::time::Instant::now();
         loop {
             let trigger = tokio::select! {
