@@ -66,7 +66,9 @@ impl Audit {
                 }
             }
             if let Some(f) = guard.as_mut() {
-                if let Err(e) = writeln!(f, "{entry}") {
+                // One write per line: a reader never sees half an entry.
+                let line = format!("{entry}\n");
+                if let Err(e) = f.write_all(line.as_bytes()) {
                     log::error!("cannot append to audit log {}: {e}", path.display());
                     *guard = None;
                 }

@@ -65,9 +65,11 @@ fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
+/// The complete lines of the audit log (a line still being appended is not one yet).
 fn audit_lines(path: &std::path::Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+    complete
         .lines()
         .map(|l| {
             serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {l}"))
@@ -543,6 +545,32 @@ fn states_and_the_audit_trail_record_who_serves_what() {
         sha256_hex(moved.as_bytes()).as_str()
     );
     assert_eq!(route(&proxy, "old")["state"], "new");
+
+    // A reload that drops one route and adds another: one line each, the missing side null;
+    // routes that did not change stay out of the trail.
+    let renamed = moved.replace("name: old, path: /old", "name: fresh, path: /fresh");
+    proxy.write_config(&renamed);
+    wait_for("the rename's audit lines", Duration::from_secs(3), || {
+        audit_lines(&audit).len() >= 5
+    });
+    let lines = audit_lines(&audit);
+    assert_eq!(
+        lines.len(),
+        5,
+        "one line per route that came or went: {lines:?}"
+    );
+    // Sorted by route name: "fresh" (added) before "old" (removed).
+    let (added, removed) = (&lines[3], &lines[4]);
+    assert_eq!(added["route"], "fresh");
+    assert!(added["before"].is_null(), "{added}");
+    assert_eq!(added["after"]["state"], "new");
+    assert_eq!(removed["route"], "old");
+    assert_eq!(removed["before"]["to"], "new");
+    assert!(removed["after"].is_null(), "{removed}");
+    assert_eq!(
+        removed["config_sha256"],
+        sha256_hex(renamed.as_bytes()).as_str()
+    );
     assert!(
         proxy
             .log_text()
