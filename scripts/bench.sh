@@ -20,7 +20,7 @@
 #   STRANGLER_BIN   default target/release/strangler (built with `cargo build --release` if missing)
 #   (the bare Pingora baseline, target/release/examples/pingora_bare, is built when missing)
 #
-# Needs nginx and wrk (Debian packages; installed with apt-get if missing), curl, taskset.
+# Needs nginx and wrk (Debian packages; installed with apt-get if missing), curl, taskset, python3.
 # Every process runs from a temp dir on free loopback ports and is stopped on exit.
 set -euo pipefail
 
