@@ -371,6 +371,24 @@ fn start_proxy(yaml: &str, env: &[(String, String)]) -> Proxy {
     Proxy::start_with(yaml, &[], &env)
 }
 
+/// A proxy whose one route, `/secure`, goes to the backend `secure` that `spec` describes (its
+/// lines under `backends:`), trusting the test CA.
+fn proxy_to_secure(pki: &Pki, legacy: &Backend, spec: &str) -> Proxy {
+    start_proxy(
+        &yaml(
+            legacy,
+            spec,
+            "  - {name: secure, path: /secure, to: secure}\n",
+        ),
+        &pki.trusting("ca.pem"),
+    )
+}
+
+/// The backend `secure` at `https://localhost:PORT`.
+fn localhost(secure: &TlsBackend) -> String {
+    format!("  secure:\n    url: https://localhost:{}\n", secure.port)
+}
+
 /// `legacy` (plain http, the default) plus the given https backends and routes.
 fn yaml(legacy: &Backend, backends: &str, routes: &str) -> String {
     format!(
@@ -384,14 +402,7 @@ fn https_backend_serves_requests_through_the_proxy() {
     let pki = Pki::new();
     let secure = TlsBackend::start(&pki);
     let legacy = Backend::echo("legacy");
-    let proxy = start_proxy(
-        &yaml(
-            &legacy,
-            &format!("  secure:\n    url: https://localhost:{}\n", secure.port),
-            "  - {name: secure, path: /secure, to: secure}\n",
-        ),
-        &pki.trusting("ca.pem"),
-    );
+    let proxy = proxy_to_secure(&pki, &legacy, &localhost(&secure));
 
     let r = request("GET", &proxy.url("/secure/items?x=1"), &[], None);
     assert_eq!(r.status, 200, "{}\nlog:\n{}", r.body, proxy.log_text());
@@ -552,7 +563,7 @@ fn untrusted_certificate_is_a_502_and_a_connect_error() {
     let proxy = start_proxy(
         &yaml(
             &legacy,
-            &format!("  secure:\n    url: https://localhost:{}\n", secure.port),
+            &localhost(&secure),
             "  - {name: secure, path: /secure, to: secure}\n\
              \x20 - {name: fo, path: /fo, to: secure, failover: true}\n",
         ),
@@ -612,17 +623,11 @@ fn certificate_not_valid_for_the_sni_is_a_502() {
     let secure = TlsBackend::start(&pki);
     let legacy = Backend::echo("legacy");
     // Trusted CA, but the certificate does not name `other.example`.
-    let proxy = start_proxy(
-        &yaml(
-            &legacy,
-            &format!(
-                "  secure:\n    url: https://127.0.0.1:{}\n    host: other.example\n",
-                secure.port
-            ),
-            "  - {name: secure, path: /secure, to: secure}\n",
-        ),
-        &pki.trusting("ca.pem"),
+    let spec = format!(
+        "  secure:\n    url: https://127.0.0.1:{}\n    host: other.example\n",
+        secure.port
     );
+    let proxy = proxy_to_secure(&pki, &legacy, &spec);
 
     let r = request("GET", &proxy.url("/secure/1"), &[], None);
     assert_tls_502(&r, "secure", "secure");
@@ -645,14 +650,7 @@ fn keep_alive_reuses_upstream_tls_connections() {
     let pki = Pki::new();
     let secure = TlsBackend::start(&pki);
     let legacy = Backend::echo("legacy");
-    let proxy = start_proxy(
-        &yaml(
-            &legacy,
-            &format!("  secure:\n    url: https://localhost:{}\n", secure.port),
-            "  - {name: secure, path: /secure, to: secure}\n",
-        ),
-        &pki.trusting("ca.pem"),
-    );
+    let proxy = proxy_to_secure(&pki, &legacy, &localhost(&secure));
 
     let n = 20;
     for i in 0..n {
@@ -693,7 +691,7 @@ fn shadow_requests_reach_an_https_backend() {
     let proxy = start_proxy(
         &yaml(
             &legacy,
-            &format!("  secure:\n    url: https://localhost:{}\n", secure.port),
+            &localhost(&secure),
             "  - {name: mirrored, path: /static, to: legacy, shadow: secure}\n",
         ),
         &pki.trusting("ca.pem"),
@@ -727,17 +725,11 @@ fn host_override_with_a_port_still_connects() {
     let pki = Pki::new();
     let secure = TlsBackend::start(&pki);
     let legacy = Backend::echo("legacy");
-    let proxy = start_proxy(
-        &yaml(
-            &legacy,
-            &format!(
-                "  secure:\n    url: https://127.0.0.1:{p}\n    host: localhost:{p}\n",
-                p = secure.port
-            ),
-            "  - {name: secure, path: /secure, to: secure}\n",
-        ),
-        &pki.trusting("ca.pem"),
+    let spec = format!(
+        "  secure:\n    url: https://127.0.0.1:{p}\n    host: localhost:{p}\n",
+        p = secure.port
     );
+    let proxy = proxy_to_secure(&pki, &legacy, &spec);
     let r = request("GET", &proxy.url("/secure/1"), &[], None);
     assert_eq!(
         r.status,
