@@ -535,6 +535,18 @@ fn sni_is_the_url_host_or_the_host_override() {
 }
 
 /// Asserts a proxy-made 502 for a TLS failure on `route` / `backend`.
+/// The one handshake the proxy attempted with `secure`, once the backend has reported it: it
+/// failed, and no request reached the backend.
+fn refused_handshake(secure: &TlsBackend) -> serde_json::Value {
+    wait_for("the refused handshake", Duration::from_secs(5), || {
+        !secure.handshakes().is_empty()
+    });
+    let h = secure.handshakes()[0].clone();
+    assert_eq!(h["ok"], false, "{h}");
+    assert!(secure.requests().is_empty());
+    h
+}
+
 fn assert_tls_502(r: &Reply, route: &str, backend: &str) {
     assert_eq!(r.status, 502, "{}", r.body);
     assert_eq!(r.header("content-type"), "application/json");
@@ -583,11 +595,7 @@ fn untrusted_certificate_is_a_502_and_a_connect_error() {
         1.0,
     );
     // The proxy refused the certificate in the handshake: the backend never got a request.
-    wait_for("the refused handshake", Duration::from_secs(5), || {
-        !secure.handshakes().is_empty()
-    });
-    let h = &secure.handshakes()[0];
-    assert_eq!(h["ok"], false, "{h}");
+    let h = refused_handshake(&secure);
     assert_eq!(h["sni"], "localhost");
     assert!(
         h["error"]
@@ -597,7 +605,6 @@ fn untrusted_certificate_is_a_502_and_a_connect_error() {
             .contains("unknown ca"),
         "{h}"
     );
-    assert!(secure.requests().is_empty());
 
     // A TLS failure is a connect failure: with `failover` the request is served by `default`.
     let r = request("GET", &proxy.url("/fo/1"), &[], None);
@@ -636,13 +643,7 @@ fn certificate_not_valid_for_the_sni_is_a_502() {
         "strangler_upstream_errors_total{route=\"secure\",backend=\"secure\",kind=\"connect\"}",
         1.0,
     );
-    wait_for("the refused handshake", Duration::from_secs(5), || {
-        !secure.handshakes().is_empty()
-    });
-    let h = &secure.handshakes()[0];
-    assert_eq!(h["ok"], false, "{h}");
-    assert_eq!(h["sni"], "other.example");
-    assert!(secure.requests().is_empty());
+    assert_eq!(refused_handshake(&secure)["sni"], "other.example");
 }
 
 #[test]
