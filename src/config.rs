@@ -168,13 +168,15 @@ pub fn read(path: &Path) -> Result<(RoutingFile, Source), ConfigErrors> {
             message: format!("cannot read: {e}"),
         }])
     })?;
-    parse(&file, &text)
+    parse(&file, text)
 }
 
-/// Parses `text` as the routing file named `file`.
-pub fn parse(file: &str, text: &str) -> Result<(RoutingFile, Source), ConfigErrors> {
+/// Parses `text` as the routing file named `file`. The text is kept (to locate errors found
+/// later): pass a `String` to hand it over without a copy.
+pub fn parse(file: &str, text: impl Into<String>) -> Result<(RoutingFile, Source), ConfigErrors> {
+    let text: String = text.into();
     let sha256 = sha256_hex(text.as_bytes());
-    let parsed: RoutingFile = serde_yaml::from_str(text).map_err(|e| {
+    let parsed: RoutingFile = serde_yaml::from_str(&text).map_err(|e| {
         let pos = e
             .location()
             .map(|l| Pos {
@@ -190,7 +192,7 @@ pub fn parse(file: &str, text: &str) -> Result<(RoutingFile, Source), ConfigErro
     })?;
     let source = Source {
         file: file.to_string(),
-        text: text.to_string(),
+        text,
         map: OnceLock::new(),
         sha256,
     };

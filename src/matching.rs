@@ -123,7 +123,14 @@ impl RouteTrie {
         let mut node = &mut self.root;
         for seg in pattern {
             node = match seg {
-                PatternSegment::Literal(s) => node.literals.entry(s.as_str().into()).or_default(),
+                PatternSegment::Literal(s) => {
+                    // Look up before inserting: most segments of a big table already exist, and
+                    // `entry` would allocate the key every time.
+                    if !node.literals.contains_key(s.as_str()) {
+                        node.literals.insert(s.as_str().into(), Node::default());
+                    }
+                    node.literals.get_mut(s.as_str()).expect("inserted above")
+                }
                 PatternSegment::Param(_) => node.param.get_or_insert_with(Default::default),
             };
         }

@@ -163,7 +163,7 @@ pub struct RoutingTable {
     pub sha256: String,
     trie: RouteTrie,
     /// Route index by name.
-    names: HashMap<String, usize>,
+    names: HashMap<Arc<str>, usize>,
 }
 
 impl RoutingTable {
@@ -238,23 +238,25 @@ impl RoutingTable {
             });
         }
 
-        let lookup = |errors: &mut Vec<ConfigError>, name: &str, at: &str| -> Option<usize> {
-            let found = by_name.get(name).copied();
-            if found.is_none() && !file.backends.contains_key(name) {
-                let known: Vec<&str> = file.backends.keys().map(String::as_str).collect();
-                errors.push(source.error_at(
-                    at,
-                    format!(
-                        "backend {name:?} is not defined (backends: {})",
-                        known.join(", ")
-                    ),
-                ));
-            }
-            found
-        };
+        // `at` (where the name was written) is formatted only for an error.
+        let lookup =
+            |errors: &mut Vec<ConfigError>, name: &str, at: &dyn Fn() -> String| -> Option<usize> {
+                let found = by_name.get(name).copied();
+                if found.is_none() && !file.backends.contains_key(name) {
+                    let known: Vec<&str> = file.backends.keys().map(String::as_str).collect();
+                    errors.push(source.error_at(
+                        &at(),
+                        format!(
+                            "backend {name:?} is not defined (backends: {})",
+                            known.join(", ")
+                        ),
+                    ));
+                }
+                found
+            };
 
         let default = match &file.default {
-            Some(d) => lookup(&mut errors, d, "default"),
+            Some(d) => lookup(&mut errors, d, &|| "default".to_string()),
             None => {
                 errors.push(source.error_at(
                     "",
@@ -275,9 +277,9 @@ impl RoutingTable {
             })
             .collect();
 
-        let mut routes = Vec::new();
+        let mut routes = Vec::with_capacity(file.routes.len());
         let mut trie = RouteTrie::default();
-        let mut names: HashMap<String, usize> = HashMap::new();
+        let mut names: HashMap<Arc<str>, usize> = HashMap::with_capacity(file.routes.len());
         for (i, spec) in file.routes.into_iter().enumerate() {
             let at = |field: &str| format!("routes.{i}.{field}");
             let before = errors.len();
@@ -288,18 +290,18 @@ impl RoutingTable {
                 errors.push(source.error_at(&at("path"), m));
                 Vec::new()
             });
-            let name = spec.name.clone().unwrap_or_else(|| spec.path.clone());
+            let name: Arc<str> = spec.name.as_deref().unwrap_or(&spec.path).into();
             let name_at = if spec.name.is_some() {
                 at("name")
             } else {
                 at("path")
             };
-            if name == DEFAULT_ROUTE {
+            if *name == *DEFAULT_ROUTE {
                 errors.push(source.error_at(&name_at, "route name \"default\" is reserved"));
             } else if name.is_empty() || name.chars().any(char::is_control) {
                 errors
                     .push(source.error_at(&name_at, "route name must be printable and non-empty"));
-            } else if let Some(&first) = names.get(&name) {
+            } else if let Some(&first) = names.get(&*name) {
                 errors.push(source.error_at(
                     &name_at,
                     format!(
@@ -341,11 +343,11 @@ impl RoutingTable {
                     })
                     .collect::<Vec<_>>()
             });
-            let to = lookup(&mut errors, &spec.to, &at("to"));
+            let to = lookup(&mut errors, &spec.to, &|| at("to"));
             let shadow = spec
                 .shadow
                 .as_ref()
-                .and_then(|s| lookup(&mut errors, s, &at("shadow")));
+                .and_then(|s| lookup(&mut errors, s, &|| at("shadow")));
             if shadow.is_some() && shadow == to {
                 errors.push(
                     source.error_at(&at("shadow"), "shadow must be another backend than `to`"),
@@ -453,7 +455,7 @@ impl RoutingTable {
                 continue;
             }
             routes.push(Route {
-                name: name.into(),
+                name,
                 path: spec.path,
                 pattern,
                 methods,
