@@ -176,10 +176,10 @@ impl RouteLive {
 #[derive(Debug)]
 pub struct LiveTable {
     pub table: RoutingTable,
-    /// Aligned with `table.routes`.
-    pub routes: Vec<RouteLive>,
+    /// Aligned with `table.routes`; shared with the previous table for routes a reload kept.
+    pub routes: Vec<Arc<RouteLive>>,
     /// For requests no route matched (`route="default"`).
-    pub unmatched: RouteLive,
+    pub unmatched: Arc<RouteLive>,
     /// `X-Strangler-Backend` values by backend index.
     pub backend_headers: Vec<HeaderValue>,
 }
@@ -188,8 +188,8 @@ impl LiveTable {
     /// The live handles of route `i`, or of the unmatched pseudo-route.
     pub fn route_live(&self, i: Option<usize>) -> &RouteLive {
         match i {
-            Some(i) => &self.routes[i],
-            None => &self.unmatched,
+            Some(i) => &*self.routes[i],
+            None => &*self.unmatched,
         }
     }
 
@@ -249,7 +249,7 @@ impl State {
         })?;
         let saved = state_file.load();
         let mut controls = HashMap::new();
-        let live = assemble(table, &mut controls);
+        let live = assemble(table, None, &mut controls);
         let mut restored = 0;
         for r in &live.routes {
             if let Some(pin) = saved.get(&*r.control.name) {
@@ -321,7 +321,7 @@ impl State {
         };
         let t_loaded = t0.elapsed();
         let old = self.snapshot();
-        let live = assemble(table, &mut self.controls.lock());
+        let live = assemble(table, Some(&old), &mut self.controls.lock());
         self.live.store(Arc::new(live));
         record_success(t0);
         let t_swapped = t0.elapsed();
@@ -330,7 +330,6 @@ impl State {
         // are formatted for the audit (a 10 000-route reload usually changes a handful).
         let live = self.snapshot();
         let sha = live.table.sha256.clone();
-        self.publish_gauges(&live, None);
         let mut changes: Vec<(Arc<str>, Option<Serving>, Option<Serving>)> = Vec::new();
         for (r, l) in old.table.routes.iter().zip(&old.routes) {
             let pinned = l.control.is_pinned();
@@ -356,6 +355,18 @@ impl State {
             }
         }
         changes.sort_by(|a, b| a.0.cmp(&b.0));
+        // Gauges follow what changed: a route's series depend on its serving and on the name of
+        // `default`, so a new `default` sets them all.
+        let default_name = |t: &LiveTable| t.table.backends[t.table.default].name.clone();
+        if default_name(&old) == default_name(&live) {
+            for (name, _, after) in &changes {
+                if let (Some(_), Some(i)) = (after, live.table.route_index(name)) {
+                    self.publish_gauges(&live, Some(i));
+                }
+            }
+        } else {
+            self.publish_gauges(&live, None);
+        }
         // Pins of routes that left the file are lifted: the state file follows.
         if changes.iter().any(|(_, _, after)| after.is_none()) {
             self.save_pins();
@@ -551,9 +562,22 @@ fn record_success(t0: Instant) {
 }
 
 /// Builds the live handles for `table`, reusing the controls of routes that keep their name and
-/// dropping the others (their pins are lifted: the route has left the file).
-fn assemble(table: RoutingTable, controls: &mut HashMap<Arc<str>, Arc<RouteControl>>) -> LiveTable {
-    let mut kept: HashMap<Arc<str>, Arc<RouteControl>> = HashMap::with_capacity(table.routes.len());
+/// dropping the others (their pins are lifted: the route has left the file). When the backends
+/// are the same, in the same order, as in `old`, a kept route's handles are taken over whole
+/// (one `Arc` each): a reload that changes a few routes of 10 000 builds a few handles.
+fn assemble(
+    table: RoutingTable,
+    old: Option<&LiveTable>,
+    controls: &mut HashMap<Arc<str>, Arc<RouteControl>>,
+) -> LiveTable {
+    let reusable = old.filter(|o| {
+        o.table.backends.len() == table.backends.len()
+            && o.table
+                .backends
+                .iter()
+                .zip(&table.backends)
+                .all(|(a, b)| a.name == b.name)
+    });
     let live_for = |name: &Arc<str>, control: Arc<RouteControl>| RouteLive {
         header: HeaderValue::from_str(name).unwrap_or_else(|_| HeaderValue::from_static("invalid")),
         duration: table.backends.iter().map(|_| OnceLock::new()).collect(),
@@ -565,31 +589,55 @@ fn assemble(table: RoutingTable, controls: &mut HashMap<Arc<str>, Arc<RouteContr
         requests: metrics::RequestCounters::new(name.clone()),
         control,
     };
-    let routes: Vec<RouteLive> = table
+    // The old route of the same name: usually at the same index, else found by name.
+    let taken_over = |i: usize, name: &Arc<str>| {
+        let o = reusable?;
+        let j = match o.table.routes.get(i) {
+            Some(r) if r.name == *name => i,
+            _ => o.table.route_index(name)?,
+        };
+        Some(o.routes[j].clone())
+    };
+    let mut all_taken_over = true;
+    let routes: Vec<Arc<RouteLive>> = table
         .routes
         .iter()
-        .map(|r| {
+        .enumerate()
+        .map(|(i, r)| {
+            if let Some(l) = taken_over(i, &r.name) {
+                return l;
+            }
+            all_taken_over = false;
             let control = controls
-                .get(&r.name)
-                .cloned()
-                .unwrap_or_else(|| Arc::new(RouteControl::new(r.name.clone(), true)));
-            kept.insert(r.name.clone(), control.clone());
-            live_for(&r.name, control)
+                .entry(r.name.clone())
+                .or_insert_with(|| Arc::new(RouteControl::new(r.name.clone(), true)))
+                .clone();
+            Arc::new(live_for(&r.name, control))
         })
         .collect();
-    let unmatched_name: Arc<str> = DEFAULT_ROUTE.into();
-    let unmatched_control = controls
-        .get(&unmatched_name)
-        .cloned()
-        .unwrap_or_else(|| Arc::new(RouteControl::new(unmatched_name.clone(), false)));
-    let unmatched = live_for(&unmatched_name, unmatched_control.clone());
-    for (name, control) in controls.iter() {
-        if !kept.contains_key(name) && **name != *DEFAULT_ROUTE {
-            control.retire();
+    let unmatched = match reusable {
+        Some(o) => o.unmatched.clone(),
+        None => {
+            let control = controls
+                .entry(DEFAULT_ROUTE.into())
+                .or_insert_with(|| Arc::new(RouteControl::new(DEFAULT_ROUTE.into(), false)))
+                .clone();
+            Arc::new(live_for(&control.name.clone(), control))
         }
+    };
+    // Same names as before: the controls are those of the table in force. Otherwise the routes
+    // that left the file drop their series and their control.
+    let same_names =
+        all_taken_over && reusable.is_some_and(|o| o.table.routes.len() == table.routes.len());
+    if !same_names {
+        controls.retain(|name, control| {
+            let keep = **name == *DEFAULT_ROUTE || table.route_index(name).is_some();
+            if !keep {
+                control.retire();
+            }
+            keep
+        });
     }
-    kept.insert(unmatched_name, unmatched_control);
-    *controls = kept;
     let backend_headers = table
         .backends
         .iter()

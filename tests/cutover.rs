@@ -545,6 +545,15 @@ fn states_and_the_audit_trail_record_who_serves_what() {
         sha256_hex(moved.as_bytes()).as_str()
     );
     assert_eq!(route(&proxy, "old")["state"], "new");
+    // The gauges follow: the moved route's series change, the others keep theirs.
+    let state = |route: &str, state: &str| {
+        proxy.metric(&format!(
+            "strangler_route_state{{route=\"{route}\",state=\"{state}\"}}"
+        ))
+    };
+    assert_eq!((state("old", "new"), state("old", "legacy")), (1.0, 0.0));
+    assert_eq!(state("canary", "canary"), 1.0);
+    assert_eq!(state("shadowed", "shadow"), 1.0);
 
     // A reload that drops one route and adds another: one line each, the missing side null;
     // routes that did not change stay out of the trail.
@@ -571,6 +580,44 @@ fn states_and_the_audit_trail_record_who_serves_what() {
         removed["config_sha256"],
         sha256_hex(renamed.as_bytes()).as_str()
     );
+    assert_eq!(state("fresh", "new"), 1.0);
+    let (_, metrics) = get(&proxy.admin_url("/metrics"));
+    assert!(
+        !metrics.contains("route=\"old\""),
+        "a route that left the file leaves /metrics:\n{metrics}"
+    );
+
+    // Requests are counted on the same series across reloads, whether the reload keeps the
+    // route's handles (same backends) or rebuilds them (a backend added).
+    let plain_200 =
+        "strangler_requests_total{route=\"plain\",backend=\"new\",method=\"GET\",code=\"200\"}";
+    assert_eq!(get(&proxy.url("/plain")).0, 200);
+    assert_eq!(proxy.metric(plain_200), 1.0);
+    let spare = renamed.replace(
+        "backends:\n",
+        "backends:\n  spare:\n    url: http://127.0.0.1:9\n",
+    );
+    proxy.write_config(&spare);
+    wait_for(
+        "the reload with a new backend",
+        Duration::from_secs(3),
+        || proxy.metric("strangler_config_reloads_total{result=\"success\"}") >= 4.0,
+    );
+    assert_eq!(get(&proxy.url("/plain")).0, 200);
+    let touched = spare.replace(
+        "name: plain, path: /plain, to: new",
+        "name: plain, path: /plain, to: new, split: 100",
+    );
+    proxy.write_config(&touched);
+    wait_for(
+        "the reload that keeps the handles",
+        Duration::from_secs(3),
+        || proxy.metric("strangler_config_reloads_total{result=\"success\"}") >= 5.0,
+    );
+    assert_eq!(get(&proxy.url("/plain")).0, 200);
+    assert_eq!(proxy.metric(plain_200), 3.0);
+    assert_eq!(state("fresh", "new"), 1.0);
+    assert_eq!(state("plain", "new"), 1.0);
     assert!(
         proxy
             .log_text()
