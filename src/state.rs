@@ -188,8 +188,8 @@ impl LiveTable {
     /// The live handles of route `i`, or of the unmatched pseudo-route.
     pub fn route_live(&self, i: Option<usize>) -> &RouteLive {
         match i {
-            Some(i) => &*self.routes[i],
-            None => &*self.unmatched,
+            Some(i) => &self.routes[i],
+            None => &self.unmatched,
         }
     }
 
