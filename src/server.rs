@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora_core::apps::http_app::HttpServer;
+use pingora_core::listeners::ListenerConfig;
+use pingora_core::protocols::l4::stream::L4BufferSettings;
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora_core::services::background::{background_service, BackgroundService};
@@ -159,7 +161,13 @@ pub fn serve(opts: ServeOptions) -> Result<(), String> {
         },
     );
     for addr in &opts.listen {
-        proxy.add_tcp(addr);
+        // No L4 read buffer in front of client connections: Pingora reads request heads into
+        // its own header buffer and bodies into its own body buffer, so its default 64 KiB
+        // per connection only added a copy. Same instructions per request, 64 KiB less per
+        // client (BENCHMARKS.md, "Client read buffer").
+        proxy.add_listener(
+            ListenerConfig::tcp(addr.as_str()).l4_buffer(L4BufferSettings::default().read(0)),
+        );
     }
     server.add_service(proxy);
 
