@@ -73,10 +73,10 @@ PIDS=()
 cleanup() {
     local p
     for p in "${PIDS[@]:-}"; do
-        [ -n "$p" ] && kill "$p" 2>/dev/null || true
+        if [ -n "$p" ]; then kill "$p" 2>/dev/null || true; fi
     done
     for p in "${PIDS[@]:-}"; do
-        [ -n "$p" ] && wait "$p" 2>/dev/null || true
+        if [ -n "$p" ]; then wait "$p" 2>/dev/null || true; fi
     done
     rm -rf "$TMP"
 }
@@ -99,8 +99,7 @@ free_port() {
 }
 
 wait_http() { # URL — until it answers at all (any status), 10 s at most
-    local i
-    for i in $(seq 1 100); do
+    for _ in $(seq 1 100); do
         curl -s -o /dev/null --max-time 1 "$1" && return 0
         sleep 0.1
     done
@@ -150,26 +149,9 @@ taskset -c "$BACKEND_CPU" nginx -p "$TMP/backend" -c "$TMP/backend/nginx.conf" \
 PIDS+=($!)
 wait_http "http://127.0.0.1:$BACKEND_PORT/b1k"
 
-# --- routing tables --------------------------------------------------------------------------
-# Same shapes as benches/routing.rs: per resource /svcK/resourceJ, /svcK/resourceJ/{id}
-# [GET, HEAD], /svcK/resourceJ/{id} [PUT, PATCH, DELETE], /svcK/resourceJ/{id}/sub; 50 resources
-# per service; cut at N routes.
+# --- routing tables (scripts/gen-routing.sh: the shapes of benches/routing.rs) ----------------
 routing_yaml() { # N FILE
-    awk -v n="$1" -v port="$BACKEND_PORT" 'BEGIN {
-        print "backends:"
-        print "  legacy:\n    url: http://127.0.0.1:" port
-        print "  new:\n    url: http://127.0.0.1:" port
-        print "default: legacy"
-        print "routes:"
-        for (i = 0; i < n; i++) {
-            r = int(i / 4); k = int(r / 50); j = r % 50; s = i % 4
-            to = (r % 2 == 0) ? "new" : "legacy"
-            if (s == 0) printf "  - name: svc%d-resource%d\n    path: /svc%d/resource%d\n    to: %s\n", k, j, k, j, to
-            else if (s == 1) printf "  - name: svc%d-resource%d-read\n    path: /svc%d/resource%d/{id}\n    methods: [GET, HEAD]\n    to: new\n", k, j, k, j
-            else if (s == 2) printf "  - name: svc%d-resource%d-write\n    path: /svc%d/resource%d/{id}\n    methods: [PUT, PATCH, DELETE]\n    to: %s\n", k, j, k, j, to
-            else printf "  - name: svc%d-resource%d-sub\n    path: /svc%d/resource%d/{id}/sub\n    exact: %s\n    to: new\n", k, j, k, j, (r % 2 == 0) ? "true" : "false"
-        }
-    }' >"$2"
+    "$ROOT/scripts/gen-routing.sh" "$1" "$BACKEND_PORT" >"$2"
 }
 mkdir -p "$TMP/s10" "$TMP/s10k"
 routing_yaml 10 "$TMP/s10/routing.yaml"

@@ -6,7 +6,8 @@
 //!
 //! ```text
 //! State ─ live: ArcSwap<LiveTable> ─ table: RoutingTable (validated, immutable)
-//!       │                          └ routes[i]: RouteLive (metric handles, per table build)
+//!       │                          └ routes[i]: Arc<RouteLive> (metric handles; taken over by
+//!       │                                         the next table when its backends are the same)
 //!       │                                         └ control: Arc<RouteControl> (kept by name)
 //!       └ controls: name → Arc<RouteControl>  (pin, rollback window, shadow slots)
 //! ```
@@ -147,7 +148,9 @@ impl RouteControl {
     }
 }
 
-/// A route's handles for one table build: resolved once, so the request path formats no label.
+/// A route's handles: resolved once, so the request path formats no label. A reload with the
+/// same backends (names, in order) takes them over whole, so they may depend only on the route's
+/// name and the backends' names — never on its `to`, its index or `default` (see [`assemble`]).
 #[derive(Debug)]
 pub struct RouteLive {
     pub control: Arc<RouteControl>,
@@ -338,7 +341,13 @@ impl State {
                 Some(j) => {
                     let (nr, nl) = (&live.table.routes[j], &live.routes[j]);
                     let now_pinned = nl.control.is_pinned();
-                    if old.serving_key(r, pinned) != live.serving_key(nr, now_pinned) {
+                    let (before, after) =
+                        (old.serving_key(r, pinned), live.serving_key(nr, now_pinned));
+                    if before.0 != after.0 {
+                        // Another `to`: the rollback window counted the old backend's answers.
+                        nl.control.to_window.clear();
+                    }
+                    if before != after {
                         changes.push((
                             r.name.clone(),
                             Some(old.serving(r, pinned)),

@@ -396,6 +396,46 @@ fn a_failing_route_rolls_itself_back_and_a_flaky_one_does_not() {
     );
 }
 
+#[test]
+fn a_route_moved_to_another_backend_starts_a_fresh_rollback_window() {
+    let legacy = Backend::echo("legacy");
+    let first = Backend::start(Arc::new(|_s: &Seen| full(500, "first")));
+    let second = Backend::start(Arc::new(|_s: &Seen| full(500, "second")));
+    let yaml = |to: &str| {
+        format!(
+            "backends:\n  legacy: {{url: '{}'}}\n  first: {{url: '{}'}}\n  second: {{url: '{}'}}\ndefault: legacy\nroutes:\n\
+             \x20 - {{name: payments, path: /payments, to: {to}, rollback: {{error_rate: 50%, min_requests: 10, window: 60s}}}}\n",
+            legacy.url(),
+            first.url(),
+            second.url()
+        )
+    };
+    let proxy = Proxy::start(&yaml("first"));
+    let send = || {
+        let r = request("GET", &proxy.url("/payments"), &[], None);
+        (r.status, r.header("x-strangler-backend").to_string())
+    };
+    for _ in 0..9 {
+        assert_eq!(send(), (500, "first".to_string()));
+    }
+    proxy.write_config(&yaml("second"));
+    wait_for("the reload", Duration::from_secs(3), || {
+        proxy.metric("strangler_config_reloads_total{result=\"success\"}") >= 2.0
+    });
+    // Nine failures of `first` and one of `second` would reach min_requests: the window
+    // must have forgotten `first`.
+    for i in 0..10 {
+        assert_eq!(
+            send(),
+            (500, "second".to_string()),
+            "request {i} after the move"
+        );
+    }
+    // ... and it counts `second` from there: ten failures of its own roll the route back.
+    assert_eq!(send(), (200, "legacy".to_string()));
+    assert_eq!(route(&proxy, "payments")["pinned"]["reason"], "auto");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Failover
 
