@@ -34,6 +34,7 @@ pub mod pins;
 pub mod proxy;
 pub mod reload;
 pub mod rollback;
+pub mod route_gauges;
 pub mod router;
 pub mod server;
 pub mod shadow;

@@ -8,9 +8,9 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    exponential_buckets, register_gauge_vec, register_histogram, register_histogram_vec,
-    register_int_counter, register_int_counter_vec, register_int_gauge, register_int_gauge_vec,
-    GaugeVec, Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    exponential_buckets, register_histogram, register_histogram_vec, register_int_counter,
+    register_int_counter_vec, register_int_gauge, Histogram, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge,
 };
 
 /// Latency buckets for an API proxy: 1 ms … ~33 s, doubling.
@@ -52,21 +52,6 @@ metric!(ROLLBACKS: IntCounterVec = register_int_counter_vec!(
     "Routes pinned to default, by reason: auto or manual.",
     &["route", "reason"]
 ));
-metric!(ROUTE_PINNED: IntGaugeVec = register_int_gauge_vec!(
-    "strangler_route_pinned",
-    "1 while the route is pinned to default, else 0.",
-    &["route"]
-));
-metric!(ROUTE_SPLIT: GaugeVec = register_gauge_vec!(
-    "strangler_route_split_percent",
-    "Share of new clients (percent) that the backend gets on this route.",
-    &["route", "backend"]
-));
-metric!(ROUTE_STATE: IntGaugeVec = register_int_gauge_vec!(
-    "strangler_route_state",
-    "1 for the route's current state (legacy, shadow, canary, new, rolled_back), 0 for the others.",
-    &["route", "state"]
-));
 metric!(FAILOVERS: IntCounterVec = register_int_counter_vec!(
     "strangler_failovers_total",
     "Requests retried on default after their backend could not be reached.",
@@ -89,11 +74,6 @@ metric!(CONFIG_RELOAD_DURATION: Histogram = register_histogram!(
     "strangler_config_reload_duration_seconds",
     "Time to read, parse, validate and swap in routing.yaml.",
     exponential_buckets(0.0005, 2.0, 14).unwrap_or_default()
-));
-metric!(IN_FLIGHT: IntGaugeVec = register_int_gauge_vec!(
-    "strangler_requests_in_flight",
-    "Requests being served now, by route.",
-    &["route"]
 ));
 metric!(STATE_FILE_ERRORS: IntCounter = register_int_counter!(
     "strangler_state_file_write_errors_total",
@@ -171,9 +151,6 @@ pub fn register_all() {
     LazyLock::force(&UPSTREAM_ERRORS);
     LazyLock::force(&SHADOW);
     LazyLock::force(&ROLLBACKS);
-    LazyLock::force(&ROUTE_PINNED);
-    LazyLock::force(&ROUTE_SPLIT);
-    LazyLock::force(&ROUTE_STATE);
     LazyLock::force(&FAILOVERS);
     // Both results exist from start-up, so `rate()` and alerts see a zero, not a gap.
     CONFIG_RELOADS.with_label_values(&["success"]);
@@ -181,7 +158,6 @@ pub fn register_all() {
     LazyLock::force(&CONFIG_LAST_SUCCESS);
     LazyLock::force(&CONFIG_VALID);
     LazyLock::force(&CONFIG_RELOAD_DURATION);
-    LazyLock::force(&IN_FLIGHT);
     LazyLock::force(&STATE_FILE_ERRORS);
 }
 

@@ -9,6 +9,7 @@
 //! `fail_to_connect` / `error_while_proxy` (failover) → `fail_to_proxy` (JSON error).
 
 use std::net::IpAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,7 +20,6 @@ use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
-use prometheus::IntGauge;
 
 use crate::connection::DeadlineStream;
 use crate::errors::{self, ProxyError, UpstreamErrorKind};
@@ -30,7 +30,7 @@ use crate::rollback;
 use crate::router::{upstream_path, DEFAULT_ROUTE, NO_BACKEND};
 use crate::shadow::{self, ShadowTap};
 use crate::split;
-use crate::state::{LiveTable, State};
+use crate::state::{LiveTable, RouteControl, State};
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -75,12 +75,19 @@ pub struct Strangler {
     pub limits: Limits,
 }
 
-/// Decrements a route's in-flight gauge when the request ends, however it ends.
-struct InFlight(IntGauge);
+/// Counts the request in its route's in-flight gauge until it ends, however it ends.
+struct InFlight(Arc<RouteControl>);
+
+impl InFlight {
+    fn new(control: Arc<RouteControl>) -> Self {
+        control.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(control)
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.dec();
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -357,9 +364,7 @@ impl ProxyHttp for Strangler {
         ctx.route = route;
         ctx.backend = Some(backend);
         ctx.path = normal;
-        let gauge = live.route_live(route).control.in_flight.clone();
-        gauge.inc();
-        ctx._in_flight = Some(InFlight(gauge));
+        ctx._in_flight = Some(InFlight::new(live.route_live(route).control.clone()));
         if let Some(i) = route {
             ctx.shadow = shadow::tap(
                 &live,

@@ -2,7 +2,8 @@
 //! table (one `ArcSwap`, read without locks), and per route what outlives a reload — its pin,
 //! its rollback window, its shadow slots. Every change of who serves what goes through here:
 //! reloads, pins and resumes are serialised by one lock, each builds the new `LiveTable` off to
-//! the side and publishes it with one store, then updates gauges, the state file and the audit.
+//! the side and publishes it with one store, then updates the state file and the audit. The
+//! per-route gauges are read from the published table at scrape time (`route_gauges.rs`).
 //!
 //! ```text
 //! State ─ live: ArcSwap<LiveTable> ─ table: RoutingTable (validated, immutable)
@@ -14,14 +15,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicI64, AtomicUsize};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use http::HeaderValue;
 use parking_lot::Mutex;
-use prometheus::{Histogram, IntGauge};
+use prometheus::Histogram;
 
 use crate::audit::{Audit, Serving};
 use crate::config::{self, ConfigErrors};
@@ -44,88 +45,19 @@ pub struct RouteControl {
     pub shadow_in_flight: AtomicUsize,
     /// Requests and errors per backend name over [`RECENT`], for `/routes`.
     recent: Mutex<HashMap<Arc<str>, Arc<Window>>>,
-    /// `strangler_requests_in_flight{route}`.
-    pub in_flight: IntGauge,
-    /// The route's gauges; `None` for the unmatched pseudo-route, which is not a route.
-    gauges: Option<RouteGauges>,
-}
-
-/// A route's series of `strangler_route_pinned`, `strangler_route_state` and
-/// `strangler_route_split_percent`, registered once when the route appears, set by value on
-/// every change, and removed when the route leaves the file. A reload or a pin therefore
-/// costs a few atomic stores per route, not a registry lookup per series.
-#[derive(Debug)]
-struct RouteGauges {
-    pinned: IntGauge,
-    /// In the order of [`RouteState::ALL`].
-    states: Vec<IntGauge>,
-    /// `(backend, gauge)`: re-registered only when the route's backends change.
-    split: Mutex<Vec<(Arc<str>, prometheus::Gauge)>>,
-}
-
-impl RouteGauges {
-    fn new(name: &str) -> Self {
-        RouteGauges {
-            pinned: metrics::ROUTE_PINNED.with_label_values(&[name]),
-            states: RouteState::ALL
-                .iter()
-                .map(|s| metrics::ROUTE_STATE.with_label_values(&[name, s.as_str()]))
-                .collect(),
-            split: Mutex::new(Vec::new()),
-        }
-    }
-
-    fn set(&self, name: &str, pinned: bool, state: RouteState, shares: &[(&Arc<str>, f64)]) {
-        self.pinned.set(i64::from(pinned));
-        for (s, g) in RouteState::ALL.iter().zip(&self.states) {
-            g.set(i64::from(*s == state));
-        }
-        let mut split = self.split.lock();
-        let same =
-            split.len() == shares.len() && split.iter().zip(shares).all(|((a, _), (b, _))| a == *b);
-        if !same {
-            for (b, _) in split.drain(..) {
-                let _ = metrics::ROUTE_SPLIT.remove_label_values(&[name, &b]);
-            }
-            for (b, _) in shares {
-                let g = metrics::ROUTE_SPLIT.with_label_values(&[name, b]);
-                split.push(((*b).clone(), g));
-            }
-        }
-        for ((_, g), (_, v)) in split.iter().zip(shares) {
-            g.set(*v);
-        }
-    }
-
-    fn remove(&self, name: &str) {
-        let _ = metrics::ROUTE_PINNED.remove_label_values(&[name]);
-        for s in RouteState::ALL {
-            let _ = metrics::ROUTE_STATE.remove_label_values(&[name, s.as_str()]);
-        }
-        for (b, _) in self.split.lock().drain(..) {
-            let _ = metrics::ROUTE_SPLIT.remove_label_values(&[name, &b]);
-        }
-    }
+    /// Requests being served now (`strangler_requests_in_flight{route}`, read at scrape time).
+    pub in_flight: AtomicI64,
 }
 
 impl RouteControl {
-    fn new(name: Arc<str>, is_route: bool) -> Self {
+    fn new(name: Arc<str>) -> Self {
         RouteControl {
-            in_flight: metrics::IN_FLIGHT.with_label_values(&[&name]),
-            gauges: is_route.then(|| RouteGauges::new(&name)),
+            in_flight: AtomicI64::new(0),
             name,
             pin: ArcSwapOption::empty(),
             to_window: Window::default(),
             shadow_in_flight: AtomicUsize::new(0),
             recent: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// Drops the route's series: it has left the file.
-    fn retire(&self) {
-        let _ = metrics::IN_FLIGHT.remove_label_values(&[&self.name]);
-        if let Some(g) = &self.gauges {
-            g.remove(&self.name);
         }
     }
 
@@ -242,7 +174,7 @@ pub struct State {
 
 impl State {
     /// Loads the table (an invalid file is an error: the caller exits 1), restores pins from
-    /// the state file, and publishes gauges.
+    /// the state file, and registers the per-route gauges.
     pub fn start(config: &Path, state_file: StateFile, audit: Audit) -> Result<Arc<State>, String> {
         metrics::register_all();
         let t0 = Instant::now();
@@ -280,7 +212,10 @@ impl State {
             state.save_pins();
         }
         let live = state.snapshot();
-        state.publish_gauges(&live, None);
+        if let Err(e) = crate::route_gauges::register(&state) {
+            // Only a second State in one process gets here; its routes' gauges are not exported.
+            log::warn!("per-route gauges not registered: {e}");
+        }
         record_success(t0);
         log::info!(
             "loaded {} (sha256 {}): {}",
@@ -364,18 +299,6 @@ impl State {
             }
         }
         changes.sort_by(|a, b| a.0.cmp(&b.0));
-        // Gauges follow what changed: a route's series depend on its serving and on the name of
-        // `default`, so a new `default` sets them all.
-        let default_name = |t: &LiveTable| t.table.backends[t.table.default].name.clone();
-        if default_name(&old) == default_name(&live) {
-            for (name, _, after) in &changes {
-                if let (Some(_), Some(i)) = (after, live.table.route_index(name)) {
-                    self.publish_gauges(&live, Some(i));
-                }
-            }
-        } else {
-            self.publish_gauges(&live, None);
-        }
         // Pins of routes that left the file are lifted: the state file follows.
         if changes.iter().any(|(_, _, after)| after.is_none()) {
             self.save_pins();
@@ -392,7 +315,7 @@ impl State {
         drop(old);
         let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
         log::info!(
-            "reloaded {} ({trigger}) in {:.1} ms (read and parse {:.1}; validate {:.1}; swap {:.1}; gauges, audit {:.1}), sha256 {}: {summary}",
+            "reloaded {} ({trigger}) in {:.1} ms (read and parse {:.1}; validate {:.1}; swap {:.1}; audit {:.1}), sha256 {}: {summary}",
             self.config.display(),
             ms(t0.elapsed()),
             ms(t_parsed),
@@ -460,7 +383,6 @@ impl State {
             route.name,
             reason.as_str()
         );
-        self.publish_gauges(live, Some(i));
         self.save_pins();
         let after = live.serving(route, true);
         let reason_text = format!("{} rollback: {why}", reason.as_str());
@@ -488,7 +410,6 @@ impl State {
         // A fresh start: the failures that caused the pin must not re-pin at once.
         control.to_window.clear();
         log::warn!("route {:?} resumed: served by {} again", r.name, before.to);
-        self.publish_gauges(&live, Some(i));
         self.save_pins();
         let after = live.serving(r, false);
         self.audit.record(
@@ -509,37 +430,6 @@ impl State {
             .filter_map(|c| c.pin().map(|p| (c.name.to_string(), (*p).clone())))
             .collect();
         self.state_file.save(&pins);
-    }
-
-    /// Sets the per-route gauges of every route (after a reload) or of one (after a pin).
-    fn publish_gauges(&self, live: &LiveTable, only: Option<usize>) {
-        let t = &live.table;
-        let default = &t.backends[t.default].name;
-        let routes = match only {
-            Some(i) => i..i + 1,
-            None => 0..t.routes.len(),
-        };
-        for i in routes {
-            let (r, l) = (&t.routes[i], &live.routes[i]);
-            let Some(gauges) = &l.control.gauges else {
-                continue;
-            };
-            let pinned = l.control.is_pinned();
-            let to_share = match (&r.split, pinned) {
-                (_, true) => 0.0,
-                (Some(s), false) => s.percent,
-                (None, false) => 100.0,
-            };
-            let shares: &[(&Arc<str>, f64)] = if r.to == t.default {
-                &[(default, 100.0)]
-            } else {
-                &[
-                    (&t.backends[r.to].name, to_share),
-                    (default, 100.0 - to_share),
-                ]
-            };
-            gauges.set(&r.name, pinned, t.state(r, pinned), shares);
-        }
     }
 }
 
@@ -619,7 +509,7 @@ fn assemble(
             all_taken_over = false;
             let control = controls
                 .entry(r.name.clone())
-                .or_insert_with(|| Arc::new(RouteControl::new(r.name.clone(), true)))
+                .or_insert_with(|| Arc::new(RouteControl::new(r.name.clone())))
                 .clone();
             Arc::new(live_for(&r.name, control))
         })
@@ -629,23 +519,18 @@ fn assemble(
         None => {
             let control = controls
                 .entry(DEFAULT_ROUTE.into())
-                .or_insert_with(|| Arc::new(RouteControl::new(DEFAULT_ROUTE.into(), false)))
+                .or_insert_with(|| Arc::new(RouteControl::new(DEFAULT_ROUTE.into())))
                 .clone();
             Arc::new(live_for(&control.name.clone(), control))
         }
     };
     // Same names as before: the controls are those of the table in force. Otherwise the routes
-    // that left the file drop their series and their control.
+    // that left the file drop their control (and with it their gauges: those are read from the
+    // table in force, see `route_gauges.rs`).
     let same_names =
         all_taken_over && reusable.is_some_and(|o| o.table.routes.len() == table.routes.len());
     if !same_names {
-        controls.retain(|name, control| {
-            let keep = **name == *DEFAULT_ROUTE || table.route_index(name).is_some();
-            if !keep {
-                control.retire();
-            }
-            keep
-        });
+        controls.retain(|name, _| **name == *DEFAULT_ROUTE || table.route_index(name).is_some());
     }
     let backend_headers = table
         .backends

@@ -714,3 +714,47 @@ fn a_route_that_leaves_the_file_leaves_the_metrics_too() {
         "{body}"
     );
 }
+
+#[test]
+fn in_flight_counts_a_request_while_it_is_served() {
+    // The backend holds every request until the gate opens.
+    let gate = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+    let held = gate.clone();
+    let slow = Backend::start(Arc::new(move |_s: &Seen| {
+        let (open, changed) = &*held;
+        let mut open = open.lock().unwrap();
+        while !*open {
+            open = changed.wait(open).unwrap();
+        }
+        full(200, "done")
+    }));
+    let legacy = Backend::echo("legacy");
+    let proxy = Proxy::start(&format!(
+        "{}routes:\n  - {{name: slow, path: /slow, to: new}}\n",
+        base_yaml(&legacy.url(), &slow.url())
+    ));
+    let in_flight = |route: &str| {
+        proxy.metric(&format!(
+            "strangler_requests_in_flight{{route=\"{route}\"}}"
+        ))
+    };
+    assert_eq!((in_flight("slow"), in_flight("default")), (0.0, 0.0));
+
+    let url = proxy.url("/slow");
+    let client = std::thread::spawn(move || get(&url));
+    wait_for(
+        "the request to be in flight",
+        Duration::from_secs(5),
+        || in_flight("slow") == 1.0,
+    );
+    assert_eq!(in_flight("default"), 0.0);
+    {
+        let (open, changed) = &*gate;
+        *open.lock().unwrap() = true;
+        changed.notify_all();
+    }
+    assert_eq!(client.join().unwrap(), (200, "done".to_string()));
+    wait_for("the request to end", Duration::from_secs(5), || {
+        in_flight("slow") == 0.0
+    });
+}
