@@ -131,8 +131,10 @@ fn in_flight_gauge(route: &str, l: &crate::state::RouteLive) -> Metric {
     gauge(&[("route", route)], n as f64)
 }
 
-/// One sample; `labels` in the registry's order (sorted by name).
+/// One sample; `labels` in the registry's order (sorted by name), which is the order of the
+/// pairs in the exposition text.
 fn gauge(labels: &[(&str, &str)], value: f64) -> Metric {
+    debug_assert!(labels.windows(2).all(|w| w[0].0 < w[1].0), "{labels:?}");
     let pairs = labels
         .iter()
         .map(|(k, v)| {

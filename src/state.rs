@@ -212,10 +212,10 @@ impl State {
             state.save_pins();
         }
         let live = state.snapshot();
-        if let Err(e) = crate::route_gauges::register(&state) {
-            // Only a second State in one process gets here; its routes' gauges are not exported.
-            log::warn!("per-route gauges not registered: {e}");
-        }
+        // One State per process: a second one would find the gauges taken, and a proxy whose
+        // per-route gauges are missing is not one to run.
+        crate::route_gauges::register(&state)
+            .map_err(|e| format!("cannot register the per-route gauges: {e}"))?;
         record_success(t0);
         log::info!(
             "loaded {} (sha256 {}): {}",
