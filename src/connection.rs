@@ -131,9 +131,12 @@ impl AsyncRead for DeadlineStream {
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
+                // The clock starts with the header's first bytes. The timer itself is armed only
+                // if a read of this header has to wait (below): a header that arrives whole,
+                // nearly every one, never registers a timer.
                 if started == 0 && buf.filled().len() > before {
                     this.clock.started_ns.store(now_ns(), Ordering::Release);
-                    this.timer = Some(Box::pin(tokio::time::sleep(this.limit)));
+                    this.timer = None;
                 }
                 Poll::Ready(Ok(()))
             }
