@@ -389,6 +389,15 @@ fn localhost(secure: &TlsBackend) -> String {
     format!("  secure:\n    url: https://localhost:{}\n", secure.port)
 }
 
+/// The backend `secure` at `https://127.0.0.1:PORT`, sending `host` as its Host (and, without
+/// the port, as its SNI).
+fn by_ip_with_host(secure: &TlsBackend, host: &str) -> String {
+    format!(
+        "  secure:\n    url: https://127.0.0.1:{}\n    host: {host}\n",
+        secure.port
+    )
+}
+
 /// `legacy` (plain http, the default) plus the given https backends and routes.
 fn yaml(legacy: &Backend, backends: &str, routes: &str) -> String {
     format!(
@@ -630,11 +639,7 @@ fn certificate_not_valid_for_the_sni_is_a_502() {
     let secure = TlsBackend::start(&pki);
     let legacy = Backend::echo("legacy");
     // Trusted CA, but the certificate does not name `other.example`.
-    let spec = format!(
-        "  secure:\n    url: https://127.0.0.1:{}\n    host: other.example\n",
-        secure.port
-    );
-    let proxy = proxy_to_secure(&pki, &legacy, &spec);
+    let proxy = proxy_to_secure(&pki, &legacy, &by_ip_with_host(&secure, "other.example"));
 
     let r = request("GET", &proxy.url("/secure/1"), &[], None);
     assert_tls_502(&r, "secure", "secure");
@@ -726,11 +731,8 @@ fn host_override_with_a_port_still_connects() {
     let pki = Pki::new();
     let secure = TlsBackend::start(&pki);
     let legacy = Backend::echo("legacy");
-    let spec = format!(
-        "  secure:\n    url: https://127.0.0.1:{p}\n    host: localhost:{p}\n",
-        p = secure.port
-    );
-    let proxy = proxy_to_secure(&pki, &legacy, &spec);
+    let host = format!("localhost:{}", secure.port);
+    let proxy = proxy_to_secure(&pki, &legacy, &by_ip_with_host(&secure, &host));
     let r = request("GET", &proxy.url("/secure/1"), &[], None);
     assert_eq!(
         r.status,
