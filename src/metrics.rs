@@ -1,6 +1,7 @@
-//! Every metric of SPEC §8, registered once in the default registry of `prometheus` 0.14 (the
-//! registry `pingora-prometheus` and our admin `/metrics` gather from). Names, types and labels
-//! here are a contract with dashboards and alert rules: change none of them.
+//! The metrics of SPEC §8, registered once in the default registry of `prometheus` 0.14 (the
+//! registry `pingora-prometheus` and our admin `/metrics` gather from) — all but the four
+//! per-route gauges, which `route_gauges.rs` reads from the table at scrape time. Names, types
+//! and labels here are a contract with dashboards and alert rules: change none of them.
 //!
 //! Label values are bounded by construction: `route` is a route name from the table or
 //! `default`, `backend` a backend name or `none`, `method` one of eight words, `code` a status.

@@ -164,7 +164,7 @@ pub fn serve(opts: ServeOptions) -> Result<(), String> {
         // No L4 read buffer in front of client connections: Pingora reads request heads into
         // its own header buffer and bodies into its own body buffer, so its default 64 KiB
         // per connection only added a copy. Same instructions per request, 64 KiB less per
-        // client (BENCHMARKS.md, "Client read buffer").
+        // client (BENCHMARKS.md, third session, "Changes that stayed").
         proxy.add_listener(
             ListenerConfig::tcp(addr.as_str()).l4_buffer(L4BufferSettings::default().read(0)),
         );
