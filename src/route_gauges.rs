@@ -78,7 +78,7 @@ impl Collector for RouteGauges {
 }
 
 /// The four families for `live`.
-pub fn families(live: &LiveTable) -> Vec<MetricFamily> {
+fn families(live: &LiveTable) -> Vec<MetricFamily> {
     let t = &live.table;
     let default = &*t.backends[t.default].name;
     let n = t.routes.len();
