@@ -126,28 +126,31 @@ pub fn normalize(target: &str) -> Result<NormalPath, PathError> {
         path.push('/');
         let start = path.len();
         while i < bytes.len() && bytes[i] != b'/' {
-            let b = bytes[i];
-            if b == b'%' {
-                let hex = bytes.get(i + 1..i + 3).ok_or(PathError::BadEscape)?;
-                let v = hex_pair(hex[0], hex[1]).ok_or(PathError::BadEscape)?;
-                if forbidden(v) {
-                    return Err(PathError::ForbiddenByte);
+            // A run of bytes copied as they are: everything up to the next `/`, `%` or
+            // forbidden byte. Those are ASCII, so the run ends on a character boundary and
+            // multi-byte UTF-8 passes through untouched (`target` is a &str, so it is valid).
+            let run = i;
+            while i < bytes.len() && !matches!(bytes[i], b'/' | b'%') && !forbidden(bytes[i]) {
+                i += 1;
+            }
+            path.push_str(&raw_path[run..i]);
+            match bytes.get(i) {
+                Some(b'%') => {
+                    let hex = bytes.get(i + 1..i + 3).ok_or(PathError::BadEscape)?;
+                    let v = hex_pair(hex[0], hex[1]).ok_or(PathError::BadEscape)?;
+                    if forbidden(v) {
+                        return Err(PathError::ForbiddenByte);
+                    }
+                    if is_unreserved(v) {
+                        path.push(v as char);
+                    } else {
+                        // Kept as received (case included): `%2F` stays inside its segment.
+                        path.push_str(&raw_path[i..i + 3]);
+                    }
+                    i += 3;
                 }
-                if is_unreserved(v) {
-                    path.push(v as char);
-                } else {
-                    // Kept as received (case included): `%2F` stays inside its segment.
-                    path.push_str(&raw_path[i..i + 3]);
-                }
-                i += 3;
-            } else {
-                if forbidden(b) {
-                    return Err(PathError::ForbiddenByte);
-                }
-                // Multi-byte UTF-8 passes through untouched; `target` is a &str so it is valid.
-                let ch_len = utf8_len(b);
-                path.push_str(&raw_path[i..i + ch_len]);
-                i += ch_len;
+                Some(&b) if forbidden(b) => return Err(PathError::ForbiddenByte),
+                _ => {} // `/` or the end: the segment is complete.
             }
         }
         let seg = &path[start..];
@@ -178,15 +181,6 @@ fn hex_pair(hi: u8, lo: u8) -> Option<u8> {
     let h = (hi as char).to_digit(16)?;
     let l = (lo as char).to_digit(16)?;
     Some((h * 16 + l) as u8)
-}
-
-fn utf8_len(first: u8) -> usize {
-    match first {
-        0x00..=0x7f => 1,
-        0xc0..=0xdf => 2,
-        0xe0..=0xef => 3,
-        _ => 4,
-    }
 }
 
 #[cfg(test)]
