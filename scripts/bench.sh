@@ -279,11 +279,11 @@ stop_target() { # TARGET
 }
 
 CLK_TCK=$(getconf CLK_TCK)
-cpu_ticks() { # PID -> utime+stime (all threads) in clock ticks
+cpu_ticks() { # PID -> "utime+stime utime" (all threads) in clock ticks
     local s
     s=$(cat "/proc/$1/stat")
     s=${s##*) }                # drop "pid (comm) "; fields now start at 3 (state)
-    awk '{ print $12 + $13 }' <<<"$s"
+    awk '{ print $12 + $13, $12 }' <<<"$s"
 }
 hwm_kib() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status"; }
 
@@ -296,7 +296,7 @@ to_ms() { # wrk latency like 812.00us / 1.23ms / 1.02s -> ms
     }'
 }
 
-RESULTS=$TMP/results.tsv   # rep size target rps p50 p99 cpu_us rss_mib non2xx errors
+RESULTS=$TMP/results.tsv   # rep size target rps p50 p99 cpu_us rss_mib non2xx errors user_us
 : >"$RESULTS"
 RELOADS=$TMP/reloads.tsv   # rep size reloads failed_reloads mean_reload_ms
 : >"$RELOADS"
@@ -321,9 +321,9 @@ for rep in $(seq 1 "$REPS"); do
                 read -r r0 e0 d0 <<<"$(reload_stats)"
                 start_rewriter
             fi
-            t0=0; [ -n "$PROXY_PID" ] && t0=$(cpu_ticks "$PROXY_PID")
+            t0=0; u0=0; [ -n "$PROXY_PID" ] && read -r t0 u0 <<<"$(cpu_ticks "$PROXY_PID")"
             out=$(taskset -c "$WRK_CPU" wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "$url")
-            t1=0; [ -n "$PROXY_PID" ] && t1=$(cpu_ticks "$PROXY_PID")
+            t1=0; u1=0; [ -n "$PROXY_PID" ] && read -r t1 u1 <<<"$(cpu_ticks "$PROXY_PID")"
             if [ "$target" = strangler-10k-reload ]; then
                 stop_rewriter
                 read -r r1 e1 d1 <<<"$(reload_stats)"
@@ -340,12 +340,14 @@ for rep in $(seq 1 "$REPS"); do
             p99=$(to_ms "$(awk '$1 == "99%" { print $2 }' <<<"$out")")
             non2xx=$(awk '/Non-2xx/ { print $NF }' <<<"$out"); non2xx=${non2xx:-0}
             errs=$(awk '/Socket errors/ { gsub(",", ""); print $4 + $6 + $8 + $10 }' <<<"$out"); errs=${errs:-0}
-            cpu=-
-            [ -n "$PROXY_PID" ] && cpu=$(awk -v d=$((t1 - t0)) -v hz="$CLK_TCK" -v n="$reqs" \
-                'BEGIN { printf "%.2f", d / hz * 1e6 / n }')
-            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$rep" "$size" "$target" "$rps" \
-                "$p50" "$p99" "$cpu" "$rss" "$non2xx" "$errs" >>"$RESULTS"
-            log "rep $rep $size $target: $rps req/s, p50 $p50 ms, p99 $p99 ms, cpu $cpu us/req, rss $rss MiB, non-2xx $non2xx, socket errors $errs"
+            cpu=-; user=-
+            if [ -n "$PROXY_PID" ]; then
+                cpu=$(awk -v d=$((t1 - t0)) -v hz="$CLK_TCK" -v n="$reqs" 'BEGIN { printf "%.2f", d / hz * 1e6 / n }')
+                user=$(awk -v d=$((u1 - u0)) -v hz="$CLK_TCK" -v n="$reqs" 'BEGIN { printf "%.2f", d / hz * 1e6 / n }')
+            fi
+            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$rep" "$size" "$target" "$rps" \
+                "$p50" "$p99" "$cpu" "$rss" "$non2xx" "$errs" "$user" >>"$RESULTS"
+            log "rep $rep $size $target: $rps req/s, p50 $p50 ms, p99 $p99 ms, cpu $cpu us/req (user $user), rss $rss MiB, non-2xx $non2xx, socket errors $errs"
         done
     done
 done
@@ -369,12 +371,12 @@ report() {
     echo "proxy on core $PROXY_CPU, wrk on core $WRK_CPU, backend nginx (1 worker) on core $BACKEND_CPU."
     echo "Load average before: $LOAD_BEFORE; after: $LOAD_AFTER ($(nproc) cores)."
     echo
-    echo "| body | target | req/s | p50 ms | p99 ms | CPU µs/req | peak RSS MiB | non-2xx | socket errors |"
-    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|"
+    echo "| body | target | req/s | p50 ms | p99 ms | CPU µs/req | of which user | peak RSS MiB | non-2xx | socket errors |"
+    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     local size target
     for size in "${SIZES[@]}"; do
         for target in "${TARGETS[@]}"; do
-            echo "| $size | $target | $(median 4 "$size" "$target") | $(median 5 "$size" "$target") | $(median 6 "$size" "$target") | $(median 7 "$size" "$target") | $(median 8 "$size" "$target") | $(sum_col 9 "$size" "$target") | $(sum_col 10 "$size" "$target") |"
+            echo "| $size | $target | $(median 4 "$size" "$target") | $(median 5 "$size" "$target") | $(median 6 "$size" "$target") | $(median 7 "$size" "$target") | $(median 11 "$size" "$target") | $(median 8 "$size" "$target") | $(sum_col 9 "$size" "$target") | $(sum_col 10 "$size" "$target") |"
         done
     done
     echo
@@ -397,7 +399,7 @@ report() {
         done
     fi
     echo
-    echo "Per-run figures (rep, body, target, req/s, p50 ms, p99 ms, CPU µs/req, RSS MiB, non-2xx, socket errors):"
+    echo "Per-run figures (rep, body, target, req/s, p50 ms, p99 ms, CPU µs/req, RSS MiB, non-2xx, socket errors, user-space CPU µs/req):"
     echo
     echo '```'
     cat "$RESULTS"
@@ -415,7 +417,7 @@ report() {
     echo "paths: direct, nginx, strangler-10: $PATH_10/b{1k,1m}; strangler-10k: $PATH_10K/b{1k,1m} (GET {id} route of the last resource)"
     echo "strangler-10k-reload: as strangler-10k, while every $RELOAD_EVERY s a python loop writes the other version to .next.yaml and renames it over routing.yaml (on core $WRK_CPU)"
     echo "reloads: strangler_config_reloads_total{result=...} and strangler_config_reload_duration_seconds_sum from /metrics, before and after the run"
-    echo "CPU/req = (utime+stime of the proxy process [nginx: its worker] from /proc/PID/stat, after - before the measured run) / requests"
+    echo "CPU/req = (utime+stime of the proxy process [nginx: its worker] from /proc/PID/stat, after - before the measured run) / requests; \"of which user\" = the utime part"
     echo "RSS = VmHWM of the same process, read at the end of its run (each process serves one body size, one run)"
     echo '```'
 }
