@@ -641,8 +641,24 @@ fn parse_url(url: &str) -> Result<ParsedUrl, String> {
     if host.is_empty() {
         return Err(format!("{url:?}: needs a host"));
     }
+    if url.contains('#') {
+        return Err(format!("{url:?}: a backend URL has no fragment"));
+    }
     let default_port = if tls { 443 } else { 80 };
-    let port = auth.port_u16().unwrap_or(default_port);
+    // Read from the text: `http::Uri` accepts any digits (or none) after the colon and reports
+    // no port when they do not fit a u16, which would silently turn `:99999` into 80.
+    let auth_text = auth.as_str();
+    let after_host = auth_text
+        .rsplit_once(']')
+        .map_or(auth_text, |(_, rest)| rest);
+    let port = match after_host.rsplit_once(':') {
+        None => default_port,
+        Some((_, p)) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("{url:?}: port {p:?} is not 1..65535"))?,
+    };
     let scheme = if tls { "https" } else { "http" };
     let host_lc = auth.host().to_ascii_lowercase();
     let origin = format!("{scheme}://{host_lc}:{port}");
@@ -769,6 +785,31 @@ mod tests {
         let errs =
             errors("backends: {}\ndefault: x\nroutes: [{path: /a, to: y}, {path: /b, to: z}]\n");
         assert!(errs.len() >= 3, "every error is reported: {errs:?}");
+    }
+
+    #[test]
+    fn backend_ports_are_read_not_guessed() {
+        for (url, want) in [
+            ("http://127.0.0.1:99999", "port \"99999\" is not 1..65535"),
+            ("http://127.0.0.1:65536", "port \"65536\" is not 1..65535"),
+            ("http://127.0.0.1:0", "port \"0\" is not 1..65535"),
+            ("http://127.0.0.1:", "port \"\" is not 1..65535"),
+            ("http://[::1]:70000", "port \"70000\" is not 1..65535"),
+            ("http://127.0.0.1:9001#x", "no fragment"),
+        ] {
+            let errs = errors(&format!(
+                "backends:\n  legacy: {{url: '{url}'}}\ndefault: legacy\n"
+            ));
+            assert!(
+                errs.len() == 1 && errs[0].starts_with("t.yaml:2:") && errs[0].contains(want),
+                "{url}: {errs:?}"
+            );
+        }
+        let t = table(
+            "backends:\n  a: {url: 'http://[::1]:8080'}\n  b: {url: 'https://h'}\ndefault: a\n",
+        );
+        assert_eq!(t.backends[0].port, 8080);
+        assert_eq!(t.backends[1].port, 443);
     }
 
     #[test]
