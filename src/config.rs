@@ -16,6 +16,7 @@ use crate::source_map::{Pos, SourceMap};
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RoutingFile {
+    #[serde(deserialize_with = "unique_names")]
     pub backends: BTreeMap<String, BackendSpec>,
     /// The backend that serves every request no route matches. Required: there is no implicit
     /// default, because guessing which service answers is exactly what this file must not do.
@@ -26,6 +27,40 @@ pub struct RoutingFile {
     /// `ip` key. Empty by default: the TCP peer address is the client.
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+}
+
+/// `backends` as a map whose names are unique: YAML leaves a repeated key to the reader, and a
+/// plain map would keep the last one without a word.
+fn unique_names<'de, D>(de: D) -> Result<BTreeMap<String, BackendSpec>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    struct Names;
+    impl<'de> serde::de::Visitor<'de> for Names {
+        type Value = BTreeMap<String, BackendSpec>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a map of backend names to backends")
+        }
+
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            while let Some(name) = map.next_key::<String>()? {
+                if out.contains_key(&name) {
+                    return Err(serde::de::Error::custom(format!(
+                        "backend {name:?} is defined twice"
+                    )));
+                }
+                let spec = map.next_value()?;
+                out.insert(name, spec);
+            }
+            Ok(out)
+        }
+    }
+    de.deserialize_map(Names)
 }
 
 /// `backends.NAME`.
@@ -306,5 +341,18 @@ mod tests {
         assert_eq!((e.pos.line, e.pos.col), (4, 5), "{e}");
         assert!(e.message.contains("unknown field `colour`"), "{e}");
         assert!(err.to_string().starts_with("r.yaml:4:5: "), "{err}");
+    }
+
+    #[test]
+    fn a_backend_defined_twice_is_refused() {
+        let text = "backends:\n  legacy:\n    url: http://127.0.0.1:1\n  legacy:\n    url: http://127.0.0.1:2\ndefault: legacy\n";
+        let err = parse("r.yaml", text).unwrap_err();
+        let e = &err.0[0];
+        assert!(
+            e.message.contains("backend \"legacy\" is defined twice"),
+            "{e}"
+        );
+        // serde_yaml places the error at the map; the message names the backend.
+        assert_eq!((e.pos.line, e.pos.col), (2, 3), "{e}");
     }
 }
