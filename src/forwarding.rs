@@ -1,9 +1,10 @@
 //! Header rules of SPEC §4 as pure functions: the request id, `X-Forwarded-For`, and the
 //! response rewrites that keep backend addresses from leaking (`Location`, `Set-Cookie`).
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 
-use http::HeaderValue;
+use http::{HeaderMap, HeaderName, HeaderValue};
 use rand::RngCore;
 
 use crate::router::{Backend, Cidr};
@@ -32,6 +33,22 @@ pub fn request_id(client: Option<&HeaderValue>) -> HeaderValue {
             HeaderValue::from_bytes(&hex).unwrap_or(HeaderValue::from_static("invalid"))
         }
     }
+}
+
+/// Every line of a list-valued header as one comma-separated list (RFC 9110 §5.3: repeated
+/// lines are one list, in order); `None` when absent or not visible ASCII. One line, the usual
+/// case, is borrowed.
+pub fn header_list<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<Cow<'a, str>> {
+    let mut lines = headers.get_all(name).iter();
+    let first = lines.next()?.to_str().ok()?;
+    let mut joined: Option<String> = None;
+    for line in lines {
+        let line = line.to_str().ok()?;
+        let j = joined.get_or_insert_with(|| first.to_string());
+        j.push_str(", ");
+        j.push_str(line);
+    }
+    Some(joined.map_or(Cow::Borrowed(first), Cow::Owned))
 }
 
 /// `X-Forwarded-For` with the peer appended to what the client sent.
@@ -96,7 +113,9 @@ pub fn client_ip(peer: IpAddr, xff: Option<&str>, trusted: &[Cidr]) -> IpAddr {
 }
 
 /// A `Location` pointing at `backend` rewritten onto the client's scheme and host; `None` when it
-/// points elsewhere (relative locations are left alone too: they are already the client's).
+/// points elsewhere (relative locations are left alone too: they are already the client's). A
+/// scheme-relative `//host:port/…` is resolved with the backend's own scheme, as the client's
+/// browser would resolve it against the backend's response.
 pub fn rewrite_location(
     location: &str,
     backend: &Backend,
@@ -106,8 +125,14 @@ pub fn rewrite_location(
     let lower = location
         .get(..location.len().min(300))?
         .to_ascii_lowercase();
+    let scheme_relative = lower.starts_with("//");
     for prefix in &backend.location_prefixes {
-        if lower.starts_with(prefix.as_str()) {
+        // Every prefix is `scheme://host[:port]`; without the scheme it is `//host[:port]`.
+        let prefix = match (scheme_relative, prefix.find("//")) {
+            (true, Some(i)) => &prefix[i..],
+            _ => prefix.as_str(),
+        };
+        if lower.starts_with(prefix) {
             let rest = &location[prefix.len()..];
             // `http://h:8080` must not match `http://h:80` as a prefix.
             if rest.is_empty() || rest.starts_with(['/', '?', '#']) {
@@ -166,6 +191,29 @@ mod tests {
     }
 
     #[test]
+    fn repeated_header_lines_are_one_list() {
+        let xff = HeaderName::from_static("x-forwarded-for");
+        let mut h = HeaderMap::new();
+        assert_eq!(header_list(&h, &xff), None);
+        h.append(&xff, HeaderValue::from_static("1.1.1.1"));
+        assert!(matches!(
+            header_list(&h, &xff),
+            Some(Cow::Borrowed("1.1.1.1"))
+        ));
+        h.append(&xff, HeaderValue::from_static("2.2.2.2, 3.3.3.3"));
+        assert_eq!(
+            header_list(&h, &xff).as_deref(),
+            Some("1.1.1.1, 2.2.2.2, 3.3.3.3")
+        );
+        let peer: IpAddr = "10.0.0.1".parse().unwrap();
+        let list = header_list(&h, &xff);
+        assert_eq!(
+            forwarded_for(list.as_deref(), peer),
+            "1.1.1.1, 2.2.2.2, 3.3.3.3, 10.0.0.1"
+        );
+    }
+
+    #[test]
     fn request_ids() {
         let hv = |s: &str| HeaderValue::from_str(s).unwrap();
         assert_eq!(request_id(Some(&hv("abc-123"))), "abc-123");
@@ -196,10 +244,20 @@ mod tests {
         assert_eq!(rw("http://127.0.0.1:90021/x"), None);
         assert_eq!(rw("http://other/x"), None);
         assert_eq!(rw("/relative"), None);
+        assert_eq!(
+            rw("//127.0.0.1:9002/x"),
+            Some("https://api.example.com/x".into())
+        );
+        assert_eq!(rw("//127.0.0.1:90021/x"), None);
+        assert_eq!(rw("//other/x"), None);
         let b80 = backend("http://legacy.internal");
         assert_eq!(
             rewrite_location("http://LEGACY.internal/x?y", &b80, "http", "h:8080"),
             Some("http://h:8080/x?y".into())
+        );
+        assert_eq!(
+            rewrite_location("//legacy.internal/x", &b80, "http", "h:8080"),
+            Some("http://h:8080/x".into())
         );
     }
 

@@ -206,11 +206,8 @@ impl Strangler {
         };
         let req = session.req_header();
         let client = peer_ip(session).map(|peer| {
-            let xff = req
-                .headers
-                .get(&X_FORWARDED_FOR)
-                .and_then(|v| v.to_str().ok());
-            forwarding::client_ip(peer, xff, &live.table.trusted_proxies)
+            let xff = forwarding::header_list(&req.headers, &X_FORWARDED_FOR);
+            forwarding::client_ip(peer, xff.as_deref(), &live.table.trusted_proxies)
         });
         let key = split::sticky_key(&split.sticky, &req.headers, client);
         split::decide(&route.name, split, key.as_deref())
@@ -372,6 +369,10 @@ impl ProxyHttp for Strangler {
                 session.req_header(),
                 ctx.path.as_ref(),
                 &ctx.request_id,
+                shadow::Client {
+                    ip: peer_ip(session),
+                    host: ctx.client_host.as_ref(),
+                },
             );
         }
         Ok(false)
@@ -427,11 +428,8 @@ impl ProxyHttp for Strangler {
             up.insert_header(header::HOST, h.as_str())?;
         }
         if let Some(peer) = peer_ip(session) {
-            let existing = up
-                .headers
-                .get(&X_FORWARDED_FOR)
-                .and_then(|v| v.to_str().ok());
-            let xff = forwarding::forwarded_for(existing, peer);
+            let existing = forwarding::header_list(&up.headers, &X_FORWARDED_FOR);
+            let xff = forwarding::forwarded_for(existing.as_deref(), peer);
             up.insert_header(WIRE_FORWARDED_FOR, xff)?;
         }
         up.insert_header(WIRE_FORWARDED_PROTO, HTTP.clone())?;
@@ -490,7 +488,12 @@ impl ProxyHttp for Strangler {
                 .as_ref()
                 .and_then(|h| h.to_str().ok())
                 .unwrap_or("localhost");
-            if let Some(new) = forwarding::rewrite_location(loc, backend, "http", host) {
+            // The answering backend first; then any other backend of the table, so that a
+            // redirect from one service to another's internal address does not leak it either.
+            let rewritten = std::iter::once(backend)
+                .chain(live.table.backends.iter())
+                .find_map(|b| forwarding::rewrite_location(loc, b, "http", host));
+            if let Some(new) = rewritten {
                 resp.insert_header(header::LOCATION, new)?;
             }
         }

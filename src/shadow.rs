@@ -4,6 +4,7 @@
 //! body streams on while a bounded copy (1 MiB, then length + SHA-256) is kept; when both sides
 //! are complete the task compares them and counts the result.
 
+use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
@@ -16,6 +17,7 @@ use pingora_http::RequestHeader;
 use serde_json::Value;
 use tokio::sync::oneshot;
 
+use crate::forwarding;
 use crate::metrics;
 use crate::path::NormalPath;
 use crate::router::upstream_path;
@@ -36,7 +38,7 @@ pub fn warm_up() {
 static X_STRANGLER_SHADOW: HeaderName = HeaderName::from_static("x-strangler-shadow");
 
 /// Hop-by-hop and framing headers never copied onto a shadow request.
-const NOT_COPIED: &[HeaderName] = &[
+static NOT_COPIED: [HeaderName; 9] = [
     header::CONNECTION,
     header::TE,
     header::TRANSFER_ENCODING,
@@ -44,7 +46,10 @@ const NOT_COPIED: &[HeaderName] = &[
     header::CONTENT_LENGTH,
     header::EXPECT,
     header::PROXY_AUTHORIZATION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
 ];
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// What was seen of one side's response.
 pub struct Capture {
@@ -117,13 +122,23 @@ impl Drop for Slot {
     }
 }
 
+/// The client as the shadow request names it: the TCP peer and the Host it asked for.
+pub struct Client<'a> {
+    pub ip: Option<IpAddr>,
+    pub host: Option<&'a HeaderValue>,
+}
+
 /// Starts the shadow request for route `i` if it has `shadow` and the request is a GET or HEAD.
+/// The copy is forwarded as the primary is (SPEC §4): hop-by-hop headers, and those the client's
+/// `Connection` names, removed; `X-Forwarded-For` appended, `X-Forwarded-Proto` and
+/// `X-Forwarded-Host` set; plus `X-Strangler-Shadow: 1`.
 pub fn tap(
     live: &Arc<LiveTable>,
     i: usize,
     req: &RequestHeader,
     path: Option<&NormalPath>,
     request_id: &HeaderValue,
+    client: Client<'_>,
 ) -> Option<ShadowTap> {
     let route = &live.table.routes[i];
     let shadow = route.shadow?;
@@ -145,16 +160,36 @@ pub fn tap(
     let addr = backend.addr?;
 
     let mut up =
-        RequestHeader::build(req.method.clone(), b"/", Some(req.headers.len() + 2)).ok()?;
+        RequestHeader::build(req.method.clone(), b"/", Some(req.headers.len() + 5)).ok()?;
     let target = upstream_path(Some(route), false, backend, path);
     up.set_raw_path(target.as_bytes()).ok()?;
+    let nominated: Vec<HeaderName> = req
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
     for (name, value) in req.headers.iter() {
-        if !NOT_COPIED.contains(name) {
+        if !NOT_COPIED.contains(name) && !nominated.contains(name) {
             up.append_header(name.clone(), value.clone()).ok()?;
         }
     }
     if let Some(h) = &backend.host_header {
         up.insert_header(header::HOST, h.as_str()).ok()?;
+    }
+    if let Some(ip) = client.ip {
+        let existing = forwarding::header_list(&req.headers, &X_FORWARDED_FOR);
+        up.insert_header(
+            "X-Forwarded-For",
+            forwarding::forwarded_for(existing.as_deref(), ip),
+        )
+        .ok()?;
+    }
+    up.insert_header("X-Forwarded-Proto", "http").ok()?;
+    if let Some(h) = client.host {
+        up.insert_header("X-Forwarded-Host", h).ok()?;
     }
     up.insert_header(X_STRANGLER_SHADOW.clone(), "1").ok()?;
     up.insert_header(HeaderName::from_static("x-request-id"), request_id)

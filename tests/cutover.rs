@@ -264,6 +264,34 @@ fn shadow_compares_json_as_values_and_reports_the_first_difference() {
         rid("/customers/same"),
         ["rid-same".to_string(), generated_id]
     );
+
+    // The copy is forwarded as the primary is: X-Forwarded-*, hop-by-hop headers removed.
+    let host = format!("127.0.0.1:{}", proxy.port);
+    let head = format!(
+        "GET /customers/same HTTP/1.1\r\nHost: {host}\r\nX-Request-Id: rid-raw\r\n\
+         X-Forwarded-For: 9.9.9.9\r\nKeep-Alive: timeout=5\r\nX-Hop: 1\r\n\
+         Connection: X-Hop, close\r\n\r\n"
+    );
+    assert!(raw(&host, head.as_bytes()).starts_with("HTTP/1.1 200"));
+    wait_for("the third match", Duration::from_secs(3), || {
+        shadow("match") == 3.0
+    });
+    let both = [legacy.seen(), new.seen()];
+    let [primary, copy] = both.each_ref().map(|seen| {
+        seen.iter()
+            .find(|s| s.headers.get("x-request-id").map(String::as_str) == Some("rid-raw"))
+            .cloned()
+            .expect("the raw request was seen")
+    });
+    for name in ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"] {
+        assert_eq!(copy.headers.get(name), primary.headers.get(name), "{name}");
+    }
+    assert_eq!(copy.headers["x-forwarded-for"], "9.9.9.9, 127.0.0.1");
+    assert_eq!(copy.headers["x-forwarded-host"], host);
+    for gone in ["x-hop", "keep-alive"] {
+        assert!(!copy.headers.contains_key(gone), "{gone}: {copy:?}");
+        assert!(!primary.headers.contains_key(gone), "{gone}: {primary:?}");
+    }
 }
 
 #[test]
