@@ -150,6 +150,16 @@ pub fn decide(
     client_ip: IpAddr,
     pinned: impl Fn(&str) -> bool,
 ) -> Result<Decision, String> {
+    if method == "OPTIONS" && target == "*" {
+        // Server-wide OPTIONS: no path to match, so `default` answers it, target unchanged.
+        return Ok(Decision {
+            route: None,
+            backend: table.default,
+            to_target: false,
+            upstream_target: "*".to_string(),
+            normal_path: "*".to_string(),
+        });
+    }
     let normal = path::normalize(target).map_err(|e| format!("400 bad_request: {e}"))?;
     let match_method = match (method, headers.get("access-control-request-method")) {
         ("OPTIONS", Some(m)) => m.to_str().unwrap_or(method).to_string(),
@@ -281,8 +291,9 @@ pub fn explain(a: &ExplainArgs) -> ExitCode {
         }
     };
     let pins = pins(&a.config.config, None);
-    let method = a.method.to_ascii_uppercase();
-    let d = match decide(&table, &method, &a.path, &headers, a.client_ip, |r| {
+    // As sent: methods are case-sensitive (RFC 9110 §9.1), and so is the proxy's matching.
+    let method = a.method.as_str();
+    let d = match decide(&table, method, &a.path, &headers, a.client_ip, |r| {
         pins.contains_key(r)
     }) {
         Ok(d) => d,
@@ -302,15 +313,18 @@ pub fn explain(a: &ExplainArgs) -> ExitCode {
             let r = &table.routes[i];
             let state = table.state(r, pins.contains_key(&*r.name)).as_str();
             println!("  route:    {} (path {}, state {state})", r.name, r.path);
-            let why = if d.to_target {
-                "the route's `to`".to_string()
-            } else if pins.contains_key(&*r.name) {
+            let keyless = r.split.as_ref().is_some_and(|s| {
+                split::sticky_key(&s.sticky, &headers, Some(a.client_ip)).is_none()
+            });
+            let percent = r.split.as_ref().map_or(0.0, |s| s.percent);
+            let why = if pins.contains_key(&*r.name) {
                 "pinned to default".to_string()
+            } else if keyless {
+                format!("split {percent}%: no sticky key, so a random pick per request (this one)")
+            } else if d.to_target {
+                "the route's `to`".to_string()
             } else {
-                format!(
-                    "split: this client is outside the {}%",
-                    r.split.as_ref().map_or(0.0, |s| s.percent)
-                )
+                format!("split: this client is outside the {percent}%")
             };
             println!("  backend:  {} ({}) — {why}", backend.name, backend.url);
         }

@@ -712,4 +712,18 @@ fn golden_cases_pin_the_routing_in_ci_and_explain_shows_the_upstream_request() {
         out.contains("departures") && out.contains("GET /v2/departures/?x=1 HTTP/1.1"),
         "rewritten:\n{out}"
     );
+
+    // As the proxy does: `OPTIONS *` goes to default untouched, methods are case-sensitive.
+    let (code, out, err) = strangler(&["explain", "-c", &cfg, "OPTIONS", "*"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("route:    default") && out.contains("upstream: OPTIONS * HTTP/1.1"),
+        "OPTIONS *:\n{out}"
+    );
+    let (code, out, err) = strangler(&["explain", "-c", &cfg, "get", "/bookings/42"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("upstream: get /bookings/42 HTTP/1.1"),
+        "the method as sent:\n{out}"
+    );
 }
