@@ -219,11 +219,19 @@ pub fn parse(file: &str, text: impl Into<String>) -> Result<(RoutingFile, Source
                 col: l.column(),
             })
             .unwrap_or(Pos { line: 1, col: 1 });
-        ConfigErrors(vec![ConfigError {
+        let first = ConfigError {
             file: file.to_string(),
             pos,
             message: clean_serde_message(&e.to_string()),
-        }])
+        };
+        let mut errors = vec![first];
+        for more in other_schema_errors(file, &text) {
+            if !errors.iter().any(|e| e.message == more.message) {
+                errors.push(more);
+            }
+        }
+        errors.sort_by_key(|e| (e.pos.line, e.pos.col));
+        ConfigErrors(errors)
     })?;
     let source = Source {
         file: file.to_string(),
@@ -232,6 +240,144 @@ pub fn parse(file: &str, text: impl Into<String>) -> Result<(RoutingFile, Source
         sha256,
     };
     Ok((parsed, source))
+}
+
+/// The keys of the file's top level, as `RoutingFile` names them (`tests::top_level_keys`
+/// checks the list against serde's own).
+const TOP_LEVEL: [&str; 4] = ["backends", "default", "routes", "trusted_proxies"];
+
+/// serde stops at the first schema error (an unknown key, a wrong type). To report every one,
+/// as `check` promises, the document is read again as plain YAML and each part deserialised on
+/// its own: every top-level key, every backend, every route. Only on the error path; the
+/// semantic checks (undefined backends, conflicts, …) run once the schema holds.
+fn other_schema_errors(file: &str, text: &str) -> Vec<ConfigError> {
+    use serde_yaml::Value;
+    let Ok(Value::Mapping(top)) = serde_yaml::from_str::<Value>(text) else {
+        return Vec::new(); // a syntax error: serde's one message is all there is
+    };
+    let map = SourceMap::new(text);
+    let mut out = Vec::new();
+    // One part, re-serialised and parsed alone, so that serde names the field at fault.
+    // Every error of one part: after each, the key at fault is taken out and the part read again.
+    let check = |value: &Value, path: &str, shown: &str, part: Part| -> Vec<ConfigError> {
+        let mut value = value.clone();
+        let mut found = Vec::new();
+        for _ in 0..32 {
+            let Ok(part_text) = serde_yaml::to_string(&value) else {
+                break;
+            };
+            let result = match part {
+                Part::Backend => serde_yaml::from_str::<BackendSpec>(&part_text).map(drop),
+                Part::Route => serde_yaml::from_str::<RouteSpec>(&part_text).map(drop),
+                Part::Default => serde_yaml::from_str::<Option<String>>(&part_text).map(drop),
+                Part::Proxies => serde_yaml::from_str::<Vec<String>>(&part_text).map(drop),
+            };
+            let Err(e) = result else { break };
+            let msg = clean_serde_message(&e.to_string());
+            let (inner, msg) = split_serde_path(&msg);
+            let unknown = backticked(msg, "unknown field `");
+            let (node, where_) = match inner {
+                Some(inner) => (format!("{path}.{inner}"), format!("{shown}.{inner}")),
+                None => (path.to_string(), shown.to_string()),
+            };
+            found.push(ConfigError {
+                file: file.to_string(),
+                pos: match unknown {
+                    Some(key) => map.key_pos(&format!("{node}.{key}")),
+                    None => map.pos(&node),
+                },
+                message: if where_.is_empty() {
+                    msg.to_string()
+                } else {
+                    format!("{where_}: {msg}")
+                },
+            });
+            // The part's own key at fault: the first step of the inner path, else the unknown key.
+            let culprit = inner
+                .map(|i| i.split(['.', '[']).next().unwrap_or(i))
+                .or(unknown);
+            let removed = match (culprit, value.as_mapping_mut()) {
+                (Some(k), Some(m)) => m.remove(k).is_some(),
+                _ => false,
+            };
+            if !removed {
+                break;
+            }
+        }
+        found
+    };
+    for (key, value) in &top {
+        let Some(key) = key.as_str() else { continue };
+        match key {
+            "backends" => {
+                if let Value::Mapping(backends) = value {
+                    for (name, b) in backends {
+                        if let Some(name) = name.as_str() {
+                            let path = format!("backends.{name}");
+                            out.extend(check(b, &path, &path, Part::Backend));
+                        }
+                    }
+                }
+            }
+            "routes" => {
+                if let Value::Sequence(routes) = value {
+                    for (i, r) in routes.iter().enumerate() {
+                        let (path, shown) = (format!("routes.{i}"), format!("routes[{i}]"));
+                        out.extend(check(r, &path, &shown, Part::Route));
+                    }
+                }
+            }
+            "default" => out.extend(check(value, "default", "default", Part::Default)),
+            "trusted_proxies" => {
+                out.extend(check(value, key, key, Part::Proxies));
+            }
+            other => out.push(ConfigError {
+                file: file.to_string(),
+                pos: map.key_pos(other),
+                message: format!(
+                    "unknown field `{other}`, expected one of {}",
+                    TOP_LEVEL.map(|k| format!("`{k}`")).join(", ")
+                ),
+            }),
+        }
+    }
+    out
+}
+
+#[derive(Clone, Copy)]
+enum Part {
+    Backend,
+    Route,
+    Default,
+    Proxies,
+}
+
+/// serde_yaml writes `PATH: MESSAGE` when the error is below the top of what it parsed; serde's
+/// own messages start with one of these.
+fn split_serde_path(msg: &str) -> (Option<&str>, &str) {
+    const OWN: [&str; 8] = [
+        "unknown field",
+        "missing field",
+        "duplicate field",
+        "invalid type",
+        "invalid value",
+        "invalid length",
+        "unknown variant",
+        "backend ",
+    ];
+    if OWN.iter().any(|o| msg.starts_with(o)) {
+        return (None, msg);
+    }
+    match msg.split_once(": ") {
+        Some((path, rest)) if !path.contains(' ') => (Some(path), rest),
+        _ => (None, msg),
+    }
+}
+
+/// The text between `prefix` and the next backtick.
+fn backticked<'a>(msg: &'a str, prefix: &str) -> Option<&'a str> {
+    let rest = msg.strip_prefix(prefix)?;
+    rest.split_once('`').map(|(k, _)| k)
 }
 
 /// serde_yaml appends " at line L column C" to its messages; the position is already in front.
@@ -341,6 +487,32 @@ mod tests {
         assert_eq!((e.pos.line, e.pos.col), (4, 5), "{e}");
         assert!(e.message.contains("unknown field `colour`"), "{e}");
         assert!(err.to_string().starts_with("r.yaml:4:5: "), "{err}");
+    }
+
+    #[test]
+    fn every_schema_error_is_reported() {
+        let text = "backends:\n  legacy:\n    url: http://127.0.0.1:1\n    colour: red\n  new:\n    url: http://127.0.0.1:2\n    timeout: [1]\ndefault: legacy\nroutes:\n  - path: /x\n    to: nope\n    bogus: 1\n  - path: /y\n    to: legacy\n    split: abc\n    rollback: {error_rate: 5, min_requests: 1, window: 1s, extra: 2}\nextra_top: 1\n";
+        let err = parse("r.yaml", text).unwrap_err();
+        let got: Vec<String> = err.0.iter().map(|e| e.to_string()).collect();
+        let want = [
+            "r.yaml:4:5: backends.legacy: unknown field `colour`",
+            "r.yaml:7:14: backends.new.timeout: invalid type: sequence, expected a string",
+            "r.yaml:12:5: routes[0]: unknown field `bogus`",
+            "r.yaml:15:12: routes[1].split: invalid type: string \"abc\", expected f64",
+            "r.yaml:16:60: routes[1].rollback: unknown field `extra`",
+            "r.yaml:17:1: unknown field `extra_top`, expected one of `backends`, `default`, `routes`, `trusted_proxies`",
+        ];
+        assert_eq!(got.len(), want.len(), "{got:#?}");
+        for (g, w) in got.iter().zip(want) {
+            assert!(g.starts_with(w), "want {w:?}, got {g:?}\nall: {got:#?}");
+        }
+    }
+
+    #[test]
+    fn top_level_keys() {
+        let err = parse("r.yaml", "nope: 1\n").unwrap_err();
+        let expected = TOP_LEVEL.map(|k| format!("`{k}`")).join(", ");
+        assert!(err.0[0].message.ends_with(&expected), "{err}");
     }
 
     #[test]
