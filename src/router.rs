@@ -407,6 +407,9 @@ impl RoutingTable {
                         &at("rewrite"),
                         format!("rewrite {rw:?} must be a plain path starting with '/'"),
                     ));
+                } else if let Err(e) = crate::path::normalize(rw) {
+                    // The backend must get a path the proxy would have let through itself.
+                    errors.push(source.error_at(&at("rewrite"), format!("rewrite {rw:?}: {e}")));
                 }
             }
             let rollback = spec.rollback.as_ref().and_then(|r| {
@@ -749,6 +752,8 @@ mod tests {
             ("routes:\n  - {name: x, path: /a, to: new}\n  - {name: y, path: '/a/', to: legacy}\n", "t.yaml:7:21: route \"y\" conflicts with route \"x\""),
             ("routes:\n  - {path: /a, to: new, split: 101}\n", "t.yaml:6:32: split 101 is outside 0..100"),
             ("routes:\n  - {path: '/a/{id}', to: new, rewrite: /b}\n", "t.yaml:6:41: rewrite cannot be used on a path with a {param}"),
+            ("routes:\n  - {path: /a, to: new, rewrite: /v2/../b}\n", "t.yaml:6:34: rewrite \"/v2/../b\": path contains a '.' or '..' segment"),
+            ("routes:\n  - {path: /a, to: new, rewrite: '/v2/%2e'}\n", "rewrite \"/v2/%2e\": path contains a '.' or '..' segment"),
             ("routes:\n  - {name: default, path: /a, to: new}\n", "t.yaml:6:12: route name \"default\" is reserved"),
             ("routes:\n  - path: /a\n    to: new\n    rollback: {error_rate: 5%, min_requests: 20, window: 60}\n", "t.yaml:8:58: duration \"60\" needs a unit"),
             ("routes:\n  - {path: /a, to: new, sticky: 'header:X'}\n", "sticky needs `split`"),
