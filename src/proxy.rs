@@ -745,7 +745,9 @@ impl Strangler {
         let now = Instant::now();
         let control = &live.routes[i].control;
         control.to_window.record(now, rule.window, failed);
-        if failed && !control.is_pinned() {
+        // Judged on every request, not only on failures: failures first and successes after can
+        // meet the rule when the request that reaches `min_requests` is a success.
+        if !control.is_pinned() {
             let (requests, failures) = control.to_window.totals(now, rule.window);
             if rollback::should_roll_back(requests, failures, rule.min_requests, rule.error_rate) {
                 let why = format!(

@@ -356,14 +356,25 @@ fn a_failing_route_rolls_itself_back_and_a_flaky_one_does_not() {
             full(200, "ok")
         }
     }));
+    let m = Arc::new(AtomicUsize::new(0));
+    let m2 = m.clone();
+    let bad_start = Backend::start(Arc::new(move |_s: &Seen| {
+        if m2.fetch_add(1, Ordering::SeqCst) < 5 {
+            full(503, "warming up")
+        } else {
+            full(200, "ok")
+        }
+    }));
     let rule = "rollback: {error_rate: 50%, min_requests: 10, window: 60s}";
     let yaml = format!(
-        "backends:\n  legacy: {{url: '{}'}}\n  broken: {{url: '{}'}}\n  flaky: {{url: '{}'}}\ndefault: legacy\nroutes:\n\
+        "backends:\n  legacy: {{url: '{}'}}\n  broken: {{url: '{}'}}\n  flaky: {{url: '{}'}}\n  bad_start: {{url: '{}'}}\ndefault: legacy\nroutes:\n\
          \x20 - {{name: payments, path: /payments, to: broken, {rule}}}\n\
-         \x20 - {{name: search, path: /search, to: flaky, {rule}}}\n",
+         \x20 - {{name: search, path: /search, to: flaky, {rule}}}\n\
+         \x20 - {{name: orders, path: /orders, to: bad_start, {rule}}}\n",
         legacy.url(),
         broken.url(),
-        flaky.url()
+        flaky.url(),
+        bad_start.url()
     );
     let proxy = Proxy::start(&yaml);
 
@@ -422,6 +433,16 @@ fn a_failing_route_rolls_itself_back_and_a_flaky_one_does_not() {
         proxy.metric("strangler_rollbacks_total{route=\"search\",reason=\"auto\"}"),
         0.0
     );
+
+    // Five failures, then five successes: the tenth request meets the rule (5 of 10) although
+    // it succeeded, and the eleventh already goes to legacy.
+    for i in 0..10 {
+        let r = request("GET", &proxy.url("/orders"), &[], None);
+        assert_eq!(r.header("x-strangler-backend"), "bad_start", "request {i}");
+    }
+    let r = request("GET", &proxy.url("/orders"), &[], None);
+    assert_eq!((r.status, r.header("x-strangler-backend")), (200, "legacy"));
+    assert_eq!(route(&proxy, "orders")["pinned"]["reason"], "auto");
 }
 
 #[test]
