@@ -13,6 +13,9 @@ use serde_json::json;
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Serving {
     pub to: String,
+    /// The file's `default`: it serves the route's split-off, pinned and failed-over requests
+    /// (and, for the `default` pseudo-route, every unmatched one).
+    pub default: String,
     pub split: Option<f64>,
     pub shadow: Option<String>,
     pub state: &'static str,

@@ -31,6 +31,16 @@ use crate::pins::{Pin, PinReason, StateFile};
 use crate::rollback::Window;
 use crate::router::{Route, RouteState, RoutingTable, DEFAULT_ROUTE};
 
+/// What the audit compares between two tables for one route: to, default (when it serves some
+/// of the route's traffic), split, shadow, state.
+type ServingKey<'a> = (
+    &'a str,
+    Option<&'a str>,
+    Option<f64>,
+    Option<&'a str>,
+    RouteState,
+);
+
 /// The window over which `/routes` reports requests and errors per backend.
 pub const RECENT: Duration = Duration::from_secs(60);
 
@@ -130,17 +140,18 @@ impl LiveTable {
 
     /// What [`LiveTable::serving`] describes, borrowed: compared on every reload, formatted
     /// only when it changed.
-    fn serving_key<'a>(
-        &'a self,
-        route: &'a Route,
-        pinned: bool,
-    ) -> (&'a str, Option<f64>, Option<&'a str>, RouteState) {
+    fn serving_key<'a>(&'a self, route: &'a Route, pinned: bool) -> ServingKey<'a> {
         let t = &self.table;
+        let state = t.state(route, pinned);
         (
             &t.backends[route.to].name,
+            // `default` decides who serves unless the route is wholly on another backend
+            // (failover aside): a change of `default` moves a legacy, shadow, canary or rolled
+            // back route's traffic.
+            (state != RouteState::New).then(|| &*t.backends[t.default].name),
             route.split.as_ref().map(|s| s.percent),
             route.shadow.map(|b| &*t.backends[b].name),
-            t.state(route, pinned),
+            state,
         )
     }
 
@@ -148,9 +159,22 @@ impl LiveTable {
         let t = &self.table;
         Serving {
             to: t.backends[route.to].name.to_string(),
+            default: t.backends[t.default].name.to_string(),
             split: route.split.as_ref().map(|s| s.percent),
             shadow: route.shadow.map(|b| t.backends[b].name.to_string()),
             state: t.state(route, pinned).as_str(),
+        }
+    }
+
+    /// The `default` pseudo-route (unmatched requests), as the audit records it.
+    fn serving_unmatched(&self) -> Serving {
+        let name = self.table.backends[self.table.default].name.to_string();
+        Serving {
+            to: name.clone(),
+            default: name,
+            split: None,
+            shadow: None,
+            state: RouteState::Legacy.as_str(),
         }
     }
 }
@@ -297,6 +321,15 @@ impl State {
                 let serving = live.serving(r, l.control.is_pinned());
                 changes.push((r.name.clone(), None, Some(serving)));
             }
+        }
+        if old.table.backends[old.table.default].name
+            != live.table.backends[live.table.default].name
+        {
+            changes.push((
+                Arc::from(DEFAULT_ROUTE),
+                Some(old.serving_unmatched()),
+                Some(live.serving_unmatched()),
+            ));
         }
         changes.sort_by(|a, b| a.0.cmp(&b.0));
         // Pins of routes that left the file are lifted: the state file follows.

@@ -703,6 +703,37 @@ fn states_and_the_audit_trail_record_who_serves_what() {
     assert_eq!(proxy.metric(plain_200), 3.0);
     assert_eq!(state("fresh", "new"), 1.0);
     assert_eq!(state("plain", "new"), 1.0);
+
+    // A new `default` moves unmatched requests and the default side of the canary and shadow
+    // routes: a line for each, and none for the routes wholly on `new`.
+    let seen = audit_lines(&audit).len();
+    reload(
+        &touched.replace("default: legacy", "default: spare"),
+        "the reload with another default",
+    );
+    wait_for("the default's audit lines", Duration::from_secs(3), || {
+        audit_lines(&audit).len() >= seen + 3
+    });
+    let lines = audit_lines(&audit);
+    let moved: Vec<(&str, &str, &str)> = lines[seen..]
+        .iter()
+        .map(|l| {
+            (
+                l["route"].as_str().unwrap(),
+                l["before"]["default"].as_str().unwrap(),
+                l["after"]["default"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        moved,
+        [
+            ("canary", "legacy", "spare"),
+            ("default", "legacy", "spare"),
+            ("shadowed", "legacy", "spare")
+        ]
+    );
+    assert_eq!(lines[seen + 1]["after"]["to"], "spare");
     assert!(
         proxy
             .log_text()
