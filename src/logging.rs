@@ -24,7 +24,8 @@ pub fn init(format: LogFormat) {
         LogFormat::Text => {
             b.format(|buf, r| {
                 let ts = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-                writeln!(buf, "{ts} {:5} {}: {}", r.level(), r.target(), r.args())
+                let msg = one_line(r.args().to_string());
+                writeln!(buf, "{ts} {:5} {}: {msg}", r.level(), r.target())
             });
         }
         LogFormat::Json => {
@@ -41,4 +42,38 @@ pub fn init(format: LogFormat) {
         }
     }
     let _ = b.try_init();
+}
+
+/// The message with its control characters escaped (`\n`, `\r`, `\t`, `\u{1b}`, …): one event
+/// stays one line even when it quotes a backend's body or lists several errors.
+fn one_line(msg: String) -> String {
+    if !msg.contains(char::is_control) {
+        return msg;
+    }
+    let mut out = String::with_capacity(msg.len() + 8);
+    for c in msg.chars() {
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(
+            one_line("plain \"quoted\" text".into()),
+            "plain \"quoted\" text"
+        );
+        assert_eq!(
+            one_line("a\nb\r\tc\u{1b}[31m".into()),
+            "a\\nb\\r\\tc\\u{1b}[31m"
+        );
+    }
 }

@@ -277,7 +277,11 @@ impl State {
             Err(e) => {
                 metrics::CONFIG_RELOADS.with_label_values(&["error"]).inc();
                 metrics::CONFIG_VALID.set(0);
-                log::error!("reload ({trigger}) rejected, the previous table keeps serving:\n{e}");
+                // One line per event: the errors (one per line in `e`) joined.
+                log::error!(
+                    "reload ({trigger}) rejected, the previous table keeps serving: {}",
+                    e.lines().collect::<Vec<_>>().join("; ")
+                );
                 return Err(e);
             }
         };
