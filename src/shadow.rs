@@ -289,10 +289,16 @@ pub fn compare(p: &Capture, s: &Capture, ignore: &[String]) -> Option<Difference
     if p.is_capped() || s.is_capped() {
         let (hp, hs) = (p.hash.clone().finish(), s.hash.clone().finish());
         if p.len != s.len || hp.as_ref() != hs.as_ref() {
+            let short = |d: &ring::digest::Digest| {
+                d.as_ref()[..6]
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>()
+            };
             return Some(Difference {
                 pointer: "length+sha256".into(),
-                primary: format!("{} bytes", p.len),
-                shadow: format!("{} bytes", s.len),
+                primary: format!("{} bytes, sha256 {}…", p.len, short(&hp)),
+                shadow: format!("{} bytes, sha256 {}…", s.len, short(&hs)),
             });
         }
         return None;
@@ -377,8 +383,19 @@ fn first_difference(a: &Value, b: &Value, at: String) -> Option<Difference> {
             }
             None
         }
+        // `1`, `1.0` and `1e0` are one JSON value (RFC 8259 §6): services written in different
+        // languages print numbers differently. Integers are compared exactly, others as f64.
+        (Value::Number(x), Value::Number(y)) if same_number(x, y) => None,
         _ if a == b => None,
         _ => diff(at),
+    }
+}
+
+fn same_number(x: &serde_json::Number, y: &serde_json::Number) -> bool {
+    match (x.as_i64(), y.as_i64(), x.as_u64(), y.as_u64()) {
+        (Some(a), Some(b), _, _) => a == b,
+        (_, _, Some(a), Some(b)) => a == b,
+        _ => x.as_f64().zip(y.as_f64()).is_some_and(|(a, b)| a == b),
     }
 }
 
@@ -454,6 +471,18 @@ mod tests {
         assert_eq!(d.pointer, "/2");
         let d = cmp(r#"{"a":1}"#, r#"{}"#, &[]).unwrap();
         assert_eq!((d.pointer.as_str(), d.shadow.as_str()), ("/a", "(absent)"));
+        // Numbers as numbers: however each service prints them.
+        assert_eq!(
+            cmp(r#"{"a":1.0,"b":[1e2]}"#, r#"{"a":1,"b":[100]}"#, &[]),
+            None
+        );
+        assert_eq!(cmp(r#"{"a":-0.5}"#, r#"{"a":-5e-1}"#, &[]), None);
+        assert_eq!(
+            cmp("18446744073709551615", "18446744073709551614", &[]).map(|d| d.pointer),
+            Some("/".to_string())
+        );
+        assert!(cmp(r#"{"a":1.5}"#, r#"{"a":1}"#, &[]).is_some());
+        assert!(cmp(r#"{"a":1}"#, r#"{"a":"1"}"#, &[]).is_some());
     }
 
     #[test]
@@ -477,6 +506,11 @@ mod tests {
         assert!(p.is_capped() && p.body.is_empty());
         assert_eq!(compare(&p, &s, &[]), None);
         s.push(b"x");
-        assert_eq!(compare(&p, &s, &[]).unwrap().pointer, "length+sha256");
+        let d = compare(&p, &s, &[]).unwrap();
+        assert_eq!(d.pointer, "length+sha256");
+        assert!(
+            d.primary.contains("sha256 ") && d.primary != d.shadow,
+            "{d:?}"
+        );
     }
 }
