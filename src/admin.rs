@@ -135,8 +135,10 @@ impl Admin {
             .headers
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
+            // The scheme name is case-insensitive (RFC 9110 §11.1); the token is not.
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map_or("", |(_, t)| t);
         same(given.trim().as_bytes(), token.as_bytes())
     }
 

@@ -428,6 +428,22 @@ fn with_a_token_every_post_needs_it_and_reads_do_not() {
         "new",
         "a refused POST changed nothing"
     );
+    let as_is = |auth: &str| {
+        request(
+            "POST",
+            &proxy.admin_url("/routes/tours/rollback"),
+            &[("Authorization", auth)],
+            None,
+        )
+        .status
+    };
+    assert_eq!(as_is("Basic s3cret"), 401, "another scheme");
+    assert_eq!(as_is("bearer S3CRET"), 401, "the token is case-sensitive");
+    assert_eq!(
+        as_is("bearer s3cret"),
+        200,
+        "the scheme name is not (RFC 9110)"
+    );
     assert_eq!(post(&rollback, Some("s3cret")).status, 200);
     assert_eq!(served_by(&proxy, "/bookings/1"), "legacy");
     // Reads need no token.
