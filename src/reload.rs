@@ -27,6 +27,10 @@ use crate::state::State;
 
 /// Events closer together than this are one change (an editor writes, renames, chmods).
 const DEBOUNCE: Duration = Duration::from_millis(25);
+/// What the loop remembers of a config file it could not read: once, then reported.
+const MISSING_ONCE: &str = "missing once";
+const MISSING: &str = "missing";
+
 /// The fallback poll.
 const POLL: Duration = Duration::from_secs(1);
 
@@ -188,7 +192,18 @@ impl BackgroundService for Reloader {
                     );
                 }
                 let Some(on_disk) = file_digest(&config) else {
-                    return (None, None);
+                    // Gone or unreadable. Seen twice in a row (a poll apart, so not an editor's
+                    // delete-then-write), it is reported once: the reload fails to read it,
+                    // logs why, counts the error and clears `strangler_config_valid`.
+                    return match tried.as_deref() {
+                        Some(MISSING) => (Some(MISSING.to_string()), None),
+                        Some(MISSING_ONCE) => {
+                            let _ = state.reload("file changed");
+                            let cost = thread_cpu_time().saturating_sub(t0);
+                            (Some(MISSING.to_string()), Some(cost))
+                        }
+                        _ => (Some(MISSING_ONCE.to_string()), None),
+                    };
                 };
                 let mut cost = None;
                 if on_disk == state.snapshot().table.sha256 {

@@ -457,6 +457,29 @@ fn a_saved_edit_serves_within_a_second_and_a_bad_one_changes_nothing() {
         served_by(&proxy, "/bookings") == "legacy"
     });
     assert_eq!(proxy.metric("strangler_config_valid"), 1.0);
+
+    // A deleted file is reported once (the table in force keeps serving), and its return noticed.
+    let errors = || proxy.metric("strangler_config_reloads_total{result=\"error\"}");
+    let before = errors();
+    let kept = std::fs::read(&proxy.config).unwrap();
+    std::fs::remove_file(&proxy.config).unwrap();
+    wait_for(
+        "the deletion to be reported",
+        Duration::from_secs(4),
+        || errors() > before,
+    );
+    assert_eq!(proxy.metric("strangler_config_valid"), 0.0);
+    assert_eq!(served_by(&proxy, "/bookings"), "legacy");
+    assert!(
+        proxy.log_text().contains("cannot read"),
+        "{}",
+        proxy.log_text()
+    );
+    std::fs::write(&proxy.config, kept).unwrap();
+    wait_for("the file's return", Duration::from_secs(3), || {
+        proxy.metric("strangler_config_valid") == 1.0
+    });
+    assert_eq!(errors(), before + 1.0, "reported once");
 }
 
 #[test]
