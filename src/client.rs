@@ -231,6 +231,21 @@ fn route_table(v: &Value) -> String {
             traffic.join(", ")
         ));
     }
+    // The totals, as `check` and the reload log print them (the `default` pseudo-route, the
+    // one without a path, is not a route of the file).
+    let states: Vec<&str> = routes
+        .iter()
+        .filter(|r| !r["path"].is_null())
+        .filter_map(|r| r["state"].as_str())
+        .collect();
+    let parts: Vec<String> = crate::router::RouteState::ALL
+        .iter()
+        .map(|s| {
+            let n = states.iter().filter(|x| **x == s.as_str()).count();
+            format!("{n} {}", s.as_str())
+        })
+        .collect();
+    lines.push(format!("{} routes: {}", states.len(), parts.join(", ")));
     lines.join("\n")
 }
 

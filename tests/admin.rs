@@ -491,6 +491,10 @@ fn the_cli_lists_rolls_back_and_resumes_on_every_replica() {
     let (code, out, err) = strangler(&["routes", "--admin", &a1]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("bookings") && out.contains("tours"), "{out}");
+    assert!(
+        out.contains("2 routes: 2 new, 0 canary, 0 shadow, 0 legacy, 0 rolled_back"),
+        "the totals:\n{out}"
+    );
 
     let (code, out, err) = strangler(&["rollback", "bookings", "--admin", &a1]);
     assert_eq!(code, 0, "{err}");
