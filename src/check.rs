@@ -320,7 +320,8 @@ pub fn explain(a: &ExplainArgs) -> ExitCode {
             let why = if pins.contains_key(&*r.name) {
                 "pinned to default".to_string()
             } else if keyless {
-                format!("split {percent}%: no sticky key, so a random pick per request (this one)")
+                let side = if d.to_target { "`to`" } else { "default" };
+                format!("split {percent}%: no sticky key, so each request is a random pick (this one: {side})")
             } else if d.to_target {
                 "the route's `to`".to_string()
             } else {

@@ -257,8 +257,8 @@ fn other_schema_errors(file: &str, text: &str) -> Vec<ConfigError> {
     };
     let map = SourceMap::new(text);
     let mut out = Vec::new();
-    // One part, re-serialised and parsed alone, so that serde names the field at fault.
-    // Every error of one part: after each, the key at fault is taken out and the part read again.
+    // Every error of one part: the part is re-serialised and parsed alone (so that serde names
+    // the field at fault), then the key at fault is taken out and the part read again.
     let check = |value: &Value, path: &str, shown: &str, part: Part| -> Vec<ConfigError> {
         let mut value = value.clone();
         let mut found = Vec::new();
@@ -328,9 +328,7 @@ fn other_schema_errors(file: &str, text: &str) -> Vec<ConfigError> {
                 }
             }
             "default" => out.extend(check(value, "default", "default", Part::Default)),
-            "trusted_proxies" => {
-                out.extend(check(value, key, key, Part::Proxies));
-            }
+            "trusted_proxies" => out.extend(check(value, key, key, Part::Proxies)),
             other => out.push(ConfigError {
                 file: file.to_string(),
                 pos: map.key_pos(other),
@@ -353,7 +351,7 @@ enum Part {
 }
 
 /// serde_yaml writes `PATH: MESSAGE` when the error is below the top of what it parsed; serde's
-/// own messages start with one of these.
+/// own messages (and `unique_names`'s) start with one of these.
 fn split_serde_path(msg: &str) -> (Option<&str>, &str) {
     const OWN: [&str; 8] = [
         "unknown field",
