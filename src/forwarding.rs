@@ -51,6 +51,26 @@ pub fn header_list<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<Cow<
     Some(joined.map_or(Cow::Borrowed(first), Cow::Owned))
 }
 
+/// The headers a message's `Connection` names as hop-by-hop (RFC 9110 §7.6.1), to be removed
+/// before it is forwarded. The usual `keep-alive` / `close` tokens name no header to look for,
+/// and the framing headers are never taken this way (Pingora frames the message itself).
+pub fn connection_nominated(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .filter(|n| {
+            n != http::header::CONNECTION
+                && n != http::header::CONTENT_LENGTH
+                && n != http::header::TRANSFER_ENCODING
+        })
+        .collect()
+}
+
 /// `X-Forwarded-For` with the peer appended to what the client sent.
 pub fn forwarded_for(existing: Option<&str>, peer: IpAddr) -> HeaderValue {
     let mut out = String::with_capacity(existing.map_or(0, str::len) + 2 + 39);

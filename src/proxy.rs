@@ -449,25 +449,7 @@ impl ProxyHttp for Strangler {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         if resp.status != http::StatusCode::SWITCHING_PROTOCOLS {
-            let nominated: Vec<HeaderName> = resp
-                .headers
-                .get_all(header::CONNECTION)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .map(str::trim)
-                // The usual `Connection: keep-alive` / `close` name no header to look for
-                // (Keep-Alive itself is removed below).
-                .filter(|t| {
-                    !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close")
-                })
-                .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-                .filter(|n| {
-                    n != header::CONNECTION
-                        && n != header::CONTENT_LENGTH
-                        && n != header::TRANSFER_ENCODING
-                })
-                .collect();
+            let nominated = forwarding::connection_nominated(&resp.headers);
             for n in nominated {
                 resp.remove_header(&n);
             }

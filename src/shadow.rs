@@ -163,14 +163,7 @@ pub fn tap(
         RequestHeader::build(req.method.clone(), b"/", Some(req.headers.len() + 5)).ok()?;
     let target = upstream_path(Some(route), false, backend, path);
     up.set_raw_path(target.as_bytes()).ok()?;
-    let nominated: Vec<HeaderName> = req
-        .headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
+    let nominated = forwarding::connection_nominated(&req.headers);
     for (name, value) in req.headers.iter() {
         if !NOT_COPIED.contains(name) && !nominated.contains(name) {
             up.append_header(name.clone(), value.clone()).ok()?;
