@@ -35,6 +35,19 @@ pub fn request_id(client: Option<&HeaderValue>) -> HeaderValue {
     }
 }
 
+/// `X-Forwarded-For`, to read what the client sent.
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
+// Header names as written on the wire, for the primary request and the shadow copy alike.
+// Pingora keeps each header's case beside the map; a `&'static str` name costs it one copy less
+// than a `HeaderName` (which it re-titles and copies).
+pub const WIRE_REQUEST_ID: &str = "X-Request-Id";
+pub const WIRE_FORWARDED_FOR: &str = "X-Forwarded-For";
+pub const WIRE_FORWARDED_PROTO: &str = "X-Forwarded-Proto";
+pub const WIRE_FORWARDED_HOST: &str = "X-Forwarded-Host";
+/// The `X-Forwarded-Proto` value: the proxy's listeners speak plain HTTP.
+pub static PROTO_HTTP: HeaderValue = HeaderValue::from_static("http");
+
 /// Every line of a list-valued header as one comma-separated list (RFC 9110 §5.3: repeated
 /// lines are one list, in order); `None` when absent or not visible ASCII. One line, the usual
 /// case, is borrowed.

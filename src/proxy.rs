@@ -32,21 +32,19 @@ use crate::shadow::{self, ShadowTap};
 use crate::split;
 use crate::state::{LiveTable, RouteControl, State};
 
+use crate::forwarding::{
+    PROTO_HTTP, WIRE_FORWARDED_FOR, WIRE_FORWARDED_HOST, WIRE_FORWARDED_PROTO, WIRE_REQUEST_ID,
+    X_FORWARDED_FOR,
+};
+
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static ACRM: HeaderName = HeaderName::from_static("access-control-request-method");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-// Header names as written on the wire. Pingora keeps each header's case beside the map; a
-// `&'static str` name costs it one copy less than a `HeaderName` (which it re-titles and copies).
-const WIRE_REQUEST_ID: &str = "X-Request-Id";
+// The response's own header names, as written on the wire (see `forwarding::WIRE_REQUEST_ID`).
 const WIRE_STRANGLER_ROUTE: &str = "X-Strangler-Route";
 const WIRE_STRANGLER_BACKEND: &str = "X-Strangler-Backend";
-const WIRE_FORWARDED_FOR: &str = "X-Forwarded-For";
-const WIRE_FORWARDED_PROTO: &str = "X-Forwarded-Proto";
-const WIRE_FORWARDED_HOST: &str = "X-Forwarded-Host";
-static HTTP: HeaderValue = HeaderValue::from_static("http");
 
 /// Request size limits enforced before routing (the backend is never contacted past them).
 #[derive(Debug, Clone, Copy)]
@@ -432,7 +430,7 @@ impl ProxyHttp for Strangler {
             let xff = forwarding::forwarded_for(existing.as_deref(), peer);
             up.insert_header(WIRE_FORWARDED_FOR, xff)?;
         }
-        up.insert_header(WIRE_FORWARDED_PROTO, HTTP.clone())?;
+        up.insert_header(WIRE_FORWARDED_PROTO, PROTO_HTTP.clone())?;
         if let Some(h) = &ctx.client_host {
             up.insert_header(WIRE_FORWARDED_HOST, h.clone())?;
         }

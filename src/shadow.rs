@@ -49,7 +49,6 @@ static NOT_COPIED: [HeaderName; 9] = [
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
 ];
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// What was seen of one side's response.
 pub struct Capture {
@@ -173,19 +172,20 @@ pub fn tap(
         up.insert_header(header::HOST, h.as_str()).ok()?;
     }
     if let Some(ip) = client.ip {
-        let existing = forwarding::header_list(&req.headers, &X_FORWARDED_FOR);
-        up.insert_header(
-            "X-Forwarded-For",
-            forwarding::forwarded_for(existing.as_deref(), ip),
-        )
-        .ok()?;
+        let existing = forwarding::header_list(&req.headers, &forwarding::X_FORWARDED_FOR);
+        let xff = forwarding::forwarded_for(existing.as_deref(), ip);
+        up.insert_header(forwarding::WIRE_FORWARDED_FOR, xff).ok()?;
     }
-    up.insert_header("X-Forwarded-Proto", "http").ok()?;
+    up.insert_header(
+        forwarding::WIRE_FORWARDED_PROTO,
+        forwarding::PROTO_HTTP.clone(),
+    )
+    .ok()?;
     if let Some(h) = client.host {
-        up.insert_header("X-Forwarded-Host", h).ok()?;
+        up.insert_header(forwarding::WIRE_FORWARDED_HOST, h).ok()?;
     }
     up.insert_header(X_STRANGLER_SHADOW.clone(), "1").ok()?;
-    up.insert_header(HeaderName::from_static("x-request-id"), request_id)
+    up.insert_header(forwarding::WIRE_REQUEST_ID, request_id)
         .ok()?;
 
     let mut peer = HttpPeer::new(addr, backend.tls, backend.sni.clone());
