@@ -35,6 +35,42 @@ pub fn request_id(client: Option<&HeaderValue>) -> HeaderValue {
     }
 }
 
+/// Whether a `Host` value is one the proxy may repeat (in `X-Forwarded-Host`, in a rewritten
+/// `Location`): empty (RFC 9112 §3.2 allows it when the target has no authority), or
+/// `host[:port]` — a name, an IPv4 address or a bracketed IPv6 literal, an optional decimal
+/// port, no user information. Anything else (`evil.example/phish?`, `a@b`) is answered 400,
+/// as RFC 9112 §3.2 asks of "a Host header field with an invalid field value".
+pub fn host_value_ok(value: &[u8]) -> bool {
+    if value.is_empty() {
+        return true;
+    }
+    if value.contains(&b'@') {
+        return false;
+    }
+    let Ok(authority) = http::uri::Authority::try_from(value) else {
+        return false;
+    };
+    let host = authority.host();
+    let host_ok = if let Some(literal) = host.strip_prefix('[') {
+        literal
+            .strip_suffix(']')
+            .is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok())
+    } else {
+        !host.is_empty()
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+    };
+    // `Authority` takes `h:` (an empty port) and a port of any length; neither is a port.
+    let port_ok = match value.iter().rposition(|&b| b == b':') {
+        Some(i) if !host.starts_with('[') || value[..i].ends_with(b"]") => {
+            authority.port_u16().is_some() && value.len() - i - 1 <= 5
+        }
+        _ => true,
+    };
+    host_ok && port_ok
+}
+
 /// `X-Forwarded-For`, to read what the client sent.
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
@@ -221,6 +257,39 @@ mod tests {
         let yaml = format!("backends:\n  b: {{url: '{url}'}}\ndefault: b\n");
         let (f, s) = parse("t", &yaml).unwrap();
         RoutingTable::build(f, &s).unwrap().backends[0].clone()
+    }
+
+    #[test]
+    fn host_values() {
+        for ok in [
+            "",
+            "api.example.com",
+            "api.example.com:8080",
+            "127.0.0.1:80",
+            "[::1]",
+            "[::1]:8443",
+            "under_score.local",
+            "xn--caf-dma.example",
+        ] {
+            assert!(host_value_ok(ok.as_bytes()), "{ok:?} refused");
+        }
+        for bad in [
+            "evil.example/phish?",
+            "user@api.example.com",
+            "api.example.com:",
+            "api.example.com:http",
+            "api.example.com:123456",
+            "api.example.com:99999",
+            "[::1",
+            "[not-ip]:80",
+            "a b",
+            "a\\b",
+            "host?x",
+            "host#x",
+            ":80",
+        ] {
+            assert!(!host_value_ok(bad.as_bytes()), "{bad:?} accepted");
+        }
     }
 
     #[test]

@@ -126,6 +126,10 @@ pub struct RequestCtx {
     upstream_error: Option<UpstreamErrorKind>,
     /// Status of a response the proxy wrote itself.
     proxy_status: Option<u16>,
+    /// The whole response has been handed to the client's connection (its last body chunk,
+    /// or a header that ends it). A client that goes away after this is not a 499: it may
+    /// simply stop sending a body the backend already answered without reading.
+    response_done: bool,
     /// The client's Host, for Location rewriting and X-Forwarded-Host.
     client_host: Option<HeaderValue>,
     _in_flight: Option<InFlight>,
@@ -212,6 +216,18 @@ impl Strangler {
     }
 }
 
+/// Whether a response is over once its header is out: no body can follow (HEAD, 204, 304, an
+/// empty `Content-Length`), or the connection now belongs to the upgraded protocol (101).
+fn header_ends_response(req: &RequestHeader, resp: &ResponseHeader) -> bool {
+    let status = resp.status.as_u16();
+    req.method == http::Method::HEAD
+        || matches!(status, 101 | 204 | 304)
+        || resp
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() == b"0")
+}
+
 fn peer_ip(session: &Session) -> Option<IpAddr> {
     session
         .client_addr()
@@ -223,7 +239,7 @@ fn peer_ip(session: &Session) -> Option<IpAddr> {
 fn host_ok(req: &RequestHeader) -> bool {
     let mut hosts = req.headers.get_all(header::HOST).iter();
     match (hosts.next(), hosts.next()) {
-        (Some(_), None) => true,
+        (Some(h), None) => forwarding::host_value_ok(h.as_bytes()),
         (None, None) => req.version != http::Version::HTTP_11,
         _ => false,
     }
@@ -246,6 +262,7 @@ impl ProxyHttp for Strangler {
             to_target: false,
             failed_over: false,
             judged: false,
+            response_done: false,
             upstream_error: None,
             proxy_status: None,
             client_host: None,
@@ -283,7 +300,11 @@ impl ProxyHttp for Strangler {
         let req = session.req_header();
         ctx.method = metrics::method_label(&req.method);
         ctx.request_id = forwarding::request_id(req.headers.get(&X_REQUEST_ID));
-        ctx.client_host = req.headers.get(header::HOST).cloned();
+        ctx.client_host = req
+            .headers
+            .get(header::HOST)
+            .filter(|h| !h.is_empty())
+            .cloned();
         ctx.live = Some(live.clone());
 
         let raw = req.raw_path();
@@ -328,7 +349,7 @@ impl ProxyHttp for Strangler {
                 session,
                 ctx,
                 errors::BAD_REQUEST,
-                Some("exactly one Host header is required"),
+                Some("exactly one Host header, host[:port], is required"),
             )
             .await?;
             return Ok(true);
@@ -425,6 +446,9 @@ impl ProxyHttp for Strangler {
         if let Some(h) = &backend.host_header {
             up.insert_header(header::HOST, h.as_str())?;
         }
+        // Only the proxy's shadow copies carry it: a client's would pass a real request off as
+        // a shadow copy to a service that skips side effects for those.
+        up.remove_header(&shadow::X_STRANGLER_SHADOW);
         if let Some(peer) = peer_ip(session) {
             let existing = forwarding::header_list(&up.headers, &X_FORWARDED_FOR);
             let xff = forwarding::forwarded_for(existing.as_deref(), peer);
@@ -442,7 +466,7 @@ impl ProxyHttp for Strangler {
     /// that would leak the backend's address, and drops hop-by-hop headers.
     async fn upstream_response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
@@ -453,6 +477,10 @@ impl ProxyHttp for Strangler {
             }
             resp.remove_header(&KEEP_ALIVE);
             resp.remove_header(&PROXY_CONNECTION);
+            // Hop-by-hop too: an `Upgrade` offer outside a 101 is this hop's business, and a
+            // proxy's authentication challenge is meant for the next client of the chain only.
+            resp.remove_header(&header::UPGRADE);
+            resp.remove_header(&header::PROXY_AUTHENTICATE);
         }
         let (Some(live), Some(b)) = (&ctx.live, ctx.backend) else {
             return Ok(());
@@ -463,11 +491,18 @@ impl ProxyHttp for Strangler {
             .get(header::LOCATION)
             .and_then(|v| v.to_str().ok())
         {
-            let host = ctx
-                .client_host
-                .as_ref()
-                .and_then(|h| h.to_str().ok())
-                .unwrap_or("localhost");
+            // Without a Host (HTTP/1.0, or an empty one), the address the client connected to.
+            let local;
+            let host = match ctx.client_host.as_ref().and_then(|h| h.to_str().ok()) {
+                Some(h) => h,
+                None => {
+                    local = session
+                        .server_addr()
+                        .and_then(|a| a.as_inet())
+                        .map_or_else(|| "localhost".to_string(), |a| a.to_string());
+                    &local
+                }
+            };
             // The answering backend first; then any other backend of the table, so that a
             // redirect from one service to another's internal address does not leak it either.
             let rewritten = std::iter::once(backend)
@@ -522,13 +557,14 @@ impl ProxyHttp for Strangler {
     /// and X-Strangler-Backend.
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         if resp.status.as_u16() >= 200 {
             self.judge_target(ctx, resp.status.as_u16() >= 500);
         }
+        ctx.response_done = header_ends_response(session.req_header(), resp);
         self.stamp(resp, ctx)
     }
 
@@ -544,6 +580,7 @@ impl ProxyHttp for Strangler {
         if let Some(tap) = &mut ctx.shadow {
             tap.primary_chunk(body.as_ref(), end_of_stream);
         }
+        ctx.response_done |= end_of_stream;
         Ok(None)
     }
 
@@ -669,7 +706,7 @@ impl ProxyHttp for Strangler {
                         | ErrorType::WriteTimedout
                 )
         });
-        let code: u16 = if client_gone {
+        let code: u16 = if client_gone && !ctx.response_done {
             499
         } else if let Some(s) = ctx.proxy_status {
             s

@@ -35,7 +35,9 @@ static CLIENT: LazyLock<Connector> = LazyLock::new(|| Connector::new(None));
 pub fn warm_up() {
     LazyLock::force(&CLIENT);
 }
-static X_STRANGLER_SHADOW: HeaderName = HeaderName::from_static("x-strangler-shadow");
+
+/// Marks a shadow copy (SPEC §5); stripped from client requests so that only copies carry it.
+pub static X_STRANGLER_SHADOW: HeaderName = HeaderName::from_static("x-strangler-shadow");
 
 /// Hop-by-hop and framing headers never copied onto a shadow request.
 static NOT_COPIED: [HeaderName; 9] = [

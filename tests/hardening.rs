@@ -844,6 +844,59 @@ fn clients_that_abort_leave_no_upstream_connection_and_count_as_499() {
     );
 }
 
+#[test]
+fn a_client_that_leaves_after_a_complete_answer_is_counted_with_that_answer() {
+    // The backend refuses an upload at once (as an auth check or a size limit does), then
+    // discards what keeps coming; the client reads the whole 401 and stops sending. The
+    // client went away after the response was complete: that is a 401, not a 499.
+    let (baddr, lines) = raw_backend(|s, lines| {
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut w = s;
+        let mut first = String::new();
+        if r.read_line(&mut first).unwrap_or(0) == 0 {
+            return;
+        }
+        lines.lock().unwrap().push(first.trim_end().to_string());
+        loop {
+            let mut line = String::new();
+            if r.read_line(&mut line).unwrap_or(0) == 0 || line.trim_end().is_empty() {
+                break;
+            }
+        }
+        let _ = w.write_all(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 6\r\n\r\nnot ok");
+        let _ = std::io::copy(&mut r, &mut std::io::sink());
+    });
+    let proxy = Proxy::start(&one_backend(&format!("http://{baddr}")));
+    let mut s = TcpStream::connect(addr_of(&proxy)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n")
+        .unwrap();
+    s.write_all(&[b'a'; 65536]).unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !answer.ends_with(b"not ok") {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 401"), "{text}");
+    drop(s);
+    let answered =
+        "strangler_requests_total{route=\"default\",backend=\"legacy\",method=\"POST\",code=\"401\"}";
+    wait_for("the request to be counted", Duration::from_secs(5), || {
+        proxy.metric(answered) >= 1.0
+    });
+    assert_eq!(
+        proxy.metric(
+            "strangler_requests_total{route=\"default\",backend=\"legacy\",method=\"POST\",code=\"499\"}"
+        ),
+        0.0
+    );
+    assert_eq!(lines.lock().unwrap().len(), 1);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Metric cardinality
 // ---------------------------------------------------------------------------------------------

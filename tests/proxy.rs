@@ -277,6 +277,73 @@ fn forwarding_headers_and_rewrites() {
 }
 
 #[test]
+fn hop_by_hop_answers_a_forged_shadow_mark_and_invalid_hosts() {
+    let legacy = Backend::start(Arc::new(|s: &Seen| {
+        let mut r = json(
+            200,
+            serde_json::json!({"shadow": s.headers.get("x-strangler-shadow")}),
+        );
+        let h = r.headers_mut();
+        h.insert("upgrade", "h2c".parse().unwrap());
+        h.insert("proxy-authenticate", "Basic realm=x".parse().unwrap());
+        let port = s.headers.get("x-backend-port").cloned().unwrap_or_default();
+        h.insert(
+            "location",
+            format!("http://127.0.0.1:{port}/next").parse().unwrap(),
+        );
+        r
+    }));
+    let proxy = Proxy::start(&format!(
+        "backends:\n  legacy: {{url: '{}'}}\ndefault: legacy\n",
+        legacy.url()
+    ));
+    // Only the proxy's own copies are marked as shadow traffic.
+    let r = request(
+        "POST",
+        &proxy.url("/x"),
+        &[("X-Strangler-Shadow", "1")],
+        Some(b"{}"),
+    );
+    assert_eq!(r.status, 200);
+    assert!(r.json()["shadow"].is_null(), "{}", r.body);
+    // A 200 answer's Upgrade offer and proxy challenge belong to the backend's hop.
+    assert_eq!(r.header("upgrade"), "");
+    assert_eq!(r.header("proxy-authenticate"), "");
+
+    let addr = format!("127.0.0.1:{}", proxy.port);
+    let before = legacy.seen().len();
+    for host in ["evil.example/phish?", "h:99999", "h:", "[::1"] {
+        let answer = raw(
+            &addr,
+            format!("GET /x HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+        );
+        assert!(
+            answer.starts_with("HTTP/1.1 400"),
+            "Host {host:?}: {answer}"
+        );
+        assert!(
+            answer.contains("\"bad_request\""),
+            "Host {host:?}: {answer}"
+        );
+    }
+    assert_eq!(
+        legacy.seen().len(),
+        before,
+        "an invalid Host is sent nowhere"
+    );
+    // Without a Host (HTTP/1.0), a backend's Location becomes the address the client used.
+    let port = legacy.addr.port();
+    let answer = raw(
+        &addr,
+        format!("GET /x HTTP/1.0\r\nX-Backend-Port: {port}\r\n\r\n").as_bytes(),
+    );
+    assert!(
+        answer.contains(&format!("http://{addr}/next\r\n")),
+        "{answer}"
+    );
+}
+
+#[test]
 fn set_cookie_domain_of_the_backend_is_dropped() {
     let legacy = Backend::start(Arc::new(|_s: &Seen| {
         let mut r = full(200, "ok");
