@@ -6,13 +6,17 @@
 //! Label values are bounded by construction: `route` is a route name from the table or
 //! `default`, `backend` a backend name or `none`, `method` one of eight words, `code` a status.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::LazyLock;
 
+use prometheus::core::{Collector, MetricVec, MetricVecBuilder};
 use prometheus::{
     exponential_buckets, register_histogram, register_histogram_vec, register_int_counter,
     register_int_counter_vec, register_int_gauge, Histogram, HistogramVec, IntCounter,
     IntCounterVec, IntGauge,
 };
+
+use crate::router::RoutingTable;
 
 /// Latency buckets for an API proxy: 1 ms … ~33 s, doubling.
 fn latency_buckets() -> Vec<f64> {
@@ -145,7 +149,66 @@ impl RequestCounters {
     }
 }
 
-/// Forces registration of every metric, so `/metrics` lists them (with their HELP) from start-up.
+/// The `result` values of `strangler_shadow_total`.
+pub const SHADOW_RESULTS: [&str; 4] = ["match", "mismatch", "error", "skipped"];
+
+/// Zero series for the events each route's configuration makes possible: a manual rollback
+/// (every route), an automatic one (a route with `rollback`), a failover (a route with
+/// `failover`), the four shadow results (a shadowed route). So the first such event is a step
+/// from 0 that `increase()` and the alert rules see, not a series born at 1 — and a scrape of a
+/// fresh proxy lists these families. Existing series are left as they are (a lookup each).
+/// `strangler_upstream_errors_total` (route × backend × kind) and the request families (which
+/// depend on method and code) are born with their first event.
+pub fn prime(table: &RoutingTable) {
+    let default = &*table.backends[table.default].name;
+    for r in &table.routes {
+        ROLLBACKS.with_label_values(&[&*r.name, "manual"]);
+        if r.rollback.is_some() {
+            ROLLBACKS.with_label_values(&[&*r.name, "auto"]);
+        }
+        if r.failover && r.to != table.default {
+            FAILOVERS.with_label_values(&[&*r.name, &*table.backends[r.to].name, default]);
+        }
+        if let Some(s) = r.shadow {
+            for result in SHADOW_RESULTS {
+                SHADOW.with_label_values(&[&*r.name, &*table.backends[s].name, result]);
+            }
+        }
+    }
+}
+
+/// Deletes every series of the named routes (they have left the table), so `/metrics` does
+/// not keep reporting routes that no longer exist. A request still in flight on the old table
+/// finishes uncounted in them.
+pub fn forget(routes: &HashSet<&str>) {
+    if routes.is_empty() {
+        return;
+    }
+    forget_in(&REQUESTS, routes);
+    forget_in(&DURATION, routes);
+    forget_in(&UPSTREAM_ERRORS, routes);
+    forget_in(&SHADOW, routes);
+    forget_in(&ROLLBACKS, routes);
+    forget_in(&FAILOVERS, routes);
+}
+
+fn forget_in<T: MetricVecBuilder>(vec: &MetricVec<T>, routes: &HashSet<&str>) {
+    for family in vec.collect() {
+        for m in family.get_metric() {
+            let labels: HashMap<&str, &str> = m
+                .get_label()
+                .iter()
+                .map(|l| (l.name(), l.value()))
+                .collect();
+            if labels.get("route").is_some_and(|r| routes.contains(r)) {
+                let _ = vec.remove(&labels);
+            }
+        }
+    }
+}
+
+/// Forces registration of every metric. (A labelled family appears in `/metrics` with its
+/// first series: see [`prime`].)
 pub fn register_all() {
     LazyLock::force(&REQUESTS);
     LazyLock::force(&DURATION);

@@ -13,7 +13,7 @@
 //!       └ controls: name → Arc<RouteControl>  (pin, rollback window, shadow slots)
 //! ```
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicUsize};
 use std::sync::{Arc, OnceLock};
@@ -209,6 +209,7 @@ impl State {
         let saved = state_file.load();
         let mut controls = HashMap::new();
         let live = assemble(table, None, &mut controls);
+        metrics::prime(&live.table);
         let mut restored = 0;
         for r in &live.routes {
             if let Some(pin) = saved.get(&*r.control.name) {
@@ -336,10 +337,18 @@ impl State {
             ));
         }
         changes.sort_by(|a, b| a.0.cmp(&b.0));
-        // Pins of routes that left the file are lifted: the state file follows.
-        if changes.iter().any(|(_, _, after)| after.is_none()) {
+        let gone: HashSet<&str> = changes
+            .iter()
+            .filter(|(_, _, after)| after.is_none())
+            .map(|(name, _, _)| &**name)
+            .collect();
+        // Pins of routes that left the file are lifted: the state file follows. Their series
+        // leave `/metrics`; the table's routes have theirs.
+        if !gone.is_empty() {
             self.save_pins();
         }
+        metrics::forget(&gone);
+        metrics::prime(&live.table);
         for (name, before, after) in &changes {
             self.audit
                 .record(name, before.as_ref(), after.as_ref(), trigger, &sha);

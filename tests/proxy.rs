@@ -808,19 +808,56 @@ fn a_route_that_leaves_the_file_leaves_the_metrics_too() {
     let new = Backend::echo("new");
     let base = base_yaml(&legacy.url(), &new.url());
     let proxy = Proxy::start(&format!(
-        "{base}routes:\n  - {{name: gone, path: /gone, to: new, split: 40}}\n  - {{name: stays, path: /stays, to: new}}\n"
+        "{base}routes:\n  - {{name: gone, path: /gone, to: new, split: 40, failover: true, rollback: {{error_rate: 50%, min_requests: 5, window: 60s}}}}\n  - {{name: stays, path: /stays, to: new}}\n  - {{name: mirrored, path: /mirrored, to: legacy, shadow: new}}\n"
     ));
     assert_eq!(
         proxy.metric("strangler_route_state{route=\"gone\",state=\"canary\"}"),
         1.0
     );
+    // The events a route's settings make possible have a zero series from the start, so the
+    // first one is a step that `increase()` sees.
+    let (_, body) = get(&proxy.admin_url("/metrics"));
+    for series in [
+        "strangler_rollbacks_total{route=\"gone\",reason=\"auto\"}",
+        "strangler_rollbacks_total{route=\"gone\",reason=\"manual\"}",
+        "strangler_rollbacks_total{route=\"stays\",reason=\"manual\"}",
+        "strangler_failovers_total{route=\"gone\",from=\"new\",to=\"legacy\"}",
+        "strangler_shadow_total{route=\"mirrored\",backend=\"new\",result=\"match\"}",
+        "strangler_shadow_total{route=\"mirrored\",backend=\"new\",result=\"mismatch\"}",
+        "strangler_shadow_total{route=\"mirrored\",backend=\"new\",result=\"error\"}",
+        "strangler_shadow_total{route=\"mirrored\",backend=\"new\",result=\"skipped\"}",
+    ] {
+        assert_eq!(metric_value(&body, series), 0.0);
+        let (name, labels) = series.split_once('{').unwrap();
+        let present = body.lines().any(|l| {
+            l.starts_with(name)
+                && labels
+                    .trim_end_matches('}')
+                    .split(',')
+                    .all(|pair| l.contains(pair))
+        });
+        assert!(present, "{series} missing:\n{body}");
+    }
+    assert!(
+        !body.contains("strangler_rollbacks_total{reason=\"auto\",route=\"stays\"}"),
+        "no automatic rollback without `rollback`"
+    );
+    // Traffic gives `gone` request, latency and error series too.
+    for _ in 0..4 {
+        request("GET", &proxy.url("/gone/1"), &[], None);
+    }
+    wait_for("the requests to be counted", Duration::from_secs(3), || {
+        get(&proxy.admin_url("/metrics"))
+            .1
+            .contains("strangler_request_duration_seconds_count{backend=")
+    });
     assert_eq!(
         proxy.metric("strangler_route_split_percent{route=\"gone\",backend=\"new\"}"),
         40.0
     );
     // `stays` moves to legacy: its split series follow its backends.
     proxy.write_config(&format!(
-        "{base}routes:\n  - {{name: stays, path: /stays, to: legacy}}\n"
+        "{base}routes:\n  - {{name: stays, path: /stays, to: legacy}}\n  - {{name: mirrored, path: /mirrored, to: legacy, shadow: new}}\n"
     ));
     wait_for("the reload", Duration::from_secs(2), || {
         proxy.metric("strangler_route_state{route=\"stays\",state=\"legacy\"}") == 1.0
