@@ -66,6 +66,25 @@ pub fn check_admin_address(admin: &str, token: Option<&str>) -> Result<(), Strin
     Ok(())
 }
 
+/// Checks that `addr` (a `--listen`, `--admin` or demo address) is an address this process can
+/// listen on now, by binding it once and letting go. Pingora binds its listeners on its own
+/// threads later, where a bad address panics a thread and a taken port is retried forever while
+/// the admin API says healthy: refusing at start-up (exit 1, the reason) is what an operator
+/// and a supervisor can act on. Skipped for `--upgrade`, where the sockets come from the old
+/// process and are taken by design.
+fn check_bindable(what: &str, addr: &str) -> Result<(), String> {
+    let addrs: Vec<SocketAddr> = addr
+        .to_socket_addrs()
+        .map_err(|e| format!("{what} address {addr:?}: {e} (want HOST:PORT, e.g. 0.0.0.0:8080)"))?
+        .collect();
+    let first = addrs
+        .first()
+        .ok_or_else(|| format!("{what} address {addr:?} resolves to nothing"))?;
+    std::net::TcpListener::bind(first)
+        .map(drop)
+        .map_err(|e| format!("cannot listen on {addr} ({what}): {e}"))
+}
+
 /// SIGTERM and SIGINT drain; SIGQUIT hands over to an upgraded process.
 struct Signals;
 
@@ -116,6 +135,15 @@ impl BackgroundService for DrainWatcher {
 /// Runs the proxy until it is told to stop. Errors are start-up errors (exit 1).
 pub fn serve(opts: ServeOptions) -> Result<(), String> {
     check_admin_address(&opts.admin, opts.admin_token.as_deref())?;
+    if !opts.upgrade {
+        for addr in &opts.listen {
+            check_bindable("--listen", addr)?;
+        }
+        check_bindable("--admin", &opts.admin)?;
+        for (name, addr) in &opts.demo_services {
+            check_bindable(&format!("demo service {name}"), addr)?;
+        }
+    }
     let state_path = opts
         .state_file
         .clone()

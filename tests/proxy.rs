@@ -701,6 +701,51 @@ fn start_up_on_a_bad_file_exits_1_with_the_position() {
 }
 
 #[test]
+fn an_address_it_cannot_listen_on_is_a_start_up_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("routing.yaml");
+    std::fs::write(
+        &cfg,
+        "backends:\n  legacy: {url: 'http://127.0.0.1:1'}\ndefault: legacy\n",
+    )
+    .unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap().to_string();
+    let free = || format!("127.0.0.1:{}", free_port());
+    for (listen, admin, says) in [
+        (taken.clone(), free(), "cannot listen on"),
+        (free(), taken.clone(), "cannot listen on"),
+        ("bogus".to_string(), free(), "--listen address \"bogus\""),
+    ] {
+        let log = dir.path().join("stderr");
+        let mut child = std::process::Command::new(bin())
+            .args(["run", "--listen", &listen, "--admin", &admin, "-c"])
+            .arg(&cfg)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut status = None;
+        // Before the fix it never exited: bounded, so a regression fails instead of hanging.
+        let wait = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            wait_for("the process to exit", Duration::from_secs(10), || {
+                status = child.try_wait().unwrap();
+                status.is_some()
+            })
+        }));
+        let _ = child.kill();
+        let _ = child.wait();
+        let err = std::fs::read_to_string(&log).unwrap();
+        assert!(wait.is_ok(), "still running with {listen} {admin}: {err}");
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(1),
+            "{listen} {admin}: {err}"
+        );
+        assert!(err.contains(says), "{err}");
+    }
+}
+
+#[test]
 fn oversized_requests_are_414_and_431_and_sent_nowhere() {
     let legacy = Backend::echo("legacy");
     let proxy = Proxy::start_with(
