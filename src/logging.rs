@@ -31,17 +31,38 @@ pub fn init(format: LogFormat) {
         LogFormat::Json => {
             b.format(|buf, r| {
                 let ts = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-                let line = serde_json::json!({
-                    "ts": ts,
-                    "level": r.level().as_str(),
-                    "target": r.target(),
-                    "msg": r.args().to_string(),
-                });
+                let line = json_line(&ts, r.level().as_str(), r.target(), r.args().to_string());
                 writeln!(buf, "{line}")
             });
         }
     }
     let _ = b.try_init();
+}
+
+/// One JSON log line. An audit record is JSON already: its fields (`route`, `before`, `after`,
+/// `reason`, `config_sha256`) go to the top level beside `ts`, `level` and `target`, so a log
+/// pipeline reads them without parsing `msg` a second time.
+fn json_line(ts: &str, level: &str, target: &str, msg: String) -> serde_json::Value {
+    let mut line = serde_json::json!({ "ts": ts, "level": level, "target": target });
+    let obj = line.as_object_mut().expect("an object");
+    match serde_json::from_str::<serde_json::Value>(&msg) {
+        Ok(serde_json::Value::Object(fields)) if target == "audit" => {
+            let route = fields.get("route").and_then(|r| r.as_str()).unwrap_or("?");
+            obj.insert(
+                "msg".into(),
+                format!("route {route:?}: who serves it changed").into(),
+            );
+            for (k, v) in fields {
+                if k != "ts" {
+                    obj.insert(k, v);
+                }
+            }
+        }
+        _ => {
+            obj.insert("msg".into(), msg.into());
+        }
+    }
+    line
 }
 
 /// The message with its control characters escaped (`\n`, `\r`, `\t`, `\u{1b}`, …): one event
@@ -63,7 +84,22 @@ fn one_line(msg: String) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::one_line;
+    use super::{json_line, one_line};
+
+    #[test]
+    fn audit_records_are_top_level_fields_in_json_lines() {
+        let record = r#"{"ts":"t0","route":"bookings","before":null,"after":{"backend":"new"},"reason":"file changed","config_sha256":"ab"}"#;
+        let line = json_line("t1", "INFO", "audit", record.to_string());
+        assert_eq!(line["ts"], "t1");
+        assert_eq!(line["route"], "bookings");
+        assert_eq!(line["after"]["backend"], "new");
+        assert_eq!(line["reason"], "file changed");
+        assert_eq!(line["config_sha256"], "ab");
+        assert!(line["before"].is_null() && line.get("before").is_some());
+        // Other targets keep their message as it is, JSON-looking or not.
+        let other = json_line("t1", "INFO", "strangler::state", "{\"a\":1}".to_string());
+        assert_eq!(other["msg"], "{\"a\":1}");
+    }
 
     #[test]
     fn control_characters_are_escaped() {

@@ -57,7 +57,15 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("{e}");
+            // As they are (`FILE:LINE:COL: message`, one a line), or one JSON line each.
+            match cli.log_format {
+                logging::LogFormat::Text => eprintln!("{e}"),
+                logging::LogFormat::Json => {
+                    for line in e.lines() {
+                        log::error!(target: "strangler", "{line}");
+                    }
+                }
+            }
             ExitCode::from(1)
         }
     }

@@ -530,6 +530,37 @@ fn failover_retries_an_unreachable_backend_on_default() {
 // States and audit
 
 #[test]
+fn json_logs_carry_the_audit_record_as_fields() {
+    let legacy = Backend::echo("legacy");
+    let new = Backend::echo("new");
+    let yaml = format!(
+        "{}routes:\n  - {{name: plain, path: /plain, to: new}}\n",
+        base_yaml(&legacy.url(), &new.url())
+    );
+    let proxy = Proxy::start_with(&yaml, &["--log-format", "json"], &[]);
+    assert_eq!(post(&proxy.admin_url("/routes/plain/rollback")).status, 200);
+    let audit_line = || {
+        proxy.log_text().lines().find_map(|l| {
+            let v: Value = serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}"));
+            (v["target"] == "audit").then_some(v)
+        })
+    };
+    wait_for("the audit line", Duration::from_secs(3), || {
+        audit_line().is_some()
+    });
+    let v = audit_line().unwrap();
+    assert_eq!(v["route"], "plain", "{v}");
+    assert_eq!(v["before"]["state"], "new", "{v}");
+    assert_eq!(v["after"]["state"], "rolled_back", "{v}");
+    assert!(
+        v["reason"].as_str().is_some_and(|r| r.contains("manual")),
+        "{v}"
+    );
+    assert_eq!(v["config_sha256"], sha256_hex(yaml.as_bytes()), "{v}");
+}
+
+#[test]
 fn states_and_the_audit_trail_record_who_serves_what() {
     let legacy = Backend::echo("legacy");
     let new = Backend::echo("new");
