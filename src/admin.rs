@@ -75,8 +75,11 @@ fn per_backend(counts: &[(String, u64, u64)], pick: impl Fn(&(String, u64, u64))
     )
 }
 
-/// The `/routes` document.
-pub fn routes_json(live: &LiveTable) -> Value {
+/// The `/routes` document: the routes of the file, in file order. With `unmatched`, one more
+/// entry at the end for the `default` pseudo-route (the requests no route matched; `path`
+/// null) — what `strangler routes` shows as its last line, asked for with `?default=1` so that
+/// the plain document holds exactly the file's routes.
+pub fn routes_json(live: &LiveTable, unmatched: bool) -> Value {
     let t = &live.table;
     let default = &*t.backends[t.default].name;
     let mut out: Vec<Value> = t
@@ -105,6 +108,9 @@ pub fn routes_json(live: &LiveTable) -> Value {
             })
         })
         .collect();
+    if !unmatched {
+        return Value::Array(out);
+    }
     let counts = recent_counts(live, None);
     out.push(json!({
         "name": crate::router::DEFAULT_ROUTE,
@@ -142,63 +148,66 @@ impl Admin {
         same(given.trim().as_bytes(), token.as_bytes())
     }
 
-    fn handle(&self, method: &Method, path: &str, authorized: bool) -> Response<Vec<u8>> {
+    fn handle(
+        &self,
+        method: &Method,
+        path: &str,
+        query: &str,
+        authorized: bool,
+    ) -> Response<Vec<u8>> {
         let get = method == Method::GET || method == Method::HEAD;
-        match (get, path) {
-            (true, "/metrics") => respond(
+        let action = route_action(path);
+        let post_endpoint = matches!(path, "/rollback" | "/reload") || action.is_some();
+        if matches!(path, "/metrics" | "/healthz" | "/routes") {
+            if !get {
+                return not_allowed(method, "GET, HEAD");
+            }
+        } else if !post_endpoint {
+            return error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no endpoint {path}"),
+            );
+        } else if *method != Method::POST {
+            return not_allowed(method, "POST");
+        } else if !authorized {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "this admin API needs Authorization: Bearer $STRANGLER_ADMIN_TOKEN".into(),
+            );
+        }
+        match (path, action) {
+            ("/metrics", _) => respond(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
                 metrics::render(),
             ),
-            (true, "/healthz") => respond(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
-            (true, "/routes") => json_response(StatusCode::OK, routes_json(&self.state.snapshot())),
-            (true, _) => error(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("no endpoint {path}"),
-            ),
-            _ if *method != Method::POST => error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                format!("{method} is not allowed here"),
-            ),
-            _ if !authorized => error(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "this admin API needs Authorization: Bearer $STRANGLER_ADMIN_TOKEN".into(),
-            ),
-            (_, "/rollback") => {
+            ("/healthz", _) => respond(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
+            ("/routes", _) => {
+                let unmatched = query
+                    .split('&')
+                    .any(|p| p == "default=1" || p == "default=true");
+                json_response(
+                    StatusCode::OK,
+                    routes_json(&self.state.snapshot(), unmatched),
+                )
+            }
+            ("/rollback", _) => {
                 let n = self.state.pin_all("POST /rollback");
                 json_response(
                     StatusCode::OK,
-                    json!({"pinned": n, "routes": routes_json(&self.state.snapshot())}),
+                    json!({"pinned": n, "routes": routes_json(&self.state.snapshot(), false)}),
                 )
             }
-            (_, "/reload") => match self.state.reload("POST /reload") {
+            ("/reload", _) => match self.state.reload("POST /reload") {
                 Ok(()) => json_response(
                     StatusCode::OK,
                     json!({"reloaded": true, "sha256": self.state.snapshot().table.sha256}),
                 ),
                 Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_config", e),
             },
-            (_, p) => {
-                let Some(rest) = p.strip_prefix("/routes/") else {
-                    return error(
-                        StatusCode::NOT_FOUND,
-                        "not_found",
-                        format!("no endpoint {p}"),
-                    );
-                };
-                let (name, action) = match rest.rsplit_once('/') {
-                    Some((n, a @ ("rollback" | "resume"))) => (decode(n), a),
-                    _ => {
-                        return error(
-                            StatusCode::NOT_FOUND,
-                            "not_found",
-                            format!("no endpoint {p}"),
-                        )
-                    }
-                };
+            (_, Some((name, action))) => {
                 let result = if action == "rollback" {
                     self.state
                         .pin(&name, PinReason::Manual, "POST rollback (admin API)")
@@ -208,7 +217,7 @@ impl Admin {
                 match result {
                     Ok(changed) => {
                         let live = self.state.snapshot();
-                        let route = routes_json(&live)
+                        let route = routes_json(&live, false)
                             .as_array()
                             .and_then(|a| a.iter().find(|r| r["name"] == name.as_str()).cloned())
                             .unwrap_or(Value::Null);
@@ -221,8 +230,37 @@ impl Admin {
                     ),
                 }
             }
+            (p, None) => error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no endpoint {p}"),
+            ),
         }
     }
+}
+
+/// `/routes/NAME/rollback` or `/routes/NAME/resume`: the (decoded) route name and the action.
+fn route_action(path: &str) -> Option<(String, &'static str)> {
+    let (name, action) = path.strip_prefix("/routes/")?.rsplit_once('/')?;
+    let action = match action {
+        "rollback" => "rollback",
+        "resume" => "resume",
+        _ => return None,
+    };
+    Some((decode(name), action))
+}
+
+/// 405 with the `Allow` header (RFC 9110 §15.5.6).
+fn not_allowed(method: &Method, allow: &str) -> Response<Vec<u8>> {
+    let mut r = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{method} is not allowed here (allowed: {allow})"),
+    );
+    if let Ok(v) = http::HeaderValue::from_str(allow) {
+        r.headers_mut().insert(http::header::ALLOW, v);
+    }
+    r
 }
 
 #[async_trait]
@@ -230,6 +268,7 @@ impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_string();
+        let query = session.req_header().uri.query().unwrap_or("").to_string();
         let authorized = self.authorized(session);
         // The body of a POST is not used; read it so the connection stays usable.
         let _ = session.drain_request_body().await;
@@ -237,7 +276,7 @@ impl ServeHttp for Admin {
         let token = self.token.clone();
         // Pins and reloads write files: keep them off the async workers.
         tokio::task::spawn_blocking(move || {
-            Admin { state, token }.handle(&method, &path, authorized)
+            Admin { state, token }.handle(&method, &path, &query, authorized)
         })
         .await
         .unwrap_or_else(|e| {

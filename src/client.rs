@@ -251,7 +251,7 @@ fn route_table(v: &Value) -> String {
 
 /// `strangler routes`.
 pub fn routes(a: &ClientArgs) -> ExitCode {
-    fan_out(a, "GET", "/routes", route_table)
+    fan_out(a, "GET", "/routes?default=1", route_table)
 }
 
 /// `strangler rollback ROUTE` / `--all`.

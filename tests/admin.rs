@@ -362,6 +362,39 @@ fn a_manual_rollback_holds_across_reload_and_restart_until_resumed() {
         let r = post(&proxy.admin_url(&format!("/routes/nosuch/{action}")), None);
         assert_eq!(r.status, 404, "{action} of an unknown route: {}", r.body);
     }
+    // A known endpoint with the wrong method is 405 and says which one (RFC 9110); changes
+    // nothing.
+    for (method, path, allow) in [
+        ("GET", "/routes/bookings/rollback", "POST"),
+        ("GET", "/rollback", "POST"),
+        ("GET", "/reload", "POST"),
+        ("DELETE", "/routes/bookings/resume", "POST"),
+        ("POST", "/metrics", "GET, HEAD"),
+        ("PUT", "/routes", "GET, HEAD"),
+    ] {
+        let r = request(method, &proxy.admin_url(path), &[], None);
+        assert_eq!(
+            (r.status, r.header("allow")),
+            (405, allow),
+            "{method} {path}"
+        );
+    }
+    assert_eq!(route(&proxy, "bookings")["state"], "new");
+    assert_eq!(
+        request("GET", &proxy.admin_url("/nosuch"), &[], None).status,
+        404
+    );
+    // `/routes` holds exactly the file's routes; `?default=1` adds the unmatched requests.
+    let names = |path: &str| -> Vec<String> {
+        let (_, body) = get(&proxy.admin_url(path));
+        serde_json::from_str::<Vec<Value>>(&body)
+            .unwrap()
+            .iter()
+            .map(|r| r["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(names("/routes"), ["bookings", "tours"]);
+    assert_eq!(names("/routes?default=1"), ["bookings", "tours", "default"]);
 
     // POST /rollback pins every route.
     assert_eq!(post(&proxy.admin_url("/rollback"), None).status, 200);
