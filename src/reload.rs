@@ -128,7 +128,7 @@ impl BackgroundService for Reloader {
             }
         })
         .and_then(|mut w| w.watch(&dir, RecursiveMode::NonRecursive).map(|_| w));
-        let _watcher = match watcher {
+        let mut watcher = match watcher {
             Ok(w) => Some(w),
             Err(e) => {
                 log::warn!(
@@ -149,6 +149,12 @@ impl BackgroundService for Reloader {
         };
         let mut poll = tokio::time::interval(POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+        // A routing.yaml that is a symlink into another directory (not a ConfigMap's `..data`,
+        // which lives beside it) changes there: that directory is watched too, and followed
+        // when the link is pointed elsewhere.
+        let mut target_dir: Option<PathBuf> = None;
+        follow_link(&config, &dir, &mut watcher, &mut target_dir);
 
         let mut last_tried: Option<String> = None;
         // When the next automatic reload may start (see RELOAD_DUTY_WAIT).
@@ -221,9 +227,50 @@ impl BackgroundService for Reloader {
             .await
             .unwrap_or((None, None));
             last_tried = digest;
+            follow_link(
+                self.state.config_path(),
+                &dir,
+                &mut watcher,
+                &mut target_dir,
+            );
             if let Some(cost) = cost {
                 not_before = tokio::time::Instant::now() + cost.mul_f64(RELOAD_DUTY_WAIT);
             }
+        }
+    }
+}
+
+/// Watches the directory of the file `config` resolves to when that is not `dir` (already
+/// watched); `watched` remembers it, so a retargeted link moves the watch.
+fn follow_link(
+    config: &Path,
+    dir: &Path,
+    watcher: &mut Option<notify::RecommendedWatcher>,
+    watched: &mut Option<PathBuf>,
+) {
+    let Some(w) = watcher.as_mut() else {
+        return;
+    };
+    let target = std::fs::canonicalize(config)
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf));
+    let own = std::fs::canonicalize(dir).ok();
+    let wanted = target.filter(|t| Some(t) != own.as_ref());
+    if wanted == *watched {
+        return;
+    }
+    if let Some(old) = watched.take() {
+        let _ = w.unwatch(&old);
+    }
+    if let Some(t) = wanted {
+        match w.watch(&t, RecursiveMode::NonRecursive) {
+            Ok(()) => *watched = Some(t),
+            Err(e) => log::warn!(
+                "cannot watch {} (where {} points): {e}; the {}s poll covers it",
+                t.display(),
+                config.display(),
+                POLL.as_secs()
+            ),
         }
     }
 }

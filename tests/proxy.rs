@@ -643,6 +643,33 @@ fn a_configmap_symlink_swap_is_picked_up() {
 }
 
 #[test]
+fn a_symlink_into_another_directory_is_followed() {
+    let legacy = Backend::echo("legacy");
+    let new = Backend::echo("new");
+    let base = base_yaml(&legacy.url(), &new.url());
+    let yaml = |to: &str| format!("{base}routes:\n  - {{name: b, path: /bookings, to: {to}}}\n");
+    // /etc-like directory with routing.yaml -> /srv-like/real.yaml
+    let real_dir = tempfile::tempdir().unwrap();
+    let real = real_dir.path().join("real.yaml");
+    std::fs::write(&real, yaml("legacy")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(&real, dir.path().join("routing.yaml")).unwrap();
+    let proxy = Proxy::start_at(dir, "routing.yaml");
+    assert_eq!(served_by(&proxy, "/bookings"), "legacy");
+    // Edits where the file really is are seen by the watcher, not only by the 1 s poll.
+    for to in ["new", "legacy", "new"] {
+        let tmp = real_dir.path().join(".real.yaml.tmp");
+        std::fs::write(&tmp, yaml(to)).unwrap();
+        std::fs::rename(&tmp, &real).unwrap();
+        wait_for(
+            "the edit of the link's target",
+            Duration::from_millis(700),
+            || served_by(&proxy, "/bookings") == to,
+        );
+    }
+}
+
+#[test]
 fn sigterm_drains_and_exits_zero() {
     let slow = Backend::start(Arc::new(|_s: &Seen| {
         std::thread::sleep(Duration::from_millis(500));
