@@ -14,7 +14,7 @@ use crate::cli::{CheckArgs, ExplainArgs};
 use crate::config::{self, ConfigErrors};
 use crate::path;
 use crate::pins::{Pin, StateFile};
-use crate::router::{upstream_path, RoutingTable, DEFAULT_ROUTE};
+use crate::router::{upstream_path, RoutingTable, Sticky, DEFAULT_ROUTE};
 use crate::split;
 
 /// Reads and validates without resolving backends (so `check` works offline, e.g. in CI).
@@ -243,6 +243,28 @@ fn run_cases(table: &RoutingTable, file: &Path, pins: &BTreeMap<String, Pin>) ->
                 return Err(format!("route: want {}, got {route}", case.route));
             }
             if let Some(want) = &case.backend {
+                // Without its sticky key a split is a random pick per request: such a case
+                // would pass or fail by chance, which is no way to pin routing in CI.
+                let keyless = d.route.map(|i| &table.routes[i]).and_then(|r| {
+                    let s = r
+                        .split
+                        .as_ref()
+                        .filter(|s| s.percent > 0.0 && s.percent < 100.0)?;
+                    split::sticky_key(&s.sticky, &headers, Some(ip))
+                        .is_none()
+                        .then(|| (r, s))
+                });
+                if let Some((r, s)) = keyless {
+                    let key = match &s.sticky {
+                        Sticky::Ip => "the client's address".to_string(),
+                        Sticky::Header(h) => format!("header {h}"),
+                        Sticky::Cookie(c) => format!("cookie {c}"),
+                    };
+                    return Err(format!(
+                        "backend: a random pick per request: route {} splits {}% by {key} and the case sends none (add it under headers:)",
+                        r.name, s.percent
+                    ));
+                }
                 if want != backend {
                     return Err(format!("backend: want {want}, got {backend}"));
                 }

@@ -746,6 +746,34 @@ fn golden_cases_pin_the_routing_in_ci_and_explain_shows_the_upstream_request() {
     );
     assert!(out.contains("1 passed, 1 failed"), "{out}");
 
+    // A case on a partial split without its sticky key would pass or fail by chance: it fails,
+    // saying why, every time.
+    let canary = write(
+        dir.path(),
+        "canary.yaml",
+        &format!(
+            "{BACKENDS}routes:\n  - {{name: tours, path: /tours, to: new, split: 50, sticky: 'header:X-Client-Id'}}\n"
+        ),
+    );
+    let keyless = write(
+        dir.path(),
+        "keyless.yaml",
+        "- {request: GET /tours/1, route: tours, backend: legacy}\n\
+         - {request: GET /tours/1, route: tours}\n",
+    );
+    for _ in 0..5 {
+        let (code, out, err) = strangler(&["check", "-c", &canary, "--cases", &keyless]);
+        assert_eq!(code, 1, "{out}{err}");
+        assert!(
+            out.contains("a random pick per request") && out.contains("header x-client-id"),
+            "{out}"
+        );
+        assert!(
+            out.contains("1 passed, 1 failed"),
+            "the route alone is pinned:\n{out}"
+        );
+    }
+
     let (code, out, err) = strangler(&["explain", "-c", &cfg, "GET", "/bookings/42"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("bookings"), "the route:\n{out}");
