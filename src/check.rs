@@ -252,7 +252,7 @@ fn run_cases(table: &RoutingTable, file: &Path, pins: &BTreeMap<String, Pin>) ->
                         .filter(|s| s.percent > 0.0 && s.percent < 100.0)?;
                     split::sticky_key(&s.sticky, &headers, Some(ip))
                         .is_none()
-                        .then(|| (r, s))
+                        .then_some((r, s))
                 });
                 if let Some((r, s)) = keyless {
                     let key = match &s.sticky {

@@ -663,7 +663,7 @@ fn a_symlink_into_another_directory_is_followed() {
         std::fs::rename(&tmp, &real).unwrap();
         wait_for(
             "the edit of the link's target",
-            Duration::from_millis(700),
+            Duration::from_millis(900),
             || served_by(&proxy, "/bookings") == to,
         );
     }
