@@ -45,8 +45,11 @@ pub fn init(format: LogFormat) {
 fn json_line(ts: &str, level: &str, target: &str, msg: String) -> serde_json::Value {
     let mut line = serde_json::json!({ "ts": ts, "level": level, "target": target });
     let obj = line.as_object_mut().expect("an object");
-    match serde_json::from_str::<serde_json::Value>(&msg) {
-        Ok(serde_json::Value::Object(fields)) if target == "audit" => {
+    let record = (target == "audit")
+        .then(|| serde_json::from_str::<serde_json::Value>(&msg).ok())
+        .flatten();
+    match record {
+        Some(serde_json::Value::Object(fields)) => {
             let route = fields.get("route").and_then(|r| r.as_str()).unwrap_or("?");
             obj.insert(
                 "msg".into(),
