@@ -61,12 +61,12 @@ pub fn host_value_ok(value: &[u8]) -> bool {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
     };
-    // `Authority` takes `h:` (an empty port) and a port of any length; neither is a port.
-    let port_ok = match value.iter().rposition(|&b| b == b':') {
-        Some(i) if !host.starts_with('[') || value[..i].ends_with(b"]") => {
-            authority.port_u16().is_some() && value.len() - i - 1 <= 5
-        }
-        _ => true,
+    // What follows the host is nothing or `:PORT`. `Authority` also takes `h:` (an empty
+    // port) and digits past 65535 (it only reports no port then); neither is a port.
+    let port_ok = match &value[host.len()..] {
+        [] => true,
+        [b':', digits @ ..] => digits.len() <= 5 && authority.port_u16().is_some(),
+        _ => false,
     };
     host_ok && port_ok
 }
