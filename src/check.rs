@@ -14,7 +14,7 @@ use crate::cli::{CheckArgs, ExplainArgs};
 use crate::config::{self, ConfigErrors};
 use crate::path;
 use crate::pins::{Pin, StateFile};
-use crate::router::{upstream_path, RoutingTable, Sticky, DEFAULT_ROUTE};
+use crate::router::{upstream_path, RoutingTable, DEFAULT_ROUTE};
 use crate::split;
 
 /// Reads and validates without resolving backends (so `check` works offline, e.g. in CI).
@@ -255,14 +255,9 @@ fn run_cases(table: &RoutingTable, file: &Path, pins: &BTreeMap<String, Pin>) ->
                         .then_some((r, s))
                 });
                 if let Some((r, s)) = keyless {
-                    let key = match &s.sticky {
-                        Sticky::Ip => "the client's address".to_string(),
-                        Sticky::Header(h) => format!("header {h}"),
-                        Sticky::Cookie(c) => format!("cookie {c}"),
-                    };
                     return Err(format!(
-                        "backend: a random pick per request: route {} splits {}% by {key} and the case sends none (add it under headers:)",
-                        r.name, s.percent
+                        "backend: a random pick per request: route {} splits {}% by sticky {} and the case sends no such key (add it under headers:)",
+                        r.name, s.percent, s.sticky
                     ));
                 }
                 if want != backend {

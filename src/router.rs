@@ -58,6 +58,17 @@ pub enum Sticky {
     Cookie(String),
 }
 
+/// As written in routing.yaml (`ip`, `header:NAME`, `cookie:NAME`; header names lower-cased).
+impl std::fmt::Display for Sticky {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Sticky::Ip => f.write_str("ip"),
+            Sticky::Header(h) => write!(f, "header:{h}"),
+            Sticky::Cookie(c) => write!(f, "cookie:{c}"),
+        }
+    }
+}
+
 /// `split` on a route.
 #[derive(Debug, Clone)]
 pub struct Split {
@@ -725,6 +736,17 @@ mod tests {
     use super::*;
     use crate::config::parse;
     use crate::path::normalize;
+
+    #[test]
+    fn sticky_reads_back_as_written() {
+        for text in ["ip", "header:x-client-id", "cookie:sid"] {
+            assert_eq!(parse_sticky(text).unwrap().to_string(), text);
+        }
+        assert_eq!(
+            parse_sticky("header:X-Client-Id").unwrap().to_string(),
+            "header:x-client-id"
+        );
+    }
 
     fn table(yaml: &str) -> RoutingTable {
         let (f, s) = parse("t.yaml", yaml).unwrap();

@@ -765,7 +765,7 @@ fn golden_cases_pin_the_routing_in_ci_and_explain_shows_the_upstream_request() {
         let (code, out, err) = strangler(&["check", "-c", &canary, "--cases", &keyless]);
         assert_eq!(code, 1, "{out}{err}");
         assert!(
-            out.contains("a random pick per request") && out.contains("header x-client-id"),
+            out.contains("a random pick per request") && out.contains("sticky header:x-client-id"),
             "{out}"
         );
         assert!(
