@@ -44,28 +44,39 @@ pub fn host_value_ok(value: &[u8]) -> bool {
     if value.is_empty() {
         return true;
     }
-    if value.contains(&b'@') {
-        return false;
-    }
-    let Ok(authority) = http::uri::Authority::try_from(value) else {
-        return false;
+    // Read in place: a parse through `http::uri::Authority` copies the value first, and this
+    // runs on every request.
+    let (host_ok, rest) = match value.strip_prefix(b"[") {
+        Some(v6) => match v6.iter().position(|&b| b == b']') {
+            Some(end) => (
+                std::str::from_utf8(&v6[..end])
+                    .is_ok_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok()),
+                &v6[end + 1..],
+            ),
+            None => return false,
+        },
+        None => {
+            let end = value.iter().position(|&b| b == b':').unwrap_or(value.len());
+            let host = &value[..end];
+            let name_ok = !host.is_empty()
+                && host
+                    .iter()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+            (name_ok, &value[end..])
+        }
     };
-    let host = authority.host();
-    let host_ok = if let Some(literal) = host.strip_prefix('[') {
-        literal
-            .strip_suffix(']')
-            .is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok())
-    } else {
-        !host.is_empty()
-            && host
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
-    };
-    // What follows the host is nothing or `:PORT`. `Authority` also takes `h:` (an empty
-    // port) and digits past 65535 (it only reports no port then); neither is a port.
-    let port_ok = match &value[host.len()..] {
+    // What follows the host is nothing or `:PORT`, 1 to 5 digits up to 65535 (`h:` has an
+    // empty port, which is no port).
+    let port_ok = match rest {
         [] => true,
-        [b':', digits @ ..] => digits.len() <= 5 && authority.port_u16().is_some(),
+        [b':', digits @ ..] => {
+            (1..=5).contains(&digits.len())
+                && digits.iter().all(u8::is_ascii_digit)
+                && digits
+                    .iter()
+                    .fold(0u32, |n, d| n * 10 + u32::from(d - b'0'))
+                    <= 65535
+        }
         _ => false,
     };
     host_ok && port_ok
@@ -268,6 +279,8 @@ mod tests {
             "127.0.0.1:80",
             "[::1]",
             "[::1]:8443",
+            "api.example.com:65535",
+            "h:0",
             "under_score.local",
             "xn--caf-dma.example",
         ] {
@@ -280,6 +293,12 @@ mod tests {
             "api.example.com:http",
             "api.example.com:123456",
             "api.example.com:99999",
+            "api.example.com:65536",
+            "api.example.com:-1",
+            "api.example.com:80:81",
+            "[::1]x",
+            "[::1]:",
+            "[fe80::1%25eth0]",
             "[::1",
             "[not-ip]:80",
             "a b",
