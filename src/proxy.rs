@@ -804,6 +804,10 @@ impl Strangler {
             live.table.backends[b].name,
             live.table.backends[default].name
         );
+        // The attempt on `to` failed: the last-minute view (`/routes`) shows it there, as the
+        // metrics do (`strangler_upstream_errors_total`); the request itself is then counted on
+        // `default`.
+        live.route_live(Some(i)).recent[b].record(Instant::now(), crate::state::RECENT, true);
         ctx.failed_over = true;
         ctx.to_target = false;
         ctx.backend = Some(default);

@@ -524,6 +524,16 @@ fn failover_retries_an_unreachable_backend_on_default() {
     assert_eq!(r.json()["error"], "bad_gateway");
     assert_eq!(failovers(), 3.0);
     assert_eq!(legacy.seen().len(), 3);
+    // The last-minute view shows the failed attempts on `to` and the answers from `default`.
+    let departures = route(&proxy, "departures");
+    assert_eq!(
+        (&departures["requests"], &departures["errors"]),
+        (
+            &serde_json::json!({"legacy": 3, "new": 3}),
+            &serde_json::json!({"legacy": 0, "new": 3})
+        ),
+        "{departures}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
