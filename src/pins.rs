@@ -33,8 +33,20 @@ impl PinReason {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pin {
     pub reason: PinReason,
-    /// RFC 3339, UTC.
+    /// RFC 3339, UTC. A state file whose `since` is anything else is corrupt, as one with an
+    /// unknown `reason` is: `GET /routes` never shows a value the SPEC does not allow.
+    #[serde(deserialize_with = "rfc3339")]
     pub since: String,
+}
+
+fn rfc3339<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let s = String::deserialize(d)?;
+    match chrono::DateTime::parse_from_rfc3339(&s) {
+        Ok(_) => Ok(s),
+        Err(e) => Err(serde::de::Error::custom(format!(
+            "since: {s:?} is not an RFC 3339 time ({e})"
+        ))),
+    }
 }
 
 impl Pin {
@@ -161,6 +173,17 @@ mod tests {
         assert_eq!(file.load(), pins);
         std::fs::write(file.path(), b"{not json").unwrap();
         assert!(file.load().is_empty(), "corrupt file: ignored");
+        for since in ["yesterday", "2026-13-45T99:00:00Z", ""] {
+            let doc = format!(
+                r#"{{"version":1,"pins":{{"b":{{"reason":"manual","since":"{since}"}}}}}}"#
+            );
+            std::fs::write(file.path(), doc).unwrap();
+            assert!(file.load().is_empty(), "since {since:?}: corrupt, ignored");
+        }
+        let doc =
+            r#"{"version":1,"pins":{"b":{"reason":"auto","since":"2026-11-21T10:00:00+01:00"}}}"#;
+        std::fs::write(file.path(), doc).unwrap();
+        assert_eq!(file.load()["b"].since, "2026-11-21T10:00:00+01:00");
         let unwritable = StateFile::new(dir.path().join("no/such/dir/s.json"));
         assert!(!unwritable.save(&pins));
     }
