@@ -213,15 +213,17 @@ fn run_cases(table: &RoutingTable, file: &Path, pins: &BTreeMap<String, Pin>) ->
     let text = match std::fs::read_to_string(file) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("{}: cannot read: {e}", file.display());
+            eprintln!("{}:1:1: cannot read: {e}", file.display());
             return ExitCode::from(1);
         }
     };
-    let cases: Vec<Case> = match serde_yaml::from_str(&text) {
+    let text = text.strip_prefix(crate::config::BOM).unwrap_or(&text);
+    let cases: Vec<Case> = match serde_yaml::from_str(text) {
         Ok(c) => c,
         Err(e) => {
             let (l, c) = e.location().map_or((1, 1), |l| (l.line(), l.column()));
-            eprintln!("{}:{l}:{c}: {e}", file.display());
+            let message = crate::config::clean_serde_message(&e.to_string());
+            eprintln!("{}:{l}:{c}: {message}", file.display());
             return ExitCode::from(1);
         }
     };

@@ -98,7 +98,8 @@ pub struct RouteSpec {
     pub to: String,
     #[serde(default)]
     pub exact: bool,
-    pub split: Option<f64>,
+    /// Percent: `10`, `12.5` or `10%`.
+    pub split: Option<PercentSpec>,
     pub sticky: Option<String>,
     pub shadow: Option<String>,
     #[serde(default)]
@@ -119,11 +120,36 @@ pub struct RollbackSpec {
 }
 
 /// A percentage as written: `5%`, or a bare number meaning percent.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone)]
 pub enum PercentSpec {
     Number(f64),
     Text(String),
+}
+
+impl<'de> Deserialize<'de> for PercentSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        struct Percent;
+        impl serde::de::Visitor<'_> for Percent {
+            type Value = PercentSpec;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a percentage like 5% or 12.5")
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<PercentSpec, E> {
+                Ok(PercentSpec::Number(v))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<PercentSpec, E> {
+                Ok(PercentSpec::Number(v as f64))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<PercentSpec, E> {
+                Ok(PercentSpec::Number(v as f64))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<PercentSpec, E> {
+                Ok(PercentSpec::Text(v.to_string()))
+            }
+        }
+        de.deserialize_any(Percent)
+    }
 }
 
 /// One error in a routing file, with its position.
@@ -193,13 +219,16 @@ impl Source {
     }
 }
 
+/// The UTF-8 byte-order mark.
+pub const BOM: &str = "\u{feff}";
+
 /// Reads and parses `path`. Syntax errors and unknown keys come back with serde_yaml's position.
 pub fn read(path: &Path) -> Result<(RoutingFile, Source), ConfigErrors> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| {
         ConfigErrors(vec![ConfigError {
             file: file.clone(),
-            pos: Pos { line: 0, col: 0 },
+            pos: Pos { line: 1, col: 1 },
             message: format!("cannot read: {e}"),
         }])
     })?;
@@ -209,8 +238,14 @@ pub fn read(path: &Path) -> Result<(RoutingFile, Source), ConfigErrors> {
 /// Parses `text` as the routing file named `file`. The text is kept (to locate errors found
 /// later): pass a `String` to hand it over without a copy.
 pub fn parse(file: &str, text: impl Into<String>) -> Result<(RoutingFile, Source), ConfigErrors> {
-    let text: String = text.into();
+    let mut text: String = text.into();
+    // The digest is the file's, as `sha256sum` gives it; a byte-order mark (some Windows
+    // editors write one) is not part of the YAML (YAML 1.2 §5.2), and positions count from
+    // after it, as editors show them.
     let sha256 = sha256_hex(text.as_bytes());
+    if text.starts_with(BOM) {
+        text.drain(..BOM.len());
+    }
     let parsed: RoutingFile = serde_yaml::from_str(&text).map_err(|e| {
         let pos = e
             .location()
@@ -379,11 +414,36 @@ fn backticked<'a>(msg: &'a str, prefix: &str) -> Option<&'a str> {
 }
 
 /// serde_yaml appends " at line L column C" to its messages; the position is already in front.
-fn clean_serde_message(msg: &str) -> String {
-    match msg.rfind(" at line ") {
-        Some(i) => msg[..i].to_string(),
-        None => msg.to_string(),
+pub fn clean_serde_message(msg: &str) -> String {
+    let msg = match msg.rfind(" at line ") {
+        Some(i) => &msg[..i],
+        None => msg,
+    };
+    // serde names the Rust type it expected; say what the file should hold instead.
+    const WORDS: [(&str, &str); 6] = [
+        (
+            "struct RoutingFile",
+            "a mapping with backends, default and routes",
+        ),
+        ("struct BackendSpec", "a backend: a mapping with url"),
+        ("struct RouteSpec", "a route: a mapping with path and to"),
+        (
+            "struct RollbackSpec",
+            "a mapping with error_rate, min_requests and window",
+        ),
+        ("enum TrailingSlash", "keep, add or strip"),
+        (
+            "struct Case",
+            "a case like {request: \"GET /path\", route: NAME}",
+        ),
+    ];
+    let mut msg = msg.to_string();
+    for (rust, words) in WORDS {
+        if msg.contains(rust) {
+            msg = msg.replace(rust, words);
+        }
     }
+    msg
 }
 
 /// Hex SHA-256 of `bytes`.
@@ -440,7 +500,8 @@ impl PercentSpec {
         if !(0.0..=100.0).contains(&v) || v.is_nan() {
             return Err(format!("percentage {v} is outside 0..100"));
         }
-        Ok(v)
+        // `-0` is 0.
+        Ok(v + 0.0)
     }
 }
 
@@ -488,15 +549,50 @@ mod tests {
     }
 
     #[test]
+    fn a_byte_order_mark_is_not_part_of_the_yaml() {
+        let text = "backends:\n  legacy: {url: http://127.0.0.1:1}\ndefault: legacy\n";
+        let (with_bom, source) = parse("r.yaml", format!("{BOM}{text}")).unwrap();
+        assert_eq!(with_bom.default.as_deref(), Some("legacy"));
+        assert_eq!(source.sha256, sha256_hex(format!("{BOM}{text}").as_bytes()));
+        let err = parse("r.yaml", format!("{BOM}backends: {{}}\nbogus: 1\n")).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("r.yaml:2:1: unknown field `bogus`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn messages_name_what_the_file_should_hold_not_rust_types() {
+        for (text, want) in [
+            (
+                "backends:\n  legacy: http://127.0.0.1:1\ndefault: legacy\n",
+                "expected a backend: a mapping with url",
+            ),
+            (
+                "backends: {}\ndefault: legacy\nroutes:\n  - ~\n",
+                "expected a route: a mapping with path and to",
+            ),
+            (
+                "just text\n",
+                "expected a mapping with backends, default and routes",
+            ),
+        ] {
+            let err = parse("r.yaml", text).unwrap_err().to_string();
+            assert!(err.contains(want) && !err.contains("struct"), "{err}");
+        }
+    }
+
+    #[test]
     fn every_schema_error_is_reported() {
-        let text = "backends:\n  legacy:\n    url: http://127.0.0.1:1\n    colour: red\n  new:\n    url: http://127.0.0.1:2\n    timeout: [1]\ndefault: legacy\nroutes:\n  - path: /x\n    to: nope\n    bogus: 1\n  - path: /y\n    to: legacy\n    split: abc\n    rollback: {error_rate: 5, min_requests: 1, window: 1s, extra: 2}\nextra_top: 1\n";
+        let text = "backends:\n  legacy:\n    url: http://127.0.0.1:1\n    colour: red\n  new:\n    url: http://127.0.0.1:2\n    timeout: [1]\ndefault: legacy\nroutes:\n  - path: /x\n    to: nope\n    bogus: 1\n  - path: /y\n    to: legacy\n    split: [1]\n    rollback: {error_rate: 5, min_requests: 1, window: 1s, extra: 2}\nextra_top: 1\n";
         let err = parse("r.yaml", text).unwrap_err();
         let got: Vec<String> = err.0.iter().map(|e| e.to_string()).collect();
         let want = [
             "r.yaml:4:5: backends.legacy: unknown field `colour`",
             "r.yaml:7:14: backends.new.timeout: invalid type: sequence, expected a string",
             "r.yaml:12:5: routes[0]: unknown field `bogus`",
-            "r.yaml:15:12: routes[1].split: invalid type: string \"abc\", expected f64",
+            "r.yaml:15:12: routes[1].split: invalid type: sequence, expected a percentage like 5% or 12.5",
             "r.yaml:16:60: routes[1].rollback: unknown field `extra`",
             "r.yaml:17:1: unknown field `extra_top`, expected one of `backends`, `default`, `routes`, `trusted_proxies`",
         ];

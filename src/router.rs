@@ -11,7 +11,7 @@ use std::time::Duration;
 use http::header::HeaderName;
 
 use crate::config::{
-    parse_duration, ConfigError, ConfigErrors, RoutingFile, Source, TrailingSlash,
+    parse_duration, ConfigError, ConfigErrors, PercentSpec, RoutingFile, Source, TrailingSlash,
 };
 use crate::matching::{parse_pattern, Constraint, PatternSegment, RouteTrie};
 use crate::path::NormalPath;
@@ -368,21 +368,17 @@ impl RoutingTable {
                 errors.push(source.error_at(&at("shadow_ignore"), "shadow_ignore needs `shadow`"));
             }
             for (j, p) in spec.shadow_ignore.iter().enumerate() {
-                if !p.starts_with('/') {
-                    errors.push(source.error_at(
-                        &format!("routes.{i}.shadow_ignore.{j}"),
-                        format!("{p:?} is not a JSON pointer (it must start with '/')"),
-                    ));
+                if let Err(m) = check_json_pointer(p) {
+                    errors.push(source.error_at(&format!("routes.{i}.shadow_ignore.{j}"), m));
                 }
             }
-            let split = match spec.split {
-                Some(pct) if !(0.0..=100.0).contains(&pct) || pct.is_nan() => {
-                    errors.push(
-                        source.error_at(&at("split"), format!("split {pct} is outside 0..100")),
-                    );
+            let split = match spec.split.as_ref().map(PercentSpec::percent) {
+                Some(Err(m)) => {
+                    let m = m.strip_prefix("percentage ").unwrap_or(&m);
+                    errors.push(source.error_at(&at("split"), format!("split {m}")));
                     None
                 }
-                Some(pct) => {
+                Some(Ok(pct)) => {
                     let sticky = match spec.sticky.as_deref().map(parse_sticky) {
                         None => Sticky::Ip,
                         Some(Ok(s)) => s,
@@ -731,6 +727,29 @@ fn parse_cidr(s: &str) -> Result<Cidr, String> {
     Ok(Cidr { addr, prefix })
 }
 
+/// A `shadow_ignore` entry: an RFC 6901 JSON pointer to a part of the body (`/meta/id`, `~1`
+/// for `/` and `~0` for `~` inside a name). The empty pointer, the whole body, is refused:
+/// ignoring it would compare nothing.
+fn check_json_pointer(p: &str) -> Result<(), String> {
+    if p.is_empty() {
+        return Err("\"\" is the whole body: ignoring it would compare nothing".into());
+    }
+    if !p.starts_with('/') {
+        return Err(format!(
+            "{p:?} is not a JSON pointer (it must start with '/')"
+        ));
+    }
+    let mut chars = p.chars();
+    while let Some(c) = chars.next() {
+        if c == '~' && !matches!(chars.next(), Some('0' | '1')) {
+            return Err(format!(
+                "{p:?} is not a JSON pointer: '~' must be followed by 0 or 1 (~0 is '~', ~1 is '/')"
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -779,6 +798,12 @@ mod tests {
             ("routes:\n  - {name: default, path: /a, to: new}\n", "t.yaml:6:12: route name \"default\" is reserved"),
             ("routes:\n  - path: /a\n    to: new\n    rollback: {error_rate: 5%, min_requests: 20, window: 60}\n", "t.yaml:8:58: duration \"60\" needs a unit"),
             ("routes:\n  - {path: /a, to: new, sticky: 'header:X'}\n", "sticky needs `split`"),
+            ("routes:\n  - {path: /a, to: new, split: 101%}\n", "t.yaml:6:32: split 101 is outside 0..100"),
+            ("routes:\n  - {path: /a, to: new, split: ten}\n", "t.yaml:6:32: split \"ten\" is not a percentage like 5%"),
+            ("routes:\n  - {path: /a, to: legacy, shadow: new, shadow_ignore: ['/a~2']}\n", "t.yaml:6:57: \"/a~2\" is not a JSON pointer: '~' must be followed by 0 or 1"),
+            ("routes:\n  - {path: /a, to: legacy, shadow: new, shadow_ignore: ['/b~']}\n", "'~' must be followed by 0 or 1"),
+            ("routes:\n  - {path: /a, to: legacy, shadow: new, shadow_ignore: ['']}\n", "\"\" is the whole body"),
+            ("routes:\n  - {path: /a, to: legacy, shadow: new, shadow_ignore: [a]}\n", "\"a\" is not a JSON pointer (it must start with '/')"),
         ];
         for (routes, want) in cases {
             let errs = errors(&format!("{BASE}{routes}"));
@@ -786,6 +811,27 @@ mod tests {
                 errs.iter().any(|e| e.starts_with(want) || e.contains(want)),
                 "want {want:?}, got {errs:?}"
             );
+        }
+    }
+
+    #[test]
+    fn split_is_a_percentage_like_error_rate() {
+        for (written, percent, threshold) in [
+            ("10%", 10.0, 1000),
+            ("12.345", 12.345, 1235),
+            ("'0.5 %'", 0.5, 50),
+            ("-0", 0.0, 0),
+        ] {
+            let t = table(&format!(
+                "{BASE}routes:\n  - {{path: /a, to: new, split: {written}}}\n"
+            ));
+            let split = t.routes[0].split.as_ref().unwrap();
+            assert_eq!(
+                (split.percent, split.threshold),
+                (percent, threshold),
+                "{written}"
+            );
+            assert!(split.percent.is_sign_positive(), "{written}");
         }
     }
 
