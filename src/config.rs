@@ -209,6 +209,27 @@ impl Source {
             .pos(path)
     }
 
+    /// An error at the key of `path` (the name of `backends.NAME`).
+    pub fn error_at_key(&self, path: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.file.clone(),
+            pos: self
+                .map
+                .get_or_init(|| SourceMap::new(&self.text))
+                .key_pos(path),
+            message: message.into(),
+        }
+    }
+
+    /// An error about the file as a whole (something missing): at its start.
+    pub fn error_at_start(&self, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.file.clone(),
+            pos: Pos { line: 1, col: 1 },
+            message: message.into(),
+        }
+    }
+
     /// An error at the value of `path` (`routes.3.to`).
     pub fn error_at(&self, path: &str, message: impl Into<String>) -> ConfigError {
         ConfigError {

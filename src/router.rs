@@ -189,19 +189,22 @@ impl RoutingTable {
         }
         for (name, spec) in &file.backends {
             let at = |field: &str| format!("backends.{name}.{field}");
-            if name == NO_BACKEND || name.is_empty() {
-                errors.push(source.error_at(
+            if name == NO_BACKEND {
+                errors.push(source.error_at_key(
                     &format!("backends.{name}"),
                     format!("backend name {name:?} is reserved"),
                 ));
+            } else if name.is_empty() {
+                errors.push(
+                    source.error_at_key(&format!("backends.{name}"), "a backend needs a name"),
+                );
             }
-            let parsed = match parse_url(&spec.url) {
-                Ok(p) => p,
-                Err(msg) => {
-                    errors.push(source.error_at(&at("url"), msg));
-                    continue;
-                }
-            };
+            // A bad URL is reported and the backend kept, so that the routes using it are still
+            // checked (their conflicts too); the table is refused anyway.
+            let parsed = parse_url(&spec.url).unwrap_or_else(|msg| {
+                errors.push(source.error_at(&at("url"), msg));
+                ParsedUrl::default()
+            });
             let mut duration = |field: &str, v: &Option<String>, dflt| match v {
                 None => dflt,
                 Some(s) => parse_duration(s).unwrap_or_else(|msg| {
@@ -269,8 +272,7 @@ impl RoutingTable {
         let default = match &file.default {
             Some(d) => lookup(&mut errors, d, &|| "default".to_string()),
             None => {
-                errors.push(source.error_at(
-                    "",
+                errors.push(source.error_at_start(
                     "`default` is missing: name the backend that serves unmatched requests",
                 ));
                 None
@@ -498,21 +500,27 @@ impl RoutingTable {
 
     /// Resolves every backend's address. Done once per build so that DNS never runs on the
     /// request path; a name that does not resolve fails the build like any other error.
-    pub fn resolve(&mut self) -> Result<(), String> {
+    pub fn resolve(&mut self, source: &Source) -> Result<(), ConfigErrors> {
         let mut failed = Vec::new();
         for b in &mut self.backends {
-            match (b.host.as_str(), b.port).to_socket_addrs() {
-                Ok(mut addrs) => b.addr = addrs.next(),
-                Err(e) => failed.push(format!("backend {:?} ({}): {e}", b.name, b.url)),
-            }
-            if b.addr.is_none() && failed.is_empty() {
-                failed.push(format!("backend {:?} ({}): no address", b.name, b.url));
+            let why = match (b.host.as_str(), b.port).to_socket_addrs() {
+                Ok(mut addrs) => {
+                    b.addr = addrs.next();
+                    b.addr.is_none().then(|| "no address".to_string())
+                }
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(why) = why {
+                failed.push(source.error_at(
+                    &format!("backends.{}.url", b.name),
+                    format!("cannot resolve backend {:?} ({}): {why}", b.name, b.url),
+                ));
             }
         }
         if failed.is_empty() {
             Ok(())
         } else {
-            Err(failed.join("; "))
+            Err(ConfigErrors(failed))
         }
     }
 
@@ -614,6 +622,7 @@ pub fn upstream_path(
     out
 }
 
+#[derive(Default)]
 struct ParsedUrl {
     origin: String,
     tls: bool,
@@ -812,6 +821,46 @@ mod tests {
                 "want {want:?}, got {errs:?}"
             );
         }
+    }
+
+    #[test]
+    fn file_level_errors_point_at_their_key_or_the_start() {
+        let errs = errors("backends:\n  legacy:\n    url: http://127.0.0.1:1\n");
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("t.yaml:1:1: `default` is missing")),
+            "{errs:?}"
+        );
+        let errs = errors("backends:\n  none:\n    url: http://127.0.0.1:1\ndefault: none\n");
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("t.yaml:2:3: backend name \"none\" is reserved")),
+            "{errs:?}"
+        );
+        // DNS runs when the table is loaded (`.invalid` never resolves, RFC 6761).
+        let (f, s) = parse("t.yaml", "backends:\n  legacy: {url: http://127.0.0.1:1}\n  new:\n    url: http://no-such-host.invalid:80\ndefault: legacy\n").unwrap();
+        let err = RoutingTable::build(f, &s)
+            .unwrap()
+            .resolve(&s)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("t.yaml:4:10: cannot resolve backend \"new\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_backend_with_a_bad_url_does_not_hide_its_routes_errors() {
+        let errs = errors(
+            "backends:\n  legacy: {url: http://127.0.0.1:1}\n  new: {url: 'http://127.0.0.1:2/api'}\ndefault: legacy\nroutes:\n  - {name: a, path: /a, to: new}\n  - {name: b, path: /a, to: new}\n",
+        );
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(errs[0].starts_with("t.yaml:3:14: "), "{errs:?}");
+        assert!(
+            errs[1].starts_with("t.yaml:7:21: route \"b\" conflicts with route \"a\""),
+            "{errs:?}"
+        );
     }
 
     #[test]

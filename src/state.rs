@@ -487,9 +487,7 @@ fn load_table(config: &Path, parsed: &mut Duration) -> Result<RoutingTable, Stri
     *parsed = t0.elapsed();
     let (file, source) = read.map_err(|e: ConfigErrors| e.to_string())?;
     let mut table = RoutingTable::build(file, &source).map_err(|e| e.to_string())?;
-    table
-        .resolve()
-        .map_err(|e| format!("{}:1:1: cannot resolve {e}", source.file))?;
+    table.resolve(&source).map_err(|e| e.to_string())?;
     Ok(table)
 }
 
