@@ -109,8 +109,11 @@ impl ShutdownSignalWatch for Signals {
 }
 
 /// Ends the process as soon as a graceful shutdown has no request left, instead of always
-/// sleeping the whole grace period (Pingora's grace period stays as the upper bound).
-struct DrainWatcher;
+/// sleeping the whole grace period, and at `--drain-timeout` says how many requests it cuts
+/// (Pingora's grace period stays as the upper bound).
+struct DrainWatcher {
+    timeout: Duration,
+}
 
 #[async_trait]
 impl BackgroundService for DrainWatcher {
@@ -118,13 +121,21 @@ impl BackgroundService for DrainWatcher {
         if shutdown.changed().await.is_err() {
             return;
         }
+        let deadline = std::time::Instant::now() + self.timeout;
         // Let the listeners close and connections already accepted deliver their requests.
-        tokio::time::sleep(crate::connection::LATE_REQUEST_GRACE + Duration::from_millis(100))
-            .await;
+        let settle = crate::connection::LATE_REQUEST_GRACE + Duration::from_millis(100);
+        tokio::time::sleep(settle.min(self.timeout)).await;
         loop {
             let active = ACTIVE.load(Ordering::Acquire);
             if active == 0 {
                 log::info!("drained: no request in flight, exiting");
+                std::process::exit(0);
+            }
+            if std::time::Instant::now() >= deadline {
+                log::warn!(
+                    "drain timeout ({:?}) reached with {active} request(s) in flight: closing them, exiting",
+                    self.timeout
+                );
                 std::process::exit(0);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -217,7 +228,12 @@ pub fn serve(opts: ServeOptions) -> Result<(), String> {
             state: state.clone(),
         },
     ));
-    server.add_service(background_service("drain watcher", DrainWatcher));
+    server.add_service(background_service(
+        "drain watcher",
+        DrainWatcher {
+            timeout: opts.drain_timeout,
+        },
+    ));
     for (name, addr) in &opts.demo_services {
         let mut s = crate::demo::service(name, addr);
         s.threads = Some(1);

@@ -706,6 +706,47 @@ fn sigterm_drains_and_exits_zero() {
 }
 
 #[test]
+fn a_drain_that_times_out_says_what_it_cut() {
+    let stuck = Backend::start(Arc::new(|_s: &Seen| {
+        std::thread::sleep(Duration::from_secs(4));
+        full(200, "too late")
+    }));
+    let mut proxy = Proxy::start_with(
+        &format!(
+            "backends:\n  legacy: {{url: '{}'}}\ndefault: legacy\n",
+            stuck.url()
+        ),
+        &["--drain-timeout", "1s"],
+        &[],
+    );
+    let url = proxy.url("/x");
+    let inflight = std::thread::spawn(move || request("GET", &url, &[], None));
+    wait_for(
+        "the request to reach the backend",
+        Duration::from_secs(5),
+        || !stuck.seen().is_empty(),
+    );
+    let t0 = Instant::now();
+    let status = proxy.stop();
+    assert!(status.success(), "exit status {status:?}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        t0.elapsed()
+    );
+    let log = proxy.log_text();
+    assert!(
+        log.contains("drain timeout (1s) reached with 1 request(s) in flight"),
+        "{log}"
+    );
+    assert_ne!(
+        inflight.join().unwrap().status,
+        200,
+        "the cut request got no answer"
+    );
+}
+
+#[test]
 fn start_up_on_a_bad_file_exits_1_with_the_position() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("routing.yaml");
