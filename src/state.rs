@@ -233,7 +233,30 @@ impl State {
             publish: Mutex::new(()),
         });
         if restored != saved.len() {
-            // Pins of routes that have left routing.yaml are lifted.
+            // Pins of routes that have left routing.yaml are lifted, and said so: a pin is a
+            // change of who serves what (the route is not there to say who serves it now).
+            let live = state.snapshot();
+            for (name, pin) in &saved {
+                if live.table.route_index(name).is_none() {
+                    log::warn!(
+                        "state file pins route {name:?} ({} rollback since {}), which is not in {}: pin lifted",
+                        pin.reason.as_str(),
+                        pin.since,
+                        config.display()
+                    );
+                    state.audit.record(
+                        name,
+                        None,
+                        None,
+                        &format!(
+                            "pin lifted at start-up: route not in routing.yaml ({} rollback since {})",
+                            pin.reason.as_str(),
+                            pin.since
+                        ),
+                        &live.table.sha256,
+                    );
+                }
+            }
             state.save_pins();
         }
         let live = state.snapshot();

@@ -623,6 +623,42 @@ fn a_corrupt_state_file_is_ignored() {
     assert!(v.to_string().contains("bookings"), "{saved}");
 }
 
+#[test]
+fn a_stored_pin_of_a_route_not_in_the_file_is_lifted_and_audited() {
+    let legacy = Backend::echo("legacy");
+    let new = Backend::echo("new");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("routing.yaml"), routing(&legacy, &new)).unwrap();
+    std::fs::write(
+        dir.path().join(".strangler-state.json"),
+        r#"{"version":1,"pins":{"gone":{"reason":"manual","since":"2026-11-21T10:00:00Z"}}}"#,
+    )
+    .unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let audit_arg = audit.to_str().unwrap().to_string();
+    let proxy = Proxy::start_in(dir, "routing.yaml", &["--audit-log", &audit_arg], &[]);
+    let log = proxy.log_text();
+    assert!(
+        log.contains("state file pins route \"gone\"") && log.contains("pin lifted"),
+        "{log}"
+    );
+    let lines = std::fs::read_to_string(&audit).unwrap();
+    let entry: Value = serde_json::from_str(lines.lines().next().unwrap()).unwrap();
+    assert_eq!(entry["route"], "gone", "{lines}");
+    assert!(
+        entry["reason"]
+            .as_str()
+            .unwrap()
+            .contains("not in routing.yaml"),
+        "{lines}"
+    );
+    let saved = std::fs::read_to_string(proxy.dir.path().join(".strangler-state.json")).unwrap();
+    assert!(
+        !saved.contains("gone"),
+        "the state file forgets it: {saved}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Offline: check and explain
 

@@ -245,7 +245,7 @@ impl Proxy {
         Proxy::start_in(dir, file, &[], &[])
     }
 
-    fn start_in(
+    pub fn start_in(
         dir: tempfile::TempDir,
         file: &str,
         extra: &[&str],
