@@ -66,7 +66,9 @@ pub struct RunArgs {
     )]
     pub listen: Vec<String>,
     /// Admin API address. A non-loopback address requires STRANGLER_ADMIN_TOKEN.
-    #[arg(long, env = "STRANGLER_ADMIN", default_value = "127.0.0.1:9900")]
+    /// `http://HOST:PORT` is taken too: STRANGLER_ADMIN is one variable for `run` and the client
+    /// commands (which want a URL).
+    #[arg(long, env = "STRANGLER_ADMIN", default_value = "127.0.0.1:9900", value_parser = admin_listen_address)]
     pub admin: String,
     /// Bearer token required by every admin POST.
     #[arg(long, env = "STRANGLER_ADMIN_TOKEN", hide_env_values = true)]
@@ -188,4 +190,40 @@ pub struct DemoServiceArgs {
     /// Address to listen on.
     #[arg(long)]
     pub listen: String,
+}
+
+/// The admin listener's address, written `HOST:PORT` or as the URL the client commands use.
+fn admin_listen_address(s: &str) -> Result<String, String> {
+    if s.starts_with("https://") {
+        return Err("the admin listener speaks plain HTTP: give HOST:PORT".into());
+    }
+    let addr = s.strip_prefix("http://").unwrap_or(s);
+    let addr = addr.strip_suffix('/').unwrap_or(addr);
+    if addr.is_empty() || addr.contains('/') {
+        return Err(format!("{s:?} is not HOST:PORT (or http://HOST:PORT)"));
+    }
+    Ok(addr.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_admin_address_may_be_written_as_the_clients_url() {
+        assert_eq!(
+            admin_listen_address("127.0.0.1:9900").unwrap(),
+            "127.0.0.1:9900"
+        );
+        assert_eq!(
+            admin_listen_address("http://127.0.0.1:9900/").unwrap(),
+            "127.0.0.1:9900"
+        );
+        assert_eq!(
+            admin_listen_address("http://[::1]:9900").unwrap(),
+            "[::1]:9900"
+        );
+        assert!(admin_listen_address("https://127.0.0.1:9900").is_err());
+        assert!(admin_listen_address("http://127.0.0.1:9900/admin").is_err());
+    }
 }
