@@ -121,6 +121,8 @@ pub struct RequestCtx {
     /// The request went to its route's `to` (not pinned, not split off, not failed over).
     to_target: bool,
     failed_over: bool,
+    /// Retried once already because a reused connection closed under it.
+    stale_retried: bool,
     /// The outcome has been counted in the rollback window.
     judged: bool,
     upstream_error: Option<UpstreamErrorKind>,
@@ -261,6 +263,7 @@ impl ProxyHttp for Strangler {
             backend: None,
             to_target: false,
             failed_over: false,
+            stale_retried: false,
             judged: false,
             response_done: false,
             upstream_error: None,
@@ -615,10 +618,13 @@ impl ProxyHttp for Strangler {
         let mut e = e.more_context(format!("Peer: {peer}"));
         let kind = UpstreamErrorKind::of(&e);
         let idempotent = session.req_header().method.is_idempotent();
-        if !idempotent || session.as_ref().retry_buffer_truncated() {
+        if !idempotent || session.as_ref().retry_buffer_truncated() || ctx.stale_retried {
+            // Once: Pingora would take the next pooled connection for each retry, so a request
+            // that kills its backend worker would be replayed on every idle connection.
             e.set_retry(false);
         } else {
             e.retry.decide_reuse(client_reused);
+            ctx.stale_retried |= e.retry();
         }
         let retrying = e.retry();
         if let Some(kind) = kind {

@@ -763,6 +763,47 @@ fn a_backend_that_closes_every_connection_after_answering_costs_no_request() {
     assert!(served.load(Ordering::SeqCst) >= 26);
 }
 
+#[test]
+fn a_request_that_kills_its_backend_connection_is_retried_once_not_once_per_pooled_connection() {
+    // Keep-alive backend: `/slow` answers after 300 ms (so that several requests in parallel
+    // leave as many idle pooled connections); `/die` closes the connection without an answer,
+    // as a worker that crashes on a request does.
+    let (baddr, lines) = raw_backend(move |s, lines| {
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut w = s;
+        while let Some(line) = read_request_head(&mut r) {
+            lines.lock().unwrap().push(line.clone());
+            if line.contains("/die") {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+            let _ = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        }
+    });
+    let proxy = Proxy::start(&one_backend(&format!("http://{baddr}")));
+    let warm: Vec<_> = (0..5)
+        .map(|i| {
+            let url = proxy.url(&format!("/slow/{i}"));
+            std::thread::spawn(move || request("GET", &url, &[], None).status)
+        })
+        .collect();
+    for w in warm {
+        assert_eq!(w.join().unwrap(), 200);
+    }
+    let r = request("GET", &proxy.url("/die"), &[], None);
+    assert_eq!(r.status, 502, "{}", r.body);
+    let tries = lines
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains("/die"))
+        .count();
+    assert!(
+        (1..=2).contains(&tries),
+        "the backend saw the request {tries} times (5 idle pooled connections)"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Client aborts
 // ---------------------------------------------------------------------------------------------
