@@ -131,6 +131,42 @@ pub fn connection_nominated(headers: &HeaderMap) -> Vec<HeaderName> {
         .collect()
 }
 
+/// Why a request's `Connection` header cannot be honoured, or `None`. Pingora's upstream
+/// sanitiser (after Envoy's) refuses a request whose `Connection` names a header the proxy
+/// itself sends (`Host`, `X-Forwarded-For`/`-Host`/`-Proto`: nominating one would strip it, the
+/// classic way to hide the client address from a backend), a pseudo-header, a token that is not
+/// an HTTP token, or ten nominations or more. That refusal would come after routing, blamed on
+/// the chosen backend; the proxy asks the same questions first and answers 400 itself.
+pub fn connection_refusal(headers: &HeaderMap) -> Option<&'static str> {
+    const PROTECTED: [&[u8]; 4] = [
+        b"host",
+        b"x-forwarded-for",
+        b"x-forwarded-host",
+        b"x-forwarded-proto",
+    ];
+    let is_tchar = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
+    let mut count = 0;
+    for token in headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+    {
+        count += 1;
+        if count >= 10 {
+            return Some("Connection names ten or more options");
+        }
+        if token.starts_with(b":") || PROTECTED.iter().any(|p| token.eq_ignore_ascii_case(p)) {
+            return Some("Connection cannot name Host or X-Forwarded-*: the proxy sends those");
+        }
+        if !token.iter().all(is_tchar) {
+            return Some("Connection holds something that is not a header name");
+        }
+    }
+    None
+}
+
 /// `X-Forwarded-For` with the peer appended to what the client sent.
 pub fn forwarded_for(existing: Option<&str>, peer: IpAddr) -> HeaderValue {
     let mut out = String::with_capacity(existing.map_or(0, str::len) + 2 + 39);
@@ -268,6 +304,30 @@ mod tests {
         let yaml = format!("backends:\n  b: {{url: '{url}'}}\ndefault: b\n");
         let (f, s) = parse("t", &yaml).unwrap();
         RoutingTable::build(f, &s).unwrap().backends[0].clone()
+    }
+
+    #[test]
+    fn connection_options_the_proxy_cannot_honour() {
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(http::header::CONNECTION, HeaderValue::from_str(v).unwrap());
+            connection_refusal(&h)
+        };
+        for ok in ["keep-alive", "close", "Upgrade, X-Custom", " te ,"] {
+            assert_eq!(with(ok), None, "{ok:?}");
+        }
+        for bad in [
+            "X-Forwarded-For",
+            "keep-alive, host",
+            "X-FORWARDED-PROTO",
+            "x-forwarded-host",
+            ":authority",
+            "\"X-Forwarded-For\"",
+            "a,b,c,d,e,f,g,h,i,j",
+        ] {
+            assert!(with(bad).is_some(), "{bad:?}");
+        }
+        assert_eq!(connection_refusal(&HeaderMap::new()), None);
     }
 
     #[test]

@@ -358,6 +358,12 @@ impl ProxyHttp for Strangler {
             return Ok(true);
         }
 
+        if let Some(why) = forwarding::connection_refusal(&session.req_header().headers) {
+            self.answer(session, ctx, errors::BAD_REQUEST, Some(why))
+                .await?;
+            return Ok(true);
+        }
+
         // A CORS preflight is routed as the request it announces.
         let req = session.req_header();
         let preflight = (req.method == http::Method::OPTIONS)
@@ -448,6 +454,11 @@ impl ProxyHttp for Strangler {
         }
         if let Some(h) = &backend.host_header {
             up.insert_header(header::HOST, h.as_str())?;
+        } else if ctx.client_host.is_none() {
+            // HTTP/1.0 without a Host (or an empty one): the upstream request is HTTP/1.1,
+            // which needs one (RFC 9112 §3.2); the backend's own address, as nginx sends.
+            let authority = backend.url.split_once("://").map_or("", |(_, a)| a);
+            up.insert_header(header::HOST, authority)?;
         }
         // Only the proxy's shadow copies carry it: a client's would pass a real request off as
         // a shadow copy to a service that skips side effects for those.

@@ -170,8 +170,13 @@ pub fn tap(
             up.append_header(name.clone(), value.clone()).ok()?;
         }
     }
+    // As on the primary request: the backend's `host`, else the client's, else the backend's
+    // own address (an HTTP/1.0 client may send none).
     if let Some(h) = &backend.host_header {
         up.insert_header(header::HOST, h.as_str()).ok()?;
+    } else if client.host.is_none() {
+        let authority = backend.url.split_once("://").map_or("", |(_, a)| a);
+        up.insert_header(header::HOST, authority).ok()?;
     }
     if let Some(ip) = client.ip {
         let existing = forwarding::header_list(&req.headers, &forwarding::X_FORWARDED_FOR);

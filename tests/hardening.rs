@@ -559,6 +559,14 @@ fn foreign_targets_connect_and_host_errors_are_refused_and_sent_nowhere() {
             b"GET /a HTTP/1.1\r\nHost: a\r\nHost: \r\n\r\n",
         ),
         ("asterisk with GET", b"GET * HTTP/1.1\r\nHost: x\r\n\r\n"),
+        (
+            "Connection naming X-Forwarded-For",
+            b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: X-Forwarded-For\r\n\r\n",
+        ),
+        (
+            "Connection naming Host",
+            b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, host\r\n\r\n",
+        ),
     ];
     for (what, req) in cases {
         let (answer, _) = exchange(&addr, req, Duration::from_secs(3));
@@ -575,12 +583,14 @@ fn foreign_targets_connect_and_host_errors_are_refused_and_sent_nowhere() {
         if what.contains("Host") && !what.contains("absolute") {
             assert_eq!(status, 400, "{what}: {answer:?}");
         }
-        if *what == "missing Host on HTTP/1.1" {
+        if *what == "missing Host on HTTP/1.1" || what.starts_with("Connection") {
             // Ours (two Hosts are already refused by Pingora's parser, plain 400): JSON.
             let body = &answer[answer.find("\r\n\r\n").unwrap() + 4..];
             let v: serde_json::Value = serde_json::from_str(body)
                 .unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {answer}"));
             assert_eq!(v["error"], "bad_request", "{what}");
+            // Refused before routing: no backend is blamed for it.
+            assert_eq!(v["backend"], "none", "{what}: {answer}");
         }
         if *what == "CONNECT" || what.starts_with("absolute") {
             assert!(
@@ -598,6 +608,14 @@ fn foreign_targets_connect_and_host_errors_are_refused_and_sent_nowhere() {
     let (answer, _) = exchange(&addr, b"GET /ten HTTP/1.0\r\n\r\n", Duration::from_secs(3));
     assert_eq!(status_of(&answer), 200, "{answer}");
     assert_eq!(targets(&legacy), vec!["/ten".to_string()]);
+    // The upstream request is HTTP/1.1, which needs a Host: the backend's address.
+    let backend_authority = legacy.url().trim_start_matches("http://").to_string();
+    assert_eq!(
+        legacy.seen()[0].headers.get("host"),
+        Some(&backend_authority),
+        "{:?}",
+        legacy.seen()[0].headers
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
