@@ -579,6 +579,15 @@ impl ProxyHttp for Strangler {
             self.judge_target(ctx, resp.status.as_u16() >= 500);
         }
         ctx.response_done = header_ends_response(session.req_header(), resp);
+        if session.req_header().version < http::Version::HTTP_11
+            && resp.headers.contains_key(header::TRANSFER_ENCODING)
+        {
+            // Pingora re-frames a body of unknown length as chunked, which an HTTP/1.0 client
+            // does not read (RFC 9112 §6.1): without the header the body is written as is, and
+            // its end is the end of the connection.
+            resp.remove_header(&header::TRANSFER_ENCODING);
+            session.set_keepalive(None);
+        }
         self.stamp(resp, ctx)
     }
 

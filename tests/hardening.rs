@@ -822,6 +822,48 @@ fn a_request_that_kills_its_backend_connection_is_retried_once_not_once_per_pool
     );
 }
 
+#[test]
+fn an_http_1_0_client_gets_a_body_it_can_read_not_chunks() {
+    // The backend answers with a chunked body, whatever the request's version.
+    let (baddr, _lines) = raw_backend(move |s, _lines| {
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut w = s;
+        while read_request_head(&mut r).is_some() {
+            let _ = w.write_all(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\naaa\r\n3\r\nbbb\r\n0\r\n\r\n",
+            );
+        }
+    });
+    let proxy = Proxy::start(&one_backend(&format!("http://{baddr}")));
+    let addr = addr_of(&proxy);
+    for req in [
+        &b"GET /old HTTP/1.0\r\nHost: x\r\n\r\n"[..],
+        b"GET /old HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n",
+    ] {
+        let (answer, closed) = exchange(&addr, req, Duration::from_secs(5));
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        assert_eq!(status_of(&answer), 200, "{answer}");
+        assert!(
+            !head.to_ascii_lowercase().contains("transfer-encoding"),
+            "{head}"
+        );
+        assert_eq!(body, "aaabbb", "{answer}");
+        assert!(closed, "the body ends with the connection: {answer}");
+    }
+    // HTTP/1.1 clients keep the chunked framing (and their connection).
+    let (answer, _) = exchange(
+        &addr,
+        b"GET /new HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    );
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "{answer}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Client aborts
 // ---------------------------------------------------------------------------------------------
