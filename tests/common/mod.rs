@@ -193,12 +193,23 @@ pub fn dead_port() -> u16 {
     free_port()
 }
 
+/// A port nothing listens on now, never handed out before in this test process: the kernel may
+/// give a just-released port again, and a proxy started with the same port for `--listen` and
+/// `--admin` would pass its readiness check with the admin API on both.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Polls `cond` every 10 ms until it holds or `timeout` passes; panics with `what` on timeout.
