@@ -169,7 +169,9 @@ pub fn serve(opts: ServeOptions) -> Result<(), String> {
     crate::shadow::warm_up();
     let conf = ServerConf {
         threads: opts.threads.max(1),
-        grace_period_seconds: Some(opts.drain_timeout.as_secs()),
+        // The drain watcher ends the process at `--drain-timeout` (and says what it cut);
+        // Pingora's own grace period is the backstop, a second later.
+        grace_period_seconds: Some(opts.drain_timeout.as_secs_f64().ceil() as u64 + 1),
         graceful_shutdown_timeout_seconds: Some(1),
         upgrade_sock: opts.upgrade_sock.display().to_string(),
         pid_file: std::env::temp_dir()
