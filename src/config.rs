@@ -507,7 +507,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 impl PercentSpec {
-    /// The value in percent (`5%` → 5.0), checked to lie in 0..=100.
+    /// The value in percent (`5%` → 5.0), checked to lie in 0..=100. An error reads after the
+    /// field's name (`split 150 is outside 0..100`).
     pub fn percent(&self) -> Result<f64, String> {
         let v = match self {
             PercentSpec::Number(n) => *n,
@@ -519,7 +520,7 @@ impl PercentSpec {
             }
         };
         if !(0.0..=100.0).contains(&v) || v.is_nan() {
-            return Err(format!("percentage {v} is outside 0..100"));
+            return Err(format!("{v} is outside 0..100"));
         }
         // `-0` is 0.
         Ok(v + 0.0)

@@ -457,8 +457,7 @@ impl ProxyHttp for Strangler {
         } else if ctx.client_host.is_none() {
             // HTTP/1.0 without a Host (or an empty one): the upstream request is HTTP/1.1,
             // which needs one (RFC 9112 §3.2); the backend's own address, as nginx sends.
-            let authority = backend.url.split_once("://").map_or("", |(_, a)| a);
-            up.insert_header(header::HOST, authority)?;
+            up.insert_header(header::HOST, backend.authority())?;
         }
         // Only the proxy's shadow copies carry it: a client's would pass a real request off as
         // a shadow copy to a service that skips side effects for those.

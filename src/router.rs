@@ -49,6 +49,14 @@ pub struct Backend {
     pub location_prefixes: Vec<String>,
 }
 
+impl Backend {
+    /// `host:port` of `url`: the `Host` sent when neither the backend's `host` setting nor the
+    /// client names one (an HTTP/1.0 client may send none).
+    pub fn authority(&self) -> &str {
+        self.url.split_once("://").map_or("", |(_, a)| a)
+    }
+}
+
 /// Where a split's sticky key comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Sticky {
@@ -376,7 +384,6 @@ impl RoutingTable {
             }
             let split = match spec.split.as_ref().map(PercentSpec::percent) {
                 Some(Err(m)) => {
-                    let m = m.strip_prefix("percentage ").unwrap_or(&m);
                     errors.push(source.error_at(&at("split"), format!("split {m}")));
                     None
                 }
@@ -423,7 +430,9 @@ impl RoutingTable {
             }
             let rollback = spec.rollback.as_ref().and_then(|r| {
                 let rate = r.error_rate.percent().map_err(|m| {
-                    errors.push(source.error_at(&at("rollback.error_rate"), m));
+                    errors.push(
+                        source.error_at(&at("rollback.error_rate"), format!("error_rate {m}")),
+                    );
                 });
                 if matches!(rate, Ok(v) if v <= 0.0) {
                     errors.push(
@@ -808,6 +817,7 @@ mod tests {
             ("routes:\n  - path: /a\n    to: new\n    rollback: {error_rate: 5%, min_requests: 20, window: 60}\n", "t.yaml:8:58: duration \"60\" needs a unit"),
             ("routes:\n  - {path: /a, to: new, sticky: 'header:X'}\n", "sticky needs `split`"),
             ("routes:\n  - {path: /a, to: new, split: 101%}\n", "t.yaml:6:32: split 101 is outside 0..100"),
+            ("routes:\n  - {path: /a, to: new, rollback: {error_rate: 150%, min_requests: 1, window: 1s}}\n", "error_rate 150 is outside 0..100"),
             ("routes:\n  - {path: /a, to: new, split: ten}\n", "t.yaml:6:32: split \"ten\" is not a percentage like 5%"),
             ("routes:\n  - {path: /a, to: legacy, shadow: new, shadow_ignore: ['/a~2']}\n", "t.yaml:6:57: \"/a~2\" is not a JSON pointer: '~' must be followed by 0 or 1"),
             ("routes:\n  - {path: /a, to: legacy, shadow: new, shadow_ignore: ['/b~']}\n", "'~' must be followed by 0 or 1"),
@@ -860,6 +870,16 @@ mod tests {
         assert!(
             errs[1].starts_with("t.yaml:7:21: route \"b\" conflicts with route \"a\""),
             "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn a_backends_authority_is_its_urls_host_and_port() {
+        let t = table("backends:\n  a: {url: 'http://127.0.0.1:9001'}\n  b: {url: 'https://API.example'}\n  c: {url: 'http://[::1]:8080/'}\ndefault: a\n");
+        let authorities: Vec<&str> = t.backends.iter().map(Backend::authority).collect();
+        assert_eq!(
+            authorities,
+            ["127.0.0.1:9001", "api.example:443", "[::1]:8080"]
         );
     }
 

@@ -175,8 +175,7 @@ pub fn tap(
     if let Some(h) = &backend.host_header {
         up.insert_header(header::HOST, h.as_str()).ok()?;
     } else if client.host.is_none() {
-        let authority = backend.url.split_once("://").map_or("", |(_, a)| a);
-        up.insert_header(header::HOST, authority).ok()?;
+        up.insert_header(header::HOST, backend.authority()).ok()?;
     }
     if let Some(ip) = client.ip {
         let existing = forwarding::header_list(&req.headers, &forwarding::X_FORWARDED_FOR);
