@@ -594,17 +594,20 @@ fn the_cli_lists_rolls_back_and_resumes_on_every_replica() {
     assert_ne!(code, 0);
 }
 
-#[test]
-fn a_corrupt_state_file_is_ignored() {
+/// Two echo backends and a directory holding their routing.yaml and a state file `state`
+/// beside it, for a proxy to start in.
+fn with_state_file(state: &[u8]) -> (Backend, Backend, tempfile::TempDir) {
     let legacy = Backend::echo("legacy");
     let new = Backend::echo("new");
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("routing.yaml"), routing(&legacy, &new)).unwrap();
-    std::fs::write(
-        dir.path().join(".strangler-state.json"),
-        b"{\"pins\": {\"bookings\": tru\x00\xff",
-    )
-    .unwrap();
+    std::fs::write(dir.path().join(".strangler-state.json"), state).unwrap();
+    (legacy, new, dir)
+}
+
+#[test]
+fn a_corrupt_state_file_is_ignored() {
+    let (_legacy, _new, dir) = with_state_file(b"{\"pins\": {\"bookings\": tru\x00\xff");
     let proxy = Proxy::start_at(dir, "routing.yaml");
     assert_eq!(served_by(&proxy, "/bookings/1"), "new", "nothing pinned");
     let log = proxy.log_text();
@@ -625,15 +628,9 @@ fn a_corrupt_state_file_is_ignored() {
 
 #[test]
 fn a_stored_pin_of_a_route_not_in_the_file_is_lifted_and_audited() {
-    let legacy = Backend::echo("legacy");
-    let new = Backend::echo("new");
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("routing.yaml"), routing(&legacy, &new)).unwrap();
-    std::fs::write(
-        dir.path().join(".strangler-state.json"),
-        r#"{"version":1,"pins":{"gone":{"reason":"manual","since":"2026-11-21T10:00:00Z"}}}"#,
-    )
-    .unwrap();
+    let (_legacy, _new, dir) = with_state_file(
+        br#"{"version":1,"pins":{"gone":{"reason":"manual","since":"2026-11-21T10:00:00Z"}}}"#,
+    );
     let audit = dir.path().join("audit.jsonl");
     let audit_arg = audit.to_str().unwrap().to_string();
     let proxy = Proxy::start_in(dir, "routing.yaml", &["--audit-log", &audit_arg], &[]);
