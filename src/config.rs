@@ -500,8 +500,12 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             ))
         }
     };
-    if !secs.is_finite() || secs <= 0.0 || secs > 86_400.0 {
-        return Err(format!("duration {s:?} must be above 0 and at most 24h"));
+    // Below a millisecond a timeout is zero in practice (`0.0000001s` would be a 504 for every
+    // request that waits at all), and a window too short to count anything.
+    if !(0.001..=86_400.0).contains(&secs) {
+        return Err(format!(
+            "duration {s:?} must be at least 1ms and at most 24h"
+        ));
     }
     Ok(Duration::from_secs_f64(secs))
 }
@@ -545,7 +549,19 @@ mod tests {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
         assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
-        for bad in ["2", "s", "2 sec", "-1s", "0s", "2d", "", "1.2.3s"] {
+        assert_eq!(parse_duration("1ms"), Ok(Duration::from_millis(1)));
+        for bad in [
+            "2",
+            "s",
+            "2 sec",
+            "-1s",
+            "0s",
+            "2d",
+            "",
+            "1.2.3s",
+            "0.0000000001s",
+            "0.5ms",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
     }

@@ -301,14 +301,17 @@ impl RoutingTable {
         let mut routes = Vec::with_capacity(file.routes.len());
         let mut trie = RouteTrie::default();
         let mut names: HashMap<Arc<str>, usize> = HashMap::with_capacity(file.routes.len());
+        let mut claimed: Vec<(Arc<str>, String)> = Vec::with_capacity(file.routes.len());
         for (i, spec) in file.routes.into_iter().enumerate() {
             let at = |field: &str| format!("routes.{i}.{field}");
             let before = errors.len();
             if !spec.path.starts_with('/') {
                 errors.push(source.error_at(&at("path"), "path must start with '/'"));
             }
+            let mut path_ok = errors.len() == before;
             let pattern = parse_pattern(&spec.path).unwrap_or_else(|m| {
                 errors.push(source.error_at(&at("path"), m));
+                path_ok = false;
                 Vec::new()
             });
             let name: Arc<str> = spec.name.as_deref().unwrap_or(&spec.path).into();
@@ -369,14 +372,10 @@ impl RoutingTable {
                 .shadow
                 .as_ref()
                 .and_then(|s| lookup(&mut errors, s, &|| at("shadow")));
-            if shadow.is_some() && shadow == to {
-                errors.push(
-                    source.error_at(&at("shadow"), "shadow must be another backend than `to`"),
-                );
-            }
-            if !spec.shadow_ignore.is_empty() && spec.shadow.is_none() {
-                errors.push(source.error_at(&at("shadow_ignore"), "shadow_ignore needs `shadow`"));
-            }
+            // `shadow` equal to `to` is allowed: the part of a split (or a pinned route) that
+            // `default` serves is shadowed, and a request `to` serves itself is not copied.
+            // `shadow_ignore` without `shadow` and `sticky` without `split` are left-overs of a
+            // migration step (README, "Migrating a resource"): kept, without effect.
             for (j, p) in spec.shadow_ignore.iter().enumerate() {
                 if let Err(m) = check_json_pointer(p) {
                     errors.push(source.error_at(&format!("routes.{i}.shadow_ignore.{j}"), m));
@@ -403,8 +402,8 @@ impl RoutingTable {
                     })
                 }
                 None => {
-                    if spec.sticky.is_some() {
-                        errors.push(source.error_at(&at("sticky"), "sticky needs `split`"));
+                    if let Some(Err(m)) = spec.sticky.as_deref().map(parse_sticky) {
+                        errors.push(source.error_at(&at("sticky"), m));
                     }
                     None
                 }
@@ -454,27 +453,31 @@ impl RoutingTable {
                     window: window.ok()?,
                 })
             });
+            // The conflict check runs even when the route has other errors, so that one run
+            // reports them all. Trie values index `claimed`; when the build succeeds every route
+            // claimed its pattern and was pushed, so they index `routes` too.
+            if path_ok {
+                let constraint = Constraint {
+                    exact: spec.exact,
+                    methods: methods.clone(),
+                };
+                if let Err(c) = trie.insert(&pattern, constraint, claimed.len()) {
+                    let (other_name, other_path) = &claimed[c.existing];
+                    errors.push(source.error_at(
+                        &at("path"),
+                        format!(
+                            "route {name:?} conflicts with route {other_name:?} ({other_path}): same path pattern{} and overlapping methods",
+                            if spec.exact { ", both exact," } else { "" }
+                        ),
+                    ));
+                } else {
+                    claimed.push((name.clone(), spec.path.clone()));
+                }
+            }
             if errors.len() > before {
                 continue;
             }
             let Some(to) = to else { continue };
-            let constraint = Constraint {
-                exact: spec.exact,
-                methods: methods.clone(),
-            };
-            if let Err(c) = trie.insert(&pattern, constraint, routes.len()) {
-                let other: &Route = &routes[c.existing];
-                errors.push(source.error_at(
-                    &at("path"),
-                    format!(
-                        "route {name:?} conflicts with route {:?} ({}): same path pattern{} and overlapping methods",
-                        other.name,
-                        other.path,
-                        if spec.exact { ", both exact," } else { "" }
-                    ),
-                ));
-                continue;
-            }
             routes.push(Route {
                 name,
                 path: spec.path,
@@ -815,7 +818,7 @@ mod tests {
             ("routes:\n  - {path: /a, to: new, rewrite: '/v2/%2e'}\n", "rewrite \"/v2/%2e\": path contains a '.' or '..' segment"),
             ("routes:\n  - {name: default, path: /a, to: new}\n", "t.yaml:6:12: route name \"default\" is reserved"),
             ("routes:\n  - path: /a\n    to: new\n    rollback: {error_rate: 5%, min_requests: 20, window: 60}\n", "t.yaml:8:58: duration \"60\" needs a unit"),
-            ("routes:\n  - {path: /a, to: new, sticky: 'header:X'}\n", "sticky needs `split`"),
+            ("routes:\n  - {path: /a, to: new, sticky: 'tls:X'}\n", "t.yaml:6:33: "),
             ("routes:\n  - {path: /a, to: new, split: 101%}\n", "t.yaml:6:32: split 101 is outside 0..100"),
             ("routes:\n  - {path: /a, to: new, rollback: {error_rate: 150%, min_requests: 1, window: 1s}}\n", "error_rate 150 is outside 0..100"),
             ("routes:\n  - {path: /a, to: new, split: ten}\n", "t.yaml:6:32: split \"ten\" is not a percentage like 5%"),
@@ -871,6 +874,36 @@ mod tests {
             errs[1].starts_with("t.yaml:7:21: route \"b\" conflicts with route \"a\""),
             "{errs:?}"
         );
+    }
+
+    #[test]
+    fn a_routes_other_errors_do_not_hide_its_path_conflict() {
+        for (first, second) in [
+            ("{path: /b, to: new, shadow: ghost}", "{name: x, path: /b, to: legacy}"),
+            ("{path: /b, to: ghost}", "{name: x, path: /b, to: legacy}"),
+            ("{path: /b, to: new, split: 500}", "{name: x, path: /b, to: legacy}"),
+            ("{path: /b, to: new}", "{name: x, path: /b, to: new, rollback: {error_rate: 500%, min_requests: 1, window: 1s}}"),
+            ("{name: a, path: /b, to: new}", "{name: a, path: /b, to: legacy}"),
+        ] {
+            let errs = errors(&format!("{BASE}routes:\n  - {first}\n  - {second}\n"));
+            assert_eq!(errs.len(), 2, "{first} / {second}: {errs:?}");
+            assert!(
+                errs.iter().any(|e| e.contains("conflicts with route")),
+                "{first} / {second}: {errs:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn left_overs_of_a_migration_step_are_accepted() {
+        // Cut over (split removed, sticky kept), shadowing stopped (shadow_ignore kept), and a
+        // canary that shadows its `to` for the share `default` serves.
+        let t = table(&format!(
+            "{BASE}routes:\n  - {{path: /a, to: new, sticky: 'header:X-Client-Id'}}\n  - {{path: /b, to: legacy, shadow_ignore: [/id]}}\n  - {{path: /c, to: new, split: 10, shadow: new}}\n"
+        ));
+        assert!(t.routes[0].split.is_none());
+        assert!(t.routes[1].shadow.is_none());
+        assert_eq!(t.routes[2].shadow, Some(t.routes[2].to));
     }
 
     #[test]
