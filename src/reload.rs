@@ -169,15 +169,28 @@ impl BackgroundService for Reloader {
             };
             // Let the burst settle (and a file rewritten faster than it reloads wait its turn),
             // then drain whatever else it queued.
-            let signal_now = matches!(trigger, Trigger::Signal);
+            // A SIGHUP (or POST /reload's trigger) that arrives during a wait for `not_before`
+            // cuts the wait to the debounce: an operator's explicit reload is never delayed.
+            let mut signal = matches!(trigger, Trigger::Signal);
             let settle = tokio::time::Instant::now() + DEBOUNCE;
-            tokio::time::sleep_until(if signal_now {
+            let mut wake = if signal {
                 settle
             } else {
                 settle.max(not_before)
-            })
-            .await;
-            let mut signal = signal_now;
+            };
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(wake) => break,
+                    Some(t) = rx.recv() => if matches!(t, Trigger::Signal) {
+                        signal = true;
+                        wake = wake.min(tokio::time::Instant::now() + DEBOUNCE);
+                    },
+                    Some(_) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                        signal = true;
+                        wake = wake.min(tokio::time::Instant::now() + DEBOUNCE);
+                    }
+                }
+            }
             while let Ok(t) = rx.try_recv() {
                 signal |= matches!(t, Trigger::Signal);
             }
@@ -215,6 +228,13 @@ impl BackgroundService for Reloader {
                 if on_disk == state.snapshot().table.sha256 {
                     // The table in force is the file on disk (a rejected edit may have been
                     // reverted): nothing to load, and the file is valid again.
+                    if crate::metrics::CONFIG_VALID.get() == 0 {
+                        log::info!(
+                            "{} is the table in force again (sha256 {}): valid",
+                            config.display(),
+                            &on_disk[..12]
+                        );
+                    }
                     crate::metrics::CONFIG_VALID.set(1);
                 } else if tried.as_deref() != Some(on_disk.as_str()) {
                     // Each version of the file is tried once: a bad edit is reported once,

@@ -117,6 +117,15 @@ impl RouteLive {
     }
 }
 
+/// A pin set in memory, for its audit line.
+struct PinChange {
+    route: Arc<str>,
+    before: Serving,
+    after: Serving,
+    reason: String,
+    sha256: String,
+}
+
 /// The table in force and its live handles. Requests take one `Arc` of it and keep it to the end.
 #[derive(Debug)]
 pub struct LiveTable {
@@ -192,8 +201,10 @@ pub struct State {
     controls: Mutex<HashMap<Arc<str>, Arc<RouteControl>>>,
     state_file: StateFile,
     audit: Audit,
-    /// Serialises every publish (reload, pin, resume).
+    /// Serialises every publish (the swap of a reload, pin, resume).
     publish: Mutex<()>,
+    /// Serialises reloads, so that two never publish out of order. Taken before `publish`.
+    reloading: Mutex<()>,
 }
 
 impl State {
@@ -231,6 +242,7 @@ impl State {
             state_file,
             audit,
             publish: Mutex::new(()),
+            reloading: Mutex::new(()),
         });
         if restored != saved.len() {
             // Pins of routes that have left routing.yaml are lifted, and said so: a pin is a
@@ -292,8 +304,11 @@ impl State {
 
     /// Reads, validates and swaps in routing.yaml. On error the table in force stays, the error
     /// is logged with `FILE:LINE:COL` and counted, and `strangler_config_valid` drops to 0.
+    ///
+    /// Reading, parsing, validating and resolving run under `reloading` only: pins and resumes
+    /// (one of them from the request path) wait for the swap, never for the parse or for DNS.
     pub fn reload(&self, trigger: &str) -> Result<(), String> {
-        let _publish = self.publish.lock();
+        let _reloading = self.reloading.lock();
         let t0 = Instant::now();
         let mut t_parsed = Duration::ZERO;
         let table = match load_table(&self.config, &mut t_parsed) {
@@ -310,6 +325,7 @@ impl State {
             }
         };
         let t_loaded = t0.elapsed();
+        let _publish = self.publish.lock();
         let old = self.snapshot();
         let live = assemble(table, Some(&old), &mut self.controls.lock());
         self.live.store(Arc::new(live));
@@ -413,37 +429,77 @@ impl State {
         Ok(self.pin_locked(&live, i, reason, why))
     }
 
-    /// Pins every route. Returns how many were newly pinned.
+    /// Pins every route. Returns how many were newly pinned. The pins are set in memory first,
+    /// then written to the state file once: one write for the whole table, not one per route.
     pub fn pin_all(&self, why: &str) -> usize {
         let _publish = self.publish.lock();
         let live = self.snapshot();
-        (0..live.routes.len())
-            .filter(|&i| self.pin_locked(&live, i, PinReason::Manual, why))
-            .count()
+        let changes: Vec<PinChange> = (0..live.routes.len())
+            .filter_map(|i| Self::pin_in_memory(&live, i, PinReason::Manual, why))
+            .collect();
+        if !changes.is_empty() {
+            self.save_pins();
+        }
+        for c in &changes {
+            self.record(c);
+        }
+        changes.len()
     }
 
     /// The automatic rollback: called from the request path when a route's window crosses its
-    /// threshold. Only the first caller pins; the rest return at once.
-    pub fn auto_pin(&self, live: &LiveTable, i: usize, why: &str) {
+    /// threshold. Only the first caller pins; the rest return at once. The pin takes effect here
+    /// (the next request already goes to `default`); the state file and the audit line, which
+    /// wait on the disk, are written by a thread of their own so that no worker thread, and no
+    /// connection on it, waits for an fsync or for a manual pin holding the lock.
+    pub fn auto_pin(self: &Arc<Self>, live: &LiveTable, i: usize, why: &str) {
         if live.routes[i].control.is_pinned() {
             return;
         }
-        let _publish = self.publish.lock();
-        // The table may have been replaced meanwhile; pin by name in the current one.
-        let current = self.snapshot();
-        if let Some(j) = current.table.route_index(&live.table.routes[i].name) {
-            self.pin_locked(&current, j, PinReason::Auto, why);
+        // A route keeps its control across reloads by name, so pinning the control of the
+        // table this request began with pins the route in the table in force too.
+        let Some(change) = Self::pin_in_memory(live, i, PinReason::Auto, why) else {
+            return;
+        };
+        let state = self.clone();
+        let persist = move || {
+            let _publish = state.publish.lock();
+            state.save_pins();
+            state.record(&change);
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("strangler pin".into())
+            .spawn(persist)
+        {
+            log::error!("cannot start the thread that saves an automatic pin: {e}");
         }
     }
 
     fn pin_locked(&self, live: &LiveTable, i: usize, reason: PinReason, why: &str) -> bool {
+        let Some(change) = Self::pin_in_memory(live, i, reason, why) else {
+            return false;
+        };
+        self.save_pins();
+        self.record(&change);
+        true
+    }
+
+    /// Sets the pin of route `i` if it has none (atomically: of two callers, one wins), counts
+    /// and logs it, and returns what the audit line needs.
+    fn pin_in_memory(
+        live: &LiveTable,
+        i: usize,
+        reason: PinReason,
+        why: &str,
+    ) -> Option<PinChange> {
         let control = &live.routes[i].control;
         let route = &live.table.routes[i];
-        if control.is_pinned() {
-            return false;
-        }
         let before = live.serving(route, false);
-        control.pin.store(Some(Arc::new(Pin::now(reason))));
+        let previous = control
+            .pin
+            .compare_and_swap(std::ptr::null::<Pin>(), Some(Arc::new(Pin::now(reason))));
+        if previous.is_some() {
+            return None;
+        }
         metrics::ROLLBACKS
             .with_label_values(&[&*route.name, reason.as_str()])
             .inc();
@@ -452,17 +508,23 @@ impl State {
             route.name,
             reason.as_str()
         );
-        self.save_pins();
-        let after = live.serving(route, true);
-        let reason_text = format!("{} rollback: {why}", reason.as_str());
+        Some(PinChange {
+            route: route.name.clone(),
+            before,
+            after: live.serving(route, true),
+            reason: format!("{} rollback: {why}", reason.as_str()),
+            sha256: live.table.sha256.clone(),
+        })
+    }
+
+    fn record(&self, c: &PinChange) {
         self.audit.record(
-            &route.name,
-            Some(&before),
-            Some(&after),
-            &reason_text,
-            &live.table.sha256,
+            &c.route,
+            Some(&c.before),
+            Some(&c.after),
+            &c.reason,
+            &c.sha256,
         );
-        true
     }
 
     /// Lifts the pin on `route`. Returns whether it was pinned.
@@ -478,7 +540,7 @@ impl State {
         control.pin.store(None);
         // A fresh start: the failures that caused the pin must not re-pin at once.
         control.to_window.clear();
-        log::warn!("route {:?} resumed: served by {} again", r.name, before.to);
+        log::info!("route {:?} resumed: served by {} again", r.name, before.to);
         self.save_pins();
         let after = live.serving(r, false);
         self.audit.record(
