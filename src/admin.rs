@@ -53,8 +53,10 @@ fn decode(s: &str) -> String {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
+            // Digits read as bytes: a `%` before a multi-byte character is not an escape.
+            let hex = |d: u8| (d as char).to_digit(16);
+            if let (Some(hi), Some(lo)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((hi * 16 + lo) as u8);
                 i += 3;
                 continue;
             }
@@ -298,6 +300,9 @@ mod tests {
         assert_eq!(decode("bookings"), "bookings");
         assert_eq!(decode("%2Fitineraries%2F%7Bid%7D"), "/itineraries/{id}");
         assert_eq!(decode("a%2"), "a%2");
+        // A '%' before a multi-byte character is kept as written, not sliced through.
+        assert_eq!(decode("%aé/x"), "%aé/x");
+        assert_eq!(decode("%C3%A9"), "é");
         assert_eq!(decode("/bookings"), "/bookings");
     }
 

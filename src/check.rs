@@ -41,8 +41,8 @@ pub fn check(a: &CheckArgs) -> ExitCode {
     };
     let pins = pins(&a.config.config, a.state.as_deref());
     let pinned = |name: &str| pins.contains_key(name);
-    println!("{}: valid (sha256 {})", table.file, &table.sha256[..16]);
-    println!("\nbackends:");
+    outln!("{}: valid (sha256 {})", table.file, &table.sha256[..16]);
+    outln!("\nbackends:");
     for (i, b) in table.backends.iter().enumerate() {
         let mut notes = Vec::new();
         if i == table.default {
@@ -56,9 +56,9 @@ pub fn check(a: &CheckArgs) -> ExitCode {
             "connect_timeout={:?} timeout={:?}",
             b.connect_timeout, b.timeout
         ));
-        println!("  {:<12} {:<32} {}", b.name, b.url, notes.join(" "));
+        outln!("  {:<12} {:<32} {}", b.name, b.url, notes.join(" "));
     }
-    println!("\nroutes:");
+    outln!("\nroutes:");
     let rows: Vec<[String; 6]> = table
         .routes
         .iter()
@@ -105,13 +105,13 @@ pub fn check(a: &CheckArgs) -> ExitCode {
         for (c, w) in cells.iter().zip(widths) {
             s.push_str(&format!(" {c:<w$}"));
         }
-        println!("{}", s.trim_end());
+        outln!("{}", s.trim_end());
     };
     line(header);
     for row in &rows {
         line([&row[0], &row[1], &row[2], &row[3], &row[4], &row[5]]);
     }
-    println!("\n{}", table.summary(|r| pinned(&r.name)));
+    outln!("\n{}", table.summary(|r| pinned(&r.name)));
     match &a.cases {
         None => ExitCode::SUCCESS,
         Some(cases) => run_cases(&table, cases, &pins),
@@ -269,14 +269,14 @@ fn run_cases(table: &RoutingTable, file: &Path, pins: &BTreeMap<String, Pin>) ->
             Ok(())
         })();
         match outcome {
-            Ok(()) => println!("ok    {}", case.request),
+            Ok(()) => outln!("ok    {}", case.request),
             Err(e) => {
                 failed += 1;
-                println!("FAIL  {} (case {}): {e}", case.request, n + 1);
+                outln!("FAIL  {} (case {}): {e}", case.request, n + 1);
             }
         }
     }
-    println!("{} passed, {failed} failed", cases.len() - failed);
+    outln!("{} passed, {failed} failed", cases.len() - failed);
     if failed == 0 {
         ExitCode::SUCCESS
     } else {
@@ -317,7 +317,7 @@ pub fn explain(a: &ExplainArgs) -> ExitCode {
     }) {
         Ok(d) => d,
         Err(e) => {
-            println!(
+            outln!(
                 "{method} {}\n  answered by strangler: {e}; sent nowhere",
                 a.path
             );
@@ -325,13 +325,13 @@ pub fn explain(a: &ExplainArgs) -> ExitCode {
         }
     };
     let backend = &table.backends[d.backend];
-    println!("{method} {}", a.path);
-    println!("  normalised path: {}", d.normal_path);
+    outln!("{method} {}", a.path);
+    outln!("  normalised path: {}", d.normal_path);
     match d.route {
         Some(i) => {
             let r = &table.routes[i];
             let state = table.state(r, pins.contains_key(&*r.name)).as_str();
-            println!("  route:    {} (path {}, state {state})", r.name, r.path);
+            outln!("  route:    {} (path {}, state {state})", r.name, r.path);
             let keyless = r.split.as_ref().is_some_and(|s| {
                 split::sticky_key(&s.sticky, &headers, Some(a.client_ip)).is_none()
             });
@@ -346,21 +346,22 @@ pub fn explain(a: &ExplainArgs) -> ExitCode {
             } else {
                 format!("split: this client is outside the {percent}%")
             };
-            println!("  backend:  {} ({}) — {why}", backend.name, backend.url);
+            outln!("  backend:  {} ({}) — {why}", backend.name, backend.url);
         }
         None => {
-            println!("  route:    {DEFAULT_ROUTE} (no route matches)");
-            println!(
+            outln!("  route:    {DEFAULT_ROUTE} (no route matches)");
+            outln!(
                 "  backend:  {} ({}) — the default",
-                backend.name, backend.url
+                backend.name,
+                backend.url
             );
         }
     }
-    println!("  upstream: {method} {} HTTP/1.1", d.upstream_target);
+    outln!("  upstream: {method} {} HTTP/1.1", d.upstream_target);
     match (&backend.host_header, headers.get(http::header::HOST)) {
-        (Some(h), _) => println!("  Host:     {h} (set by backend `host`)"),
-        (None, Some(h)) => println!("  Host:     {} (the client's)", h.to_str().unwrap_or("?")),
-        (None, None) => println!("  Host:     the client's Host, kept"),
+        (Some(h), _) => outln!("  Host:     {h} (set by backend `host`)"),
+        (None, Some(h)) => outln!("  Host:     {} (the client's)", h.to_str().unwrap_or("?")),
+        (None, None) => outln!("  Host:     the client's Host, kept"),
     }
     ExitCode::SUCCESS
 }

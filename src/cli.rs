@@ -62,6 +62,7 @@ pub struct RunArgs {
         long,
         env = "STRANGLER_LISTEN",
         value_delimiter = ',',
+        value_parser = trimmed,
         default_value = "0.0.0.0:8080"
     )]
     pub listen: Vec<String>,
@@ -151,6 +152,7 @@ pub struct ClientArgs {
         long,
         env = "STRANGLER_ADMIN",
         value_delimiter = ',',
+        value_parser = trimmed,
         default_value = "http://127.0.0.1:9900"
     )]
     pub admin: Vec<String>,
@@ -203,6 +205,11 @@ fn admin_listen_address(s: &str) -> Result<String, String> {
         return Err(format!("{s:?} is not HOST:PORT (or http://HOST:PORT)"));
     }
     Ok(addr.to_string())
+}
+
+/// A list item as written after a comma in an environment variable (`a:1, b:2`).
+fn trimmed(s: &str) -> Result<String, String> {
+    Ok(s.trim().to_string())
 }
 
 #[cfg(test)]

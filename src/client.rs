@@ -123,7 +123,11 @@ fn fan_out(
     show: impl Fn(&Value) -> String + Sync,
 ) -> ExitCode {
     let targets = targets(&args.admin);
-    let token = args.admin_token.as_deref().filter(|t| !t.is_empty());
+    let token = args
+        .admin_token
+        .as_deref()
+        .map(str::trim)
+        .filter(|t| !t.is_empty());
     let results: Vec<(Target, Answer)> = std::thread::scope(|s| {
         let handles: Vec<_> = targets
             .iter()
@@ -142,16 +146,16 @@ fn fan_out(
         match r {
             Ok((status, body)) if (200..300).contains(status) => {
                 if args.json {
-                    println!(
+                    outln!(
                         "{prefix}{}",
                         serde_json::to_string_pretty(body).unwrap_or_default()
                     );
                 } else {
                     let text = show(body);
                     if many && text.contains('\n') {
-                        println!("{}:\n{text}", t.label);
+                        outln!("{}:\n{text}", t.label);
                     } else {
-                        println!("{prefix}{text}");
+                        outln!("{prefix}{text}");
                     }
                 }
             }
@@ -170,7 +174,7 @@ fn fan_out(
         }
     }
     if many {
-        println!(
+        outln!(
             "{} of {} replicas ok",
             results.len() - failed,
             results.len()

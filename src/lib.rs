@@ -15,6 +15,16 @@
 //! path (normalisation) · split · shadow · rollback · pins · audit · forwarding · errors · metrics
 //! allocator (mimalloc settings)
 //! ```
+/// `println!` for the command-line output (`check`, `explain`, `routes`): a reader that closes
+/// early (`strangler check | head -1`) ends the output, not the process with a panic, and the
+/// exit status stays the command's own.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 pub mod admin;
 pub mod allocator;
 pub mod audit;

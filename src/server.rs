@@ -58,7 +58,7 @@ pub fn check_admin_address(admin: &str, token: Option<&str>) -> Result<(), Strin
         .map_err(|e| format!("admin address {admin:?}: {e}"))?
         .collect();
     let exposed = addrs.iter().any(|a| !a.ip().is_loopback());
-    if exposed && token.is_none_or(str::is_empty) {
+    if exposed && token.is_none_or(|t| t.trim().is_empty()) {
         return Err(format!(
             "refusing to serve the admin API on non-loopback {admin} without a token: set STRANGLER_ADMIN_TOKEN"
         ));
@@ -72,7 +72,7 @@ pub fn check_admin_address(admin: &str, token: Option<&str>) -> Result<(), Strin
 /// the admin API says healthy: refusing at start-up (exit 1, the reason) is what an operator
 /// and a supervisor can act on. Skipped for `--upgrade`, where the sockets come from the old
 /// process and are taken by design.
-fn check_bindable(what: &str, addr: &str) -> Result<(), String> {
+fn check_bindable(what: &str, addr: &str) -> Result<SocketAddr, String> {
     let addrs: Vec<SocketAddr> = addr
         .to_socket_addrs()
         .map_err(|e| format!("{what} address {addr:?}: {e} (want HOST:PORT, e.g. 0.0.0.0:8080)"))?
@@ -81,8 +81,29 @@ fn check_bindable(what: &str, addr: &str) -> Result<(), String> {
         .first()
         .ok_or_else(|| format!("{what} address {addr:?} resolves to nothing"))?;
     std::net::TcpListener::bind(first)
-        .map(drop)
+        .map(|_| *first)
         .map_err(|e| format!("cannot listen on {addr} ({what}): {e}"))
+}
+
+/// Refuses two of this process's own listeners on one address. Pingora binds with
+/// `SO_REUSEPORT`, so the second bind succeeds and the kernel then hands each connection to one
+/// of the two at random: proxy traffic answered by the admin API, or the other way round.
+/// Two addresses clash on the same port in the same family when their IPs are equal or one of
+/// them is the wildcard (which covers the other).
+fn check_distinct(addrs: &[(String, SocketAddr)]) -> Result<(), String> {
+    for (i, (what_a, a)) in addrs.iter().enumerate() {
+        for (what_b, b) in &addrs[..i] {
+            let clash = a.port() == b.port()
+                && a.is_ipv4() == b.is_ipv4()
+                && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified());
+            if clash {
+                return Err(format!(
+                    "cannot listen on {a} ({what_a}): {b} is already this process's {what_b}"
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// SIGTERM and SIGINT drain; SIGQUIT hands over to an upgraded process.
@@ -145,15 +166,31 @@ impl BackgroundService for DrainWatcher {
 
 /// Runs the proxy until it is told to stop. Errors are start-up errors (exit 1).
 pub fn serve(opts: ServeOptions) -> Result<(), String> {
+    // SIGHUP's default action ends the process. Until the reloader listens for it (after the
+    // table is loaded and Pingora has started, which takes a while for a large table), one
+    // sent by `systemctl reload` or a config sidecar right after a restart is ignored: the
+    // table being loaded is the file's content of that moment anyway.
+    // SAFETY: `signal` with SIG_IGN installs no handler code; tokio's later registration
+    // replaces the disposition.
+    unsafe {
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+    }
     check_admin_address(&opts.admin, opts.admin_token.as_deref())?;
     if !opts.upgrade {
+        let mut bound = Vec::new();
         for addr in &opts.listen {
-            check_bindable("--listen", addr)?;
+            bound.push(("--listen".to_string(), check_bindable("--listen", addr)?));
         }
-        check_bindable("--admin", &opts.admin)?;
+        bound.push((
+            "--admin".to_string(),
+            check_bindable("--admin", &opts.admin)?,
+        ));
         for (name, addr) in &opts.demo_services {
-            check_bindable(&format!("demo service {name}"), addr)?;
+            let what = format!("demo service {name}");
+            let a = check_bindable(&what, addr)?;
+            bound.push((what, a));
         }
+        check_distinct(&bound)?;
     }
     let state_path = opts
         .state_file
@@ -216,7 +253,12 @@ pub fn serve(opts: ServeOptions) -> Result<(), String> {
         "strangler admin".to_string(),
         HttpServer::new_app(Admin {
             state: state.clone(),
-            token: opts.admin_token.clone().filter(|t| !t.is_empty()),
+            token: opts
+                .admin_token
+                .as_deref()
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(str::to_string),
         }),
     );
     admin.add_tcp(&opts.admin);

@@ -668,6 +668,30 @@ fn write(dir: &Path, name: &str, text: &str) -> String {
 const BACKENDS: &str = "backends:\n  legacy:\n    url: http://127.0.0.1:9001\n  new:\n    url: http://127.0.0.1:9002\ndefault: legacy\n";
 
 #[test]
+fn check_and_explain_end_quietly_when_their_reader_has_gone() {
+    // `strangler check | grep -q valid` under pipefail: the reader may be gone before the first
+    // line. The read end is closed before the child starts, so every write meets EPIPE.
+    let sample = concat!(env!("CARGO_MANIFEST_DIR"), "/routing.yaml");
+    for args in [
+        &["check", "-c", sample][..],
+        &["explain", "-c", sample, "GET", "/bookings/42"][..],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(bin())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+#[test]
 fn check_prints_the_table_and_points_at_each_error() {
     let dir = tempfile::tempdir().unwrap();
     let good = write(
