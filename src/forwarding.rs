@@ -84,6 +84,7 @@ pub fn host_value_ok(value: &[u8]) -> bool {
 
 /// `X-Forwarded-For`, to read what the client sent.
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 // Header names as written on the wire, for the primary request and the shadow copy alike.
 // Pingora keeps each header's case beside the map; a `&'static str` name costs it one copy less

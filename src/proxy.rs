@@ -46,6 +46,9 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 const WIRE_STRANGLER_ROUTE: &str = "X-Strangler-Route";
 const WIRE_STRANGLER_BACKEND: &str = "X-Strangler-Backend";
 
+/// How long one write to a client may wait for it to read (nginx's `send_timeout`, 60 s).
+pub const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Request size limits enforced before routing (the backend is never contacted past them).
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -299,6 +302,13 @@ impl ProxyHttp for Strangler {
         // back after the first are dropped with the connection although the answer says
         // keep-alive. Pingora serves them in order once enabled.
         session.as_downstream_mut().set_pipelining_enabled(true);
+        // A client that stops reading would otherwise hold its request, a backend connection
+        // and the body pipeline's buffers for ever: each write to it must progress within
+        // CLIENT_WRITE_TIMEOUT (nginx's `send_timeout`). The timer is armed only by a write
+        // that blocks.
+        session
+            .as_downstream_mut()
+            .set_write_timeout(Some(CLIENT_WRITE_TIMEOUT));
         let live = self.state.snapshot();
         let req = session.req_header();
         ctx.method = metrics::method_label(&req.method);
@@ -394,6 +404,7 @@ impl ProxyHttp for Strangler {
             ctx.shadow = shadow::tap(
                 &live,
                 i,
+                backend,
                 session.req_header(),
                 ctx.path.as_ref(),
                 &ctx.request_id,
@@ -470,6 +481,9 @@ impl ProxyHttp for Strangler {
         up.insert_header(WIRE_FORWARDED_PROTO, PROTO_HTTP.clone())?;
         if let Some(h) = &ctx.client_host {
             up.insert_header(WIRE_FORWARDED_HOST, h.clone())?;
+        } else {
+            // No Host to report: the client's own claim must not pass for the proxy's.
+            up.remove_header(&forwarding::X_FORWARDED_HOST);
         }
         up.insert_header(WIRE_REQUEST_ID, ctx.request_id.clone())?;
         Ok(())
@@ -499,10 +513,12 @@ impl ProxyHttp for Strangler {
             return Ok(());
         };
         let backend = &live.table.backends[b];
+        // Read as UTF-8, not `to_str` (visible ASCII only): a Location or Set-Cookie carrying
+        // raw UTF-8 (an IRI path) must be rewritten as well, or it leaks the backend.
         if let Some(loc) = resp
             .headers
             .get(header::LOCATION)
-            .and_then(|v| v.to_str().ok())
+            .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
         {
             // Without a Host (HTTP/1.0, or an empty one), the address the client connected to.
             let local;
@@ -540,8 +556,7 @@ impl ProxyHttp for Strangler {
             let rewritten: Vec<HeaderValue> = cookies
                 .iter()
                 .map(|c| {
-                    match c
-                        .to_str()
+                    match std::str::from_utf8(c.as_bytes())
                         .ok()
                         .and_then(|s| forwarding::strip_cookie_domain(s, &hosts))
                     {

@@ -40,7 +40,9 @@ pub fn warm_up() {
 pub static X_STRANGLER_SHADOW: HeaderName = HeaderName::from_static("x-strangler-shadow");
 
 /// Hop-by-hop and framing headers never copied onto a shadow request.
-static NOT_COPIED: [HeaderName; 9] = [
+/// `X-Forwarded-Host` is set from the client's Host, never copied (an HTTP/1.0 client may send
+/// no Host and its own `X-Forwarded-Host`).
+static NOT_COPIED: [HeaderName; 10] = [
     header::CONNECTION,
     header::TE,
     header::TRANSFER_ENCODING,
@@ -50,6 +52,7 @@ static NOT_COPIED: [HeaderName; 9] = [
     header::PROXY_AUTHORIZATION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("x-forwarded-host"),
 ];
 
 /// What was seen of one side's response.
@@ -129,13 +132,15 @@ pub struct Client<'a> {
     pub host: Option<&'a HeaderValue>,
 }
 
-/// Starts the shadow request for route `i` if it has `shadow` and the request is a GET or HEAD.
+/// Starts the shadow request for route `i` if it has `shadow`, the request is a GET or HEAD, and
+/// `shadow` is not the backend that serves it (`served_by`).
 /// The copy is forwarded as the primary is (SPEC §4): hop-by-hop headers, and those the client's
 /// `Connection` names, removed; `X-Forwarded-For` appended, `X-Forwarded-Proto` and
 /// `X-Forwarded-Host` set; plus `X-Strangler-Shadow: 1`.
 pub fn tap(
     live: &Arc<LiveTable>,
     i: usize,
+    served_by: usize,
     req: &RequestHeader,
     path: Option<&NormalPath>,
     request_id: &HeaderValue,
@@ -143,6 +148,10 @@ pub fn tap(
 ) -> Option<ShadowTap> {
     let route = &live.table.routes[i];
     let shadow = route.shadow?;
+    if shadow == served_by {
+        // `shadow` equal to `to`: only the requests `default` serves are copied.
+        return None;
+    }
     if !matches!(req.method, http::Method::GET | http::Method::HEAD) {
         return None;
     }

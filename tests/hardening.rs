@@ -605,7 +605,12 @@ fn foreign_targets_connect_and_host_errors_are_refused_and_sent_nowhere() {
         targets(&legacy)
     );
     // HTTP/1.0 without Host is lawful and forwarded.
-    let (answer, _) = exchange(&addr, b"GET /ten HTTP/1.0\r\n\r\n", Duration::from_secs(3));
+    // Its own X-Forwarded-Host does not pass for the proxy's: there is no Host to report.
+    let (answer, _) = exchange(
+        &addr,
+        b"GET /ten HTTP/1.0\r\nX-Forwarded-Host: evil.example\r\n\r\n",
+        Duration::from_secs(3),
+    );
     assert_eq!(status_of(&answer), 200, "{answer}");
     assert_eq!(targets(&legacy), vec!["/ten".to_string()]);
     // The upstream request is HTTP/1.1, which needs a Host: the backend's address.
@@ -613,6 +618,12 @@ fn foreign_targets_connect_and_host_errors_are_refused_and_sent_nowhere() {
     assert_eq!(
         legacy.seen()[0].headers.get("host"),
         Some(&backend_authority),
+        "{:?}",
+        legacy.seen()[0].headers
+    );
+    assert_eq!(
+        legacy.seen()[0].headers.get("x-forwarded-host"),
+        None,
         "{:?}",
         legacy.seen()[0].headers
     );

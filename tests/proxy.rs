@@ -183,9 +183,15 @@ fn forwarding_headers_and_rewrites() {
         } else {
             "http:"
         };
+        // An IRI path: raw UTF-8 in the header (X-Utf8), which `to_str` refuses.
+        let path = if s.headers.contains_key("x-utf8") {
+            "caf\u{e9}"
+        } else {
+            "next?a=1"
+        };
         r.headers_mut().insert(
             "location",
-            format!("{scheme}//127.0.0.1:{port}/next?a=1")
+            format!("{scheme}//127.0.0.1:{port}/{path}")
                 .parse()
                 .unwrap(),
         );
@@ -256,6 +262,18 @@ fn forwarding_headers_and_rewrites() {
             "{headers:?}"
         );
     }
+    let head = format!(
+        "GET /x HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nX-Backend-Port: {port}\r\nX-Utf8: 1\r\nConnection: close\r\n\r\n",
+        proxy.port
+    );
+    let answer = raw(&format!("127.0.0.1:{}", proxy.port), head.as_bytes()).to_lowercase();
+    assert!(
+        answer.contains(&format!(
+            "location: http://127.0.0.1:{}/caf\u{e9}\r\n",
+            proxy.port
+        )),
+        "{answer}"
+    );
     // Several X-Forwarded-For lines are one list, in order.
     let head = "GET /x HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 1.1.1.1\r\n\
                 X-Forwarded-For: 2.2.2.2, 3.3.3.3\r\nConnection: close\r\n\r\n";
@@ -783,10 +801,20 @@ fn an_address_it_cannot_listen_on_is_a_start_up_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let taken = taken.local_addr().unwrap().to_string();
     let free = || format!("127.0.0.1:{}", free_port());
+    // Its own two listeners on one address: Pingora's SO_REUSEPORT would let both bind and
+    // share the connections at random.
+    let same = free();
+    let wildcard_port = free_port();
     for (listen, admin, says) in [
         (taken.clone(), free(), "cannot listen on"),
         (free(), taken.clone(), "cannot listen on"),
         ("bogus".to_string(), free(), "--listen address \"bogus\""),
+        (same.clone(), same, "is already this process's --listen"),
+        (
+            format!("0.0.0.0:{wildcard_port}"),
+            format!("127.0.0.1:{wildcard_port}"),
+            "is already this process's --listen",
+        ),
     ] {
         let log = dir.path().join("stderr");
         let mut child = std::process::Command::new(bin())
