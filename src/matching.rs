@@ -44,15 +44,68 @@ pub fn parse_pattern(path: &str) -> Result<Vec<PatternSegment>, String> {
             return Err(format!(
                 "segment {seg:?} can never match: dot segments are refused"
             ));
-        } else if seg.contains('%')
-            || seg.contains(['\\', '?', '#'])
-            || seg.chars().any(char::is_control)
-        {
+        } else {
+            out.push(PatternSegment::Literal(literal(seg)?));
+        }
+    }
+    Ok(out)
+}
+
+/// A literal segment as requests are matched against it: in the form clients send. Requests are
+/// matched after their unreserved escapes are decoded and with every other escape kept as
+/// received (`path.rs`), so a literal writes unreserved characters plainly (`b`, not `%62`), and
+/// a space or a non-ASCII character percent-encoded with upper-case hex (`caf%C3%A9`, what
+/// browsers and HTTP libraries send: a raw one could never match them).
+fn literal(seg: &str) -> Result<String, String> {
+    let b = seg.as_bytes();
+    let mut out = String::with_capacity(seg.len());
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        if c == b'%' {
+            let hex = |d: Option<&u8>| d.and_then(|d| (*d as char).to_digit(16));
+            let (Some(hi), Some(lo)) = (hex(b.get(i + 1)), hex(b.get(i + 2))) else {
+                return Err(format!(
+                    "segment {seg:?}: '%' must start an escape of two hex digits"
+                ));
+            };
+            let v = (hi * 16 + lo) as u8;
+            if v.is_ascii_alphanumeric() || matches!(v, b'-' | b'.' | b'_' | b'~') {
+                return Err(format!(
+                    "segment {seg:?}: write {:?} instead of {:?}: requests are matched with it decoded",
+                    v as char,
+                    &seg[i..i + 3]
+                ));
+            }
+            if v.is_ascii_control() || v == b'\\' {
+                return Err(format!(
+                    "segment {seg:?}: an escaped control character or backslash is refused in requests, so it can never match"
+                ));
+            }
+            out.push('%');
+            out.push_str(&seg[i + 1..i + 3].to_ascii_uppercase());
+            i += 3;
+        } else if c.is_ascii_control() || matches!(c, b'\\' | b'?' | b'#') {
             return Err(format!(
-                "segment {seg:?}: write the path decoded, without '%', '?', '#', '\\\\' or control characters"
+                "segment {seg:?}: '?', '#', '\\\\' and control characters cannot be part of a path"
+            ));
+        } else if c == b' ' || !c.is_ascii() {
+            let encoded: String = seg
+                .bytes()
+                .map(|c| {
+                    if c == b' ' || !c.is_ascii() {
+                        format!("%{c:02X}")
+                    } else {
+                        (c as char).to_string()
+                    }
+                })
+                .collect();
+            return Err(format!(
+                "segment {seg:?}: clients send spaces and non-ASCII characters percent-encoded; write {encoded:?}"
             ));
         } else {
-            out.push(PatternSegment::Literal(seg.to_string()));
+            out.push(c as char);
+            i += 1;
         }
     }
     Ok(out)
@@ -343,9 +396,36 @@ mod tests {
                 PatternSegment::Literal("b".into())
             ]
         );
-        for bad in ["/a/{id", "/a/x{id}", "/a/{}", "/a/..", "/a/%41", "/a/{i-d}"] {
+        for bad in [
+            "/a/{id",
+            "/a/x{id}",
+            "/a/{}",
+            "/a/..",
+            "/a/%41",
+            "/a/{i-d}",
+            "/a/%4",
+            "/a/%00",
+            "/a/%5C",
+            "/a b",
+            "/caf\u{e9}",
+            "/a\\b",
+        ] {
             assert!(parse_pattern(bad).is_err(), "{bad}");
         }
+        // Written as clients send them: escapes kept, hex in upper case.
+        assert_eq!(
+            parse_pattern("/caf%c3%A9/a%20b/x%2Fy").unwrap(),
+            vec![
+                PatternSegment::Literal("caf%C3%A9".into()),
+                PatternSegment::Literal("a%20b".into()),
+                PatternSegment::Literal("x%2Fy".into())
+            ]
+        );
+        // ... and a request in that form matches them.
+        let t = build(&[("/caf%c3%a9", false, None)]);
+        assert_eq!(find(&t, "GET", "/caf%C3%A9/1"), Some(0));
+        let err = parse_pattern("/caf\u{e9}").unwrap_err();
+        assert!(err.contains("write \"caf%C3%A9\""), "{err}");
     }
 
     #[test]
