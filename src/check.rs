@@ -150,7 +150,47 @@ pub fn decide(
     client_ip: IpAddr,
     pinned: impl Fn(&str) -> bool,
 ) -> Result<Decision, String> {
-    if method == "OPTIONS" && target == "*" {
+    // The proxy's own refusals, in its order and with its default limits: a case or an
+    // explanation must not describe as forwarded a request the proxy answers itself.
+    let limits = crate::proxy::Limits::default();
+    if target.len() > limits.max_uri_bytes {
+        return Err(format!(
+            "414 uri_too_long: the target is over {} bytes (run's default --max-uri-bytes)",
+            limits.max_uri_bytes
+        ));
+    }
+    let header_bytes: usize = headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len())
+        .sum();
+    if headers.len() > limits.max_headers || header_bytes > limits.max_header_bytes {
+        return Err(format!(
+            "431 headers_too_large: over {} header fields or {} bytes (run's defaults)",
+            limits.max_headers, limits.max_header_bytes
+        ));
+    }
+    let asterisk = method == "OPTIONS" && target == "*";
+    let normal = if asterisk {
+        None
+    } else {
+        Some(path::normalize(target).map_err(|e| format!("400 bad_request: {e}"))?)
+    };
+    let mut hosts = headers.get_all(http::header::HOST).iter();
+    let host_ok = match (hosts.next(), hosts.next()) {
+        (Some(h), None) => crate::forwarding::host_value_ok(h.as_bytes()),
+        // No -H Host: the client's Host is whatever it will be.
+        (None, None) => true,
+        _ => false,
+    };
+    if !host_ok {
+        return Err(
+            "400 bad_request: exactly one Host header, host[:port], is required".to_string(),
+        );
+    }
+    if let Some(why) = crate::forwarding::connection_refusal(headers) {
+        return Err(format!("400 bad_request: {why}"));
+    }
+    let Some(normal) = normal else {
         // Server-wide OPTIONS: no path to match, so `default` answers it, target unchanged.
         return Ok(Decision {
             route: None,
@@ -159,8 +199,7 @@ pub fn decide(
             upstream_target: "*".to_string(),
             normal_path: "*".to_string(),
         });
-    }
-    let normal = path::normalize(target).map_err(|e| format!("400 bad_request: {e}"))?;
+    };
     let match_method = match (method, headers.get("access-control-request-method")) {
         ("OPTIONS", Some(m)) => m.to_str().unwrap_or(method).to_string(),
         _ => method.to_string(),

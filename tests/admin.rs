@@ -864,4 +864,35 @@ fn golden_cases_pin_the_routing_in_ci_and_explain_shows_the_upstream_request() {
         out.contains("upstream: get /bookings/42 HTTP/1.1"),
         "the method as sent:\n{out}"
     );
+    // Requests the proxy answers itself are explained as such, not as forwarded.
+    let long = format!("/bookings/{}", "a".repeat(9000));
+    let big = format!("X-Big: {}", "a".repeat(40_000));
+    for (args, says) in [
+        (
+            vec!["GET", "/bookings/1", "-H", "Host: a/b"],
+            "400 bad_request",
+        ),
+        (
+            vec!["GET", "/bookings/1", "-H", "Host: a", "-H", "Host: b"],
+            "400 bad_request",
+        ),
+        (
+            vec!["GET", "/bookings/1", "-H", "Connection: X-Forwarded-For"],
+            "400 bad_request",
+        ),
+        (vec!["GET", long.as_str()], "414 uri_too_long"),
+        (
+            vec!["GET", "/bookings", "-H", big.as_str()],
+            "431 headers_too_large",
+        ),
+    ] {
+        let mut all = vec!["explain", "-c", &cfg];
+        all.extend(args.iter().copied());
+        let (code, out, err) = strangler(&all);
+        assert_eq!(code, 0, "{err}");
+        assert!(
+            out.contains(&format!("answered by strangler: {says}")) && !out.contains("upstream:"),
+            "{says}:\n{out}"
+        );
+    }
 }
