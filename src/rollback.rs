@@ -11,6 +11,7 @@ const SLOTS: usize = 20;
 
 /// Requests and failures, packed in one u64 per slot together with the slot's epoch so that a
 /// recycle and an increment never tear: high 24 bits epoch, then 20 bits requests, 20 failures.
+/// A slot that reaches 2^20 - 1 requests stops counting (see `record`).
 #[derive(Debug)]
 pub struct Window {
     origin: Instant,
@@ -58,6 +59,12 @@ impl Window {
         loop {
             let (e, r, f) = unpack(cur);
             let next = if e == epoch {
+                if r >= COUNT_MASK {
+                    // A full slot stops counting both: its first 2^20 requests stand for the
+                    // rest, so the failure share stays what it was (counting failures alone on
+                    // would inflate it and pin a healthy route).
+                    return;
+                }
                 pack(epoch, r + 1, f + u64::from(failed))
             } else {
                 pack(epoch, 1, u64::from(failed))
@@ -117,6 +124,21 @@ mod tests {
         assert_eq!(w.totals(t0 + Duration::from_secs(200), win), (0, 0));
         w.clear();
         assert_eq!(w.totals(t0 + Duration::from_secs(10), win), (0, 0));
+    }
+
+    #[test]
+    fn a_full_slot_keeps_its_failure_share() {
+        let w = Window::default();
+        let t0 = w.origin;
+        let win = Duration::from_secs(24 * 3600);
+        // One slot of a 24 h window lasts 72 min: 3 million requests in it, one in ten failed.
+        for i in 0..3_000_000u64 {
+            w.record(t0, win, i % 10 == 0);
+        }
+        let (r, f) = w.totals(t0, win);
+        assert_eq!(r, COUNT_MASK);
+        let share = f as f64 / r as f64;
+        assert!((share - 0.1).abs() < 0.001, "{f} of {r}");
     }
 
     #[test]
