@@ -5,7 +5,7 @@
 //! are complete the task compares them and counts the result.
 
 use std::net::IpAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
@@ -27,6 +27,10 @@ use crate::state::{LiveTable, RouteControl};
 pub const BODY_CAP: usize = 1 << 20;
 /// Shadow requests in flight per route; beyond it a shadow is `skipped`.
 pub const MAX_IN_FLIGHT: usize = 32;
+/// Shadow requests in flight in the whole process, whatever the number of shadowed routes: each
+/// may hold two 1 MiB captures and a socket. Beyond it a shadow is `skipped`.
+pub const MAX_IN_FLIGHT_TOTAL: usize = 256;
+static IN_FLIGHT_TOTAL: AtomicUsize = AtomicUsize::new(0);
 
 static CLIENT: LazyLock<Connector> = LazyLock::new(|| Connector::new(None));
 
@@ -120,9 +124,26 @@ impl ShadowTap {
 /// Frees a shadow slot when the task ends, however it ends.
 struct Slot(Arc<RouteControl>);
 
+impl Slot {
+    /// Takes a slot of the route and of the process, or none if either is full.
+    fn take(control: Arc<RouteControl>) -> Option<Slot> {
+        if control.shadow_in_flight.fetch_add(1, Ordering::AcqRel) >= MAX_IN_FLIGHT {
+            control.shadow_in_flight.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        if IN_FLIGHT_TOTAL.fetch_add(1, Ordering::AcqRel) >= MAX_IN_FLIGHT_TOTAL {
+            IN_FLIGHT_TOTAL.fetch_sub(1, Ordering::AcqRel);
+            control.shadow_in_flight.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Slot(control))
+    }
+}
+
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.shadow_in_flight.fetch_sub(1, Ordering::AcqRel);
+        IN_FLIGHT_TOTAL.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -158,15 +179,12 @@ pub fn tap(
     let path = path?;
     let backend = &live.table.backends[shadow];
     let labels = [&*route.name, &*backend.name];
-    let control = live.routes[i].control.clone();
-    if control.shadow_in_flight.fetch_add(1, Ordering::AcqRel) >= MAX_IN_FLIGHT {
-        control.shadow_in_flight.fetch_sub(1, Ordering::AcqRel);
+    let Some(slot) = Slot::take(live.routes[i].control.clone()) else {
         metrics::SHADOW
             .with_label_values(&[labels[0], labels[1], "skipped"])
             .inc();
         return None;
-    }
-    let slot = Slot(control);
+    };
     let addr = backend.addr?;
 
     let mut up =
