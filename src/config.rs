@@ -486,6 +486,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .ok_or_else(|| format!("duration {s:?} needs a unit: ms, s, m or h (e.g. 2s, 500ms)"))?;
     let (num, unit) = s.split_at(split);
+    if num.is_empty() {
+        return Err(format!(
+            "duration {s:?} must be a number and a unit, like 2s or 500ms"
+        ));
+    }
     let n: f64 = num
         .parse()
         .map_err(|_| format!("duration {s:?}: {num:?} is not a number"))?;

@@ -227,8 +227,8 @@ impl RoutingTable {
             );
             let timeout = duration("timeout", &spec.timeout, DEFAULT_TIMEOUT);
             if let Some(h) = &spec.host {
-                if h.is_empty() || http::HeaderValue::from_str(h).is_err() || h.contains(['/', ' '])
-                {
+                // The rule the proxy applies to a client's Host (`h:99999` is refused there).
+                if !crate::forwarding::host_value_ok(h.as_bytes()) || h.is_empty() {
                     errors.push(source.error_at(&at("host"), format!("{h:?} is not a valid Host")));
                 }
             }
@@ -349,23 +349,28 @@ impl RoutingTable {
                         "methods is empty: omit it to serve every method",
                     ));
                 }
-                ms.iter()
-                    .enumerate()
-                    .map(|(j, m)| {
-                        let up = m.to_ascii_uppercase();
-                        if up.is_empty()
-                            || !up
-                                .bytes()
-                                .all(|b| b.is_ascii_alphabetic() || b == b'-' || b == b'_')
-                        {
-                            errors.push(source.error_at(
-                                &format!("routes.{i}.methods.{j}"),
-                                format!("{m:?} is not an HTTP method"),
-                            ));
-                        }
-                        up
-                    })
-                    .collect::<Vec<_>>()
+                let mut listed: Vec<String> = Vec::with_capacity(ms.len());
+                for (j, m) in ms.iter().enumerate() {
+                    let up = m.to_ascii_uppercase();
+                    let why = if up.is_empty()
+                        || !up
+                            .bytes()
+                            .all(|b| b.is_ascii_alphabetic() || b == b'-' || b == b'_')
+                    {
+                        Some(format!("{m:?} is not an HTTP method"))
+                    } else if up == "CONNECT" {
+                        Some("CONNECT is answered 405 before routing: no route serves it".into())
+                    } else if listed.contains(&up) {
+                        Some(format!("{up} is listed twice"))
+                    } else {
+                        None
+                    };
+                    if let Some(why) = why {
+                        errors.push(source.error_at(&format!("routes.{i}.methods.{j}"), why));
+                    }
+                    listed.push(up);
+                }
+                listed
             });
             let to = lookup(&mut errors, &spec.to, &|| at("to"));
             let shadow = spec
@@ -489,7 +494,12 @@ impl RoutingTable {
                 shadow,
                 shadow_ignore: spec.shadow_ignore,
                 failover: spec.failover,
-                rewrite: spec.rewrite.map(|r| r.trim_end_matches('/').to_string()),
+                // In the form the proxy forwards paths: `/v2//x` is sent as `/v2/x`.
+                rewrite: spec.rewrite.map(|r| {
+                    let normal =
+                        crate::path::normalize(&r).map_or(r.clone(), |p| p.path().to_string());
+                    normal.trim_end_matches('/').to_string()
+                }),
                 rollback,
             });
         }
@@ -687,7 +697,7 @@ fn parse_url(url: &str) -> Result<ParsedUrl, String> {
         Some((_, p)) => p
             .parse::<u16>()
             .ok()
-            .filter(|p| *p != 0)
+            .filter(|n| *n != 0 && p.bytes().all(|b| b.is_ascii_digit()))
             .ok_or_else(|| format!("{url:?}: port {p:?} is not 1..65535"))?,
     };
     let scheme = if tls { "https" } else { "http" };
@@ -819,6 +829,8 @@ mod tests {
             ("routes:\n  - {name: default, path: /a, to: new}\n", "t.yaml:6:12: route name \"default\" is reserved"),
             ("routes:\n  - path: /a\n    to: new\n    rollback: {error_rate: 5%, min_requests: 20, window: 60}\n", "t.yaml:8:58: duration \"60\" needs a unit"),
             ("routes:\n  - {path: /a, to: new, sticky: 'tls:X'}\n", "t.yaml:6:33: "),
+            ("routes:\n  - {path: /a, to: new, methods: [GET, get]}\n", "t.yaml:6:40: GET is listed twice"),
+            ("routes:\n  - {path: /a, to: new, methods: [CONNECT]}\n", "t.yaml:6:35: CONNECT is answered 405"),
             ("routes:\n  - {path: /a, to: new, split: 101%}\n", "t.yaml:6:32: split 101 is outside 0..100"),
             ("routes:\n  - {path: /a, to: new, rollback: {error_rate: 150%, min_requests: 1, window: 1s}}\n", "error_rate 150 is outside 0..100"),
             ("routes:\n  - {path: /a, to: new, split: ten}\n", "t.yaml:6:32: split \"ten\" is not a percentage like 5%"),
@@ -970,6 +982,7 @@ mod tests {
             ("http://127.0.0.1:0", "port \"0\" is not 1..65535"),
             ("http://127.0.0.1:", "port \"\" is not 1..65535"),
             ("http://[::1]:70000", "port \"70000\" is not 1..65535"),
+            ("http://127.0.0.1:+9002", "port \"+9002\" is not 1..65535"),
             ("http://127.0.0.1:9001#x", "no fragment"),
         ] {
             let errs = errors(&format!(
@@ -985,6 +998,24 @@ mod tests {
         );
         assert_eq!(t.backends[0].port, 8080);
         assert_eq!(t.backends[1].port, 443);
+        // A `host` setting obeys the rule a client's Host does.
+        for bad in ["x:99999", "caf\u{e9}.example", "a/b", ""] {
+            let errs = errors(&format!(
+                "backends:\n  legacy: {{url: 'http://127.0.0.1:1', host: '{bad}'}}\ndefault: legacy\n"
+            ));
+            assert!(
+                errs.len() == 1 && errs[0].contains("is not a valid Host"),
+                "{bad}: {errs:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_rewrite_is_kept_in_the_form_paths_are_forwarded() {
+        let t = table(&format!(
+            "{BASE}routes:\n  - {{path: /a, to: new, rewrite: '/v2//x/'}}\n"
+        ));
+        assert_eq!(t.routes[0].rewrite.as_deref(), Some("/v2/x"));
     }
 
     #[test]
