@@ -120,7 +120,7 @@ pub fn method_index(label: &str) -> u32 {
 #[derive(Debug)]
 pub struct RequestCounters {
     route: std::sync::Arc<str>,
-    cache: parking_lot::RwLock<Vec<(u32, IntCounter)>>,
+    cache: parking_lot::RwLock<Vec<(u64, IntCounter)>>,
 }
 
 impl RequestCounters {
@@ -133,8 +133,9 @@ impl RequestCounters {
 
     /// Counts one request. `backend` is the backend's index (`None`: answered by the proxy).
     pub fn inc(&self, backend: Option<usize>, backend_name: &str, method: &'static str, code: u16) {
-        let b = backend.map_or(0xff, |b| b.min(0xfe) as u32);
-        let key = (b << 16) | (method_index(method) << 12) | u32::from(code.min(0xfff));
+        // Backend index (any table size), method and code: distinct labels, distinct keys.
+        let b = backend.map_or(u64::from(u32::MAX), |b| b as u64);
+        let key = (b << 32) | (u64::from(method_index(method)) << 16) | u64::from(code);
         if let Some((_, c)) = self.cache.read().iter().find(|(k, _)| *k == key) {
             c.inc();
             return;

@@ -149,6 +149,15 @@ impl RequestCtx {
         }
     }
 
+    /// Whether a reload has removed the request's route (and deleted its series) since the
+    /// request began: its counts then go nowhere rather than bring the series back.
+    fn route_retired(&self) -> bool {
+        match (&self.live, self.route) {
+            (Some(l), Some(i)) => l.routes[i].control.retired.load(Ordering::Acquire),
+            _ => false,
+        }
+    }
+
     fn backend_name(&self) -> &str {
         match (&self.live, self.backend) {
             (Some(l), Some(b)) => &l.table.backends[b].name,
@@ -758,18 +767,26 @@ impl ProxyHttp for Strangler {
         };
         let rl = live.route_live(ctx.route);
         let backend = ctx.backend_name();
-        rl.requests.inc(ctx.backend, backend, ctx.method, code);
+        let counted = !ctx.route_retired();
+        if counted {
+            rl.requests.inc(ctx.backend, backend, ctx.method, code);
+        }
         let now = Instant::now();
         if let Some(b) = ctx.backend {
-            rl.observe(b, backend, now.duration_since(ctx.start).as_secs_f64());
+            if counted {
+                rl.observe(b, backend, now.duration_since(ctx.start).as_secs_f64());
+            }
             let failed = code >= 500 || ctx.upstream_error.is_some();
             rl.recent[b].record(now, crate::state::RECENT, failed);
         }
         if let Some(tap) = ctx.shadow.take() {
             tap.finish(client_gone || e.is_some());
         }
-        // Normally judged before the response went out; what is left (a client that went away,
-        // a failure mid-body) is judged now.
+        // Normally judged before the response went out (its status decides); what is left is a
+        // request that never got a response header (an upstream error the error page answered,
+        // or a client that left first) and is judged now. A backend that resets mid-body was
+        // judged on its status already: the SPEC counts 5xx answers and connect/timeout
+        // errors, and `/routes` still counts the reset as an error of that backend.
         if !(client_gone && ctx.upstream_error.is_none()) {
             let failed = ctx.failed_over || ctx.upstream_error.is_some() || code >= 500;
             self.judge_target(ctx, failed);
@@ -857,6 +874,9 @@ impl Strangler {
 }
 
 fn record_upstream_error(ctx: &RequestCtx, kind: UpstreamErrorKind) {
+    if ctx.route_retired() {
+        return;
+    }
     metrics::UPSTREAM_ERRORS
         .with_label_values(&[ctx.route_name(), ctx.backend_name(), kind.as_str()])
         .inc();

@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -57,6 +57,9 @@ pub struct RouteControl {
     recent: Mutex<HashMap<Arc<str>, Arc<Window>>>,
     /// Requests being served now (`strangler_requests_in_flight{route}`, read at scrape time).
     pub in_flight: AtomicI64,
+    /// Set when a reload removes the route: its series have been deleted, and a request still
+    /// in flight on the old table must not bring them back.
+    pub retired: AtomicBool,
 }
 
 impl RouteControl {
@@ -68,6 +71,7 @@ impl RouteControl {
             to_window: Window::default(),
             shadow_in_flight: AtomicUsize::new(0),
             recent: Mutex::new(HashMap::new()),
+            retired: AtomicBool::new(false),
         }
     }
 
@@ -659,7 +663,13 @@ fn assemble(
     let same_names =
         all_taken_over && reusable.is_some_and(|o| o.table.routes.len() == table.routes.len());
     if !same_names {
-        controls.retain(|name, _| **name == *DEFAULT_ROUTE || table.route_index(name).is_some());
+        controls.retain(|name, control| {
+            let kept = **name == *DEFAULT_ROUTE || table.route_index(name).is_some();
+            if !kept {
+                control.retired.store(true, Ordering::Release);
+            }
+            kept
+        });
     }
     let backend_headers = table
         .backends

@@ -1073,3 +1073,64 @@ fn in_flight_counts_a_request_while_it_is_served() {
         in_flight("slow") == 0.0
     });
 }
+
+#[test]
+fn a_request_in_flight_on_a_removed_route_does_not_bring_its_series_back() {
+    let legacy = Backend::echo("legacy");
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    let held = std::sync::Mutex::new(held);
+    let slow = Backend::start(Arc::new(move |_s: &Seen| {
+        let _ = held.lock().unwrap().recv_timeout(Duration::from_secs(10));
+        full(200, "ok")
+    }));
+    let base = base_yaml(&legacy.url(), &slow.url());
+    let proxy = Proxy::start(&format!(
+        "{base}routes:\n  - {{name: gone, path: /gone, to: new}}\n"
+    ));
+    let addr = format!("127.0.0.1:{}", proxy.port);
+    let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let read_answer = |conn: &mut std::net::TcpStream, body: &str| {
+        use std::io::Read;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&got).contains(&format!("\r\n\r\n{body}")) {
+            let n = conn.read(&mut buf).unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    };
+    use std::io::Write;
+    conn.write_all(b"GET /gone/1 HTTP/1.1\r\nHost: h\r\n\r\n")
+        .unwrap();
+    wait_for(
+        "the request to reach the backend",
+        Duration::from_secs(5),
+        || slow.seen().len() == 1,
+    );
+    // The route leaves the file while its request waits for the backend.
+    proxy.write_config(&base);
+    wait_for(
+        "the removed route's series to go",
+        Duration::from_secs(5),
+        || {
+            !get(&proxy.admin_url("/metrics"))
+                .1
+                .contains("route=\"gone\"")
+        },
+    );
+    release.send(()).unwrap();
+    let answer = read_answer(&mut conn, "ok");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // The next request on the connection is read after the first one's logging hook ran.
+    conn.write_all(b"GET /other HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    read_answer(&mut conn, "{");
+    let body = get(&proxy.admin_url("/metrics")).1;
+    assert!(
+        !body.contains("route=\"gone\""),
+        "the finished request re-created the removed route's series:\n{body}"
+    );
+}
