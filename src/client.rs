@@ -204,10 +204,15 @@ fn route_table(v: &Value) -> String {
     let Some(routes) = v.as_array() else {
         return v.to_string();
     };
-    let mut lines = vec![format!(
-        "{:<24} {:<28} {:<10} {:<8} {:<8} {:<22} {}",
-        "NAME", "PATH", "STATE", "TO", "SPLIT", "PINNED", "LAST MINUTE (req/err)"
-    )];
+    let mut rows: Vec<[String; 7]> = vec![[
+        "NAME".into(),
+        "PATH".into(),
+        "STATE".into(),
+        "TO".into(),
+        "SPLIT".into(),
+        "PINNED".into(),
+        "LAST MINUTE (req/err)".into(),
+    ]];
     for r in routes {
         let pinned = match &r["pinned"] {
             Value::Object(p) => format!(
@@ -224,17 +229,37 @@ fn route_table(v: &Value) -> String {
                 traffic.push(format!("{b} {}/{e}", n.as_u64().unwrap_or(0)));
             }
         }
-        lines.push(format!(
-            "{:<24} {:<28} {:<10} {:<8} {:<8} {:<22} {}",
-            r["name"].as_str().unwrap_or("?"),
-            r["path"].as_str().unwrap_or("*"),
-            r["state"].as_str().unwrap_or("?"),
-            r["to"].as_str().unwrap_or("?"),
+        rows.push([
+            r["name"].as_str().unwrap_or("?").to_string(),
+            r["path"].as_str().unwrap_or("*").to_string(),
+            r["state"].as_str().unwrap_or("?").to_string(),
+            r["to"].as_str().unwrap_or("?").to_string(),
             r["split"].as_f64().map_or("-".into(), |s| format!("{s}%")),
             pinned,
-            traffic.join(", ")
-        ));
+            traffic.join(", "),
+        ]);
     }
+    // Columns as wide as their widest cell, so long names and paths do not shift the rest.
+    let mut widths = [0usize; 7];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut lines: Vec<String> = rows
+        .iter()
+        .map(|row| {
+            let mut line = String::new();
+            for (i, cell) in row.iter().enumerate() {
+                if i + 1 < row.len() {
+                    line.push_str(&format!("{cell:<w$} ", w = widths[i]));
+                } else {
+                    line.push_str(cell);
+                }
+            }
+            line.trim_end().to_string()
+        })
+        .collect();
     // The totals, as `check` and the reload log print them (the `default` pseudo-route, the
     // one without a path, is not a route of the file).
     let states: Vec<&str> = routes

@@ -524,6 +524,15 @@ fn the_cli_lists_rolls_back_and_resumes_on_every_replica() {
     let (code, out, err) = strangler(&["routes", "--admin", &a1]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("bookings") && out.contains("tours"), "{out}");
+    // Columns line up under their headings, whatever the length of names and paths.
+    let header = out.lines().find(|l| l.starts_with("NAME")).unwrap();
+    let state_col = header.find("STATE").unwrap();
+    for l in out
+        .lines()
+        .filter(|l| l.starts_with("bookings") || l.starts_with("tours"))
+    {
+        assert_eq!(l.get(state_col..state_col + 3), Some("new"), "{out}");
+    }
     assert!(
         out.contains("2 routes: 2 new, 0 canary, 0 shadow, 0 legacy, 0 rolled_back"),
         "the totals:\n{out}"
