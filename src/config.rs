@@ -275,10 +275,31 @@ pub fn parse(file: &str, text: impl Into<String>) -> Result<(RoutingFile, Source
                 col: l.column(),
             })
             .unwrap_or(Pos { line: 1, col: 1 });
+        let message = clean_serde_message(&e.to_string());
+        // serde_yaml puts a duplicate key (or backend) at the start of its mapping; the source map keeps
+        // the last occurrence of each key, which is the duplicate: point there.
+        let (inner, own) = split_serde_path(&message);
+        let duplicate = backticked(own, "duplicate field `").or_else(|| {
+            own.strip_prefix("backend \"")
+                .and_then(|r| r.split_once("\" is defined twice"))
+                .map(|(name, _)| name)
+        });
+        let pos = match duplicate {
+            Some(key) => {
+                let node = inner.map_or(String::new(), |p| p.replace('[', ".").replace(']', ""));
+                let path = if node.is_empty() {
+                    key.to_string()
+                } else {
+                    format!("{node}.{key}")
+                };
+                SourceMap::new(&text).key_pos(&path)
+            }
+            None => pos,
+        };
         let first = ConfigError {
             file: file.to_string(),
             pos,
-            message: clean_serde_message(&e.to_string()),
+            message,
         };
         let mut errors = vec![first];
         for more in other_schema_errors(file, &text) {
@@ -581,6 +602,19 @@ mod tests {
     }
 
     #[test]
+    fn a_duplicate_key_points_at_the_second_one() {
+        for (text, line, col) in [
+            ("backends: {legacy: {url: 'http://h:1'}}\ndefault: legacy\ndefault: legacy\n", 3, 1),
+            ("backends: {legacy: {url: 'http://h:1'}}\ndefault: legacy\nroutes:\n  - path: /a\n    to: legacy\n    to: legacy\n", 6, 5),
+        ] {
+            let err = parse("d.yaml", text).unwrap_err();
+            let e = &err.0[0];
+            assert!(e.message.contains("duplicate field"), "{e}");
+            assert_eq!((e.pos.line, e.pos.col), (line, col), "{e}");
+        }
+    }
+
+    #[test]
     fn unknown_keys_point_at_the_key() {
         let text =
             "backends:\n  legacy:\n    url: http://127.0.0.1:1\n    colour: red\ndefault: legacy\n";
@@ -661,7 +695,7 @@ mod tests {
             e.message.contains("backend \"legacy\" is defined twice"),
             "{e}"
         );
-        // serde_yaml places the error at the map; the message names the backend.
-        assert_eq!((e.pos.line, e.pos.col), (2, 3), "{e}");
+        // At the second definition.
+        assert_eq!((e.pos.line, e.pos.col), (4, 3), "{e}");
     }
 }
