@@ -847,13 +847,15 @@ impl Strangler {
         if !route.failover || ctx.failed_over || b == default {
             return false;
         }
-        metrics::FAILOVERS
-            .with_label_values(&[
-                &*route.name,
-                &*live.table.backends[b].name,
-                &*live.table.backends[default].name,
-            ])
-            .inc();
+        if !ctx.route_retired() {
+            metrics::FAILOVERS
+                .with_label_values(&[
+                    &*route.name,
+                    &*live.table.backends[b].name,
+                    &*live.table.backends[default].name,
+                ])
+                .inc();
+        }
         log::warn!(
             "request {} on route {:?}: {} unreachable, failing over to {}",
             ctx.request_id.to_str().unwrap_or("-"),

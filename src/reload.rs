@@ -204,11 +204,10 @@ impl BackgroundService for Reloader {
                 lower_priority();
                 let t0 = thread_cpu_time();
                 if signal {
+                    // An operator's reload does not delay the next file change: the wait for
+                    // `not_before` paces automatic reloads only.
                     let _ = state.reload("SIGHUP");
-                    return (
-                        file_digest(&config),
-                        Some(thread_cpu_time().saturating_sub(t0)),
-                    );
+                    return (file_digest(&config), None);
                 }
                 let Some(on_disk) = file_digest(&config) else {
                     // Gone or unreadable. Seen twice in a row (a poll apart, so not an editor's

@@ -88,14 +88,15 @@ fn check_bindable(what: &str, addr: &str) -> Result<SocketAddr, String> {
 /// Refuses two of this process's own listeners on one address. Pingora binds with
 /// `SO_REUSEPORT`, so the second bind succeeds and the kernel then hands each connection to one
 /// of the two at random: proxy traffic answered by the admin API, or the other way round.
-/// Two addresses clash on the same port in the same family when their IPs are equal or one of
-/// them is the wildcard (which covers the other).
+/// Two addresses on the same port clash when their IPs are equal or one of them is a wildcard
+/// that covers the other: `0.0.0.0` covers IPv4, `[::]` both families (Pingora's listeners are
+/// dual-stack).
 fn check_distinct(addrs: &[(String, SocketAddr)]) -> Result<(), String> {
+    let covers =
+        |w: &SocketAddr, o: &SocketAddr| w.ip().is_unspecified() && (w.is_ipv6() || o.is_ipv4());
     for (i, (what_a, a)) in addrs.iter().enumerate() {
         for (what_b, b) in &addrs[..i] {
-            let clash = a.port() == b.port()
-                && a.is_ipv4() == b.is_ipv4()
-                && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified());
+            let clash = a.port() == b.port() && (a.ip() == b.ip() || covers(a, b) || covers(b, a));
             if clash {
                 return Err(format!(
                     "cannot listen on {a} ({what_a}): {b} is already this process's {what_b}"
@@ -313,4 +314,27 @@ pub fn serve_demo_services(services: Vec<(String, String)>) -> Result<(), String
         shutdown_signal: Box::new(Signals),
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_listeners_may_not_overlap() {
+        let clash = |a: &str, b: &str| {
+            let addrs = [
+                ("a".to_string(), a.parse().unwrap()),
+                ("b".to_string(), b.parse().unwrap()),
+            ];
+            check_distinct(&addrs).is_err()
+        };
+        assert!(clash("127.0.0.1:80", "127.0.0.1:80"));
+        assert!(clash("0.0.0.0:80", "127.0.0.1:80"));
+        assert!(clash("127.0.0.1:80", "[::]:80"), "[::] is dual-stack");
+        assert!(clash("[::]:80", "[::1]:80"));
+        assert!(!clash("0.0.0.0:80", "[::1]:80"), "0.0.0.0 covers IPv4 only");
+        assert!(!clash("127.0.0.1:80", "127.0.0.2:80"));
+        assert!(!clash("127.0.0.1:80", "127.0.0.1:81"));
+    }
 }

@@ -261,9 +261,12 @@ pub fn tap(
                 }
             },
         };
-        metrics::SHADOW
-            .with_label_values(&[labels[0], labels[1], result])
-            .inc();
+        // A route a reload removed meanwhile has had its series deleted: keep them so.
+        if !_slot.0.retired.load(Ordering::Acquire) {
+            metrics::SHADOW
+                .with_label_values(&[labels[0], labels[1], result])
+                .inc();
+        }
     });
 
     Some(ShadowTap {

@@ -439,9 +439,14 @@ impl State {
         let _publish = self.publish.lock();
         let live = self.snapshot();
         let changes: Vec<PinChange> = (0..live.routes.len())
-            .filter_map(|i| Self::pin_in_memory(&live, i, PinReason::Manual, why))
+            .filter_map(|i| Self::pin_in_memory(&live, i, PinReason::Manual, why, false))
             .collect();
         if !changes.is_empty() {
+            // One warning for the lot (each route still gets its audit line).
+            log::warn!(
+                "{} route(s) pinned to default (manual, every route): {why}",
+                changes.len()
+            );
             self.save_pins();
         }
         for c in &changes {
@@ -461,7 +466,7 @@ impl State {
         }
         // A route keeps its control across reloads by name, so pinning the control of the
         // table this request began with pins the route in the table in force too.
-        let Some(change) = Self::pin_in_memory(live, i, PinReason::Auto, why) else {
+        let Some(change) = Self::pin_in_memory(live, i, PinReason::Auto, why, true) else {
             return;
         };
         let state = self.clone();
@@ -479,7 +484,7 @@ impl State {
     }
 
     fn pin_locked(&self, live: &LiveTable, i: usize, reason: PinReason, why: &str) -> bool {
-        let Some(change) = Self::pin_in_memory(live, i, reason, why) else {
+        let Some(change) = Self::pin_in_memory(live, i, reason, why, true) else {
             return false;
         };
         self.save_pins();
@@ -488,12 +493,13 @@ impl State {
     }
 
     /// Sets the pin of route `i` if it has none (atomically: of two callers, one wins), counts
-    /// and logs it, and returns what the audit line needs.
+    /// it, logs it if `log` (else the caller does), and returns what the audit line needs.
     fn pin_in_memory(
         live: &LiveTable,
         i: usize,
         reason: PinReason,
         why: &str,
+        log: bool,
     ) -> Option<PinChange> {
         let control = &live.routes[i].control;
         let route = &live.table.routes[i];
@@ -507,11 +513,13 @@ impl State {
         metrics::ROLLBACKS
             .with_label_values(&[&*route.name, reason.as_str()])
             .inc();
-        log::warn!(
-            "route {:?} pinned to default ({}): {why}",
-            route.name,
-            reason.as_str()
-        );
+        if log {
+            log::warn!(
+                "route {:?} pinned to default ({}): {why}",
+                route.name,
+                reason.as_str()
+            );
+        }
         Some(PinChange {
             route: route.name.clone(),
             before,
