@@ -152,21 +152,10 @@ pub fn decide(
 ) -> Result<Decision, String> {
     // The proxy's own refusals, in its order and with its default limits: a case or an
     // explanation must not describe as forwarded a request the proxy answers itself.
-    let limits = crate::proxy::Limits::default();
-    if target.len() > limits.max_uri_bytes {
+    if let Some(e) = crate::proxy::Limits::default().refusal(target.len(), headers) {
         return Err(format!(
-            "414 uri_too_long: the target is over {} bytes (run's default --max-uri-bytes)",
-            limits.max_uri_bytes
-        ));
-    }
-    let header_bytes: usize = headers
-        .iter()
-        .map(|(k, v)| k.as_str().len() + v.len())
-        .sum();
-    if headers.len() > limits.max_headers || header_bytes > limits.max_header_bytes {
-        return Err(format!(
-            "431 headers_too_large: over {} header fields or {} bytes (run's defaults)",
-            limits.max_headers, limits.max_header_bytes
+            "{} {}: {} (at run's default limits)",
+            e.status, e.code, e.message
         ));
     }
     let asterisk = method == "OPTIONS" && target == "*";
@@ -175,14 +164,8 @@ pub fn decide(
     } else {
         Some(path::normalize(target).map_err(|e| format!("400 bad_request: {e}"))?)
     };
-    let mut hosts = headers.get_all(http::header::HOST).iter();
-    let host_ok = match (hosts.next(), hosts.next()) {
-        (Some(h), None) => crate::forwarding::host_value_ok(h.as_bytes()),
-        // No -H Host: the client's Host is whatever it will be.
-        (None, None) => true,
-        _ => false,
-    };
-    if !host_ok {
+    // No -H Host: the client's Host is whatever it will be.
+    if !crate::forwarding::host_headers_ok(headers, false) {
         return Err(
             "400 bad_request: exactly one Host header, host[:port], is required".to_string(),
         );

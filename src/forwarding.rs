@@ -35,6 +35,18 @@ pub fn request_id(client: Option<&HeaderValue>) -> HeaderValue {
     }
 }
 
+/// Whether a request's `Host` headers are acceptable: exactly one, with a valid value
+/// ([`host_value_ok`]), or none at all when one is not `required` (HTTP/1.0; `explain` without
+/// `-H Host`).
+pub fn host_headers_ok(headers: &HeaderMap, required: bool) -> bool {
+    let mut hosts = headers.get_all(http::header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(h), None) => host_value_ok(h.as_bytes()),
+        (None, None) => !required,
+        _ => false,
+    }
+}
+
 /// Whether a `Host` value is one the proxy may repeat (in `X-Forwarded-Host`, in a rewritten
 /// `Location`): empty (RFC 9112 §3.2 allows it when the target has no authority), or
 /// `host[:port]` — a name, an IPv4 address or a bracketed IPv6 literal, an optional decimal
@@ -84,7 +96,8 @@ pub fn host_value_ok(value: &[u8]) -> bool {
 
 /// `X-Forwarded-For`, to read what the client sent.
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// A `const` (not a `static`) so that tables of header names elsewhere can list it.
+pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 // Header names as written on the wire, for the primary request and the shadow copy alike.
 // Pingora keeps each header's case beside the map; a `&'static str` name costs it one copy less

@@ -60,6 +60,22 @@ pub struct Limits {
     pub max_headers: usize,
 }
 
+impl Limits {
+    /// The error that a request with this target length and these headers is refused with, if
+    /// it breaks a limit: 414 first, then 431. `explain` and `check --cases` ask it too.
+    pub fn refusal(&self, target_len: usize, headers: &http::HeaderMap) -> Option<ProxyError> {
+        if target_len > self.max_uri_bytes {
+            return Some(errors::URI_TOO_LONG);
+        }
+        let header_bytes: usize = headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len())
+            .sum();
+        (headers.len() > self.max_headers || header_bytes > self.max_header_bytes)
+            .then_some(errors::HEADERS_TOO_LARGE)
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -251,12 +267,7 @@ fn peer_ip(session: &Session) -> Option<IpAddr> {
 
 /// Exactly one Host on HTTP/1.1 (RFC 9112 §3.2): none, or two, is a 400.
 fn host_ok(req: &RequestHeader) -> bool {
-    let mut hosts = req.headers.get_all(header::HOST).iter();
-    match (hosts.next(), hosts.next()) {
-        (Some(h), None) => forwarding::host_value_ok(h.as_bytes()),
-        (None, None) => req.version != http::Version::HTTP_11,
-        _ => false,
-    }
+    forwarding::host_headers_ok(&req.headers, req.version == http::Version::HTTP_11)
 }
 
 #[async_trait]
@@ -329,22 +340,8 @@ impl ProxyHttp for Strangler {
             .cloned();
         ctx.live = Some(live.clone());
 
-        let raw = req.raw_path();
-        if raw.len() > self.limits.max_uri_bytes {
-            self.answer(session, ctx, errors::URI_TOO_LONG, None)
-                .await?;
-            return Ok(true);
-        }
-        let header_bytes: usize = req
-            .headers
-            .iter()
-            .map(|(k, v)| k.as_str().len() + v.len())
-            .sum();
-        if req.headers.len() > self.limits.max_headers
-            || header_bytes > self.limits.max_header_bytes
-        {
-            self.answer(session, ctx, errors::HEADERS_TOO_LARGE, None)
-                .await?;
+        if let Some(refusal) = self.limits.refusal(req.raw_path().len(), &req.headers) {
+            self.answer(session, ctx, refusal, None).await?;
             return Ok(true);
         }
         let req = session.req_header();

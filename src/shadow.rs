@@ -56,7 +56,7 @@ static NOT_COPIED: [HeaderName; 10] = [
     header::PROXY_AUTHORIZATION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
-    HeaderName::from_static("x-forwarded-host"),
+    forwarding::X_FORWARDED_HOST,
 ];
 
 /// What was seen of one side's response.
