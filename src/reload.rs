@@ -45,6 +45,14 @@ enum Trigger {
     Signal,
 }
 
+/// The next SIGHUP; never, when the signal could not be registered.
+async fn next_hup(hup: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+    match hup {
+        Some(h) => h.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 fn file_digest(path: &Path) -> Option<String> {
     std::fs::read(path).ok().map(|b| sha256_hex(&b))
 }
@@ -164,7 +172,7 @@ impl BackgroundService for Reloader {
                 // Shutdown is the only way out: the watcher and the signal stream end with us.
                 _ = shutdown.changed() => return,
                 Some(t) = rx.recv() => t,
-                Some(_) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => Trigger::Signal,
+                Some(_) = next_hup(&mut hup) => Trigger::Signal,
                 _ = poll.tick() => Trigger::File,
             };
             // Let the burst settle (and a file rewritten faster than it reloads wait its turn),
@@ -185,7 +193,7 @@ impl BackgroundService for Reloader {
                         signal = true;
                         wake = wake.min(tokio::time::Instant::now() + DEBOUNCE);
                     },
-                    Some(_) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                    Some(_) = next_hup(&mut hup) => {
                         signal = true;
                         wake = wake.min(tokio::time::Instant::now() + DEBOUNCE);
                     }
