@@ -276,8 +276,8 @@ pub fn parse(file: &str, text: impl Into<String>) -> Result<(RoutingFile, Source
             })
             .unwrap_or(Pos { line: 1, col: 1 });
         let message = clean_serde_message(&e.to_string());
-        // serde_yaml puts a duplicate key (or backend) at the start of its mapping; the source map keeps
-        // the last occurrence of each key, which is the duplicate: point there.
+        // serde_yaml puts a duplicate key (or backend) at the start of its mapping; the source
+        // map keeps the last occurrence of each key, which is the duplicate: point there.
         let (inner, own) = split_serde_path(&message);
         let duplicate = backticked(own, "duplicate field `").or_else(|| {
             own.strip_prefix("backend \"")

@@ -461,7 +461,9 @@ impl State {
     /// wait on the disk, are written by a thread of their own so that no worker thread, and no
     /// connection on it, waits for an fsync or for a manual pin holding the lock.
     pub fn auto_pin(self: &Arc<Self>, live: &LiveTable, i: usize, why: &str) {
-        if live.routes[i].control.is_pinned() {
+        let control = &live.routes[i].control;
+        // A route a reload removed meanwhile is not pinned (nor audited): it is gone.
+        if control.is_pinned() || control.retired.load(Ordering::Acquire) {
             return;
         }
         // A route keeps its control across reloads by name, so pinning the control of the
@@ -503,6 +505,9 @@ impl State {
     ) -> Option<PinChange> {
         let control = &live.routes[i].control;
         let route = &live.table.routes[i];
+        if control.is_pinned() {
+            return None; // the common case of `pin_all`: nothing to format
+        }
         let before = live.serving(route, false);
         let previous = control
             .pin
