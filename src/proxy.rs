@@ -154,7 +154,9 @@ pub struct RequestCtx {
     /// The client's Host, for Location rewriting and X-Forwarded-Host.
     client_host: Option<HeaderValue>,
     _in_flight: Option<InFlight>,
-    shadow: Option<ShadowTap>,
+    /// Boxed: a tap is 280 bytes, and the context lives inside the connection's future, which
+    /// Pingora moves whole (twice per request); most requests are not shadowed.
+    shadow: Option<Box<ShadowTap>>,
 }
 
 impl RequestCtx {
@@ -418,7 +420,8 @@ impl ProxyHttp for Strangler {
                     ip: peer_ip(session),
                     host: ctx.client_host.as_ref(),
                 },
-            );
+            )
+            .map(Box::new);
         }
         Ok(false)
     }
@@ -777,7 +780,7 @@ impl ProxyHttp for Strangler {
             rl.recent[b].record(now, crate::state::RECENT, failed);
         }
         if let Some(tap) = ctx.shadow.take() {
-            tap.finish(client_gone || e.is_some());
+            (*tap).finish(client_gone || e.is_some());
         }
         // Normally judged before the response went out (its status decides); what is left is a
         // request that never got a response header (an upstream error the error page answered,
