@@ -68,6 +68,14 @@ pub const HEADERS_TOO_LARGE: ProxyError = ProxyError {
     code: "headers_too_large",
     message: "the request headers are too large",
 };
+/// The client stopped sending its request body for longer than the backend's `timeout`: the
+/// backend was waiting for it, so the wait is the client's, not the backend's (nginx's
+/// `client_body_timeout`).
+pub const REQUEST_TIMEOUT: ProxyError = ProxyError {
+    status: 408,
+    code: "request_timeout",
+    message: "the client stopped sending its request body",
+};
 pub const BAD_GATEWAY: ProxyError = ProxyError {
     status: 502,
     code: "bad_gateway",

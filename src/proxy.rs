@@ -142,6 +142,9 @@ pub struct RequestCtx {
     failed_over: bool,
     /// Retried once already because a reused connection closed under it.
     stale_retried: bool,
+    /// The backend's `timeout` ran out while the client's request body was still coming: the
+    /// client stalled, and the request is answered 408, not blamed on the backend.
+    client_stalled: bool,
     /// The outcome has been counted in the rollback window.
     judged: bool,
     upstream_error: Option<UpstreamErrorKind>,
@@ -289,6 +292,7 @@ impl ProxyHttp for Strangler {
             to_target: false,
             failed_over: false,
             stale_retried: false,
+            client_stalled: false,
             judged: false,
             response_done: false,
             upstream_error: None,
@@ -659,6 +663,19 @@ impl ProxyHttp for Strangler {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
+        // Pingora waits for the response while it relays the request body, and restarts that
+        // wait at every chunk the client sends: a read that times out before the body is done
+        // means the client went silent for `timeout`. Not the backend's failure: no upstream
+        // error, no rollback judgement, no failover, no retry; the client gets a 408.
+        if *e.esource() == ErrorSource::Upstream
+            && *e.etype() == ErrorType::ReadTimedout
+            && !session.is_body_done()
+        {
+            ctx.client_stalled = true;
+            ctx.judged = true;
+            e.set_retry(false);
+            return e;
+        }
         let kind = UpstreamErrorKind::of(&e);
         let idempotent = session.req_header().method.is_idempotent();
         if !idempotent || session.as_ref().retry_buffer_truncated() || ctx.stale_retried {
@@ -703,7 +720,12 @@ impl ProxyHttp for Strangler {
     where
         RequestCtx: Send + Sync,
     {
-        let Some(err) = ProxyError::for_error(e) else {
+        let err = if ctx.client_stalled {
+            Some(errors::REQUEST_TIMEOUT)
+        } else {
+            ProxyError::for_error(e)
+        };
+        let Some(err) = err else {
             return FailToProxy {
                 error_code: 0,
                 can_reuse_downstream: false,

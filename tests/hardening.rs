@@ -689,6 +689,69 @@ fn a_backend_that_accepts_and_never_answers_is_504_at_the_timeout() {
 }
 
 #[test]
+fn a_client_that_stalls_its_upload_gets_408_and_the_backend_is_not_blamed() {
+    // Reads the head and the whole body before answering, as a real application does.
+    let (baddr, lines) = raw_backend(|s, lines| {
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut w = s;
+        while let Some(line) = read_request_head(&mut r) {
+            lines.lock().unwrap().push(line);
+            let _ = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        }
+    });
+    let proxy = Proxy::start(&format!(
+        "backends:\n  legacy: {{url: 'http://127.0.0.1:{}'}}\n  new: {{url: 'http://{baddr}', timeout: 300ms}}\n\
+         default: legacy\nroutes:\n  - {{name: up, path: /up, to: new, rollback: {{error_rate: 1%, min_requests: 1, window: 60s}}}}\n",
+        dead_port()
+    ));
+    let addr = addr_of(&proxy);
+    for _ in 0..3 {
+        // Half of the body, then silence: the answer comes when the backend's timeout runs out.
+        let t0 = Instant::now();
+        let (answer, closed) = exchange(
+            &addr,
+            b"POST /up/x HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nhello",
+            Duration::from_secs(10),
+        );
+        assert_eq!(status_of(&answer), 408, "{answer}");
+        assert!(answer.contains("\"error\":\"request_timeout\""), "{answer}");
+        assert!(answer.contains("X-Strangler-Backend: new"), "{answer}");
+        assert!(
+            closed,
+            "the connection is closed: the rest of the body never came"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(5));
+    }
+    // The backend did nothing wrong: no upstream error, and the route is not rolled back.
+    let r = request("POST", &proxy.url("/up/y"), &[], Some(b"0123456789"));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.header("x-strangler-backend"), "new");
+    let m = metrics_body(&proxy);
+    assert_eq!(
+        metric_value(
+            &m,
+            "strangler_upstream_errors_total{route=\"up\",backend=\"new\",kind=\"timeout\"}"
+        ),
+        0.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric_value(&m, "strangler_route_pinned{route=\"up\"}"),
+        0.0
+    );
+    wait_for("the 408s counted", Duration::from_secs(2), || {
+        proxy.metric(
+            "strangler_requests_total{route=\"up\",backend=\"new\",method=\"POST\",code=\"408\"}",
+        ) == 3.0
+    });
+    assert!(lines
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.starts_with("POST /up/y")));
+}
+
+#[test]
 fn a_backend_that_breaks_off_mid_body_truncates_and_is_counted_as_reset() {
     // /trunc: promises 100 000 bytes, sends 1 000, closes. Anything else: a proper answer.
     let (baddr, _lines) = raw_backend(|s, lines| {
