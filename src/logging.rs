@@ -12,10 +12,12 @@ pub enum LogFormat {
 }
 
 /// Installs the logger. Pingora's own info lines (service start-up, per-connection chatter)
-/// are kept at warn unless `RUST_LOG` says otherwise.
+/// are kept at warn, and the file watcher's at error, unless `RUST_LOG` says otherwise.
 pub fn init(format: LogFormat) {
     let mut b = env_logger::Builder::new();
-    b.parse_filters("info,pingora_core=warn,pingora_proxy=warn,pingora=warn");
+    // `notify` warns when a watch it drops is already gone, which a ConfigMap update (the old
+    // `..data` directory deleted) does every time: routine, not a warning.
+    b.parse_filters("info,pingora_core=warn,pingora_proxy=warn,pingora=warn,notify=error");
     if let Ok(f) = std::env::var("RUST_LOG") {
         b.parse_filters(&f);
     }

@@ -84,6 +84,10 @@ metric!(STATE_FILE_ERRORS: IntCounter = register_int_counter!(
     "strangler_state_file_write_errors_total",
     "Failed writes of the pin state file since start (pins still hold in memory)."
 ));
+metric!(STATE_FILE_READ_ERRORS: IntCounter = register_int_counter!(
+    "strangler_state_file_read_errors_total",
+    "State files found unreadable or corrupt at start-up (their pins were dropped)."
+));
 
 /// The `method` label: the eight fixed values, never the raw method.
 pub fn method_label(method: &http::Method) -> &'static str {
@@ -224,6 +228,7 @@ pub fn register_all() {
     LazyLock::force(&CONFIG_VALID);
     LazyLock::force(&CONFIG_RELOAD_DURATION);
     LazyLock::force(&STATE_FILE_ERRORS);
+    LazyLock::force(&STATE_FILE_READ_ERRORS);
 }
 
 /// The Prometheus text exposition of every registered metric.

@@ -95,6 +95,7 @@ impl StateFile {
             Ok(bytes) => match serde_json::from_slice::<StateDoc>(&bytes) {
                 Ok(doc) => doc.pins,
                 Err(e) => {
+                    metrics::STATE_FILE_READ_ERRORS.inc();
                     log::error!(
                         "state file {} is corrupt, ignoring it (pins start empty): {e}",
                         self.path.display()
@@ -104,6 +105,7 @@ impl StateFile {
             },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(e) => {
+                metrics::STATE_FILE_READ_ERRORS.inc();
                 log::error!(
                     "cannot read state file {}, ignoring it: {e}",
                     self.path.display()
