@@ -13,6 +13,7 @@
 //!                     └ client (routes, rollback, resume: admin API client)
 //! config (file schema) + source_map (FILE:LINE:COL) ─► router (validated table)
 //! path (normalisation) · split · shadow · rollback · pins · audit · forwarding · errors · metrics
+//! dns (backend addresses: all of them, in turn, refreshed)
 //! allocator (mimalloc settings)
 //! ```
 /// `println!` for the command-line output (`check`, `explain`, `routes`): a reader that closes
@@ -34,6 +35,7 @@ pub mod client;
 pub mod config;
 pub mod connection;
 pub mod demo;
+pub mod dns;
 pub mod errors;
 pub mod forwarding;
 pub mod logging;

@@ -142,6 +142,10 @@ pub struct RequestCtx {
     failed_over: bool,
     /// Retried once already because a reused connection closed under it.
     stale_retried: bool,
+    /// Where this request starts in its backend's address list, and how many of the
+    /// addresses it could not connect to (`dns.rs`).
+    addr_turn: usize,
+    addr_tries: usize,
     /// The backend's `timeout` ran out while the client's request body was still coming: the
     /// client stalled, and the request is answered 408, not blamed on the backend.
     client_stalled: bool,
@@ -292,6 +296,8 @@ impl ProxyHttp for Strangler {
             to_target: false,
             failed_over: false,
             stale_retried: false,
+            addr_turn: 0,
+            addr_tries: 0,
             client_stalled: false,
             judged: false,
             response_done: false,
@@ -441,7 +447,10 @@ impl ProxyHttp for Strangler {
             return Error::e_explain(ErrorType::InternalError, "no backend chosen");
         };
         let backend = &live.table.backends[b];
-        let Some(addr) = backend.addr else {
+        if ctx.addr_tries == 0 {
+            ctx.addr_turn = backend.addrs.turn();
+        }
+        let Some(addr) = backend.addrs.pick(ctx.addr_turn, ctx.addr_tries) else {
             return Error::e_explain(ErrorType::ConnectNoRoute, "backend address unresolved");
         };
         let mut peer = HttpPeer::new(addr, backend.tls, backend.sni.clone());
@@ -634,8 +643,9 @@ impl ProxyHttp for Strangler {
         Ok(None)
     }
 
-    /// Phase: connecting to the backend failed. With `failover`, the request is retried once
-    /// on `default` (safe: nothing was sent). Otherwise no retry: the error is final.
+    /// Phase: connecting to the backend failed. Nothing was sent, so the request moves to the
+    /// backend's next address, if its name has several (up to `dns::MAX_TRIES`); then, with
+    /// `failover`, it is retried once on `default`. Otherwise the error is final.
     fn fail_to_connect(
         &self,
         _session: &mut Session,
@@ -643,8 +653,17 @@ impl ProxyHttp for Strangler {
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        ctx.upstream_error = Some(UpstreamErrorKind::Connect);
+        // Every failed attempt is the backend's upstream error, even one the next address
+        // makes good: the dashboards see a dying address before the clients do.
         record_upstream_error(ctx, UpstreamErrorKind::Connect);
+        ctx.addr_tries += 1;
+        if let (Some(live), Some(b)) = (&ctx.live, ctx.backend) {
+            if ctx.addr_tries < live.table.backends[b].addrs.tries() {
+                e.set_retry(true);
+                return e;
+            }
+        }
+        ctx.upstream_error = Some(UpstreamErrorKind::Connect);
         let retry = self.fail_over(ctx);
         e.set_retry(retry);
         e
@@ -893,6 +912,7 @@ impl Strangler {
         ctx.to_target = false;
         ctx.backend = Some(default);
         ctx.upstream_error = None;
+        ctx.addr_tries = 0;
         true
     }
 }

@@ -1,10 +1,11 @@
 //! The routing table that requests use: `routing.yaml` validated into backends, routes and a
 //! segment trie, built off to the side and published whole (see `reload.rs`). Owns every
-//! cross-field rule of SPEC §2 and the upstream path a request is sent with. Holds no live state:
-//! pins, counters and metrics live in `control.rs`, so a table can be rebuilt at any time.
+//! cross-field rule of SPEC §2 and the upstream path a request is sent with. Holds no live state
+//! (pins, counters and metrics live in `state.rs`, so a table can be rebuilt at any time), except
+//! the backends' resolved addresses, which the DNS refresh replaces in place (`dns.rs`).
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,8 +36,9 @@ pub struct Backend {
     /// compared with.
     pub host: String,
     pub port: u16,
-    /// Resolved once per table build: DNS is never on the request path.
-    pub addr: Option<SocketAddr>,
+    /// Every address the host resolves to: resolved once per table build (DNS is never on the
+    /// request path), and again every few seconds in the background (`dns.rs`).
+    pub addrs: crate::dns::Addresses,
     /// `Host` sent upstream; `None` keeps the client's.
     pub host_header: Option<String>,
     /// The TLS server name: `host_header`'s host (no port, no IPv6 brackets), else `host`.
@@ -251,7 +253,7 @@ impl RoutingTable {
                 sni,
                 host: parsed.host,
                 port: parsed.port,
-                addr: None,
+                addrs: Default::default(),
                 host_header: spec.host.clone(),
                 trailing_slash: spec.trailing_slash,
                 connect_timeout,
@@ -525,12 +527,12 @@ impl RoutingTable {
     pub fn resolve(&mut self, source: &Source) -> Result<(), ConfigErrors> {
         let mut failed = Vec::new();
         for b in &mut self.backends {
-            let why = match (b.host.as_str(), b.port).to_socket_addrs() {
-                Ok(mut addrs) => {
-                    b.addr = addrs.next();
-                    b.addr.is_none().then(|| "no address".to_string())
+            let why = match crate::dns::resolve(&b.host, b.port) {
+                Ok(list) => {
+                    b.addrs = crate::dns::Addresses::new(list);
+                    None
                 }
-                Err(e) => Some(e.to_string()),
+                Err(e) => Some(e),
             };
             if let Some(why) = why {
                 failed.push(source.error_at(

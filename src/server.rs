@@ -205,6 +205,7 @@ pub fn serve(opts: ServeOptions) -> Result<(), String> {
 
     // Before any request: a reload may add a shadow route at any time.
     crate::shadow::warm_up();
+    crate::dns::spawn_refresher(state.clone(), crate::dns::REFRESH);
     let conf = ServerConf {
         threads: opts.threads.max(1),
         // The drain watcher ends the process at `--drain-timeout` (and says what it cut);

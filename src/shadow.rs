@@ -185,7 +185,7 @@ pub fn tap(
             .inc();
         return None;
     };
-    let addr = backend.addr?;
+    let addr = backend.addrs.pick(backend.addrs.turn(), 0)?;
 
     let mut up =
         RequestHeader::build(req.method.clone(), b"/", Some(req.headers.len() + 5)).ok()?;

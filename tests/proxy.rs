@@ -1134,3 +1134,79 @@ fn a_request_in_flight_on_a_removed_route_does_not_bring_its_series_back() {
         "the finished request re-created the removed route's series:\n{body}"
     );
 }
+
+#[test]
+fn a_backend_name_with_several_addresses_uses_them_all_and_follows_dns() {
+    // The proxy gets a private /etc/hosts (a mount namespace and a bind mount: root only).
+    let permitted = std::process::Command::new("unshare")
+        .args(["-m", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !permitted {
+        eprintln!("skipped: `unshare -m` is not permitted here (needs root)");
+        return;
+    }
+    let a = Backend::echo_on("a", "127.0.0.2:0").unwrap();
+    let port = a.addr.port();
+    let b = Backend::echo_on("b", &format!("127.0.0.3:{port}")).unwrap();
+    let c = Backend::echo_on("c", &format!("127.0.0.4:{port}")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = dir.path().join("hosts");
+    std::fs::write(&hosts, "127.0.0.2 multi.test\n127.0.0.3 multi.test\n").unwrap();
+    std::fs::write(
+        dir.path().join("routing.yaml"),
+        format!("backends:\n  legacy: {{url: 'http://multi.test:{port}'}}\ndefault: legacy\n"),
+    )
+    .unwrap();
+    let hosts_arg = hosts.display().to_string();
+    let proxy = Proxy::start_wrapped(
+        dir,
+        "routing.yaml",
+        &[],
+        &[],
+        &[
+            "unshare",
+            "-m",
+            "sh",
+            "-c",
+            "mount --bind \"$0\" /etc/hosts && exec \"$@\"",
+            &hosts_arg,
+        ],
+    );
+    let service = |r: &Reply| r.json()["service"].as_str().unwrap_or("?").to_string();
+
+    // Requests take the addresses in turn.
+    let served: Vec<String> = (0..6)
+        .map(|_| service(&request("GET", &proxy.url("/x"), &[], None)))
+        .collect();
+    assert!(
+        served.contains(&"a".to_string()) && served.contains(&"b".to_string()),
+        "{served:?}"
+    );
+
+    // One address goes away: no request fails, the next address answers, and the failed
+    // connections are the backend's upstream errors.
+    drop(a);
+    for i in 0..6 {
+        let r = request("GET", &proxy.url(&format!("/y/{i}")), &[], None);
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(service(&r), "b");
+    }
+    assert!(
+        proxy.metric(
+            "strangler_upstream_errors_total{route=\"default\",backend=\"legacy\",kind=\"connect\"}"
+        ) >= 1.0
+    );
+
+    // The name moves: the proxy follows within the refresh period, without a reload.
+    std::fs::write(&hosts, "127.0.0.4 multi.test\n").unwrap();
+    wait_for("the new address serves", Duration::from_secs(15), || {
+        service(&request("GET", &proxy.url("/z"), &[], None)) == "c"
+    });
+    assert!(proxy.log_text().contains("now resolves to [127.0.0.4:"));
+    assert_eq!(
+        proxy.metric("strangler_config_reloads_total{result=\"success\"}"),
+        1.0
+    );
+    drop((b, c));
+}

@@ -89,8 +89,12 @@ where
 impl Backend {
     /// Echoes method, target and the interesting headers as JSON, naming itself.
     pub fn echo(name: &str) -> Backend {
+        Backend::start(Backend::echo_handler(name))
+    }
+
+    fn echo_handler(name: &str) -> Handler {
         let name = name.to_string();
-        Backend::start(Arc::new(move |s: &Seen| {
+        Arc::new(move |s: &Seen| {
             json(
                 200,
                 serde_json::json!({
@@ -105,16 +109,25 @@ impl Backend {
                     "request_id": s.headers.get("x-request-id"),
                 }),
             )
-        }))
+        })
     }
 
     pub fn start(handler: Handler) -> Backend {
+        Backend::start_on("127.0.0.1:0", handler).unwrap()
+    }
+
+    /// `echo` on a given address (another loopback address, a given port).
+    pub fn echo_on(name: &str, addr: &str) -> std::io::Result<Backend> {
+        Backend::start_on(addr, Backend::echo_handler(name))
+    }
+
+    pub fn start_on(bind: &str, handler: Handler) -> std::io::Result<Backend> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .unwrap();
-        let std_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let std_listener = TcpListener::bind(bind)?;
         std_listener.set_nonblocking(true).unwrap();
         let addr = std_listener.local_addr().unwrap();
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
@@ -172,11 +185,11 @@ impl Backend {
                 });
             }
         });
-        Backend {
+        Ok(Backend {
             addr,
             seen,
             _rt: rt,
-        }
+        })
     }
 
     pub fn url(&self) -> String {
@@ -238,6 +251,8 @@ pub struct Proxy {
     pub log: PathBuf,
     extra: Vec<String>,
     envs: Vec<(String, String)>,
+    /// A command the binary runs under (`unshare -m sh -c …`), empty for none.
+    wrapper: Vec<String>,
 }
 
 impl Proxy {
@@ -262,6 +277,17 @@ impl Proxy {
         extra: &[&str],
         envs: &[(&str, &str)],
     ) -> Proxy {
+        Proxy::start_wrapped(dir, file, extra, envs, &[])
+    }
+
+    /// Starts the binary as the last argument of `wrapper` (followed by its own arguments).
+    pub fn start_wrapped(
+        dir: tempfile::TempDir,
+        file: &str,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+        wrapper: &[&str],
+    ) -> Proxy {
         let config = dir.path().join(file);
         let mut p = Proxy {
             child: Command::new("true").spawn().unwrap(),
@@ -275,6 +301,7 @@ impl Proxy {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
         };
         p.spawn();
         p
@@ -290,7 +317,14 @@ impl Proxy {
                 .append(true)
                 .open(&self.log)
                 .unwrap();
-            let mut cmd = Command::new(bin());
+            let mut cmd = match self.wrapper.split_first() {
+                Some((program, args)) => {
+                    let mut c = Command::new(program);
+                    c.args(args).arg(bin());
+                    c
+                }
+                None => Command::new(bin()),
+            };
             cmd.arg("run")
                 .arg("-c")
                 .arg(&self.config)

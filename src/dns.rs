@@ -1,0 +1,213 @@
+//! A backend's addresses: every address its name resolves to, not only the first. Requests take
+//! them in turn, a connection that cannot be made moves the request to the next one (nothing was
+//! sent yet), and a background thread re-resolves the names every [`REFRESH`], so a backend
+//! behind a cloud load balancer (several addresses, rotating) keeps working when one of them
+//! goes away. DNS never runs on the request path: a table is resolved before it is swapped in,
+//! and a refresh replaces a backend's list in place.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+
+use crate::state::State;
+
+/// How often backend names are resolved again (Envoy's default DNS refresh rate).
+pub const REFRESH: Duration = Duration::from_secs(5);
+
+/// At most this many addresses are tried for one request before it fails (or fails over):
+/// connect timeouts add up, and a client waits for all of them.
+pub const MAX_TRIES: usize = 4;
+
+/// The addresses of one backend, in the resolver's order, replaceable while requests use them.
+pub struct Addresses {
+    list: ArcSwap<Vec<SocketAddr>>,
+    /// Round robin: the next request's first address.
+    turn: AtomicUsize,
+}
+
+impl Addresses {
+    pub fn new(list: Vec<SocketAddr>) -> Self {
+        Addresses {
+            list: ArcSwap::from_pointee(list),
+            turn: AtomicUsize::new(0),
+        }
+    }
+
+    /// The current list.
+    pub fn load(&self) -> Arc<Vec<SocketAddr>> {
+        self.list.load_full()
+    }
+
+    /// Where a new request starts in the list: each request one further than the last.
+    pub fn turn(&self) -> usize {
+        self.turn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The address for attempt `tries` (0 first) of a request that started at `turn`.
+    pub fn pick(&self, turn: usize, tries: usize) -> Option<SocketAddr> {
+        let list = self.list.load();
+        (!list.is_empty()).then(|| list[turn.wrapping_add(tries) % list.len()])
+    }
+
+    /// How many addresses a request may try.
+    pub fn tries(&self) -> usize {
+        self.list.load().len().min(MAX_TRIES)
+    }
+
+    /// Replaces the list when it holds other addresses (the resolver's order may rotate
+    /// between answers: that is not a change). Returns whether it changed.
+    pub fn replace(&self, mut new: Vec<SocketAddr>) -> bool {
+        let mut old = self.list.load().as_ref().clone();
+        old.sort();
+        let mut sorted = new.clone();
+        sorted.sort();
+        sorted.dedup();
+        if sorted == old {
+            return false;
+        }
+        dedup_keep_order(&mut new);
+        self.list.store(Arc::new(new));
+        true
+    }
+}
+
+impl Default for Addresses {
+    fn default() -> Self {
+        Addresses::new(Vec::new())
+    }
+}
+
+impl Clone for Addresses {
+    fn clone(&self) -> Self {
+        Addresses::new(self.load().as_ref().clone())
+    }
+}
+
+impl fmt::Debug for Addresses {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.load().iter()).finish()
+    }
+}
+
+fn dedup_keep_order(list: &mut Vec<SocketAddr>) {
+    let mut seen = std::collections::HashSet::new();
+    list.retain(|a| seen.insert(*a));
+}
+
+/// Every address `host:port` resolves to (an IP literal: itself), without duplicates.
+pub fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
+    let mut list: Vec<SocketAddr> = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| e.to_string())?
+        .collect();
+    dedup_keep_order(&mut list);
+    if list.is_empty() {
+        return Err("no address".into());
+    }
+    Ok(list)
+}
+
+/// Whether `host` is a name (something DNS answers for), not an IP literal.
+pub fn is_name(host: &str) -> bool {
+    host.parse::<IpAddr>().is_err()
+}
+
+/// Re-resolves the named backends of the table in force every `every`, for as long as the
+/// process runs. A name that stops resolving keeps its last addresses (logged once).
+pub fn spawn_refresher(state: Arc<State>, every: Duration) {
+    let spawned = std::thread::Builder::new()
+        .name("strangler dns".into())
+        .spawn(move || {
+            let mut failing = std::collections::HashSet::new();
+            loop {
+                std::thread::sleep(every);
+                let live = state.snapshot();
+                for b in live.table.backends.iter().filter(|b| is_name(&b.host)) {
+                    match resolve(&b.host, b.port) {
+                        Ok(list) => {
+                            failing.remove(&*b.name);
+                            let shown = format!("{list:?}");
+                            if b.addrs.replace(list) {
+                                log::info!(
+                                    "backend {:?} ({}) now resolves to {shown}",
+                                    b.name,
+                                    b.host
+                                );
+                            }
+                        }
+                        Err(e) => {
+                            if failing.insert(b.name.to_string()) {
+                                log::warn!(
+                                    "backend {:?}: cannot resolve {} ({e}); keeping {:?}",
+                                    b.name,
+                                    b.host,
+                                    b.addrs
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        log::error!("cannot start the DNS refresh thread: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn requests_take_turns_and_retries_move_to_the_next_address() {
+        let addrs = Addresses::new(vec![a("10.0.0.1:80"), a("10.0.0.2:80"), a("10.0.0.3:80")]);
+        let firsts: Vec<_> = (0..4)
+            .map(|_| addrs.pick(addrs.turn(), 0).unwrap())
+            .collect();
+        assert_eq!(
+            firsts,
+            [
+                a("10.0.0.1:80"),
+                a("10.0.0.2:80"),
+                a("10.0.0.3:80"),
+                a("10.0.0.1:80")
+            ]
+        );
+        let turn = 2;
+        let tried: Vec<_> = (0..addrs.tries())
+            .map(|t| addrs.pick(turn, t).unwrap())
+            .collect();
+        assert_eq!(
+            tried,
+            [a("10.0.0.3:80"), a("10.0.0.1:80"), a("10.0.0.2:80")]
+        );
+        assert_eq!(Addresses::default().pick(0, 0), None);
+        let many = Addresses::new((1..=9).map(|i| a(&format!("10.0.0.{i}:80"))).collect());
+        assert_eq!(many.tries(), MAX_TRIES);
+    }
+
+    #[test]
+    fn a_reordered_answer_is_no_change_and_a_new_address_is() {
+        let addrs = Addresses::new(vec![a("10.0.0.1:80"), a("10.0.0.2:80")]);
+        assert!(!addrs.replace(vec![a("10.0.0.2:80"), a("10.0.0.1:80")]));
+        assert_eq!(addrs.load().as_ref(), &[a("10.0.0.1:80"), a("10.0.0.2:80")]);
+        assert!(addrs.replace(vec![a("10.0.0.3:80"), a("10.0.0.2:80"), a("10.0.0.3:80")]));
+        assert_eq!(addrs.load().as_ref(), &[a("10.0.0.3:80"), a("10.0.0.2:80")]);
+    }
+
+    #[test]
+    fn literals_resolve_to_themselves_and_are_not_names() {
+        assert_eq!(resolve("127.0.0.1", 9).unwrap(), [a("127.0.0.1:9")]);
+        assert_eq!(resolve("::1", 9).unwrap(), [a("[::1]:9")]);
+        assert!(!is_name("::1") && !is_name("10.1.2.3") && is_name("api.internal"));
+        assert!(resolve("name.invalid", 9).is_err());
+    }
+}
