@@ -178,6 +178,23 @@ impl Admin {
                 "unauthorized",
                 "this admin API needs Authorization: Bearer $STRANGLER_ADMIN_TOKEN".into(),
             );
+        } else if crate::pins::handed_over() {
+            // During `run --upgrade` both processes accept on the admin socket for a few
+            // seconds; a change taken here would never reach the process that serves now.
+            let mut r = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "handing_over",
+                "this process is handing over to a new one; retry (the new one answers)".into(),
+            );
+            r.headers_mut().insert(
+                http::header::RETRY_AFTER,
+                http::HeaderValue::from_static("1"),
+            );
+            r.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+            return r;
         }
         match (path, action) {
             ("/metrics", _) => respond(

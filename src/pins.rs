@@ -6,11 +6,29 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
 use crate::metrics;
+
+/// Set when this process has handed its listeners to a new one (`run --upgrade`, then SIGQUIT
+/// here). The new process read the state file at its start and owns it from then on: what this
+/// one still pins (an automatic rollback while it finishes its last requests) must not overwrite
+/// the new process's pins, and the admin API refuses changes (they would never reach the
+/// process that now serves).
+static HANDED_OVER: AtomicBool = AtomicBool::new(false);
+
+/// This process no longer owns the state file (see [`HANDED_OVER`]).
+pub fn hand_over() {
+    HANDED_OVER.store(true, Ordering::Release);
+}
+
+/// Whether this process has handed over to a new one.
+pub fn handed_over() -> bool {
+    HANDED_OVER.load(Ordering::Acquire)
+}
 
 /// Why a route is pinned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,7 +134,15 @@ impl StateFile {
     }
 
     /// Writes `pins` atomically. Failure is logged and counted; the caller keeps its pins.
+    /// After a hand-over the file is the new process's: nothing is written.
     pub fn save(&self, pins: &BTreeMap<String, Pin>) -> bool {
+        if handed_over() {
+            log::warn!(
+                "state file {} not written: this process has handed over to a new one, which owns it",
+                self.path.display()
+            );
+            return false;
+        }
         match self.try_save(pins) {
             Ok(()) => true,
             Err(e) => {

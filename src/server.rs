@@ -125,7 +125,11 @@ impl ShutdownSignalWatch for Signals {
         tokio::select! {
             _ = term.recv() => { log::info!("SIGTERM: draining in-flight requests"); ShutdownSignal::GracefulTerminate }
             _ = int.recv() => { log::info!("SIGINT: draining in-flight requests"); ShutdownSignal::GracefulTerminate }
-            _ = quit.recv() => { log::info!("SIGQUIT: handing listeners to the new process, then draining"); ShutdownSignal::GracefulUpgrade }
+            _ = quit.recv() => {
+                log::info!("SIGQUIT: handing listeners to the new process, then draining");
+                crate::pins::hand_over();
+                ShutdownSignal::GracefulUpgrade
+            }
         }
     }
 }

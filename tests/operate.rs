@@ -50,12 +50,13 @@ fn spawn_on(dir: &std::path::Path, port: u16, admin: u16, upgrade: bool) -> Reap
 #[test]
 fn a_binary_upgrade_under_load_fails_no_request() {
     let legacy = Backend::echo("legacy");
+    let new_backend = Backend::echo("new");
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("routing.yaml"),
         format!(
-            "backends:\n  legacy: {{url: '{}'}}\ndefault: legacy\n",
-            legacy.url()
+            "{}routes:\n  - {{name: bookings, path: /bookings, to: new}}\n",
+            base_yaml(&legacy.url(), &new_backend.url())
         ),
     )
     .unwrap();
@@ -80,6 +81,21 @@ fn a_binary_upgrade_under_load_fails_no_request() {
     );
     unsafe_kill(old.0.id(), "QUIT");
     let before = load.ok();
+    // A rollback during the hand-over, while both processes accept on the admin socket: the
+    // old one refuses it (it would never reach the process that serves), the new one takes it.
+    let rollback = format!("http://127.0.0.1:{admin}/routes/bookings/rollback");
+    wait_for(
+        "a rollback the new process takes",
+        Duration::from_secs(10),
+        || {
+            let r = request("POST", &rollback, &[], None);
+            if r.status != 200 {
+                assert_eq!(r.status, 503, "{}", r.body);
+                assert_eq!(r.json()["error"], "handing_over");
+            }
+            r.status == 200
+        },
+    );
     wait_for(
         "the old process to drain and exit",
         Duration::from_secs(20),
@@ -103,6 +119,22 @@ fn a_binary_upgrade_under_load_fails_no_request() {
         "the new process serves on"
     );
     assert_eq!(get(&health).0, 200, "the admin listener moved over too");
+    let r = request(
+        "GET",
+        &format!("http://127.0.0.1:{port}/bookings/1"),
+        &[],
+        None,
+    );
+    assert_eq!(
+        r.header("x-strangler-backend"),
+        "legacy",
+        "the serving process is pinned"
+    );
+    let state = std::fs::read_to_string(dir.path().join(".strangler-state.json")).unwrap();
+    assert!(
+        state.contains("\"bookings\""),
+        "the pin is in the state file: {state}"
+    );
     eprintln!("upgrade under load: {ok} requests, 0 failed");
 }
 
