@@ -252,6 +252,15 @@ pub fn rewrite_location(
     client_scheme: &str,
     client_host: &str,
 ) -> Option<String> {
+    // `http://user@backend:port/…` names the backend as well: the userinfo goes with it.
+    let without_userinfo;
+    let location = match userinfo_span(location) {
+        Some((start, end)) => {
+            without_userinfo = format!("{}{}", &location[..start], &location[end..]);
+            without_userinfo.as_str()
+        }
+        None => location,
+    };
     let lower = location
         .get(..location.len().min(300))?
         .to_ascii_lowercase();
@@ -271,6 +280,55 @@ pub fn rewrite_location(
         }
     }
     None
+}
+
+/// The byte range of `userinfo@` in an absolute or scheme-relative URL, if it has one.
+fn userinfo_span(url: &str) -> Option<(usize, usize)> {
+    let start = url.find("//")? + 2;
+    if !url[..start - 2]
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"+-.:".contains(&b))
+    {
+        return None;
+    }
+    let authority_end = url[start..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| start + i);
+    let at = url[start..authority_end].rfind('@')?;
+    Some((start, start + at + 1))
+}
+
+/// A `Refresh` header (`5; url=http://backend/…`) whose URL points at `backend`, rewritten as
+/// [`rewrite_location`] rewrites a `Location` (nginx's `proxy_redirect` does both).
+pub fn rewrite_refresh(
+    refresh: &str,
+    backend: &Backend,
+    client_scheme: &str,
+    client_host: &str,
+) -> Option<String> {
+    let lower = refresh.to_ascii_lowercase();
+    let at = lower.find("url=")? + 4;
+    let (quote, url_start) = match refresh[at..].chars().next() {
+        Some(q @ ('"' | '\'')) => (Some(q), at + 1),
+        _ => (None, at),
+    };
+    let url_end = match quote {
+        Some(q) => refresh[url_start..]
+            .find(q)
+            .map_or(refresh.len(), |i| url_start + i),
+        None => refresh.len(),
+    };
+    let new = rewrite_location(
+        refresh[url_start..url_end].trim(),
+        backend,
+        client_scheme,
+        client_host,
+    )?;
+    Some(format!(
+        "{}{new}{}",
+        &refresh[..url_start],
+        &refresh[url_end..]
+    ))
 }
 
 /// A `Set-Cookie` without its `Domain` attribute when that domain is one of `hosts`; `None` when
@@ -454,6 +512,34 @@ mod tests {
             rewrite_location("//legacy.internal/x", &b80, "http", "h:8080"),
             Some("http://h:8080/x".into())
         );
+        // Userinfo names the backend too; it is not carried over to the client's host.
+        assert_eq!(
+            rw("http://user:pw@127.0.0.1:9002/z"),
+            Some("https://api.example.com/z".into())
+        );
+        assert_eq!(rw("http://user@other/z"), None);
+        assert_eq!(rw("/path/with@sign"), None);
+        assert_eq!(
+            rw("http://127.0.0.1:9002/a@b"),
+            Some("https://api.example.com/a@b".into())
+        );
+    }
+
+    #[test]
+    fn refresh_urls() {
+        let b = backend("http://127.0.0.1:9002");
+        let rw = |r| rewrite_refresh(r, &b, "http", "front.example");
+        assert_eq!(
+            rw("0; url=http://127.0.0.1:9002/x"),
+            Some("0; url=http://front.example/x".into())
+        );
+        assert_eq!(
+            rw("5;URL='http://127.0.0.1:9002/y?q'"),
+            Some("5;URL='http://front.example/y?q'".into())
+        );
+        assert_eq!(rw("0; url=/relative"), None);
+        assert_eq!(rw("0; url=http://other/x"), None);
+        assert_eq!(rw("30"), None);
     }
 
     #[test]

@@ -267,6 +267,19 @@ fn header_ends_response(req: &RequestHeader, resp: &ResponseHeader) -> bool {
             .is_some_and(|v| v.as_bytes() == b"0")
 }
 
+/// The authority the client asked for: its Host or, without one (HTTP/1.0, or an empty one),
+/// the address it connected to. What rewritten `Location` and `Refresh` URLs point at.
+fn client_authority<'a>(session: &Session, ctx: &'a RequestCtx) -> std::borrow::Cow<'a, str> {
+    match ctx.client_host.as_ref().and_then(|h| h.to_str().ok()) {
+        Some(h) => h.into(),
+        None => session
+            .server_addr()
+            .and_then(|a| a.as_inet())
+            .map_or_else(|| "localhost".to_string(), |a| a.to_string())
+            .into(),
+    }
+}
+
 fn peer_ip(session: &Session) -> Option<IpAddr> {
     session
         .client_addr()
@@ -542,25 +555,30 @@ impl ProxyHttp for Strangler {
             .get(header::LOCATION)
             .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
         {
-            // Without a Host (HTTP/1.0, or an empty one), the address the client connected to.
-            let local;
-            let host = match ctx.client_host.as_ref().and_then(|h| h.to_str().ok()) {
-                Some(h) => h,
-                None => {
-                    local = session
-                        .server_addr()
-                        .and_then(|a| a.as_inet())
-                        .map_or_else(|| "localhost".to_string(), |a| a.to_string());
-                    &local
-                }
-            };
+            let host = client_authority(session, ctx);
+            let host = host.as_ref();
             // The answering backend first; then any other backend of the table, so that a
             // redirect from one service to another's internal address does not leak it either.
             let rewritten = std::iter::once(backend)
                 .chain(live.table.backends.iter())
                 .find_map(|b| forwarding::rewrite_location(loc, b, "http", host));
             if let Some(new) = rewritten {
-                resp.insert_header(header::LOCATION, new)?;
+                // By its usual spelling: the case-preserving header map sends the name as given.
+                resp.insert_header("Location", new)?;
+            }
+        }
+        if let Some(refresh) = resp
+            .headers
+            .get(header::REFRESH)
+            .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
+        {
+            let host = client_authority(session, ctx);
+            let host = host.as_ref();
+            let rewritten = std::iter::once(backend)
+                .chain(live.table.backends.iter())
+                .find_map(|b| forwarding::rewrite_refresh(refresh, b, "http", host));
+            if let Some(new) = rewritten {
+                resp.insert_header("Refresh", new)?;
             }
         }
         if resp.headers.contains_key(header::SET_COOKIE) {

@@ -189,9 +189,20 @@ fn forwarding_headers_and_rewrites() {
         } else {
             "next?a=1"
         };
+        let userinfo = if s.headers.contains_key("x-userinfo") {
+            "user:pw@"
+        } else {
+            ""
+        };
         r.headers_mut().insert(
             "location",
-            format!("{scheme}//127.0.0.1:{port}/{path}")
+            format!("{scheme}//{userinfo}127.0.0.1:{port}/{path}")
+                .parse()
+                .unwrap(),
+        );
+        r.headers_mut().insert(
+            "refresh",
+            format!("5; url=http://127.0.0.1:{port}/later")
                 .parse()
                 .unwrap(),
         );
@@ -252,7 +263,16 @@ fn forwarding_headers_and_rewrites() {
     // A Location naming another backend of the table, or written scheme-relative, is
     // rewritten too: no backend address reaches the client.
     let new_port = new.addr.port().to_string();
-    for (port, extra) in [(&new_port, None), (&port, Some(("X-Scheme-Relative", "1")))] {
+    assert_eq!(
+        r.header("refresh"),
+        format!("5; url=http://127.0.0.1:{}/later", proxy.port),
+        "Refresh is rewritten as Location is"
+    );
+    for (port, extra) in [
+        (&new_port, None),
+        (&port, Some(("X-Scheme-Relative", "1"))),
+        (&port, Some(("X-Userinfo", "1"))),
+    ] {
         let mut headers = vec![("X-Backend-Port", port.as_str())];
         headers.extend(extra);
         let r = request("GET", &proxy.url("/x"), &headers, None);
@@ -266,13 +286,13 @@ fn forwarding_headers_and_rewrites() {
         "GET /x HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nX-Backend-Port: {port}\r\nX-Utf8: 1\r\nConnection: close\r\n\r\n",
         proxy.port
     );
-    let answer = raw(&format!("127.0.0.1:{}", proxy.port), head.as_bytes()).to_lowercase();
+    let answer = raw(&format!("127.0.0.1:{}", proxy.port), head.as_bytes());
     assert!(
         answer.contains(&format!(
-            "location: http://127.0.0.1:{}/caf\u{e9}\r\n",
+            "\r\nLocation: http://127.0.0.1:{}/caf\u{e9}\r\n",
             proxy.port
         )),
-        "{answer}"
+        "rewritten, and spelled as usual: {answer}"
     );
     // Several X-Forwarded-For lines are one list, in order.
     let head = "GET /x HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 1.1.1.1\r\n\
