@@ -532,6 +532,18 @@ impl ProxyHttp for Strangler {
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if resp.status == http::StatusCode::SWITCHING_PROTOCOLS
+            && !session.req_header().headers.contains_key(header::UPGRADE)
+        {
+            // A server must not switch to a protocol the client did not offer (RFC 9110
+            // §15.2.2): relayed, it would leave the client on a connection that is neither
+            // HTTP nor a tunnel. An invalid response: 502.
+            return Err(Error::explain(
+                ErrorType::InvalidHTTPHeader,
+                "101 Switching Protocols to a request that asked for no upgrade",
+            )
+            .into_up());
+        }
         if resp.status != http::StatusCode::SWITCHING_PROTOCOLS {
             let nominated = forwarding::connection_nominated(&resp.headers);
             for n in nominated {

@@ -524,6 +524,63 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
 // ---------------------------------------------------------------------------------------------
 
 #[test]
+fn an_upgrade_nobody_asked_for_is_a_502_not_a_dead_connection() {
+    // Answers every request with a 101, asked for or not.
+    let (baddr, _lines) = raw_backend(|s, lines| {
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut w = s;
+        if let Some(line) = read_request_head(&mut r) {
+            lines.lock().unwrap().push(line);
+            let _ = w.write_all(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+            );
+            let _ = w.flush();
+            // Then a tunnel: echoes whatever comes.
+            let mut buf = [0u8; 1024];
+            while let Ok(n @ 1..) = r.read(&mut buf) {
+                let _ = w.write_all(&buf[..n]);
+            }
+        }
+    });
+    let proxy = Proxy::start(&one_backend(&format!("http://{baddr}")));
+    let t0 = Instant::now();
+    let (answer, closed) = exchange(
+        &addr_of(&proxy),
+        b"GET /ws HTTP/1.1\r\nHost: h\r\n\r\n",
+        Duration::from_secs(10),
+    );
+    assert_eq!(status_of(&answer), 502, "{answer}");
+    assert!(answer.contains("\"error\":\"bad_gateway\""), "{answer}");
+    assert!(
+        closed && t0.elapsed() < Duration::from_secs(5),
+        "answered at once"
+    );
+    wait_for(
+        "counted as the backend's error",
+        Duration::from_secs(2),
+        || {
+            proxy.metric(
+            "strangler_upstream_errors_total{route=\"default\",backend=\"legacy\",kind=\"other\"}",
+        ) == 1.0
+        },
+    );
+    // Asked for, the same 101 is a tunnel.
+    let mut s = TcpStream::connect(addr_of(&proxy)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let head = read_response(&mut r, true).expect("the 101");
+    assert_eq!(head.status, 101);
+    s.write_all(b"ping").unwrap();
+    let mut echo = [0u8; 4];
+    r.read_exact(&mut echo).unwrap();
+    assert_eq!(&echo, b"ping");
+}
+
+#[test]
 fn foreign_targets_connect_and_host_errors_are_refused_and_sent_nowhere() {
     let legacy = Backend::echo("legacy");
     let proxy = Proxy::start(&one_backend(&legacy.url()));
