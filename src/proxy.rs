@@ -508,6 +508,11 @@ impl ProxyHttp for Strangler {
         // Only the proxy's shadow copies carry it: a client's would pass a real request off as
         // a shadow copy to a service that skips side effects for those.
         up.remove_header(&shadow::X_STRANGLER_SHADOW);
+        if session.req_header().version < http::Version::HTTP_11 {
+            // An HTTP/1.0 client's `100-continue` must be ignored (RFC 9110 §10.1.1): the
+            // backend would answer it with a 100 the client takes for the final response.
+            up.remove_header(&header::EXPECT);
+        }
         if let Some(peer) = peer_ip(session) {
             let existing = forwarding::header_list(&up.headers, &X_FORWARDED_FOR);
             let xff = forwarding::forwarded_for(existing.as_deref(), peer);

@@ -995,6 +995,24 @@ fn an_http_1_0_client_gets_a_body_it_can_read_not_chunks() {
     );
 }
 
+#[test]
+fn an_http_1_0_clients_expect_100_continue_is_ignored() {
+    let legacy = Backend::start(Arc::new(|s: &Seen| {
+        full(
+            200,
+            format!("expect={:?}", s.headers.get("expect").map(String::as_str)),
+        )
+    }));
+    let proxy = Proxy::start(&one_backend(&legacy.url()));
+    let (answer, _) = exchange(
+        &addr_of(&proxy),
+        b"POST /up HTTP/1.0\r\nHost: x\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\nab",
+        Duration::from_secs(5),
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "no 100 first: {answer}");
+    assert!(answer.ends_with("expect=None"), "{answer}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Client aborts
 // ---------------------------------------------------------------------------------------------
