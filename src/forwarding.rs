@@ -282,6 +282,36 @@ pub fn rewrite_location(
     None
 }
 
+/// A redirect from a route with `rewrite`, mapped back into the client's namespace: the route
+/// `/departures` with `rewrite: /v2/departures` sends `/departures/x` as `/v2/departures/x`, so
+/// the backend's redirect to `/v2/departures/y` is `/departures/y` for the client (nginx's
+/// `proxy_redirect default`). `url` is origin-relative or absolute (already pointing at the
+/// client's host); `None` when its path is outside `rewrite`.
+pub fn unrewrite_location(url: &str, rewrite: &str, literal: &str) -> Option<String> {
+    let path_start = if url.starts_with('/') && !url.starts_with("//") {
+        0
+    } else {
+        let authority = url.find("://")? + 3;
+        authority + url[authority..].find('/')?
+    };
+    let path_end = url[path_start..]
+        .find(['?', '#'])
+        .map_or(url.len(), |i| path_start + i);
+    let path = &url[path_start..path_end];
+    let rewrite = rewrite.trim_end_matches('/');
+    let rest = path.strip_prefix(rewrite)?;
+    if !(rest.is_empty() || rest.starts_with('/')) {
+        return None;
+    }
+    let literal = literal.trim_end_matches('/');
+    let mut mapped = format!("{}{literal}{rest}", &url[..path_start]);
+    if mapped.len() == path_start {
+        mapped.push('/');
+    }
+    mapped.push_str(&url[path_end..]);
+    Some(mapped)
+}
+
 /// The byte range of `userinfo@` in an absolute or scheme-relative URL, if it has one.
 fn userinfo_span(url: &str) -> Option<(usize, usize)> {
     let start = url.find("//")? + 2;
@@ -523,6 +553,27 @@ mod tests {
             rw("http://127.0.0.1:9002/a@b"),
             Some("https://api.example.com/a@b".into())
         );
+    }
+
+    #[test]
+    fn redirects_from_rewritten_routes_are_mapped_back() {
+        let m = |u| unrewrite_location(u, "/v2/departures", "/departures");
+        assert_eq!(m("/v2/departures/x?q#f"), Some("/departures/x?q#f".into()));
+        assert_eq!(m("/v2/departures"), Some("/departures".into()));
+        assert_eq!(
+            m("http://front.example/v2/departures/y/"),
+            Some("http://front.example/departures/y/".into())
+        );
+        assert_eq!(m("/v2/departuresX"), None);
+        assert_eq!(m("/elsewhere"), None);
+        assert_eq!(m("http://front.example"), None);
+        assert_eq!(m("//other/v2/departures"), None);
+        // A rewrite to the root: every path is under it.
+        let root = |u| unrewrite_location(u, "/", "/root");
+        assert_eq!(root("/x"), Some("/root/x".into()));
+        assert_eq!(root("/"), Some("/root/".into()));
+        // A route on the root rewritten elsewhere.
+        assert_eq!(unrewrite_location("/v2", "/v2", "/"), Some("/".into()));
     }
 
     #[test]

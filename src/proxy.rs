@@ -574,11 +574,25 @@ impl ProxyHttp for Strangler {
         {
             let host = client_authority(session, ctx);
             let host = host.as_ref();
-            // The answering backend first; then any other backend of the table, so that a
-            // redirect from one service to another's internal address does not leak it either.
-            let rewritten = std::iter::once(backend)
-                .chain(live.table.backends.iter())
-                .find_map(|b| forwarding::rewrite_location(loc, b, "http", host));
+            let own = forwarding::rewrite_location(loc, backend, "http", host);
+            // A redirect within a rewritten route's backend prefix goes back to the client's.
+            let relative = loc.starts_with('/') && !loc.starts_with("//");
+            let unrewritten = match ctx.route.map(|i| &live.table.routes[i]) {
+                Some(r) if ctx.to_target && (own.is_some() || relative) => {
+                    r.rewrite.as_deref().and_then(|rw| {
+                        forwarding::unrewrite_location(own.as_deref().unwrap_or(loc), rw, &r.path)
+                    })
+                }
+                _ => None,
+            };
+            // Then any other backend of the table, so that a redirect from one service to
+            // another's internal address does not leak it either.
+            let rewritten = unrewritten.or(own).or_else(|| {
+                live.table
+                    .backends
+                    .iter()
+                    .find_map(|b| forwarding::rewrite_location(loc, b, "http", host))
+            });
             if let Some(new) = rewritten {
                 // By its usual spelling: the case-preserving header map sends the name as given.
                 resp.insert_header("Location", new)?;

@@ -1230,3 +1230,45 @@ fn a_backend_name_with_several_addresses_uses_them_all_and_follows_dns() {
     );
     drop((b, c));
 }
+
+#[test]
+fn a_redirect_from_a_rewritten_route_points_back_into_the_route() {
+    // Redirects to whatever X-Loc says, with `{self}` standing for its own address.
+    let new = Backend::start(Arc::new(|s: &Seen| {
+        let mut r = full(301, "");
+        let me = s.headers.get("x-self").cloned().unwrap_or_default();
+        let loc = s.headers.get("x-loc").cloned().unwrap_or_default();
+        r.headers_mut()
+            .insert("location", loc.replace("{self}", &me).parse().unwrap());
+        r
+    }));
+    let legacy = Backend::echo("legacy");
+    let yaml = format!(
+        "{}routes:\n  - {{name: dep, path: /departures, to: new, rewrite: /v2/departures}}\n",
+        base_yaml(&legacy.url(), &new.url())
+    );
+    let proxy = Proxy::start(&yaml);
+    let me = new.addr.to_string();
+    let front = format!("127.0.0.1:{}", proxy.port);
+    for (loc, want) in [
+        (
+            "http://{self}/v2/departures/y?q=1",
+            format!("http://{front}/departures/y?q=1"),
+        ),
+        ("/v2/departures/z", "/departures/z".to_string()),
+        ("/v2/other", "/v2/other".to_string()),
+        (
+            "http://{self}/elsewhere",
+            format!("http://{front}/elsewhere"),
+        ),
+    ] {
+        let r = request(
+            "GET",
+            &proxy.url("/departures/x"),
+            &[("X-Self", &me), ("X-Loc", loc)],
+            None,
+        );
+        assert_eq!(r.status, 301);
+        assert_eq!(r.header("location"), want, "{loc}");
+    }
+}
