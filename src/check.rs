@@ -1,6 +1,7 @@
 //! The offline commands: `check` (validate, print the table with states, run golden cases) and
 //! `explain` (what would happen to one request). Both read the file exactly as the proxy does
-//! and decide exactly as the proxy does; neither contacts a backend.
+//! and decide exactly as the proxy does, starting where the proxy starts: Pingora's own parser
+//! reads the request head first (see [`pingora_reads`]). Neither contacts a backend.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -8,6 +9,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
+use pingora_http::RequestHeader;
 use serde::Deserialize;
 
 use crate::cli::{CheckArgs, ExplainArgs};
@@ -138,40 +140,172 @@ pub struct Decision {
     pub to_target: bool,
     pub upstream_target: String,
     pub normal_path: String,
+    /// The request target as Pingora hands it to the proxy: a `#fragment` dropped; when the
+    /// request line did not parse (a raw space, …), percent-encoded by Pingora's retry.
+    pub received_target: String,
 }
 
-/// Decides like the proxy: normalise, match (preflights as their announced method), then
-/// pin → split → `to`.
+/// Who answers a request itself instead of forwarding it, and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answered {
+    /// Pingora, while it reads the request head, before any hook of strangler runs: a plain
+    /// answer (empty body, no `X-Request-Id` or `X-Strangler-*`, not counted), or none at all
+    /// (`status` 0: the connection is closed).
+    Pingora { status: u16, why: String },
+    /// strangler's own refusal (SPEC §4), a JSON error: `"STATUS CODE: message"`.
+    Strangler(String),
+}
+
+impl std::fmt::Display for Answered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Answered::Pingora { status: 0, why } => {
+                write!(
+                    f,
+                    "closed by Pingora without an answer (before routing): {why}"
+                )
+            }
+            Answered::Pingora { status, why } => {
+                write!(
+                    f,
+                    "answered by Pingora: {status} (plain, before routing): {why}"
+                )
+            }
+            Answered::Strangler(e) => write!(f, "answered by strangler: {e}"),
+        }
+    }
+}
+
+/// Reads the request head exactly as the live proxy's HTTP/1 listener does, with Pingora's own
+/// code, so that `explain` and `check --cases` see the request the proxy's hooks see:
+/// `ServerSession::new_http1` + `read_request` (httparse; on a request line it refuses,
+/// Pingora's retry with the target percent-encoded; `RequestHeader::build`, which drops a
+/// `#fragment` and refuses what the `http` crate's `Uri` cannot hold; `validate_request`),
+/// then pingora-proxy's `handle_new_request` verdicts: a head that does not parse is answered
+/// a plain 400, `CONNECT` a plain 405.
+pub fn pingora_reads(
+    method: &str,
+    target: &[u8],
+    headers: &HeaderMap,
+) -> Result<RequestHeader, Answered> {
+    use pingora_core::protocols::http::ServerSession;
+
+    let mut wire = Vec::with_capacity(method.len() + target.len() + 64);
+    wire.extend_from_slice(method.as_bytes());
+    wire.push(b' ');
+    wire.extend_from_slice(target);
+    wire.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        wire.extend_from_slice(name.as_str().as_bytes());
+        wire.extend_from_slice(b": ");
+        wire.extend_from_slice(value.as_bytes());
+        wire.extend_from_slice(b"\r\n");
+    }
+    wire.extend_from_slice(b"\r\n");
+    let mut session = ServerSession::new_http1(Box::new(std::io::Cursor::new(wire)));
+    // Pingora arms its read timeout with tokio's timer; the bytes are all there, so nothing
+    // ever waits.
+    let read = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .map_err(|e| Answered::Pingora {
+            status: 0,
+            why: format!("cannot start a runtime to parse with: {e}"),
+        })?
+        .block_on(session.read_request());
+    match read {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(Answered::Pingora {
+                status: 0,
+                why: "no request".to_string(),
+            })
+        }
+        Err(e) => {
+            let why = pingora_reason(&e);
+            let status = if e.etype == pingora_error::ErrorType::InvalidHTTPHeader {
+                400
+            } else {
+                0
+            };
+            return Err(Answered::Pingora { status, why });
+        }
+    }
+    let req = session.req_header();
+    if req.method == http::Method::CONNECT {
+        return Err(Answered::Pingora {
+            status: 405,
+            why: "CONNECT is not proxied".to_string(),
+        });
+    }
+    Ok(req.clone())
+}
+
+/// Pingora's error, in words: its context and cause, without the bytes it failed on (the head,
+/// the target), which the explanation shows already.
+fn pingora_reason(e: &pingora_error::Error) -> String {
+    let mut cause = e.cause.as_ref().map(|c| c.to_string());
+    let context = e.context.as_ref().map(|c| c.as_str()).and_then(|c| {
+        if c.starts_with("buf:") {
+            None
+        } else if let Some(target) = c.strip_prefix("invalid uri ") {
+            // Pingora keeps no cause here: ask the `http` crate again what it refused.
+            cause = cause.take().or_else(|| {
+                http::uri::PathAndQuery::try_from(target)
+                    .err()
+                    .map(|e| e.to_string())
+            });
+            Some("the request target is refused")
+        } else {
+            Some(c)
+        }
+    });
+    match (context, cause) {
+        (Some(c), Some(why)) => format!("{c}: {why}"),
+        (Some(c), None) => c.to_string(),
+        (None, Some(why)) => format!("the request line does not parse: {why}"),
+        (None, None) => e.etype.as_str().to_string(),
+    }
+}
+
+/// Decides like the proxy: Pingora reads the head, then strangler's hooks normalise, match
+/// (preflights as their announced method), then pin → split → `to`.
 pub fn decide(
     table: &RoutingTable,
     method: &str,
-    target: &str,
+    target: &[u8],
     headers: &HeaderMap,
     client_ip: IpAddr,
     pinned: impl Fn(&str) -> bool,
-) -> Result<Decision, String> {
+) -> Result<Decision, Answered> {
+    let req = pingora_reads(method, target, headers)?;
+    let (method, raw, headers) = (req.method.as_str(), req.raw_path(), &req.headers);
+    let received_target = String::from_utf8_lossy(raw).into_owned();
     // The proxy's own refusals, in its order and with its default limits: a case or an
     // explanation must not describe as forwarded a request the proxy answers itself.
-    if let Some(e) = crate::proxy::Limits::default().refusal(target.len(), headers) {
-        return Err(format!(
+    if let Some(e) = crate::proxy::Limits::default().refusal(raw.len(), headers) {
+        return Err(Answered::Strangler(format!(
             "{} {}: {} (at run's default limits)",
             e.status, e.code, e.message
-        ));
+        )));
     }
-    let asterisk = method == "OPTIONS" && target == "*";
+    let asterisk = raw == b"*" && method == "OPTIONS";
     let normal = if asterisk {
         None
     } else {
-        Some(path::normalize(target).map_err(|e| format!("400 bad_request: {e}"))?)
+        let parsed = std::str::from_utf8(raw)
+            .map_err(|_| path::PathError::ForbiddenByte)
+            .and_then(path::normalize);
+        Some(parsed.map_err(|e| Answered::Strangler(format!("400 bad_request: {e}")))?)
     };
     // No -H Host: the client's Host is whatever it will be.
     if !crate::forwarding::host_headers_ok(headers, false) {
-        return Err(
+        return Err(Answered::Strangler(
             "400 bad_request: exactly one Host header, host[:port], is required".to_string(),
-        );
+        ));
     }
     if let Some(why) = crate::forwarding::connection_refusal(headers) {
-        return Err(format!("400 bad_request: {why}"));
+        return Err(Answered::Strangler(format!("400 bad_request: {why}")));
     }
     let Some(normal) = normal else {
         // Server-wide OPTIONS: no path to match, so `default` answers it, target unchanged.
@@ -181,6 +315,7 @@ pub fn decide(
             to_target: false,
             upstream_target: "*".to_string(),
             normal_path: "*".to_string(),
+            received_target,
         });
     };
     let match_method = match (method, headers.get("access-control-request-method")) {
@@ -216,6 +351,7 @@ pub fn decide(
         to_target,
         upstream_target,
         normal_path: normal.path().to_string(),
+        received_target,
     })
 }
 
@@ -258,9 +394,10 @@ fn run_cases(table: &RoutingTable, file: &Path, pins: &BTreeMap<String, Pin>) ->
                 .ok_or_else(|| format!("request {:?} must be \"METHOD /path\"", case.request))?;
             let headers = header_map(case.headers.clone())?;
             let ip = case.client_ip.unwrap_or(IpAddr::from([127, 0, 0, 1]));
-            let d = decide(table, method, target.trim(), &headers, ip, |r| {
+            let d = decide(table, method, target.trim().as_bytes(), &headers, ip, |r| {
                 pins.contains_key(r)
-            })?;
+            })
+            .map_err(|e| e.to_string())?;
             let route = d.route.map_or(DEFAULT_ROUTE, |i| &table.routes[i].name);
             let backend = &*table.backends[d.backend].name;
             if route != case.route {
@@ -331,23 +468,30 @@ pub fn explain(a: &ExplainArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let pins = pins(&a.config.config, None);
+    let pins = pins(&a.config.config, a.state.as_deref());
     // As sent: methods are case-sensitive (RFC 9110 §9.1), and so is the proxy's matching.
     let method = a.method.as_str();
-    let d = match decide(&table, method, &a.path, &headers, a.client_ip, |r| {
+    // Bytes, not text: a client may send what is not UTF-8, and Pingora has a say about it.
+    let target = a.path.as_encoded_bytes();
+    let shown = shown(target);
+    let d = match decide(&table, method, target, &headers, a.client_ip, |r| {
         pins.contains_key(r)
     }) {
         Ok(d) => d,
         Err(e) => {
-            outln!(
-                "{method} {}\n  answered by strangler: {e}; sent nowhere",
-                a.path
-            );
+            outln!("{method} {shown}\n  {e}; sent nowhere");
             return ExitCode::SUCCESS;
         }
     };
     let backend = &table.backends[d.backend];
-    outln!("{method} {}", a.path);
+    outln!("{method} {shown}");
+    if d.received_target.as_bytes() != target {
+        outln!(
+            "  target:   {} ({})",
+            d.received_target,
+            received_note(target, &d.received_target)
+        );
+    }
     outln!("  normalised path: {}", d.normal_path);
     match d.route {
         Some(i) => {
@@ -386,4 +530,156 @@ pub fn explain(a: &ExplainArgs) -> ExitCode {
         (None, None) => outln!("  Host:     the client's Host, kept"),
     }
     ExitCode::SUCCESS
+}
+
+/// A target as given, its bytes that are not UTF-8 written `\xNN`.
+fn shown(target: &[u8]) -> String {
+    let mut s = String::with_capacity(target.len());
+    for chunk in target.utf8_chunks() {
+        s.push_str(chunk.valid());
+        for b in chunk.invalid() {
+            s.push_str(&format!("\\x{b:02X}"));
+        }
+    }
+    s
+}
+
+/// What Pingora changed of the target before the proxy saw it.
+fn received_note(given: &[u8], received: &str) -> &'static str {
+    let fragment = given.contains(&b'#');
+    let before = given.split(|&b| b == b'#').next().unwrap_or_default();
+    match (fragment, before != received.as_bytes()) {
+        (true, false) => "as Pingora hands it on: the #fragment dropped",
+        (true, true) => {
+            "as Pingora hands it on: the request line did not parse, so Pingora percent-encoded \
+             the target and parsed it again; the #fragment dropped"
+        }
+        _ => {
+            "as Pingora hands it on: the request line did not parse, so Pingora percent-encoded \
+             the target and parsed it again"
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> RoutingTable {
+        let yaml = "backends:\n  legacy: {url: 'http://127.0.0.1:9001'}\n  new: {url: 'http://127.0.0.1:9002', trailing_slash: add}\n\
+                    default: legacy\nroutes:\n  - {name: bookings, path: /bookings, to: new}\n  - {name: departures, path: /departures, to: new}\n";
+        let (f, s) = config::parse("t.yaml", yaml).unwrap();
+        RoutingTable::build(f, &s).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// (route, upstream target) as the proxy would pick them, or who answers instead.
+    fn goes(target: &[u8], headers: &[(&str, &str)]) -> Result<(String, String), Answered> {
+        let t = table();
+        let headers =
+            header_map(headers.iter().map(|(k, v)| (k.to_string(), v.to_string()))).unwrap();
+        let ip = IpAddr::from([127, 0, 0, 1]);
+        let d = decide(&t, "GET", target, &headers, ip, |_| false)?;
+        let route = d.route.map_or(DEFAULT_ROUTE, |i| &t.routes[i].name);
+        Ok((route.to_string(), d.upstream_target))
+    }
+
+    fn pingora_400(target: &[u8]) -> bool {
+        matches!(
+            goes(target, &[]),
+            Err(Answered::Pingora { status: 400, .. })
+        )
+    }
+
+    #[test]
+    fn a_fragment_is_dropped_before_routing_as_pingora_does() {
+        for (target, route, upstream) in [
+            ("/bookings#x", "bookings", "/bookings/"),
+            ("/departures#/x/y", "departures", "/departures/"),
+            ("/x#/../../bookings", "default", "/x"),
+            ("/bookings/42?q#frag", "bookings", "/bookings/42/?q"),
+            ("/bookings/42#", "bookings", "/bookings/42/"),
+        ] {
+            assert_eq!(
+                goes(target.as_bytes(), &[]),
+                Ok((route.to_string(), upstream.to_string())),
+                "{target}"
+            );
+        }
+    }
+
+    #[test]
+    fn what_pingora_refuses_is_answered_by_pingora_and_what_it_re_encodes_is_forwarded_so() {
+        for target in [
+            &b"/bookings/a`b"[..],
+            b"/bookings/a<b",
+            b"/bookings/a>b",
+            b"/bookings/\xe9",
+            b"/bookings/\x80",
+            b"/bookings/\xff",
+            b"/bookings/\xc3",
+            b"/bookings?q=\"x\"",
+            b"/bookings?q=<x>",
+            b"/bookings?q=\xe9",
+        ] {
+            assert!(pingora_400(target), "{}", shown(target));
+        }
+        // A raw space: Pingora percent-encodes it and the proxy forwards that.
+        assert_eq!(
+            goes(b"/bookings/42 extra", &[]),
+            Ok(("bookings".to_string(), "/bookings/42%20extra/".to_string()))
+        );
+        // Only a head httparse refuses is re-encoded, and then `<` with the space: so `a<b` is
+        // refused but `a b<c` forwarded.
+        assert_eq!(
+            goes(b"/bookings/a b<c", &[]),
+            Ok(("bookings".to_string(), "/bookings/a%20b%3Cc/".to_string()))
+        );
+        // Valid UTF-8 passes as it is.
+        assert_eq!(
+            goes("/bookings/caf\u{e9}".as_bytes(), &[]),
+            Ok(("bookings".to_string(), "/bookings/caf\u{e9}/".to_string()))
+        );
+        // Heads Pingora refuses for their headers, before strangler's own checks.
+        assert!(matches!(
+            goes(b"/bookings", &[("Host", "a"), ("Host", "b")]),
+            Err(Answered::Pingora { status: 400, .. })
+        ));
+        assert!(matches!(
+            goes(b"/bookings", &[("Content-Length", "1, 2")]),
+            Err(Answered::Pingora { status: 400, .. })
+        ));
+        // strangler's own refusals stay its own.
+        assert!(matches!(
+            goes(b"/bookings/../x", &[]),
+            Err(Answered::Strangler(e)) if e.starts_with("400 bad_request")
+        ));
+        let t = table();
+        let connect = decide(
+            &t,
+            "CONNECT",
+            b"example.com:443",
+            &HeaderMap::new(),
+            IpAddr::from([127, 0, 0, 1]),
+            |_| false,
+        );
+        assert!(
+            matches!(connect, Err(Answered::Pingora { status: 405, .. })),
+            "{connect:?}"
+        );
+        let e = goes(b"/bookings/a`b", &[]).unwrap_err().to_string();
+        assert!(
+            e.starts_with("answered by Pingora: 400 (plain, before routing): "),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn explain_shows_bytes_that_are_not_utf8_and_says_what_pingora_changed() {
+        assert_eq!(shown(b"/a\xe9b/caf\xc3\xa9"), "/a\\xE9b/caf\u{e9}");
+        assert_eq!(
+            received_note(b"/bookings#x", "/bookings"),
+            "as Pingora hands it on: the #fragment dropped"
+        );
+        assert!(received_note(b"/a b", "/a%20b").contains("percent-encoded the target"));
+    }
 }

@@ -1,6 +1,6 @@
 //! The command line (SPEC §1): clap definitions only. What each command does lives in
 //! `server.rs` (run, demo), `check.rs` (check, explain) and `client.rs` (routes, rollback,
-//! resume).
+//! resume, reload).
 
 use std::path::PathBuf;
 
@@ -37,6 +37,9 @@ pub enum Command {
     Rollback(RollbackArgs),
     /// Lift the pin of a route of a running proxy.
     Resume(ResumeArgs),
+    /// Make a running proxy reload its routing.yaml now; exit 1 if it rejects the file (it
+    /// keeps serving its previous table) or cannot be reached.
+    Reload(ClientArgs),
     /// Run one sample service (what `demo` starts), e.g. for a Compose stack.
     DemoService(DemoServiceArgs),
 }
@@ -135,14 +138,17 @@ pub struct ExplainArgs {
     pub config: ConfigArg,
     /// Request method, e.g. GET.
     pub method: String,
-    /// Request target, e.g. /bookings/42?x=1.
-    pub path: String,
+    /// Request target, e.g. /bookings/42?x=1, as the client sends it (any bytes).
+    pub path: std::ffi::OsString,
     /// A request header, 'Name: value' (repeatable).
     #[arg(short = 'H', long = "header")]
     pub headers: Vec<String>,
     /// The client's address, for `sticky: ip` splits.
     #[arg(long, default_value = "127.0.0.1")]
     pub client_ip: std::net::IpAddr,
+    /// Pin state file whose pins the explanation reflects [default: beside routing.yaml].
+    #[arg(long, env = "STRANGLER_STATE")]
+    pub state: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]

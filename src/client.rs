@@ -1,4 +1,4 @@
-//! `strangler routes | rollback | resume`: the admin API from the command line. Several
+//! `strangler routes | rollback | resume | reload`: the admin API from the command line. Several
 //! `--admin` URLs, or one DNS name that resolves to many replicas (a headless Service), are
 //! all asked at once; one line per replica says how each answered, and the exit code is 1 if
 //! any failed.
@@ -71,10 +71,15 @@ pub fn targets(admin: &[String]) -> Vec<Target> {
     out
 }
 
-fn agent() -> ureq::Agent {
+/// How long a replica may take to answer: reads and pins are instant.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+/// A reload reads, validates and resolves the whole file (DNS included) before it answers.
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn agent(timeout: Duration) -> ureq::Agent {
     let config = ureq::Agent::config_builder()
         .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(5)))
+        .timeout_global(Some(timeout))
         .build();
     ureq::Agent::new_with_config(config)
 }
@@ -85,9 +90,10 @@ fn call(
     method: &str,
     path: &str,
     token: Option<&str>,
+    timeout: Duration,
 ) -> Result<(u16, Value), String> {
     let url = format!("{}{path}", target.base);
-    let agent = agent();
+    let agent = agent(timeout);
     let auth = token.map(|t| format!("Bearer {t}"));
     let result = if method == "POST" {
         let mut req = agent.post(&url);
@@ -122,6 +128,17 @@ fn fan_out(
     path: &str,
     show: impl Fn(&Value) -> String + Sync,
 ) -> ExitCode {
+    fan_out_within(args, method, path, ANSWER_TIMEOUT, show)
+}
+
+/// [`fan_out`], each replica given `timeout` to answer.
+fn fan_out_within(
+    args: &ClientArgs,
+    method: &str,
+    path: &str,
+    timeout: Duration,
+    show: impl Fn(&Value) -> String + Sync,
+) -> ExitCode {
     let targets = targets(&args.admin);
     let token = args
         .admin_token
@@ -131,7 +148,7 @@ fn fan_out(
     let results: Vec<(Target, Answer)> = std::thread::scope(|s| {
         let handles: Vec<_> = targets
             .iter()
-            .map(|t| s.spawn(move || (t.clone(), call(t, method, path, token))))
+            .map(|t| s.spawn(move || (t.clone(), call(t, method, path, token, timeout))))
             .collect();
         handles.into_iter().filter_map(|h| h.join().ok()).collect()
     });
@@ -165,7 +182,21 @@ fn fan_out(
                     .as_str()
                     .map(str::to_owned)
                     .unwrap_or_else(|| body.to_string());
-                eprintln!("{prefix}error {status}: {msg}");
+                // A rejected reload names every error of the file, one a line.
+                let note = (body["error"] == "invalid_config")
+                    .then_some("the file was rejected; the previous table keeps serving");
+                let lines: Vec<&str> = msg.lines().collect();
+                if note.is_none() && lines.len() <= 1 {
+                    eprintln!("{prefix}error {status}: {msg}");
+                } else {
+                    match note {
+                        Some(note) => eprintln!("{prefix}error {status}: {note}:"),
+                        None => eprintln!("{prefix}error {status}:"),
+                    }
+                    for line in lines {
+                        eprintln!("{prefix}  {line}");
+                    }
+                }
             }
             Err(e) => {
                 failed += 1;
@@ -322,6 +353,16 @@ pub fn resume(a: &ResumeArgs) -> ExitCode {
             }
         },
     )
+}
+
+/// `strangler reload`: the proxy re-reads the routing file it was started with (`POST
+/// /reload`), as on SIGHUP, and says whether the new table serves. Unlike SIGHUP, the answer
+/// comes back: exit 1 with the file's errors when it was rejected.
+pub fn reload(a: &ClientArgs) -> ExitCode {
+    fan_out_within(a, "POST", "/reload", RELOAD_TIMEOUT, |v| {
+        let sha = v["sha256"].as_str().unwrap_or("?");
+        format!("reloaded (sha256 {})", sha.get(..16).unwrap_or(sha))
+    })
 }
 
 #[cfg(test)]

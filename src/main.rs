@@ -50,6 +50,7 @@ fn main() -> ExitCode {
         Command::Routes(a) => Ok(client::routes(&a)),
         Command::Rollback(a) => Ok(client::rollback(&a)),
         Command::Resume(a) => Ok(client::resume(&a)),
+        Command::Reload(a) => Ok(client::reload(&a)),
         Command::DemoService(a) => {
             server::serve_demo_services(vec![(a.name, a.listen)]).map(|_| ExitCode::SUCCESS)
         }
