@@ -9,9 +9,11 @@
 # nothing listens on), and a Prometheus (Debian's /usr/bin/prometheus) scraping it every second
 # with deploy/prometheus/alerts.yml loaded. Sends ~20 s of traffic, rolls a route back by hand and
 # resumes it, reloads the config (once broken, once good), then runs
-# ${SHARED:-../shared}/tools/check-dashboards --live against that Prometheus. Everything started
-# here is stopped on exit. Exit status: the checker's (also 1 if a rule in alerts.yml fails to
-# evaluate on the live data).
+# ${SHARED:-../shared}/tools/check-dashboards --live against that Prometheus, on copies of the
+# dashboards with every "All"-able variable at its All value (the checker itself knows only
+# $route and $backend), after checking that each variable's label_values() query finds values.
+# Everything started here is stopped on exit. Exit status: the checker's (also 1 if a variable
+# finds no value, or a rule in alerts.yml fails to evaluate on the live data).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -31,7 +33,8 @@ CHECKER=$(cd "$(dirname "$CHECKER")" && pwd)/$(basename "$CHECKER")
 PROMETHEUS=${PROMETHEUS:-$(command -v prometheus || echo /usr/bin/prometheus)}
 if [ ! -x "$PROMETHEUS" ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    apt-get install -y -q prometheus >/dev/null
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus >/dev/null
     PROMETHEUS=/usr/bin/prometheus
   else
     echo "prometheus not found: apt-get install prometheus (or set PROMETHEUS=...)" >&2
@@ -217,9 +220,49 @@ for r in json.load(sys.stdin):
     print("  %-12s %-12s pinned=%s" % (r.get("name"), r.get("state"), json.dumps(r.get("pinned"))))' >&2 || true
 log "requests sent: $CLIENT rounds"
 
+# The checker replaces $route and $backend by their "All" value (.*). The dashboards' other
+# variables with an "All" option (job, instance) get the same treatment here, in copies of the
+# dashboards, as Grafana sends the queries with "All" selected. And each query variable's own
+# label_values(SELECTOR, LABEL) must find at least one value on the live data.
+mkdir -p "$TMP/dashboards"
 rc=0
-log "running $CHECKER --live $PROM"
-"$CHECKER" --live "$PROM" || rc=$?
+python3 - "$PROM" "$TMP/dashboards" dashboards/*.json <<'EOF' || rc=1
+import json, os, re, sys, urllib.parse, urllib.request
+
+prom, outdir, files = sys.argv[1], sys.argv[2], sys.argv[3:]
+bad = 0
+for f in files:
+    text = open(f).read()
+    variables = [v for v in json.loads(text).get("templating", {}).get("list", [])
+                 if v.get("type") == "query"]
+    for v in variables:
+        if v.get("includeAll") and v["name"] not in ("route", "backend"):
+            all_value = json.dumps(v.get("allValue") or ".*")[1:-1]  # as it sits in a JSON string
+            pattern = r"\$\{%s(?::\w+)?\}|\$%s\b" % (v["name"], v["name"])
+            text = re.sub(pattern, lambda m: all_value, text)
+    json.loads(text)  # still JSON
+    with open(os.path.join(outdir, os.path.basename(f)), "w") as out:
+        out.write(text)
+    for v in variables:
+        q = v.get("query")
+        q = q.get("query") if isinstance(q, dict) else q
+        m = re.fullmatch(r"\s*label_values\((.*),\s*(\w+)\s*\)\s*", q or "")
+        if not m:
+            print(f"VARIABLE  {os.path.basename(f)} / {v['name']}: not label_values(SELECTOR, LABEL): {q!r}")
+            bad += 1
+            continue
+        selector = re.sub(r"\$\{?\w+(?::\w+)?\}?", ".*", m.group(1))
+        url = (prom.rstrip("/") + "/api/v1/label/" + m.group(2) + "/values?"
+               + urllib.parse.urlencode({"match[]": selector}))
+        values = json.load(urllib.request.urlopen(url, timeout=10)).get("data", [])
+        print(f"variable  {os.path.basename(f)} / {v['name']}: {len(values)} value(s) {values[:6]}")
+        if not values:
+            print(f"NO VALUES {os.path.basename(f)} / {v['name']}: {q}")
+            bad += 1
+sys.exit(1 if bad else 0)
+EOF
+log "running $CHECKER --live $PROM (variables at All)"
+"$CHECKER" "$TMP"/dashboards/*.json --live "$PROM" || rc=$?
 
 # The alert rules must evaluate on real series (no many-to-many matches, no errors).
 bad_rules=$(curl -fsS "$PROM/api/v1/rules" | python3 -c '

@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 
 if ! command -v promtool >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    apt-get install -y -q prometheus >/dev/null
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus >/dev/null
   else
     echo "promtool not found: install prometheus (apt-get install prometheus)" >&2
     exit 1

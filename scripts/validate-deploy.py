@@ -3,10 +3,12 @@
 
 Checks that the Kubernetes manifests, the compose file, the Dockerfile and the systemd unit agree
 with each other and with the contract (SPEC.md): probes on /healthz at the admin port, a preStop
-drain, a ConfigMap mounted as a directory (never subPath, which never sees updates), the state
-file on a writable volume, an admin token wherever the admin listener leaves loopback, the alert
-rules in the PrometheusRule equal to deploy/prometheus/alerts.yml, and routing.yaml files that
-validate (with `strangler check` when a built binary is at hand).
+drain whose preStop + drain timeout fit in the grace period (and a systemd TimeoutStopSec above
+the drain timeout), a ConfigMap mounted as a directory (never subPath, which never sees updates),
+the state file on a writable volume (set by the image's ENV, so an overridden CMD keeps it), an
+admin token wherever the admin listener leaves loopback, images tagged with the crate version
+(never `latest`), the alert rules in the PrometheusRule equal to deploy/prometheus/alerts.yml, and
+routing.yaml files that validate (with `strangler check` when a built binary is at hand).
 
     python3 scripts/validate-deploy.py                       # one line per check; exit 1 on failure
     python3 scripts/validate-deploy.py --extract DIR         # also write files for promtool
@@ -212,6 +214,43 @@ def arg_value(args, flag):
     return None
 
 
+def seconds(d):
+    """A strangler duration (10s, 500ms, 1m) in seconds."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m|h)", str(d).strip())
+    if not m:
+        raise ValueError(f"not a duration: {d!r}")
+    return float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+DEFAULT_DRAIN = "10s"  # strangler run --drain-timeout's default
+
+
+def cpu_cores(q):
+    """A Kubernetes CPU quantity (250m, 1, "2") in cores."""
+    q = str(q)
+    return float(q[:-1]) / 1000 if q.endswith("m") else float(q)
+
+
+def crate_version():
+    m = re.search(r'^version\s*=\s*"([^"]+)"', (ROOT / "Cargo.toml").read_text(), re.MULTILINE)
+    if not m:
+        raise ValueError("no version in Cargo.toml")
+    return m.group(1)
+
+
+def image_name_tag(image):
+    """registry:5000/strangler:0.1.0 -> (registry:5000/strangler, 0.1.0); no tag -> tag None
+    (what `latest` means)."""
+    ref = str(image).split("@")[0]
+    head, _, last = ref.rpartition("/")
+    name, _, tag = last.partition(":")
+    return (f"{head}/{name}" if head else name), (tag or None)
+
+
+def image_tag(image):
+    return image_name_tag(image)[1]
+
+
 def is_loopback(addr):
     host = addr.rsplit(":", 1)[0].strip("[]")
     if host == "localhost":
@@ -319,9 +358,18 @@ def k8s_checks(binary):
             int((pre.get("sleep") or {}).get("seconds", 0))
         if grace - pre_s < 15:
             p.append(f"terminationGracePeriodSeconds {grace} leaves under 15 s to drain after preStop")
+        env = {e["name"]: e.get("value") for e in c.get("env", [])}
+        drain_s = seconds(arg_value(c.get("args", []), "--drain-timeout")
+                          or env.get("STRANGLER_DRAIN_TIMEOUT") or DEFAULT_DRAIN)
+        if pre_s + drain_s >= grace:
+            p.append(f"preStop {pre_s} s + drain timeout {drain_s:g} s do not fit in "
+                     f"terminationGracePeriodSeconds {grace}: the kubelet would SIGKILL mid-drain")
+        if drain_s < 15:
+            p.append(f"drain timeout {drain_s:g} s: requests to a slow backend (timeout 30 s by "
+                     "default) are cut at every rollout; use what the grace period leaves")
         return p
 
-    check("k8s: preStop drain hook, grace period leaves time to drain", drain)
+    check("k8s: preStop drain hook, preStop + drain timeout fit in the grace period", drain)
 
     def resources():
         r = c.get("resources") or {}
@@ -331,9 +379,32 @@ def k8s_checks(binary):
                 p.append(f"no resources.{kind}")
         if "memory" not in (r.get("limits") or {}):
             p.append("no memory limit")
+        req_cpu = (r.get("requests") or {}).get("cpu")
+        lim_cpu = (r.get("limits") or {}).get("cpu")
+        # README, Sizing: at least one whole core per replica.
+        if req_cpu is None or cpu_cores(req_cpu) < 1:
+            p.append(f"requests.cpu {req_cpu!r} is under one core (README: at least one whole core)")
+        elif lim_cpu is not None and cpu_cores(lim_cpu) < cpu_cores(req_cpu):
+            p.append(f"limits.cpu {lim_cpu!r} is below requests.cpu {req_cpu!r}")
         return p
 
-    check("k8s: resources.requests and resources.limits", resources)
+    check("k8s: resources.requests (at least one core) and resources.limits", resources)
+
+    def image():
+        want = crate_version()
+        p = []
+        img = c.get("image", "")
+        if image_tag(img) in (None, "latest"):
+            p.append(f"image {img!r} has no version tag")
+        elif image_tag(img) != want:
+            p.append(f"image {img!r} is not the crate version {want}")
+        k = manifests["kustomization.yaml"][0]
+        for i in k.get("images", []):
+            if i.get("name") == image_name_tag(img)[0] and not i.get("digest") and str(i.get("newTag")) != want:
+                p.append(f"kustomization images: newTag {i.get('newTag')!r} is not the crate version {want}")
+        return p
+
+    check("k8s: the image is pinned to the crate version (no `latest`)", image)
 
     def security():
         p = []
@@ -550,6 +621,17 @@ def compose_checks(binary):
 
     check("compose: build contexts and bind-mount sources exist", binds)
 
+    def images():
+        want = crate_version()
+        p = []
+        for name, s in services.items():
+            img = s.get("image", "")
+            if s.get("build") and image_tag(img) != want:
+                p.append(f"{name}: image {img!r} (built here) is not tagged with the crate version {want}")
+        return p
+
+    check("compose: the image built here is tagged with the crate version", images)
+
     def mount_source(svc, target):
         for v in services[svc].get("volumes", []):
             parts = v.split(":")
@@ -698,18 +780,31 @@ def dockerfile_checks():
             p.append("no HEALTHCHECK against the admin listener")
         if instr("ENTRYPOINT") != ['["strangler"]']:
             p.append(f"ENTRYPOINT is {instr('ENTRYPOINT')}")
+        env = {}
+        for e in instr("ENV"):
+            for kv in shlex.split(e):
+                if "=" in kv:
+                    k, v = kv.split("=", 1)
+                    env[k] = v
+        # The addresses and the state file come from ENV, so a command line that replaces CMD
+        # keeps them (flags there still win).
+        if env.get("STRANGLER_LISTEN") != "0.0.0.0:8080" or env.get("STRANGLER_ADMIN") != "0.0.0.0:9900":
+            p.append("ENV does not set STRANGLER_LISTEN=0.0.0.0:8080 and STRANGLER_ADMIN=0.0.0.0:9900")
+        if not env.get("STRANGLER_STATE", "").startswith("/var/lib/strangler/"):
+            p.append("ENV does not set STRANGLER_STATE under /var/lib/strangler (the volume)")
+        if env.get("STRANGLER_CONFIG") != "/etc/strangler/routing.yaml":
+            p.append("STRANGLER_CONFIG is not /etc/strangler/routing.yaml")
         cmd = instr("CMD")
         if not cmd:
             p.append("no CMD")
         else:
             import json
             args = json.loads(cmd[-1])
-            if arg_value(args, "--admin") != "0.0.0.0:9900" or arg_value(args, "--listen") != "0.0.0.0:8080":
-                p.append(f"CMD does not listen on 0.0.0.0:8080 with admin 0.0.0.0:9900: {args}")
-            if not (arg_value(args, "--state") or "").startswith("/var/lib/strangler/"):
-                p.append("CMD has no --state under /var/lib/strangler")
-        if "STRANGLER_CONFIG=/etc/strangler/routing.yaml" not in " ".join(instr("ENV")):
-            p.append("STRANGLER_CONFIG is not /etc/strangler/routing.yaml")
+            if args[:1] != ["run"]:
+                p.append(f"CMD does not start with run: {args}")
+            for flag in ("--listen", "--admin", "--state"):
+                if arg_value(args, flag) is not None:
+                    p.append(f"CMD sets {flag}: an overridden CMD would lose it; set it in ENV")
         if not (DEPLOY / "Dockerfile.dockerignore").is_file():
             p.append("no deploy/Dockerfile.dockerignore")
         else:
@@ -743,8 +838,20 @@ def systemd_checks():
                      "--state /var/lib/strangler/state.json"):
             if part not in start:
                 p.append(f"ExecStart lacks {part!r}")
-        if "/bin/kill -HUP $MAINPID" not in directives.get("ExecReload", []):
-            p.append("ExecReload does not send SIGHUP to $MAINPID")
+        # `strangler reload` (POST /reload) waits for the proxy's verdict: a rejected file fails
+        # `systemctl reload`. A bare SIGHUP would report success either way.
+        if directives.get("ExecReload", []) != ["/usr/local/bin/strangler reload"]:
+            p.append(f"ExecReload is {directives.get('ExecReload')}, not `/usr/local/bin/strangler reload` alone")
+        env = {}
+        for e in directives.get("Environment", []):
+            for kv in shlex.split(e):
+                if "=" in kv:
+                    k, v = kv.split("=", 1)
+                    env[k] = v
+        drain = arg_value(shlex.split(start), "--drain-timeout") or env.get("STRANGLER_DRAIN_TIMEOUT") or DEFAULT_DRAIN
+        stop = directives.get("TimeoutStopSec", ["90"])[-1]
+        if seconds(drain) + 5 > seconds(stop if not stop.isdigit() else stop + "s"):
+            p.append(f"TimeoutStopSec={stop} is not at least the drain timeout {drain} + 5 s")
         if not (DEPLOY / "systemd" / "strangler.env").is_file():
             p.append("no deploy/systemd/strangler.env")
         return p
