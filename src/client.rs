@@ -84,8 +84,30 @@ fn agent(timeout: Duration) -> ureq::Agent {
     ureq::Agent::new_with_config(config)
 }
 
-/// Sends one request; `Ok((status, json))` when the replica answered.
+/// Sends one request; `Ok((status, json))` when the replica answered. A change refused because
+/// the process answering is handing over to a new one (`run --upgrade`: both accept on the
+/// admin socket for a few seconds) is sent again, so it lands on the process that serves.
 fn call(
+    target: &Target,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    timeout: Duration,
+) -> Result<(u16, Value), String> {
+    let mut tries = 0;
+    loop {
+        let answer = call_once(target, method, path, token, timeout);
+        match &answer {
+            Ok((503, v)) if v["error"] == "handing_over" && tries < 25 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            _ => return answer,
+        }
+    }
+}
+
+fn call_once(
     target: &Target,
     method: &str,
     path: &str,

@@ -703,6 +703,11 @@ fn a_corrupt_state_file_is_ignored() {
             .any(|l| l.contains(".strangler-state.json") && l.to_lowercase().contains("corrupt")),
         "the corrupt file is logged:\n{log}"
     );
+    assert_eq!(
+        proxy.metric("strangler_state_file_read_errors_total"),
+        1.0,
+        "and counted"
+    );
     // And the next pin writes a good file over it.
     assert_eq!(
         post(&proxy.admin_url("/routes/bookings/rollback"), None).status,
