@@ -173,11 +173,17 @@ impl Admin {
         } else if *method != Method::POST {
             return not_allowed(method, "POST");
         } else if !authorized {
-            return error(
+            let mut r = error(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
                 "this admin API needs Authorization: Bearer $STRANGLER_ADMIN_TOKEN".into(),
             );
+            // RFC 9110 §11.6.1: a 401 names the scheme it wants.
+            r.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                http::HeaderValue::from_static("Bearer realm=\"strangler admin\""),
+            );
+            return r;
         } else if crate::pins::handed_over() {
             // During `run --upgrade` both processes accept on the admin socket for a few
             // seconds; a change taken here would never reach the process that serves now.

@@ -151,6 +151,8 @@ pub struct RequestCtx {
     client_stalled: bool,
     /// The outcome has been counted in the rollback window.
     judged: bool,
+    /// ... and counted as a success (at its response header).
+    judged_ok: bool,
     upstream_error: Option<UpstreamErrorKind>,
     /// Status of a response the proxy wrote itself.
     proxy_status: Option<u16>,
@@ -313,6 +315,7 @@ impl ProxyHttp for Strangler {
             addr_tries: 0,
             client_stalled: false,
             judged: false,
+            judged_ok: false,
             response_done: false,
             upstream_error: None,
             proxy_status: None,
@@ -872,11 +875,13 @@ impl ProxyHttp for Strangler {
         if let Some(tap) = ctx.shadow.take() {
             (*tap).finish(client_gone || e.is_some());
         }
-        // Normally judged before the response went out (its status decides); what is left is a
-        // request that never got a response header (an upstream error the error page answered,
-        // or a client that left first) and is judged now. A backend that resets mid-body was
-        // judged on its status already: the SPEC counts 5xx answers and connect/timeout
-        // errors, and `/routes` still counts the reset as an error of that backend.
+        // Normally judged when the response header went out (its status decides, and the next
+        // request may already go to `default`); what is left is a request that never got one
+        // (an upstream error the error page answered, or a client that left first), judged
+        // now, and a success whose backend then timed out or broke off mid-body: a failure after
+        // all (a truncated 200 failed the client as much as a 502; `/routes` counts it as an
+        // error of that backend too). A client that left while the backend was doing fine says
+        // nothing about the backend.
         if !(client_gone && ctx.upstream_error.is_none()) {
             let failed = ctx.failed_over || ctx.upstream_error.is_some() || code >= 500;
             self.judge_target(ctx, failed);
@@ -891,7 +896,10 @@ impl Strangler {
     /// that the request after the one that crossed the threshold is already served by `default`.
     /// After a failover the attempt on `to` failed: that counts as a failure.
     fn judge_target(&self, ctx: &mut RequestCtx, failed: bool) {
-        if ctx.judged {
+        // Judged once; but a success judged at its header that fails afterwards becomes a
+        // failure (the request stays counted once).
+        let late_failure = ctx.judged && ctx.judged_ok && failed;
+        if ctx.judged && !late_failure {
             return;
         }
         ctx.judged = true;
@@ -908,17 +916,27 @@ impl Strangler {
         let failed = failed || ctx.failed_over;
         let now = Instant::now();
         let control = &live.routes[i].control;
-        control.to_window.record(now, rule.window, failed);
+        if late_failure {
+            control.to_window.fail_counted(now, rule.window);
+        } else {
+            control.to_window.record(now, rule.window, failed);
+        }
+        ctx.judged_ok = !failed;
         // Judged on every request, not only on failures: failures first and successes after can
         // meet the rule when the request that reaches `min_requests` is a success.
         if !control.is_pinned() {
             let (requests, failures) = control.to_window.totals(now, rule.window);
-            if rollback::should_roll_back(requests, failures, rule.min_requests, rule.error_rate) {
+            if rollback::should_roll_back(
+                requests,
+                failures,
+                rule.min_requests,
+                rule.error_rate_percent,
+            ) {
                 let why = format!(
                     "{failures} of {requests} requests to {} failed within {:?} (threshold {}% of at least {})",
                     live.table.backends[route.to].name,
                     rule.window,
-                    rule.error_rate * 100.0,
+                    rule.error_rate_percent,
                     rule.min_requests
                 );
                 self.state.auto_pin(live, i, &why);

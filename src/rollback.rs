@@ -53,6 +53,16 @@ impl Window {
 
     /// Counts one request (and whether it failed) at `now`.
     pub fn record(&self, now: Instant, window: Duration, failed: bool) {
+        self.add(now, window, 1, u64::from(failed));
+    }
+
+    /// Turns a request already counted as a success into a failure: its backend broke off or
+    /// stalled after the response header that judged it.
+    pub fn fail_counted(&self, now: Instant, window: Duration) {
+        self.add(now, window, 0, 1);
+    }
+
+    fn add(&self, now: Instant, window: Duration, requests: u64, failures: u64) {
         let epoch = self.epoch(now, window) & EPOCH_MASK;
         let slot = &self.slots[epoch as usize % SLOTS];
         let mut cur = slot.load(Relaxed);
@@ -65,9 +75,9 @@ impl Window {
                     // would inflate it and pin a healthy route).
                     return;
                 }
-                pack(epoch, r + 1, f + u64::from(failed))
+                pack(epoch, r + requests, f + failures)
             } else {
-                pack(epoch, 1, u64::from(failed))
+                pack(epoch, requests, failures)
             };
             match slot.compare_exchange_weak(cur, next, Relaxed, Relaxed) {
                 Ok(_) => return,
@@ -100,9 +110,14 @@ impl Window {
     }
 }
 
-/// Whether these totals call for a rollback.
-pub fn should_roll_back(requests: u64, failures: u64, min_requests: u64, error_rate: f64) -> bool {
-    requests >= min_requests && requests > 0 && failures as f64 >= error_rate * requests as f64
+/// Whether these totals call for a rollback: at least `min_requests`, and a failure share of at
+/// least `percent` %. Compared exactly, in millionths (a percentage is kept to four decimals): in
+/// floating point `0.07 × 100` is `7.000000000000001`, and 7 failures of 100 would miss 7 %.
+pub fn should_roll_back(requests: u64, failures: u64, min_requests: u64, percent: f64) -> bool {
+    let millionths = (percent * 10_000.0).round() as u128;
+    requests >= min_requests
+        && requests > 0
+        && u128::from(failures) * 1_000_000 >= millionths * u128::from(requests)
 }
 
 #[cfg(test)]
@@ -143,9 +158,29 @@ mod tests {
 
     #[test]
     fn the_rule() {
-        assert!(should_roll_back(10, 10, 10, 0.5));
-        assert!(should_roll_back(10, 5, 10, 0.5));
-        assert!(!should_roll_back(9, 9, 10, 0.5));
-        assert!(!should_roll_back(10, 2, 10, 0.5));
+        assert!(should_roll_back(10, 10, 10, 50.0));
+        assert!(should_roll_back(10, 5, 10, 50.0));
+        assert!(!should_roll_back(9, 9, 10, 50.0));
+        assert!(!should_roll_back(10, 2, 10, 50.0));
+        // "At least" holds exactly on the boundary, whatever floating point makes of the rate.
+        for (pct, failures, requests) in [
+            (7.0, 7, 100),
+            (14.0, 7, 50),
+            (28.0, 7, 25),
+            (55.0, 55, 100),
+            (56.0, 14, 25),
+            (14.3, 143, 1000),
+            (0.1, 1, 1000),
+        ] {
+            assert!(
+                should_roll_back(requests, failures, 1, pct),
+                "{failures}/{requests} at {pct}%"
+            );
+            assert!(
+                !should_roll_back(requests, failures - 1, 1, pct),
+                "{}/{requests} at {pct}%",
+                failures - 1
+            );
+        }
     }
 }

@@ -88,11 +88,20 @@ pub struct Split {
     pub sticky: Sticky,
 }
 
+/// The buckets (of 10 000) a split sends to `to`: those below `percent × 100` (SPEC §5), so
+/// `12.341` takes 0..=1234 and `0.001` takes bucket 0. Worked out in millionths of a percent,
+/// not in floating point, where `0.07 × 100` would be `7.000000000000001` and take bucket 7.
+fn split_threshold(percent: f64) -> u32 {
+    let millionths = (percent * 1_000_000.0).round() as u64;
+    millionths.div_ceil(10_000) as u32
+}
+
 /// `rollback` on a route.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AutoRollback {
-    /// Failure share (0..=1) at or above which the route is pinned.
-    pub error_rate: f64,
+    /// Failure share, in percent as written (`7` for `7%`), at or above which the route is
+    /// pinned.
+    pub error_rate_percent: f64,
     pub min_requests: u64,
     pub window: Duration,
 }
@@ -404,7 +413,7 @@ impl RoutingTable {
                     };
                     Some(Split {
                         percent: pct,
-                        threshold: (pct * 100.0).round() as u32,
+                        threshold: split_threshold(pct),
                         sticky,
                     })
                 }
@@ -455,7 +464,7 @@ impl RoutingTable {
                     errors.push(source.error_at(&at("rollback.window"), m));
                 });
                 Some(AutoRollback {
-                    error_rate: rate.ok()? / 100.0,
+                    error_rate_percent: rate.ok()?,
                     min_requests: r.min_requests,
                     window: window.ok()?,
                 })
@@ -935,6 +944,11 @@ mod tests {
         for (written, percent, threshold) in [
             ("10%", 10.0, 1000),
             ("12.345", 12.345, 1235),
+            ("12.34", 12.34, 1234),
+            ("12.341", 12.341, 1235),
+            ("0.001", 0.001, 1),
+            ("0.07", 0.07, 7),
+            ("100", 100.0, 10_000),
             ("'0.5 %'", 0.5, 50),
             ("-0", 0.0, 0),
         ] {

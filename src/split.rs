@@ -48,6 +48,9 @@ pub fn sticky_key<'a>(
             .iter()
             .filter_map(|v| v.to_str().ok())
             .find_map(|c| crate::forwarding::cookie_value(c, name))
+            // A cleared cookie (`cid=`) is no key, as an empty header is: otherwise every
+            // client without one would share a bucket.
+            .filter(|v| !v.is_empty())
             .map(|v| Cow::Borrowed(v.as_bytes())),
     }
 }
@@ -93,5 +96,18 @@ mod tests {
             })
             .count();
         assert!((400..600).contains(&same), "{same}");
+    }
+
+    #[test]
+    fn an_empty_header_or_cookie_is_no_key() {
+        let mut h = http::HeaderMap::new();
+        h.insert("x-client-id", "".parse().unwrap());
+        h.insert(http::header::COOKIE, "a=1; cid=; b=2".parse().unwrap());
+        let header = Sticky::Header(http::HeaderName::from_static("x-client-id"));
+        let cookie = Sticky::Cookie("cid".into());
+        assert_eq!(sticky_key(&header, &h, None), None);
+        assert_eq!(sticky_key(&cookie, &h, None), None);
+        h.insert(http::header::COOKIE, "cid=k1".parse().unwrap());
+        assert_eq!(sticky_key(&cookie, &h, None).as_deref(), Some(&b"k1"[..]));
     }
 }

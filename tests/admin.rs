@@ -452,7 +452,9 @@ fn with_a_token_every_post_needs_it_and_reads_do_not() {
         &[("STRANGLER_ADMIN_TOKEN", "s3cret")],
     );
     let rollback = proxy.admin_url("/routes/bookings/rollback");
-    assert_eq!(post(&rollback, None).status, 401);
+    let refused = post(&rollback, None);
+    assert_eq!(refused.status, 401);
+    assert!(refused.header("www-authenticate").starts_with("Bearer"));
     assert_eq!(post(&rollback, Some("wrong")).status, 401);
     assert_eq!(post(&proxy.admin_url("/rollback"), None).status, 401);
     assert_eq!(post(&proxy.admin_url("/reload"), None).status, 401);

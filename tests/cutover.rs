@@ -292,6 +292,22 @@ fn shadow_compares_json_as_values_and_reports_the_first_difference() {
         assert!(!copy.headers.contains_key(gone), "{gone}: {copy:?}");
         assert!(!primary.headers.contains_key(gone), "{gone}: {primary:?}");
     }
+
+    // Rolled back, the route involves `default` only: nothing is copied to `new` any more.
+    let copies = new.seen().len();
+    let r = request(
+        "POST",
+        &proxy.admin_url("/routes/customers/rollback"),
+        &[],
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = request("GET", &proxy.url("/customers/same"), &[], None);
+    assert_eq!((r.status, r.header("x-strangler-backend")), (200, "legacy"));
+    wait_for("the request counted", Duration::from_secs(3), || {
+        proxy.metric("strangler_requests_total{route=\"customers\",backend=\"legacy\",method=\"GET\",code=\"200\"}") >= 4.0
+    });
+    assert_eq!(new.seen().len(), copies, "no shadow copy of a pinned route");
 }
 
 #[test]

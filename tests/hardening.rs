@@ -809,6 +809,48 @@ fn a_client_that_stalls_its_upload_gets_408_and_the_backend_is_not_blamed() {
 }
 
 #[test]
+fn a_backend_that_stalls_mid_body_counts_toward_automatic_rollback() {
+    // A header and the start of a body, then silence (until the proxy gives up and closes).
+    let (baddr, _lines) = raw_backend(|s, lines| {
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut w = s;
+        if let Some(line) = read_request_head(&mut r) {
+            lines.lock().unwrap().push(line);
+            let _ = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789");
+            let mut sink = [0u8; 64];
+            while let Ok(1..) = r.read(&mut sink) {}
+        }
+    });
+    let legacy = Backend::echo("legacy");
+    let proxy = Proxy::start(&format!(
+        "backends:\n  legacy: {{url: '{}'}}\n  new: {{url: 'http://{baddr}', timeout: 300ms}}\n\
+         default: legacy\nroutes:\n  - {{name: stall, path: /stall, to: new, rollback: {{error_rate: 50%, min_requests: 3, window: 60s}}}}\n",
+        legacy.url()
+    ));
+    for _ in 0..3 {
+        let (answer, _) = exchange(
+            &addr_of(&proxy),
+            b"GET /stall/x HTTP/1.1\r\nHost: h\r\n\r\n",
+            Duration::from_secs(10),
+        );
+        assert_eq!(status_of(&answer), 200, "{answer}");
+        assert!(answer.ends_with("0123456789"), "truncated: {answer}");
+    }
+    // A 200 whose body never came is a timeout of the backend: three of three failed.
+    wait_for("the route rolled back", Duration::from_secs(5), || {
+        proxy.metric("strangler_route_pinned{route=\"stall\"}") == 1.0
+    });
+    let r = request("GET", &proxy.url("/stall/y"), &[], None);
+    assert_eq!((r.status, r.header("x-strangler-backend")), (200, "legacy"));
+    assert_eq!(
+        proxy.metric(
+            "strangler_upstream_errors_total{route=\"stall\",backend=\"new\",kind=\"timeout\"}"
+        ),
+        3.0
+    );
+}
+
+#[test]
 fn a_backend_that_breaks_off_mid_body_truncates_and_is_counted_as_reset() {
     // /trunc: promises 100 000 bytes, sends 1 000, closes. Anything else: a proper answer.
     let (baddr, _lines) = raw_backend(|s, lines| {

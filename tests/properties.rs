@@ -347,8 +347,10 @@ proptest! {
 // Split
 // ---------------------------------------------------------------------------------------------
 
+/// SPEC §5: the buckets below `split × 100` (a split is kept to four decimals, so what floating
+/// point adds below that does not count: `0.07 × 100` is 7).
 fn threshold(p: f64) -> u32 {
-    (p * 100.0).round() as u32
+    (p * 100.0 - 1e-7).ceil().max(0.0) as u32
 }
 
 /// Percentages as operators write them: whole, one or two decimals, and the ends.
