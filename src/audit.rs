@@ -12,12 +12,18 @@ use serde_json::json;
 /// Who serves a route, as the audit trail records it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Serving {
+    /// The route's `path` (`*` for the `default` pseudo-route).
+    pub path: String,
     pub to: String,
+    /// Where `to` is (its `url`): repointing a backend moves traffic too.
+    pub to_url: String,
     /// The file's `default`: it serves the route's split-off, pinned and failed-over requests
     /// (and, for the `default` pseudo-route, every unmatched one).
     pub default: String,
+    pub default_url: String,
     pub split: Option<f64>,
     pub shadow: Option<String>,
+    pub shadow_url: Option<String>,
     pub state: &'static str,
 }
 

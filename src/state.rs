@@ -31,15 +31,18 @@ use crate::pins::{Pin, PinReason, StateFile};
 use crate::rollback::Window;
 use crate::router::{Route, RouteState, RoutingTable, DEFAULT_ROUTE};
 
-/// What the audit compares between two tables for one route: to, default (when it serves some
-/// of the route's traffic), split, shadow, state.
-type ServingKey<'a> = (
-    &'a str,
-    Option<&'a str>,
-    Option<f64>,
-    Option<&'a str>,
-    RouteState,
-);
+/// What the audit compares between two tables for one route: its path, to, default (when it
+/// serves some of the route's traffic), split, shadow, state, and where those backends are (a
+/// backend repointed at another server moves the route's traffic as much as another `to`).
+#[derive(PartialEq)]
+struct ServingKey<'a> {
+    path: &'a str,
+    to: (&'a str, &'a str),
+    default: Option<(&'a str, &'a str)>,
+    split: Option<f64>,
+    shadow: Option<(&'a str, &'a str)>,
+    state: RouteState,
+}
 
 /// The window over which `/routes` reports requests and errors per backend.
 pub const RECENT: Duration = Duration::from_secs(60);
@@ -156,25 +159,31 @@ impl LiveTable {
     fn serving_key<'a>(&'a self, route: &'a Route, pinned: bool) -> ServingKey<'a> {
         let t = &self.table;
         let state = t.state(route, pinned);
-        (
-            &t.backends[route.to].name,
+        let at = |b: usize| (&*t.backends[b].name, t.backends[b].url.as_str());
+        ServingKey {
+            path: &route.path,
+            to: at(route.to),
             // `default` decides who serves unless the route is wholly on another backend
             // (failover aside): a change of `default` moves a legacy, shadow, canary or rolled
             // back route's traffic.
-            (state != RouteState::New).then(|| &*t.backends[t.default].name),
-            route.split.as_ref().map(|s| s.percent),
-            route.shadow.map(|b| &*t.backends[b].name),
+            default: (state != RouteState::New).then(|| at(t.default)),
+            split: route.split.as_ref().map(|s| s.percent),
+            shadow: route.shadow.map(at),
             state,
-        )
+        }
     }
 
     fn serving(&self, route: &Route, pinned: bool) -> Serving {
         let t = &self.table;
         Serving {
+            path: route.path.clone(),
             to: t.backends[route.to].name.to_string(),
+            to_url: t.backends[route.to].url.clone(),
             default: t.backends[t.default].name.to_string(),
+            default_url: t.backends[t.default].url.clone(),
             split: route.split.as_ref().map(|s| s.percent),
             shadow: route.shadow.map(|b| t.backends[b].name.to_string()),
+            shadow_url: route.shadow.map(|b| t.backends[b].url.clone()),
             state: t.state(route, pinned).as_str(),
         }
     }
@@ -182,11 +191,16 @@ impl LiveTable {
     /// The `default` pseudo-route (unmatched requests), as the audit records it.
     fn serving_unmatched(&self) -> Serving {
         let name = self.table.backends[self.table.default].name.to_string();
+        let url = self.table.backends[self.table.default].url.clone();
         Serving {
+            path: "*".to_string(),
             to: name.clone(),
+            to_url: url.clone(),
             default: name,
+            default_url: url,
             split: None,
             shadow: None,
+            shadow_url: None,
             state: RouteState::Legacy.as_str(),
         }
     }
@@ -350,7 +364,7 @@ impl State {
                     let now_pinned = nl.control.is_pinned();
                     let (before, after) =
                         (old.serving_key(r, pinned), live.serving_key(nr, now_pinned));
-                    if before.0 != after.0 {
+                    if before.to != after.to {
                         // Another `to`: the rollback window counted the old backend's answers.
                         nl.control.to_window.clear();
                     }
@@ -370,9 +384,11 @@ impl State {
                 changes.push((r.name.clone(), None, Some(serving)));
             }
         }
-        if old.table.backends[old.table.default].name
-            != live.table.backends[live.table.default].name
-        {
+        let (was, is) = (
+            &old.table.backends[old.table.default],
+            &live.table.backends[live.table.default],
+        );
+        if (&was.name, &was.url) != (&is.name, &is.url) {
             changes.push((
                 Arc::from(DEFAULT_ROUTE),
                 Some(old.serving_unmatched()),

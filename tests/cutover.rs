@@ -801,4 +801,45 @@ fn states_and_the_audit_trail_record_who_serves_what() {
         "each change is also a log line on the audit target:\n{}",
         proxy.log_text()
     );
+
+    // `new` repointed at another server moves every route it serves, though no `to` changed:
+    // a line each, naming both addresses (here: legacy's, as a team would repoint v1 → v2).
+    let seen = audit_lines(&audit).len();
+    let with_default = touched.replace("default: legacy", "default: spare");
+    reload(
+        &with_default.replace(&new.url(), &legacy.url()),
+        "the reload that repoints new",
+    );
+    wait_for("the repoint's audit lines", Duration::from_secs(3), || {
+        audit_lines(&audit).len() >= seen + 3
+    });
+    let lines = audit_lines(&audit);
+    let repointed: Vec<(&str, &str, &str)> = lines[seen..]
+        .iter()
+        .map(|l| {
+            (
+                l["route"].as_str().unwrap(),
+                l["before"]["to_url"].as_str().unwrap(),
+                l["after"]["to_url"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    let (n, l) = (new.url(), legacy.url());
+    assert_eq!(
+        repointed,
+        [
+            ("canary", n.as_str(), l.as_str()),
+            ("fresh", n.as_str(), l.as_str()),
+            ("plain", n.as_str(), l.as_str()),
+            ("shadowed", l.as_str(), l.as_str())
+        ]
+    );
+    let shadowed = &lines[seen + 3];
+    assert_eq!(
+        (
+            shadowed["before"]["shadow_url"].as_str(),
+            shadowed["after"]["shadow_url"].as_str()
+        ),
+        (Some(n.as_str()), Some(l.as_str()))
+    );
 }
