@@ -40,6 +40,21 @@ impl Audit {
         }
     }
 
+    /// As [`Audit::new`], the file opened (created, appended to) now: a path that cannot take
+    /// the trail is a start-up error, not an error at the first pin, days later, mid-incident.
+    pub fn open(path: Option<PathBuf>) -> Result<Self, String> {
+        let audit = Audit::new(path);
+        if let Some((path, file)) = &audit.file {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| format!("--audit-log {}: {e}", path.display()))?;
+            *file.lock() = Some(f);
+        }
+        Ok(audit)
+    }
+
     /// Records one change.
     pub fn record(
         &self,

@@ -204,7 +204,7 @@ pub fn serve(opts: ServeOptions) -> Result<(), String> {
     let state = State::start(
         &opts.config,
         StateFile::new(state_path),
-        Audit::new(opts.audit_log.clone()),
+        Audit::open(opts.audit_log.clone())?,
     )?;
 
     // Before any request: a reload may add a shadow route at any time.

@@ -862,6 +862,17 @@ fn an_address_it_cannot_listen_on_is_a_start_up_error() {
         );
         assert!(err.contains(says), "{err}");
     }
+    // An audit log it cannot write is found at start-up, not at the first pin.
+    let out = std::process::Command::new(bin())
+        .args(["run", "--listen", &free(), "--admin", &free(), "-c"])
+        .arg(&cfg)
+        .arg("--audit-log")
+        .arg(dir.path().join("no-such-dir/audit.jsonl"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("--audit-log"), "{err}");
 }
 
 #[test]
