@@ -434,7 +434,7 @@ fn same_number(x: &serde_json::Number, y: &serde_json::Number) -> bool {
     }
 }
 
-/// Removes the value at JSON pointer `ptr`, if present.
+/// Leaves the value at JSON pointer `ptr` out of the comparison, if present.
 fn remove_pointer(v: &mut Value, ptr: &str) {
     let Some((parent, last)) = ptr.rsplit_once('/') else {
         return;
@@ -445,10 +445,10 @@ fn remove_pointer(v: &mut Value, ptr: &str) {
             m.remove(&key);
         }
         Some(Value::Array(a)) => {
-            if let Ok(i) = key.parse::<usize>() {
-                if i < a.len() {
-                    a.remove(i);
-                }
+            // Blanked, not removed: the elements after it keep their indexes, so a difference
+            // further on is reported at the pointer it has in the real documents.
+            if let Some(slot) = key.parse::<usize>().ok().and_then(|i| a.get_mut(i)) {
+                *slot = Value::Null;
             }
         }
         _ => {}
@@ -504,6 +504,18 @@ mod tests {
         );
         let d = cmp(r#"[1,2]"#, r#"[1,2,3]"#, &[]).unwrap();
         assert_eq!(d.pointer, "/2");
+        // An ignored array element: the others keep their pointers.
+        let d = cmp(r#"{"arr":[1,2,3,4]}"#, r#"{"arr":[1,9,3,5]}"#, &["/arr/1"]).unwrap();
+        assert_eq!(
+            (d.pointer.as_str(), d.primary.as_str(), d.shadow.as_str()),
+            ("/arr/3", "4", "5")
+        );
+        let d = cmp(r#"{"arr":[1,2,3]}"#, r#"{"arr":[1,2]}"#, &["/arr/1"]).unwrap();
+        assert_eq!(
+            (d.pointer.as_str(), d.primary.as_str(), d.shadow.as_str()),
+            ("/arr/2", "3", "(absent)")
+        );
+        assert_eq!(cmp(r#"[1,2,3]"#, r#"[1,7,3]"#, &["/1"]), None);
         let d = cmp(r#"{"a":1}"#, r#"{}"#, &[]).unwrap();
         assert_eq!((d.pointer.as_str(), d.shadow.as_str()), ("/a", "(absent)"));
         // Numbers as numbers: however each service prints them.
