@@ -289,15 +289,8 @@ pub fn decide(
             e.status, e.code, e.message
         )));
     }
-    let asterisk = raw == b"*" && method == "OPTIONS";
-    let normal = if asterisk {
-        None
-    } else {
-        let parsed = std::str::from_utf8(raw)
-            .map_err(|_| path::PathError::ForbiddenByte)
-            .and_then(path::normalize);
-        Some(parsed.map_err(|e| Answered::Strangler(format!("400 bad_request: {e}")))?)
-    };
+    let normal = path::normalize_target(raw, method == "OPTIONS")
+        .map_err(|e| Answered::Strangler(format!("400 bad_request: {e}")))?;
     // No -H Host: the client's Host is whatever it will be.
     if !crate::forwarding::host_headers_ok(headers, false) {
         return Err(Answered::Strangler(

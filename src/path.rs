@@ -102,6 +102,19 @@ impl NormalPath {
     }
 }
 
+/// The request target as the proxy reads it, raw from the request line: `OPTIONS *` has no
+/// path to match (`None`: it goes to `default`); any other target is normalised, and one that
+/// is not UTF-8 is refused as a forbidden byte. The proxy and `explain` both start here.
+pub fn normalize_target(raw: &[u8], options: bool) -> Result<Option<NormalPath>, PathError> {
+    if options && raw == b"*" {
+        return Ok(None);
+    }
+    std::str::from_utf8(raw)
+        .map_err(|_| PathError::ForbiddenByte)
+        .and_then(normalize)
+        .map(Some)
+}
+
 /// Normalises a request target (path and optional query, as on the request line).
 pub fn normalize(target: &str) -> Result<NormalPath, PathError> {
     let (raw_path, query) = match target.find('?') {

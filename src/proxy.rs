@@ -374,21 +374,13 @@ impl ProxyHttp for Strangler {
         }
         let req = session.req_header();
         let raw = req.raw_path();
-        let asterisk = raw == b"*" && req.method == http::Method::OPTIONS;
-        let normal = if asterisk {
-            None
-        } else {
-            let parsed = std::str::from_utf8(raw)
-                .map_err(|_| path::PathError::ForbiddenByte)
-                .and_then(path::normalize);
-            match parsed {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    let detail = e.to_string();
-                    self.answer(session, ctx, errors::BAD_REQUEST, Some(&detail))
-                        .await?;
-                    return Ok(true);
-                }
+        let normal = match path::normalize_target(raw, req.method == http::Method::OPTIONS) {
+            Ok(p) => p,
+            Err(e) => {
+                let detail = e.to_string();
+                self.answer(session, ctx, errors::BAD_REQUEST, Some(&detail))
+                    .await?;
+                return Ok(true);
             }
         };
         if !host_ok(session.req_header()) {
