@@ -811,7 +811,7 @@ fn states_and_the_audit_trail_record_who_serves_what() {
         "the reload that repoints new",
     );
     wait_for("the repoint's audit lines", Duration::from_secs(3), || {
-        audit_lines(&audit).len() >= seen + 3
+        audit_lines(&audit).len() >= seen + 4
     });
     let lines = audit_lines(&audit);
     let repointed: Vec<(&str, &str, &str)> = lines[seen..]

@@ -1234,7 +1234,9 @@ fn a_backend_name_with_several_addresses_uses_them_all_and_follows_dns() {
     wait_for("the new address serves", Duration::from_secs(15), || {
         service(&request("GET", &proxy.url("/z"), &[], None)) == "c"
     });
-    assert!(proxy.log_text().contains("now resolves to [127.0.0.4:"));
+    wait_for("the change logged", Duration::from_secs(5), || {
+        proxy.log_text().contains("now resolves to [127.0.0.4:")
+    });
     assert_eq!(
         proxy.metric("strangler_config_reloads_total{result=\"success\"}"),
         1.0
