@@ -328,13 +328,12 @@ fn userinfo_span(url: &str) -> Option<(usize, usize)> {
     Some((start, start + at + 1))
 }
 
-/// A `Refresh` header (`5; url=http://backend/…`) whose URL points at `backend`, rewritten as
-/// [`rewrite_location`] rewrites a `Location` (nginx's `proxy_redirect` does both).
+/// A `Refresh` header (`5; url=http://backend/…`) with its URL passed through `rewrite_url`,
+/// the rule a `Location` follows (nginx's `proxy_redirect` rewrites both); `None` when there is
+/// no URL or the rule leaves it alone.
 pub fn rewrite_refresh(
     refresh: &str,
-    backend: &Backend,
-    client_scheme: &str,
-    client_host: &str,
+    rewrite_url: impl FnOnce(&str) -> Option<String>,
 ) -> Option<String> {
     let lower = refresh.to_ascii_lowercase();
     let at = lower.find("url=")? + 4;
@@ -348,12 +347,7 @@ pub fn rewrite_refresh(
             .map_or(refresh.len(), |i| url_start + i),
         None => refresh.len(),
     };
-    let new = rewrite_location(
-        refresh[url_start..url_end].trim(),
-        backend,
-        client_scheme,
-        client_host,
-    )?;
+    let new = rewrite_url(refresh[url_start..url_end].trim())?;
     Some(format!(
         "{}{new}{}",
         &refresh[..url_start],
@@ -579,7 +573,7 @@ mod tests {
     #[test]
     fn refresh_urls() {
         let b = backend("http://127.0.0.1:9002");
-        let rw = |r| rewrite_refresh(r, &b, "http", "front.example");
+        let rw = |r| rewrite_refresh(r, |u| rewrite_location(u, &b, "http", "front.example"));
         assert_eq!(
             rw("0; url=http://127.0.0.1:9002/x"),
             Some("0; url=http://front.example/x".into())

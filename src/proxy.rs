@@ -269,6 +269,36 @@ fn header_ends_response(req: &RequestHeader, resp: &ResponseHeader) -> bool {
             .is_some_and(|v| v.as_bytes() == b"0")
 }
 
+/// A URL from `backend`'s response (`Location`, `Refresh`) as the client must see it, or `None`
+/// to leave it alone: one at the answering backend's address goes to the client's scheme and
+/// host; one inside a rewritten route's backend prefix goes back into the route's (nginx's
+/// `proxy_redirect default`); then one at any other backend's address, so that a redirect from
+/// one service to another's internal address does not leak it either.
+fn client_url(
+    live: &LiveTable,
+    ctx: &RequestCtx,
+    backend: &crate::router::Backend,
+    host: &str,
+    url: &str,
+) -> Option<String> {
+    let own = forwarding::rewrite_location(url, backend, "http", host);
+    let relative = url.starts_with('/') && !url.starts_with("//");
+    let unrewritten = match ctx.route.map(|i| &live.table.routes[i]) {
+        Some(r) if ctx.to_target && (own.is_some() || relative) => {
+            r.rewrite.as_deref().and_then(|rw| {
+                forwarding::unrewrite_location(own.as_deref().unwrap_or(url), rw, &r.path)
+            })
+        }
+        _ => None,
+    };
+    unrewritten.or(own).or_else(|| {
+        live.table
+            .backends
+            .iter()
+            .find_map(|b| forwarding::rewrite_location(url, b, "http", host))
+    })
+}
+
 /// The authority the client asked for: its Host or, without one (HTTP/1.0, or an empty one),
 /// the address it connected to. What rewritten `Location` and `Refresh` URLs point at.
 fn client_authority<'a>(session: &Session, ctx: &'a RequestCtx) -> std::borrow::Cow<'a, str> {
@@ -568,27 +598,7 @@ impl ProxyHttp for Strangler {
             .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
         {
             let host = client_authority(session, ctx);
-            let host = host.as_ref();
-            let own = forwarding::rewrite_location(loc, backend, "http", host);
-            // A redirect within a rewritten route's backend prefix goes back to the client's.
-            let relative = loc.starts_with('/') && !loc.starts_with("//");
-            let unrewritten = match ctx.route.map(|i| &live.table.routes[i]) {
-                Some(r) if ctx.to_target && (own.is_some() || relative) => {
-                    r.rewrite.as_deref().and_then(|rw| {
-                        forwarding::unrewrite_location(own.as_deref().unwrap_or(loc), rw, &r.path)
-                    })
-                }
-                _ => None,
-            };
-            // Then any other backend of the table, so that a redirect from one service to
-            // another's internal address does not leak it either.
-            let rewritten = unrewritten.or(own).or_else(|| {
-                live.table
-                    .backends
-                    .iter()
-                    .find_map(|b| forwarding::rewrite_location(loc, b, "http", host))
-            });
-            if let Some(new) = rewritten {
+            if let Some(new) = client_url(live, ctx, backend, &host, loc) {
                 // By its usual spelling: the case-preserving header map sends the name as given.
                 resp.insert_header("Location", new)?;
             }
@@ -599,11 +609,10 @@ impl ProxyHttp for Strangler {
             .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
         {
             let host = client_authority(session, ctx);
-            let host = host.as_ref();
-            let rewritten = std::iter::once(backend)
-                .chain(live.table.backends.iter())
-                .find_map(|b| forwarding::rewrite_refresh(refresh, b, "http", host));
-            if let Some(new) = rewritten {
+            let new = forwarding::rewrite_refresh(refresh, |url| {
+                client_url(live, ctx, backend, &host, url)
+            });
+            if let Some(new) = new {
                 resp.insert_header("Refresh", new)?;
             }
         }

@@ -1251,8 +1251,10 @@ fn a_redirect_from_a_rewritten_route_points_back_into_the_route() {
         let mut r = full(301, "");
         let me = s.headers.get("x-self").cloned().unwrap_or_default();
         let loc = s.headers.get("x-loc").cloned().unwrap_or_default();
+        let loc = loc.replace("{self}", &me);
+        r.headers_mut().insert("location", loc.parse().unwrap());
         r.headers_mut()
-            .insert("location", loc.replace("{self}", &me).parse().unwrap());
+            .insert("refresh", format!("0; url={loc}").parse().unwrap());
         r
     }));
     let legacy = Backend::echo("legacy");
@@ -1283,5 +1285,7 @@ fn a_redirect_from_a_rewritten_route_points_back_into_the_route() {
         );
         assert_eq!(r.status, 301);
         assert_eq!(r.header("location"), want, "{loc}");
+        // A Refresh URL follows the same rule.
+        assert_eq!(r.header("refresh"), format!("0; url={want}"), "{loc}");
     }
 }
