@@ -41,6 +41,19 @@ fn error(status: StatusCode, code: &str, message: String) -> Response<Vec<u8>> {
     json_response(status, json!({"error": code, "message": message}))
 }
 
+/// `response` with fixed headers added (`WWW-Authenticate`, `Retry-After`, …).
+fn with_headers(
+    mut response: Response<Vec<u8>>,
+    headers: &[(http::HeaderName, &'static str)],
+) -> Response<Vec<u8>> {
+    for (name, value) in headers {
+        response
+            .headers_mut()
+            .insert(name.clone(), http::HeaderValue::from_static(value));
+    }
+    response
+}
+
 /// Constant-time comparison, so a token cannot be guessed byte by byte from response times.
 fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -173,34 +186,32 @@ impl Admin {
         } else if *method != Method::POST {
             return not_allowed(method, "POST");
         } else if !authorized {
-            let mut r = error(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "this admin API needs Authorization: Bearer $STRANGLER_ADMIN_TOKEN".into(),
-            );
             // RFC 9110 §11.6.1: a 401 names the scheme it wants.
-            r.headers_mut().insert(
-                http::header::WWW_AUTHENTICATE,
-                http::HeaderValue::from_static("Bearer realm=\"strangler admin\""),
+            return with_headers(
+                error(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "this admin API needs Authorization: Bearer $STRANGLER_ADMIN_TOKEN".into(),
+                ),
+                &[(
+                    http::header::WWW_AUTHENTICATE,
+                    "Bearer realm=\"strangler admin\"",
+                )],
             );
-            return r;
         } else if crate::pins::handed_over() {
             // During `run --upgrade` both processes accept on the admin socket for a few
             // seconds; a change taken here would never reach the process that serves now.
-            let mut r = error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "handing_over",
-                "this process is handing over to a new one; retry (the new one answers)".into(),
+            return with_headers(
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "handing_over",
+                    "this process is handing over to a new one; retry (the new one answers)".into(),
+                ),
+                &[
+                    (http::header::RETRY_AFTER, "1"),
+                    (http::header::CONNECTION, "close"),
+                ],
             );
-            r.headers_mut().insert(
-                http::header::RETRY_AFTER,
-                http::HeaderValue::from_static("1"),
-            );
-            r.headers_mut().insert(
-                http::header::CONNECTION,
-                http::HeaderValue::from_static("close"),
-            );
-            return r;
         }
         match (path, action) {
             ("/metrics", _) => respond(
