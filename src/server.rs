@@ -72,7 +72,7 @@ pub fn check_admin_address(admin: &str, token: Option<&str>) -> Result<(), Strin
 /// the admin API says healthy: refusing at start-up (exit 1, the reason) is what an operator
 /// and a supervisor can act on. Skipped for `--upgrade`, where the sockets come from the old
 /// process and are taken by design.
-fn check_bindable(what: &str, addr: &str) -> Result<SocketAddr, String> {
+fn check_bindable(what: &str, addr: &str) -> Result<std::net::TcpListener, String> {
     let addrs: Vec<SocketAddr> = addr
         .to_socket_addrs()
         .map_err(|e| format!("{what} address {addr:?}: {e} (want HOST:PORT, e.g. 0.0.0.0:8080)"))?
@@ -80,9 +80,17 @@ fn check_bindable(what: &str, addr: &str) -> Result<SocketAddr, String> {
     let first = addrs
         .first()
         .ok_or_else(|| format!("{what} address {addr:?} resolves to nothing"))?;
-    std::net::TcpListener::bind(first)
-        .map(|_| *first)
-        .map_err(|e| format!("cannot listen on {addr} ({what}): {e}"))
+    std::net::TcpListener::bind(first).map_err(|e| format!("cannot listen on {addr} ({what}): {e}"))
+}
+
+/// The address a listener is given to Pingora with: as written, or, for port 0, the port the
+/// kernel chose for the trial bind, so the log and the listener agree on where the proxy is
+/// (`--listen 127.0.0.1:0` picks a free port, as test harnesses and ad-hoc runs expect).
+fn concrete(addr: &str, probe: &std::net::TcpListener) -> String {
+    match probe.local_addr() {
+        Ok(bound) if addr.ends_with(":0") => bound.to_string(),
+        _ => addr.to_string(),
+    }
 }
 
 /// Refuses two of this process's own listeners on one address. Pingora binds with
@@ -170,7 +178,7 @@ impl BackgroundService for DrainWatcher {
 }
 
 /// Runs the proxy until it is told to stop. Errors are start-up errors (exit 1).
-pub fn serve(opts: ServeOptions) -> Result<(), String> {
+pub fn serve(mut opts: ServeOptions) -> Result<(), String> {
     // SIGHUP's default action ends the process. Until the reloader listens for it (after the
     // table is loaded and Pingora has started, which takes a while for a large table), one
     // sent by `systemctl reload` or a config sidecar right after a restart is ignored: the
@@ -182,19 +190,25 @@ pub fn serve(opts: ServeOptions) -> Result<(), String> {
     }
     check_admin_address(&opts.admin, opts.admin_token.as_deref())?;
     if !opts.upgrade {
-        let mut bound = Vec::new();
-        for addr in &opts.listen {
-            bound.push(("--listen".to_string(), check_bindable("--listen", addr)?));
+        // The trial listeners stay open until every address is checked, so two `:0`
+        // addresses get two different ports.
+        let mut probes = Vec::new();
+        for addr in opts.listen.iter_mut() {
+            let probe = check_bindable("--listen", addr)?;
+            *addr = concrete(addr, &probe);
+            probes.push(("--listen".to_string(), probe));
         }
-        bound.push((
-            "--admin".to_string(),
-            check_bindable("--admin", &opts.admin)?,
-        ));
+        let probe = check_bindable("--admin", &opts.admin)?;
+        opts.admin = concrete(&opts.admin, &probe);
+        probes.push(("--admin".to_string(), probe));
         for (name, addr) in &opts.demo_services {
             let what = format!("demo service {name}");
-            let a = check_bindable(&what, addr)?;
-            bound.push((what, a));
+            probes.push((what.clone(), check_bindable(&what, addr)?));
         }
+        let bound: Vec<(String, SocketAddr)> = probes
+            .iter()
+            .filter_map(|(what, l)| Some((what.clone(), l.local_addr().ok()?)))
+            .collect();
         check_distinct(&bound)?;
     }
     let state_path = opts

@@ -220,3 +220,56 @@ fn one_dns_name_fans_out_to_every_address() {
     assert!(!t.is_empty());
     assert!(t.iter().all(|t| t.base.ends_with(":9900")), "{t:?}");
 }
+
+/// `--listen 127.0.0.1:0 --admin 127.0.0.1:0`: two different free ports, and the start-up line
+/// names them, so a harness or an ad-hoc run finds the proxy without choosing ports itself.
+#[test]
+fn port_zero_listens_on_free_ports_and_logs_them() {
+    let legacy = Backend::echo("legacy");
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = base_yaml(&legacy.url(), &legacy.url()) + "routes: []\n";
+    std::fs::write(dir.path().join("routing.yaml"), yaml).unwrap();
+    let log = dir.path().join("strangler.log");
+    let _proxy = Reaped(
+        Command::new(bin())
+            .arg("run")
+            .arg("-c")
+            .arg(dir.path().join("routing.yaml"))
+            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .env("RUST_LOG", "info")
+            .env_remove("STRANGLER_ADMIN_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    wait_for("the start-up line", Duration::from_secs(15), || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        match text.lines().find(|l| l.contains("serving on ")) {
+            Some(l) => {
+                line = l.to_string();
+                true
+            }
+            None => false,
+        }
+    });
+    // "strangler serving on 127.0.0.1:P (admin 127.0.0.1:A), N thread(s)"
+    let after = |marker: &str| -> u16 {
+        let rest = &line[line.find(marker).unwrap() + marker.len()..];
+        let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+        digits
+            .parse()
+            .unwrap_or_else(|_| panic!("no port in {line:?}"))
+    };
+    let (port, admin) = (after("serving on 127.0.0.1:"), after("(admin 127.0.0.1:"));
+    assert!(port != 0 && admin != 0 && port != admin, "{line}");
+    wait_for("the admin API", Duration::from_secs(15), || {
+        get(&format!("http://127.0.0.1:{admin}/healthz")).0 == 200
+            && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let reply = request("GET", &format!("http://127.0.0.1:{port}/x"), &[], None);
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.header("x-strangler-backend"), "legacy");
+}
