@@ -33,7 +33,15 @@ pub fn init(format: LogFormat) {
         LogFormat::Json => {
             b.format(|buf, r| {
                 let ts = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-                let line = json_line(&ts, r.level().as_str(), r.target(), r.args().to_string());
+                let mut fields = Fields(Vec::new());
+                let _ = r.key_values().visit(&mut fields);
+                let line = json_line(
+                    &ts,
+                    r.level().as_str(),
+                    r.target(),
+                    r.args().to_string(),
+                    fields.0,
+                );
                 writeln!(buf, "{line}")
             });
         }
@@ -41,10 +49,44 @@ pub fn init(format: LogFormat) {
     let _ = b.try_init();
 }
 
+/// An event's structured fields (`log::warn!(route = …, …; "…")`), in the order written.
+struct Fields(Vec<(String, serde_json::Value)>);
+
+impl<'kvs> log::kv::VisitSource<'kvs> for Fields {
+    fn visit_pair(
+        &mut self,
+        key: log::kv::Key<'kvs>,
+        value: log::kv::Value<'kvs>,
+    ) -> Result<(), log::kv::Error> {
+        let value = if let Some(b) = value.to_bool() {
+            b.into()
+        } else if let Some(i) = value.to_i64() {
+            i.into()
+        } else if let Some(u) = value.to_u64() {
+            u.into()
+        } else if let Some(f) = value.to_f64() {
+            f.into()
+        } else {
+            value.to_string().into()
+        };
+        self.0.push((key.as_str().to_string(), value));
+        Ok(())
+    }
+}
+
 /// One JSON log line. An audit record is JSON already: its fields (`route`, `before`, `after`,
 /// `reason`, `config_sha256`) go to the top level beside `ts`, `level` and `target`, so a log
-/// pipeline reads them without parsing `msg` a second time.
-fn json_line(ts: &str, level: &str, target: &str, msg: String) -> serde_json::Value {
+/// pipeline reads them without parsing `msg` a second time. So do the structured fields of other
+/// events (a shadow mismatch's `request_id`, `route`, `backend`, `pointer`, `primary`, `shadow`;
+/// a failover's `request_id`, `route`, `from`, `to`; a pin's `route`, `reason`); they never
+/// replace `ts`, `level`, `target` or `msg`.
+fn json_line(
+    ts: &str,
+    level: &str,
+    target: &str,
+    msg: String,
+    fields: Vec<(String, serde_json::Value)>,
+) -> serde_json::Value {
     let mut line = serde_json::json!({ "ts": ts, "level": level, "target": target });
     let obj = line.as_object_mut().expect("an object");
     let record = (target == "audit")
@@ -65,6 +107,11 @@ fn json_line(ts: &str, level: &str, target: &str, msg: String) -> serde_json::Va
         }
         _ => {
             obj.insert("msg".into(), msg.into());
+        }
+    }
+    for (k, v) in fields {
+        if !obj.contains_key(&k) {
+            obj.insert(k, v);
         }
     }
     line
@@ -89,12 +136,12 @@ fn one_line(msg: String) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{json_line, one_line};
+    use super::{json_line, one_line, Fields};
 
     #[test]
     fn audit_records_are_top_level_fields_in_json_lines() {
         let record = r#"{"ts":"t0","route":"bookings","before":null,"after":{"backend":"new"},"reason":"file changed","config_sha256":"ab"}"#;
-        let line = json_line("t1", "INFO", "audit", record.to_string());
+        let line = json_line("t1", "INFO", "audit", record.to_string(), Vec::new());
         assert_eq!(line["ts"], "t1");
         assert_eq!(line["route"], "bookings");
         assert_eq!(line["after"]["backend"], "new");
@@ -102,8 +149,34 @@ mod tests {
         assert_eq!(line["config_sha256"], "ab");
         assert!(line["before"].is_null() && line.get("before").is_some());
         // Other targets keep their message as it is, JSON-looking or not.
-        let other = json_line("t1", "INFO", "strangler::state", "{\"a\":1}".to_string());
+        let other = json_line(
+            "t1",
+            "INFO",
+            "strangler::state",
+            "{\"a\":1}".to_string(),
+            Vec::new(),
+        );
         assert_eq!(other["msg"], "{\"a\":1}");
+    }
+
+    #[test]
+    fn structured_fields_are_top_level_in_json_lines() {
+        let kvs = [
+            ("route", "bookings"),
+            ("pointer", "/a/0"),
+            ("msg", "not this"),
+        ];
+        let record = log::Record::builder()
+            .args(format_args!("m"))
+            .key_values(&kvs)
+            .build();
+        let mut fields = Fields(Vec::new());
+        record.key_values().visit(&mut fields).unwrap();
+        let line = json_line("t1", "WARN", "shadow", "m".into(), fields.0);
+        assert_eq!(line["route"], "bookings");
+        assert_eq!(line["pointer"], "/a/0");
+        assert_eq!(line["msg"], "m", "a field never replaces the message");
+        assert_eq!(line["target"], "shadow");
     }
 
     #[test]

@@ -965,12 +965,18 @@ impl Strangler {
                 ])
                 .inc();
         }
-        log::warn!(
-            "request {} on route {:?}: {} unreachable, failing over to {}",
+        let (request_id, from, to) = (
             ctx.request_id.to_str().unwrap_or("-"),
-            route.name,
-            live.table.backends[b].name,
-            live.table.backends[default].name
+            &*live.table.backends[b].name,
+            &*live.table.backends[default].name,
+        );
+        log::warn!(
+            request_id = request_id,
+            route = &*route.name,
+            from = from,
+            to = to;
+            "request {request_id} on route {:?}: {from} unreachable, failing over to {to}",
+            route.name
         );
         // The attempt on `to` failed: the last-minute view (`/routes`) shows it there, as the
         // metrics do (`strangler_upstream_errors_total`); the request itself is then counted on

@@ -255,12 +255,17 @@ pub fn tap(
             (Some(p), Ok(Ok(s))) => match compare(&p, &s, &ignore) {
                 None => "match",
                 Some(diff) => {
+                    let (primary, shadow) = (truncate(&diff.primary), truncate(&diff.shadow));
                     log::warn!(
                         target: "shadow",
-                        "shadow mismatch: request {request_id} route {route_name:?} backend {backend_name}: at {:?} primary={} shadow={}",
+                        request_id = request_id.as_str(),
+                        route = &*route_name,
+                        backend = &*backend_name,
+                        pointer = diff.pointer.as_str(),
+                        primary = primary.as_str(),
+                        shadow = shadow.as_str();
+                        "shadow mismatch: request {request_id} route {route_name:?} backend {backend_name}: at {:?} primary={primary} shadow={shadow}",
                         diff.pointer,
-                        truncate(&diff.primary),
-                        truncate(&diff.shadow)
                     );
                     "mismatch"
                 }

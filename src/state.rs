@@ -536,6 +536,8 @@ impl State {
             .inc();
         if log {
             log::warn!(
+                route = &*route.name,
+                reason = reason.as_str();
                 "route {:?} pinned to default ({}): {why}",
                 route.name,
                 reason.as_str()

@@ -560,7 +560,7 @@ fn json_logs_carry_the_audit_record_as_fields() {
     let legacy = Backend::echo("legacy");
     let new = Backend::echo("new");
     let yaml = format!(
-        "{}routes:\n  - {{name: plain, path: /plain, to: new}}\n",
+        "{}routes:\n  - {{name: plain, path: /plain, to: new}}\n  - {{name: mirrored, path: /mirrored, to: legacy, shadow: new}}\n",
         base_yaml(&legacy.url(), &new.url())
     );
     let proxy = Proxy::start_with(&yaml, &["--log-format", "json"], &[]);
@@ -584,6 +584,44 @@ fn json_logs_carry_the_audit_record_as_fields() {
         "{v}"
     );
     assert_eq!(v["config_sha256"], sha256_hex(yaml.as_bytes()), "{v}");
+
+    // A shadow mismatch's request id, route, backend and first difference are fields too.
+    let r = request(
+        "GET",
+        &proxy.url("/mirrored"),
+        &[("X-Request-Id", "rid-json")],
+        None,
+    );
+    assert_eq!(r.json()["service"], "legacy");
+    let mismatch_line = || {
+        proxy.log_text().lines().find_map(|l| {
+            let v: Value = serde_json::from_str(l).ok()?;
+            (v["target"] == "shadow" && v["request_id"] == "rid-json").then_some(v)
+        })
+    };
+    wait_for("the mismatch line", Duration::from_secs(3), || {
+        mismatch_line().is_some()
+    });
+    let v = mismatch_line().unwrap();
+    assert_eq!(
+        (&v["level"], &v["route"], &v["backend"], &v["pointer"]),
+        (
+            &Value::from("WARN"),
+            &Value::from("mirrored"),
+            &Value::from("new"),
+            &Value::from("/service")
+        ),
+        "{v}"
+    );
+    assert!(
+        v["primary"].as_str().is_some_and(|p| p.contains("legacy"))
+            && v["shadow"].as_str().is_some_and(|s| s.contains("new")),
+        "{v}"
+    );
+    assert!(
+        v["msg"].as_str().is_some_and(|m| m.contains("rid-json")),
+        "{v}"
+    );
 }
 
 #[test]
