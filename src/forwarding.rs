@@ -125,6 +125,21 @@ pub fn header_list<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<Cow<
     Some(joined.map_or(Cow::Borrowed(first), Cow::Owned))
 }
 
+/// The one `Content-Length` to send for a request that gave it as a list of equal values
+/// (two lines, or `5, 5`), which Pingora accepts (RFC 9110 §8.6 lets a recipient replace such
+/// a list by the single value) but a strict backend answers 400; `None` when the header is
+/// absent or already a single value, the usual case. Unequal values never get here: Pingora
+/// refuses them.
+pub fn collapsed_content_length(headers: &HeaderMap) -> Option<HeaderValue> {
+    let mut lines = headers.get_all(http::header::CONTENT_LENGTH).iter();
+    let first = lines.next()?;
+    if lines.next().is_none() && !first.as_bytes().contains(&b',') {
+        return None;
+    }
+    let value = first.to_str().ok()?.split(',').next()?.trim();
+    HeaderValue::from_str(value).ok()
+}
+
 /// The headers a message's `Connection` names as hop-by-hop (RFC 9110 §7.6.1), to be removed
 /// before it is forwarded. The usual `keep-alive` / `close` tokens name no header to look for,
 /// and the framing headers are never taken this way (Pingora frames the message itself).
@@ -424,6 +439,28 @@ mod tests {
             assert!(with(bad).is_some(), "{bad:?}");
         }
         assert_eq!(connection_refusal(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn a_list_of_equal_content_lengths_becomes_one() {
+        let with = |lines: &[&str]| {
+            let mut h = HeaderMap::new();
+            for l in lines {
+                h.append(
+                    http::header::CONTENT_LENGTH,
+                    HeaderValue::from_str(l).unwrap(),
+                );
+            }
+            collapsed_content_length(&h)
+        };
+        assert_eq!(with(&[]), None);
+        assert_eq!(with(&["5"]), None, "a single value is left as it is");
+        assert_eq!(with(&["5", "5"]), Some(HeaderValue::from_static("5")));
+        assert_eq!(with(&["5, 5"]), Some(HeaderValue::from_static("5")));
+        assert_eq!(
+            with(&[" 12 ,12", "12"]),
+            Some(HeaderValue::from_static("12"))
+        );
     }
 
     #[test]

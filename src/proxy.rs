@@ -49,6 +49,11 @@ const WIRE_STRANGLER_BACKEND: &str = "X-Strangler-Backend";
 /// How long one write to a client may wait for it to read (nginx's `send_timeout`, 60 s).
 pub const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Interim (1xx) responses relayed per request before the backend's answer is taken as
+/// invalid (502): each restarts the backend's read timeout, so an endless stream of them would
+/// hold the client, its connection and the request's slot for ever.
+const MAX_INTERIM: u8 = 16;
+
 /// Request size limits enforced before routing (the backend is never contacted past them).
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -156,6 +161,8 @@ pub struct RequestCtx {
     upstream_error: Option<UpstreamErrorKind>,
     /// Status of a response the proxy wrote itself.
     proxy_status: Option<u16>,
+    /// Interim (1xx) responses the backend has sent so far (at most `MAX_INTERIM`).
+    interim: u8,
     /// The whole response has been handed to the client's connection (its last body chunk,
     /// or a header that ends it). A client that goes away after this is not a 499: it may
     /// simply stop sending a body the backend already answered without reading.
@@ -269,6 +276,16 @@ fn header_ends_response(req: &RequestHeader, resp: &ResponseHeader) -> bool {
             .is_some_and(|v| v.as_bytes() == b"0")
 }
 
+/// The response header the client has been sent, if any, leaving out an interim one (1xx
+/// other than 101, which hands the connection over): after a `100 Continue` or `103 Early
+/// Hints` the request still gets its final answer, the proxy's 502/504 included, and is
+/// counted by that answer's status.
+fn answer_written(session: &Session) -> Option<&ResponseHeader> {
+    session.response_written().filter(|r| {
+        !r.status.is_informational() || r.status == http::StatusCode::SWITCHING_PROTOCOLS
+    })
+}
+
 /// A URL from `backend`'s response (`Location`, `Refresh`) as the client must see it, or `None`
 /// to leave it alone: one at the answering backend's address goes to the client's scheme and
 /// host; one inside a rewritten route's backend prefix goes back into the route's (nginx's
@@ -349,6 +366,7 @@ impl ProxyHttp for Strangler {
             response_done: false,
             upstream_error: None,
             proxy_status: None,
+            interim: 0,
             client_host: None,
             _in_flight: None,
             shadow: None,
@@ -387,6 +405,10 @@ impl ProxyHttp for Strangler {
         session
             .as_downstream_mut()
             .set_write_timeout(Some(CLIENT_WRITE_TIMEOUT));
+        if session.req_header().version < http::Version::HTTP_11 {
+            // No 1xx to an HTTP/1.0 client (RFC 9110 §15.2): it would take one for the answer.
+            session.as_downstream_mut().set_ignore_info_resp(true);
+        }
         let live = self.state.snapshot();
         let req = session.req_header();
         ctx.method = metrics::method_label(&req.method);
@@ -533,6 +555,9 @@ impl ProxyHttp for Strangler {
         // Only the proxy's shadow copies carry it: a client's would pass a real request off as
         // a shadow copy to a service that skips side effects for those.
         up.remove_header(&shadow::X_STRANGLER_SHADOW);
+        if let Some(length) = forwarding::collapsed_content_length(&up.headers) {
+            up.insert_header(header::CONTENT_LENGTH, length)?;
+        }
         if session.req_header().version < http::Version::HTTP_11 {
             // An HTTP/1.0 client's `100-continue` must be ignored (RFC 9110 §10.1.1): the
             // backend would answer it with a 100 the client takes for the final response.
@@ -573,6 +598,16 @@ impl ProxyHttp for Strangler {
                 "101 Switching Protocols to a request that asked for no upgrade",
             )
             .into_up());
+        }
+        if resp.status.is_informational() && resp.status != http::StatusCode::SWITCHING_PROTOCOLS {
+            ctx.interim += 1;
+            if ctx.interim > MAX_INTERIM {
+                return Err(Error::explain(
+                    ErrorType::InvalidHTTPHeader,
+                    format!("more than {MAX_INTERIM} interim (1xx) responses to one request"),
+                )
+                .into_up());
+            }
         }
         if resp.status != http::StatusCode::SWITCHING_PROTOCOLS {
             let nominated = forwarding::connection_nominated(&resp.headers);
@@ -668,6 +703,11 @@ impl ProxyHttp for Strangler {
             self.judge_target(ctx, resp.status.as_u16() >= 500);
         }
         ctx.response_done = header_ends_response(session.req_header(), resp);
+        if resp.version < http::Version::HTTP_11 {
+            // An HTTP/1.0 backend's answer goes out in the proxy's own version (RFC 9110 §6.2);
+            // its framing (a length, or the end of the connection) holds in HTTP/1.1 too.
+            resp.set_version(http::Version::HTTP_11);
+        }
         if session.req_header().version < http::Version::HTTP_11
             && resp.headers.contains_key(header::TRANSFER_ENCODING)
         {
@@ -750,7 +790,13 @@ impl ProxyHttp for Strangler {
         }
         let kind = UpstreamErrorKind::of(&e);
         let idempotent = session.req_header().method.is_idempotent();
-        if !idempotent || session.as_ref().retry_buffer_truncated() || ctx.stale_retried {
+        // Nor after an interim response went to the client: a retry would wait the whole
+        // exchange again, and relay its 1xx a second time.
+        if !idempotent
+            || session.as_ref().retry_buffer_truncated()
+            || ctx.stale_retried
+            || session.response_written().is_some()
+        {
             // Once: Pingora would take the next pooled connection for each retry, so a request
             // that kills its backend worker would be replayed on every idle connection.
             e.set_retry(false);
@@ -803,7 +849,7 @@ impl ProxyHttp for Strangler {
                 can_reuse_downstream: false,
             };
         };
-        if session.response_written().is_some() {
+        if answer_written(session).is_some() {
             // Mid-body failure: the status is already out; the client sees a truncated response.
             return FailToProxy {
                 error_code: 0,
@@ -854,8 +900,7 @@ impl ProxyHttp for Strangler {
         } else if let Some(s) = ctx.proxy_status {
             s
         } else {
-            session
-                .response_written()
+            answer_written(session)
                 .map(|r| r.status.as_u16())
                 .unwrap_or(if e.is_some() { 502 } else { 200 })
         };

@@ -72,15 +72,19 @@ pub fn check_admin_address(admin: &str, token: Option<&str>) -> Result<(), Strin
 /// the admin API says healthy: refusing at start-up (exit 1, the reason) is what an operator
 /// and a supervisor can act on. Skipped for `--upgrade`, where the sockets come from the old
 /// process and are taken by design.
-fn check_bindable(what: &str, addr: &str) -> Result<std::net::TcpListener, String> {
+fn resolve(what: &str, addr: &str) -> Result<SocketAddr, String> {
     let addrs: Vec<SocketAddr> = addr
         .to_socket_addrs()
         .map_err(|e| format!("{what} address {addr:?}: {e} (want HOST:PORT, e.g. 0.0.0.0:8080)"))?
         .collect();
-    let first = addrs
+    addrs
         .first()
-        .ok_or_else(|| format!("{what} address {addr:?} resolves to nothing"))?;
-    std::net::TcpListener::bind(first).map_err(|e| format!("cannot listen on {addr} ({what}): {e}"))
+        .copied()
+        .ok_or_else(|| format!("{what} address {addr:?} resolves to nothing"))
+}
+
+fn check_bindable(what: &str, addr: &str, at: SocketAddr) -> Result<std::net::TcpListener, String> {
+    std::net::TcpListener::bind(at).map_err(|e| format!("cannot listen on {addr} ({what}): {e}"))
 }
 
 /// The address a listener is given to Pingora with: as written, or, for port 0, the port the
@@ -104,7 +108,10 @@ fn check_distinct(addrs: &[(String, SocketAddr)]) -> Result<(), String> {
         |w: &SocketAddr, o: &SocketAddr| w.ip().is_unspecified() && (w.is_ipv6() || o.is_ipv4());
     for (i, (what_a, a)) in addrs.iter().enumerate() {
         for (what_b, b) in &addrs[..i] {
-            let clash = a.port() == b.port() && (a.ip() == b.ip() || covers(a, b) || covers(b, a));
+            // Port 0 is a free port of the kernel's choosing: never another listener's.
+            let clash = a.port() != 0
+                && a.port() == b.port()
+                && (a.ip() == b.ip() || covers(a, b) || covers(b, a));
             if clash {
                 return Err(format!(
                     "cannot listen on {a} ({what_a}): {b} is already this process's {what_b}"
@@ -190,26 +197,31 @@ pub fn serve(mut opts: ServeOptions) -> Result<(), String> {
     }
     check_admin_address(&opts.admin, opts.admin_token.as_deref())?;
     if !opts.upgrade {
-        // The trial listeners stay open until every address is checked, so two `:0`
-        // addresses get two different ports.
-        let mut probes = Vec::new();
-        for addr in opts.listen.iter_mut() {
-            let probe = check_bindable("--listen", addr)?;
-            *addr = concrete(addr, &probe);
-            probes.push(("--listen".to_string(), probe));
-        }
-        let probe = check_bindable("--admin", &opts.admin)?;
-        opts.admin = concrete(&opts.admin, &probe);
-        probes.push(("--admin".to_string(), probe));
-        for (name, addr) in &opts.demo_services {
-            let what = format!("demo service {name}");
-            probes.push((what.clone(), check_bindable(&what, addr)?));
-        }
-        let bound: Vec<(String, SocketAddr)> = probes
+        let mut wanted: Vec<(String, String)> = opts
+            .listen
             .iter()
-            .filter_map(|(what, l)| Some((what.clone(), l.local_addr().ok()?)))
+            .map(|a| ("--listen".to_string(), a.clone()))
             .collect();
-        check_distinct(&bound)?;
+        wanted.push(("--admin".to_string(), opts.admin.clone()));
+        for (name, addr) in &opts.demo_services {
+            wanted.push((format!("demo service {name}"), addr.clone()));
+        }
+        let resolved = wanted
+            .iter()
+            .map(|(what, addr)| Ok((what.clone(), resolve(what, addr)?)))
+            .collect::<Result<Vec<_>, String>>()?;
+        check_distinct(&resolved)?;
+        // The trial listeners stay open until every address is bound, so two `:0` addresses
+        // get two different ports.
+        let mut probes = Vec::new();
+        for ((what, addr), (_, at)) in wanted.iter().zip(&resolved) {
+            probes.push(check_bindable(what, addr, *at)?);
+        }
+        let n = opts.listen.len();
+        for (addr, probe) in opts.listen.iter_mut().zip(&probes) {
+            *addr = concrete(addr, probe);
+        }
+        opts.admin = concrete(&opts.admin, &probes[n]);
     }
     let state_path = opts
         .state_file
@@ -355,5 +367,6 @@ mod tests {
         assert!(!clash("0.0.0.0:80", "[::1]:80"), "0.0.0.0 covers IPv4 only");
         assert!(!clash("127.0.0.1:80", "127.0.0.2:80"));
         assert!(!clash("127.0.0.1:80", "127.0.0.1:81"));
+        assert!(!clash("127.0.0.1:0", "127.0.0.1:0"), "two free ports");
     }
 }

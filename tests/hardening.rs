@@ -1037,6 +1037,161 @@ fn an_http_1_0_client_gets_a_body_it_can_read_not_chunks() {
     );
 }
 
+/// Interim (1xx) answers: relayed to HTTP/1.1 clients, never to HTTP/1.0 ones; a backend that
+/// fails after one still gets its client a final answer (and is counted by it); an endless
+/// stream of them is a 502. And the proxy's own version on an HTTP/1.0 backend's status line.
+#[test]
+fn interim_responses_never_stand_in_for_the_answer() {
+    let (baddr, lines) = raw_backend(|s, lines| {
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut w = s;
+        while let Some(line) = read_request_head(&mut r) {
+            lines.lock().unwrap().push(line.clone());
+            let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+            let _ = match path.as_str() {
+                "/hints" => w.write_all(
+                    b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                ),
+                "/hints-then-close" => {
+                    let _ = w.write_all(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n");
+                    return;
+                }
+                "/flood" => {
+                    for _ in 0..40 {
+                        let _ = w.write_all(b"HTTP/1.1 102 Processing\r\n\r\n");
+                    }
+                    w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                }
+                _ => {
+                    let _ = w.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok");
+                    return;
+                }
+            };
+        }
+    });
+    let proxy = Proxy::start(&one_backend(&format!("http://{baddr}")));
+    let addr = addr_of(&proxy);
+    let seen = |path: &str| {
+        lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.split_whitespace().nth(1) == Some(path))
+            .count()
+    };
+
+    // Relayed to an HTTP/1.1 client, then the answer.
+    let (answer, _) = exchange(
+        &addr,
+        b"GET /hints HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    );
+    assert!(answer.starts_with("HTTP/1.1 103"), "{answer}");
+    assert!(answer.contains("\r\n\r\nHTTP/1.1 200 OK\r\n") && answer.ends_with("ok"));
+    // Never to an HTTP/1.0 client (RFC 9110 §15.2): it would take it for the answer.
+    let (answer, _) = exchange(
+        &addr,
+        b"GET /hints HTTP/1.0\r\nHost: h\r\n\r\n",
+        Duration::from_secs(5),
+    );
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(!answer.contains(" 103 "), "{answer}");
+
+    // The backend fails after its 103: the client still gets the proxy's 502, counted as a
+    // 502, and the request is not sent again (the 1xx is already out).
+    let (answer, _) = exchange(
+        &addr,
+        b"GET /hints-then-close HTTP/1.1\r\nHost: h\r\n\r\n",
+        Duration::from_secs(5),
+    );
+    let (interim, last) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(interim.starts_with("HTTP/1.1 103"), "{answer}");
+    assert_eq!(status_of(last), 502, "{answer}");
+    assert!(last.contains("\"error\":\"bad_gateway\""), "{answer}");
+    assert_eq!(seen("/hints-then-close"), 1);
+    let code = |c: &str| {
+        proxy.metric(&format!(
+            "strangler_requests_total{{route=\"default\",backend=\"legacy\",method=\"GET\",code=\"{c}\"}}"
+        ))
+    };
+    wait_for("the 502 counted", Duration::from_secs(2), || {
+        code("502") == 1.0
+    });
+    assert_eq!(code("103"), 0.0);
+
+    // An endless stream of 1xx: a 502 after MAX_INTERIM of them, the backend's error.
+    let (answer, _) = exchange(
+        &addr,
+        b"GET /flood HTTP/1.1\r\nHost: h\r\n\r\n",
+        Duration::from_secs(5),
+    );
+    assert_eq!(answer.matches("HTTP/1.1 102").count(), 16, "{answer}");
+    let last = answer.rsplit("\r\n\r\nHTTP/1.1 ").next().unwrap();
+    assert!(last.starts_with("502"), "{answer}");
+    wait_for("the flood counted", Duration::from_secs(2), || {
+        code("502") == 2.0
+            && proxy.metric(
+                "strangler_upstream_errors_total{route=\"default\",backend=\"legacy\",kind=\"other\"}",
+            ) == 1.0
+    });
+
+    // An HTTP/1.0 backend's answer goes out as HTTP/1.1 (RFC 9110 §6.2).
+    let (answer, _) = exchange(
+        &addr,
+        b"GET /old HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    );
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(answer.ends_with("\r\n\r\nok"), "{answer}");
+}
+
+/// `Content-Length: 2, 2` (or two equal lines), which Pingora accepts, reaches the backend as
+/// one value (RFC 9110 §8.6), since a strict backend refuses the list.
+#[test]
+fn a_list_of_equal_content_lengths_reaches_the_backend_as_one() {
+    let (baddr, lines) = raw_backend(|s, lines| {
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut w = s;
+        loop {
+            let mut head = String::new();
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 {
+                    return;
+                }
+                if line == "\r\n" {
+                    break;
+                }
+                head.push_str(&line);
+            }
+            let mut body = [0u8; 2];
+            if r.read_exact(&mut body).is_err() {
+                return;
+            }
+            lines.lock().unwrap().push(head);
+            let _ = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        }
+    });
+    let proxy = Proxy::start(&one_backend(&format!("http://{baddr}")));
+    for req in [
+        &b"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 2, 2\r\nConnection: close\r\n\r\nab"[..],
+        b"POST /b HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\nContent-Length: 2\r\nConnection: close\r\n\r\nab",
+    ] {
+        let (answer, _) = exchange(&addr_of(&proxy), req, Duration::from_secs(5));
+        assert_eq!(status_of(&answer), 200, "{answer}");
+    }
+    let heads = lines.lock().unwrap().clone();
+    assert_eq!(heads.len(), 2, "{heads:?}");
+    for head in heads {
+        let lengths: Vec<&str> = head
+            .lines()
+            .filter(|l| l.to_ascii_lowercase().starts_with("content-length:"))
+            .collect();
+        assert_eq!(lengths.len(), 1, "{head}");
+        assert_eq!(lengths[0].split_once(':').unwrap().1.trim(), "2", "{head}");
+    }
+}
+
 #[test]
 fn an_http_1_0_clients_expect_100_continue_is_ignored() {
     let legacy = Backend::start(Arc::new(|s: &Seen| {
