@@ -21,8 +21,7 @@ use crate::split;
 
 /// Reads and validates without resolving backends (so `check` works offline, e.g. in CI).
 pub fn load(config: &Path) -> Result<RoutingTable, ConfigErrors> {
-    let (file, source) = config::read(config)?;
-    RoutingTable::build(file, &source)
+    RoutingTable::build_checked(config::read_checked(config))
 }
 
 fn pins(config: &Path, state: Option<&Path>) -> BTreeMap<String, Pin> {

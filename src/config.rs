@@ -256,10 +256,104 @@ pub fn read(path: &Path) -> Result<(RoutingFile, Source), ConfigErrors> {
     parse(&file, text)
 }
 
+/// A file that does not read as a routing file: its errors and, when every one of them is an
+/// unknown key, the file read without those keys, so that the semantic checks (undefined
+/// backends, ranges, conflicts) can report on the rest in the same run: `check` lists every
+/// error, not the unknown keys first and the others on the next try.
+#[derive(Debug)]
+pub struct Unread {
+    pub errors: ConfigErrors,
+    pub without_unknown_keys: Option<(RoutingFile, Source)>,
+}
+
+/// `read`, keeping what can still be checked of a file with unknown keys ([`Unread`]).
+pub fn read_checked(path: &Path) -> Result<(RoutingFile, Source), Unread> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| Unread {
+        errors: ConfigErrors(vec![ConfigError {
+            file: file.clone(),
+            pos: Pos { line: 1, col: 1 },
+            message: format!("cannot read: {e}"),
+        }]),
+        without_unknown_keys: None,
+    })?;
+    parse_checked(&file, text)
+}
+
+/// `parse`, keeping what can still be checked of a file with unknown keys ([`Unread`]).
+pub fn parse_checked(file: &str, text: impl Into<String>) -> Result<(RoutingFile, Source), Unread> {
+    parse_text(file, text.into()).map_err(|(errors, text)| {
+        let only_unknown = errors.0.iter().all(|e| {
+            split_serde_path(&e.message)
+                .1
+                .starts_with("unknown field `")
+        });
+        let without_unknown_keys = only_unknown
+            .then(|| without_unknown_keys(file, text))
+            .flatten();
+        Unread {
+            errors,
+            without_unknown_keys,
+        }
+    })
+}
+
+/// The file with every unknown key taken out, read again; the source keeps the original text,
+/// so errors found in what is left point into the file as written (taking keys out moves no
+/// other node's path). `None` when something else stands in the way.
+fn without_unknown_keys(file: &str, text: String) -> Option<(RoutingFile, Source)> {
+    use serde_yaml::Value;
+    let body = text.strip_prefix(BOM).unwrap_or(&text);
+    let mut doc: Value = serde_yaml::from_str(body).ok()?;
+    for _ in 0..64 {
+        let e = match serde_yaml::from_str::<RoutingFile>(&serde_yaml::to_string(&doc).ok()?) {
+            Ok(parsed) => {
+                let sha256 = sha256_hex(text.as_bytes());
+                let text = match text.strip_prefix(BOM) {
+                    Some(rest) => rest.to_string(),
+                    None => text,
+                };
+                let source = Source {
+                    file: file.to_string(),
+                    text,
+                    map: OnceLock::new(),
+                    sha256,
+                };
+                return Some((parsed, source));
+            }
+            Err(e) => e,
+        };
+        let msg = clean_serde_message(&e.to_string());
+        let (inner, own) = split_serde_path(&msg);
+        let key = backticked(own, "unknown field `")?;
+        let mut node = &mut doc;
+        for step in inner
+            .unwrap_or("")
+            .split(['.', '[', ']'])
+            .filter(|s| !s.is_empty())
+        {
+            node = match node {
+                Value::Mapping(m) => m.get_mut(step)?,
+                Value::Sequence(v) => v.get_mut(step.parse::<usize>().ok()?)?,
+                _ => return None,
+            };
+        }
+        node.as_mapping_mut()?.remove(key)?;
+    }
+    None
+}
+
 /// Parses `text` as the routing file named `file`. The text is kept (to locate errors found
 /// later): pass a `String` to hand it over without a copy.
 pub fn parse(file: &str, text: impl Into<String>) -> Result<(RoutingFile, Source), ConfigErrors> {
-    let mut text: String = text.into();
+    parse_text(file, text.into()).map_err(|(errors, _)| errors)
+}
+
+/// `parse`, giving the text back with the errors.
+fn parse_text(
+    file: &str,
+    mut text: String,
+) -> Result<(RoutingFile, Source), (ConfigErrors, String)> {
     // The digest is the file's, as `sha256sum` gives it; a byte-order mark (some Windows
     // editors write one) is not part of the YAML (YAML 1.2 §5.2), and positions count from
     // after it, as editors show them.
@@ -267,7 +361,25 @@ pub fn parse(file: &str, text: impl Into<String>) -> Result<(RoutingFile, Source
     if text.starts_with(BOM) {
         text.drain(..BOM.len());
     }
-    let parsed: RoutingFile = serde_yaml::from_str(&text).map_err(|e| {
+    let parsed: RoutingFile = match serde_yaml::from_str(&text) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            let errors = schema_errors(file, &text, &e);
+            return Err((errors, text));
+        }
+    };
+    let source = Source {
+        file: file.to_string(),
+        text,
+        map: OnceLock::new(),
+        sha256,
+    };
+    Ok((parsed, source))
+}
+
+/// Every schema error of a file serde refused with `e` (its first).
+fn schema_errors(file: &str, text: &str, e: &serde_yaml::Error) -> ConfigErrors {
+    {
         let pos = e
             .location()
             .map(|l| Pos {
@@ -309,14 +421,7 @@ pub fn parse(file: &str, text: impl Into<String>) -> Result<(RoutingFile, Source
         }
         errors.sort_by_key(|e| (e.pos.line, e.pos.col));
         ConfigErrors(errors)
-    })?;
-    let source = Source {
-        file: file.to_string(),
-        text,
-        map: OnceLock::new(),
-        sha256,
-    };
-    Ok((parsed, source))
+    }
 }
 
 /// The keys of the file's top level, as `RoutingFile` names them (`tests::top_level_keys`

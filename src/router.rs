@@ -13,6 +13,7 @@ use http::header::HeaderName;
 
 use crate::config::{
     parse_duration, ConfigError, ConfigErrors, PercentSpec, RoutingFile, Source, TrailingSlash,
+    Unread,
 };
 use crate::matching::{parse_pattern, Constraint, PatternSegment, RouteTrie};
 use crate::path::NormalPath;
@@ -197,6 +198,26 @@ pub struct RoutingTable {
 }
 
 impl RoutingTable {
+    /// Validates what [`crate::config::read_checked`] read. A file refused for unknown keys alone is
+    /// also validated without them, and those errors join the unknown keys', in file order.
+    pub fn build_checked(
+        read: Result<(RoutingFile, Source), Unread>,
+    ) -> Result<Self, ConfigErrors> {
+        match read {
+            Ok((file, source)) => Self::build(file, &source),
+            Err(unread) => {
+                let mut errors = unread.errors.0;
+                if let Some((file, source)) = unread.without_unknown_keys {
+                    if let Err(more) = Self::build(file, &source) {
+                        errors.extend(more.0);
+                        errors.sort_by_key(|e| (e.pos.line, e.pos.col));
+                    }
+                }
+                Err(ConfigErrors(errors))
+            }
+        }
+    }
+
     /// Validates `file` into a table, reporting every error found (not just the first).
     /// Backends are not resolved: see [`RoutingTable::resolve`].
     pub fn build(file: RoutingFile, source: &Source) -> Result<Self, ConfigErrors> {
@@ -826,6 +847,38 @@ mod tests {
     }
 
     const BASE: &str = "backends:\n  legacy: {url: http://127.0.0.1:9001}\n  new: {url: 'http://127.0.0.1:9002', trailing_slash: add}\ndefault: legacy\n";
+
+    /// `check` lists every error in one run: unknown keys and what the rest of the file gets
+    /// wrong, in file order. Other schema errors (a wrong type) stop at the schema.
+    #[test]
+    fn unknown_keys_and_semantic_errors_are_reported_together() {
+        let checked = |yaml: &str| -> Vec<String> {
+            match RoutingTable::build_checked(crate::config::parse_checked("t.yaml", yaml)) {
+                Ok(_) => vec![],
+                Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+            }
+        };
+        let got = checked(&format!(
+            "{BASE}routes:\n  - path: /a\n    to: nope\n    bogus: 1\n    split: 200\n  - {{path: /b, to: legacy, colour: red}}\nextra: 1\n"
+        ));
+        let want = [
+            "t.yaml:7:9: backend \"nope\" is not defined",
+            "t.yaml:8:5: routes[0]: unknown field `bogus`",
+            "t.yaml:9:12: split 200 is outside 0..100",
+            "t.yaml:10:28: routes[1]: unknown field `colour`",
+            "t.yaml:11:1: unknown field `extra`",
+        ];
+        assert_eq!(got.len(), want.len(), "{got:#?}");
+        for (g, w) in got.iter().zip(want) {
+            assert!(g.starts_with(w), "want {w:?}, got {g:?}\nall: {got:#?}");
+        }
+        // A wrong type: the rest is not guessed at.
+        let got = checked(&format!(
+            "{BASE}routes:\n  - {{path: /a, to: nope, split: [1], bogus: 1}}\n"
+        ));
+        assert!(got.iter().all(|e| !e.contains("not defined")), "{got:#?}");
+        assert!(!got.is_empty());
+    }
 
     #[test]
     fn semantic_errors_point_at_the_node() {

@@ -25,7 +25,7 @@ use parking_lot::Mutex;
 use prometheus::Histogram;
 
 use crate::audit::{Audit, Serving};
-use crate::config::{self, ConfigErrors};
+use crate::config;
 use crate::metrics;
 use crate::pins::{Pin, PinReason, StateFile};
 use crate::rollback::Window;
@@ -603,9 +603,18 @@ impl State {
 /// and the YAML parse took (the rest is validation and DNS).
 fn load_table(config: &Path, parsed: &mut Duration) -> Result<RoutingTable, String> {
     let t0 = Instant::now();
-    let read = config::read(config);
+    let read = config::read_checked(config);
     *parsed = t0.elapsed();
-    let (file, source) = read.map_err(|e: ConfigErrors| e.to_string())?;
+    let (file, source) = match read {
+        Ok(read) => read,
+        // Every error the file has, the unknown keys' and the rest's.
+        Err(unread) => {
+            return Err(match RoutingTable::build_checked(Err(unread)) {
+                Err(e) => e.to_string(),
+                Ok(_) => "routing file refused".to_string(),
+            })
+        }
+    };
     let mut table = RoutingTable::build(file, &source).map_err(|e| e.to_string())?;
     table.resolve(&source).map_err(|e| e.to_string())?;
     Ok(table)
