@@ -283,11 +283,14 @@ pub fn read_checked(path: &Path) -> Result<(RoutingFile, Source), Unread> {
 /// `parse`, keeping what can still be checked of a file with unknown keys ([`Unread`]).
 pub fn parse_checked(file: &str, text: impl Into<String>) -> Result<(RoutingFile, Source), Unread> {
     parse_text(file, text.into()).map_err(|(errors, text)| {
-        let only_unknown = errors.0.iter().all(|e| {
-            split_serde_path(&e.message)
-                .1
-                .starts_with("unknown field `")
-        });
+        // Each unknown key costs a parse of the whole file (a reload of a 10 000-route file
+        // with a typo must not hold the reloader for seconds): a few, not a file full.
+        let only_unknown = errors.0.len() <= MAX_UNKNOWN_TAKEN_OUT
+            && errors.0.iter().all(|e| {
+                split_serde_path(&e.message)
+                    .1
+                    .starts_with("unknown field `")
+            });
         let without_unknown_keys = only_unknown
             .then(|| without_unknown_keys(file, text))
             .flatten();
@@ -298,6 +301,9 @@ pub fn parse_checked(file: &str, text: impl Into<String>) -> Result<(RoutingFile
     })
 }
 
+/// At most this many unknown keys are taken out to check the rest of a file.
+const MAX_UNKNOWN_TAKEN_OUT: usize = 16;
+
 /// The file with every unknown key taken out, read again; the source keeps the original text,
 /// so errors found in what is left point into the file as written (taking keys out moves no
 /// other node's path). `None` when something else stands in the way.
@@ -305,7 +311,7 @@ fn without_unknown_keys(file: &str, text: String) -> Option<(RoutingFile, Source
     use serde_yaml::Value;
     let body = text.strip_prefix(BOM).unwrap_or(&text);
     let mut doc: Value = serde_yaml::from_str(body).ok()?;
-    for _ in 0..64 {
+    for _ in 0..=MAX_UNKNOWN_TAKEN_OUT {
         let e = match serde_yaml::from_str::<RoutingFile>(&serde_yaml::to_string(&doc).ok()?) {
             Ok(parsed) => {
                 let sha256 = sha256_hex(text.as_bytes());
