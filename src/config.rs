@@ -263,7 +263,7 @@ pub fn read(path: &Path) -> Result<(RoutingFile, Source), ConfigErrors> {
 #[derive(Debug)]
 pub struct Unread {
     pub errors: ConfigErrors,
-    pub without_unknown_keys: Option<(RoutingFile, Source)>,
+    pub without_unknown_keys: Option<Box<(RoutingFile, Source)>>,
 }
 
 /// `read`, keeping what can still be checked of a file with unknown keys ([`Unread`]).
@@ -293,7 +293,8 @@ pub fn parse_checked(file: &str, text: impl Into<String>) -> Result<(RoutingFile
             });
         let without_unknown_keys = only_unknown
             .then(|| without_unknown_keys(file, text))
-            .flatten();
+            .flatten()
+            .map(Box::new);
         Unread {
             errors,
             without_unknown_keys,
@@ -410,7 +411,7 @@ fn schema_errors(file: &str, text: &str, e: &serde_yaml::Error) -> ConfigErrors 
                 } else {
                     format!("{node}.{key}")
                 };
-                SourceMap::new(&text).key_pos(&path)
+                SourceMap::new(text).key_pos(&path)
             }
             None => pos,
         };
@@ -420,7 +421,7 @@ fn schema_errors(file: &str, text: &str, e: &serde_yaml::Error) -> ConfigErrors 
             message,
         };
         let mut errors = vec![first];
-        for more in other_schema_errors(file, &text) {
+        for more in other_schema_errors(file, text) {
             if !errors.iter().any(|e| e.message == more.message) {
                 errors.push(more);
             }

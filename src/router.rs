@@ -207,7 +207,8 @@ impl RoutingTable {
             Ok((file, source)) => Self::build(file, &source),
             Err(unread) => {
                 let mut errors = unread.errors.0;
-                if let Some((file, source)) = unread.without_unknown_keys {
+                if let Some(rest) = unread.without_unknown_keys {
+                    let (file, source) = *rest;
                     if let Err(more) = Self::build(file, &source) {
                         errors.extend(more.0);
                         errors.sort_by_key(|e| (e.pos.line, e.pos.col));
