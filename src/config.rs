@@ -243,19 +243,6 @@ impl Source {
 /// The UTF-8 byte-order mark.
 pub const BOM: &str = "\u{feff}";
 
-/// Reads and parses `path`. Syntax errors and unknown keys come back with serde_yaml's position.
-pub fn read(path: &Path) -> Result<(RoutingFile, Source), ConfigErrors> {
-    let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        ConfigErrors(vec![ConfigError {
-            file: file.clone(),
-            pos: Pos { line: 1, col: 1 },
-            message: format!("cannot read: {e}"),
-        }])
-    })?;
-    parse(&file, text)
-}
-
 /// A file that does not read as a routing file: its errors and, when every one of them is an
 /// unknown key, the file read without those keys, so that the semantic checks (undefined
 /// backends, ranges, conflicts) can report on the rest in the same run: `check` lists every
@@ -266,7 +253,8 @@ pub struct Unread {
     pub without_unknown_keys: Option<Box<(RoutingFile, Source)>>,
 }
 
-/// `read`, keeping what can still be checked of a file with unknown keys ([`Unread`]).
+/// Reads and parses `path` (see [`parse`]), keeping what can still be checked of a file with
+/// unknown keys ([`Unread`]).
 pub fn read_checked(path: &Path) -> Result<(RoutingFile, Source), Unread> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| Unread {
