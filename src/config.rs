@@ -293,26 +293,22 @@ pub fn parse_checked(file: &str, text: impl Into<String>) -> Result<(RoutingFile
 /// At most this many unknown keys are taken out to check the rest of a file.
 const MAX_UNKNOWN_TAKEN_OUT: usize = 16;
 
-/// The file with every unknown key taken out, read again; the source keeps the original text,
-/// so errors found in what is left point into the file as written (taking keys out moves no
-/// other node's path). `None` when something else stands in the way.
+/// The file with every unknown key taken out, read again. `text` is the file as `parse_text`
+/// read it (without a byte-order mark); the source keeps it whole, so errors found in what is
+/// left point into the file as written (taking keys out moves no other node's path). Its
+/// digest is never shown: the table built from it is only checked, never served. `None` when
+/// something else stands in the way.
 fn without_unknown_keys(file: &str, text: String) -> Option<(RoutingFile, Source)> {
     use serde_yaml::Value;
-    let body = text.strip_prefix(BOM).unwrap_or(&text);
-    let mut doc: Value = serde_yaml::from_str(body).ok()?;
+    let mut doc: Value = serde_yaml::from_str(&text).ok()?;
     for _ in 0..=MAX_UNKNOWN_TAKEN_OUT {
         let e = match serde_yaml::from_str::<RoutingFile>(&serde_yaml::to_string(&doc).ok()?) {
             Ok(parsed) => {
-                let sha256 = sha256_hex(text.as_bytes());
-                let text = match text.strip_prefix(BOM) {
-                    Some(rest) => rest.to_string(),
-                    None => text,
-                };
                 let source = Source {
                     file: file.to_string(),
+                    sha256: sha256_hex(text.as_bytes()),
                     text,
                     map: OnceLock::new(),
-                    sha256,
                 };
                 return Some((parsed, source));
             }
@@ -374,49 +370,47 @@ fn parse_text(
 
 /// Every schema error of a file serde refused with `e` (its first).
 fn schema_errors(file: &str, text: &str, e: &serde_yaml::Error) -> ConfigErrors {
-    {
-        let pos = e
-            .location()
-            .map(|l| Pos {
-                line: l.line(),
-                col: l.column(),
-            })
-            .unwrap_or(Pos { line: 1, col: 1 });
-        let message = clean_serde_message(&e.to_string());
-        // serde_yaml puts a duplicate key (or backend) at the start of its mapping; the source
-        // map keeps the last occurrence of each key, which is the duplicate: point there.
-        let (inner, own) = split_serde_path(&message);
-        let duplicate = backticked(own, "duplicate field `").or_else(|| {
-            own.strip_prefix("backend \"")
-                .and_then(|r| r.split_once("\" is defined twice"))
-                .map(|(name, _)| name)
-        });
-        let pos = match duplicate {
-            Some(key) => {
-                let node = inner.map_or(String::new(), |p| p.replace('[', ".").replace(']', ""));
-                let path = if node.is_empty() {
-                    key.to_string()
-                } else {
-                    format!("{node}.{key}")
-                };
-                SourceMap::new(text).key_pos(&path)
-            }
-            None => pos,
-        };
-        let first = ConfigError {
-            file: file.to_string(),
-            pos,
-            message,
-        };
-        let mut errors = vec![first];
-        for more in other_schema_errors(file, text) {
-            if !errors.iter().any(|e| e.message == more.message) {
-                errors.push(more);
-            }
+    let pos = e
+        .location()
+        .map(|l| Pos {
+            line: l.line(),
+            col: l.column(),
+        })
+        .unwrap_or(Pos { line: 1, col: 1 });
+    let message = clean_serde_message(&e.to_string());
+    // serde_yaml puts a duplicate key (or backend) at the start of its mapping; the source
+    // map keeps the last occurrence of each key, which is the duplicate: point there.
+    let (inner, own) = split_serde_path(&message);
+    let duplicate = backticked(own, "duplicate field `").or_else(|| {
+        own.strip_prefix("backend \"")
+            .and_then(|r| r.split_once("\" is defined twice"))
+            .map(|(name, _)| name)
+    });
+    let pos = match duplicate {
+        Some(key) => {
+            let node = inner.map_or(String::new(), |p| p.replace('[', ".").replace(']', ""));
+            let path = if node.is_empty() {
+                key.to_string()
+            } else {
+                format!("{node}.{key}")
+            };
+            SourceMap::new(text).key_pos(&path)
         }
-        errors.sort_by_key(|e| (e.pos.line, e.pos.col));
-        ConfigErrors(errors)
+        None => pos,
+    };
+    let first = ConfigError {
+        file: file.to_string(),
+        pos,
+        message,
+    };
+    let mut errors = vec![first];
+    for more in other_schema_errors(file, text) {
+        if !errors.iter().any(|e| e.message == more.message) {
+            errors.push(more);
+        }
     }
+    errors.sort_by_key(|e| (e.pos.line, e.pos.col));
+    ConfigErrors(errors)
 }
 
 /// The keys of the file's top level, as `RoutingFile` names them (`tests::top_level_keys`
@@ -426,7 +420,8 @@ const TOP_LEVEL: [&str; 4] = ["backends", "default", "routes", "trusted_proxies"
 /// serde stops at the first schema error (an unknown key, a wrong type). To report every one,
 /// as `check` promises, the document is read again as plain YAML and each part deserialised on
 /// its own: every top-level key, every backend, every route. Only on the error path; the
-/// semantic checks (undefined backends, conflicts, …) run once the schema holds.
+/// semantic checks (undefined backends, conflicts, …) run once the schema holds, or on the
+/// file without its unknown keys ([`Unread`]).
 fn other_schema_errors(file: &str, text: &str) -> Vec<ConfigError> {
     use serde_yaml::Value;
     let Ok(Value::Mapping(top)) = serde_yaml::from_str::<Value>(text) else {

@@ -790,15 +790,15 @@ impl ProxyHttp for Strangler {
         }
         let kind = UpstreamErrorKind::of(&e);
         let idempotent = session.req_header().method.is_idempotent();
-        // Nor after an interim response went to the client: a retry would wait the whole
-        // exchange again, and relay its 1xx a second time.
+        // A stale-connection retry happens once: Pingora would take the next pooled connection
+        // for each retry, so a request that kills its backend worker would be replayed on every
+        // idle connection. And never after an interim (1xx) answer went to the client: a retry
+        // would wait the whole exchange again, and relay its 1xx a second time.
         if !idempotent
             || session.as_ref().retry_buffer_truncated()
             || ctx.stale_retried
             || session.response_written().is_some()
         {
-            // Once: Pingora would take the next pooled connection for each retry, so a request
-            // that kills its backend worker would be replayed on every idle connection.
             e.set_retry(false);
         } else {
             e.retry.decide_reuse(client_reused);

@@ -66,12 +66,7 @@ pub fn check_admin_address(admin: &str, token: Option<&str>) -> Result<(), Strin
     Ok(())
 }
 
-/// Checks that `addr` (a `--listen`, `--admin` or demo address) is an address this process can
-/// listen on now, by binding it once and letting go. Pingora binds its listeners on its own
-/// threads later, where a bad address panics a thread and a taken port is retried forever while
-/// the admin API says healthy: refusing at start-up (exit 1, the reason) is what an operator
-/// and a supervisor can act on. Skipped for `--upgrade`, where the sockets come from the old
-/// process and are taken by design.
+/// The first address `addr` (a `--listen`, `--admin` or demo address) resolves to.
 fn resolve(what: &str, addr: &str) -> Result<SocketAddr, String> {
     let addrs: Vec<SocketAddr> = addr
         .to_socket_addrs()
@@ -83,6 +78,12 @@ fn resolve(what: &str, addr: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("{what} address {addr:?} resolves to nothing"))
 }
 
+/// Checks that this process can listen on `at` now, by binding it; the caller holds the trial
+/// listener until every address is checked, then lets go. Pingora binds its listeners on its
+/// own threads later, where a bad address panics a thread and a taken port is retried forever
+/// while the admin API says healthy: refusing at start-up (exit 1, the reason) is what an
+/// operator and a supervisor can act on. Skipped for `--upgrade`, where the sockets come from
+/// the old process and are taken by design.
 fn check_bindable(what: &str, addr: &str, at: SocketAddr) -> Result<std::net::TcpListener, String> {
     std::net::TcpListener::bind(at).map_err(|e| format!("cannot listen on {addr} ({what}): {e}"))
 }
@@ -90,9 +91,9 @@ fn check_bindable(what: &str, addr: &str, at: SocketAddr) -> Result<std::net::Tc
 /// The address a listener is given to Pingora with: as written, or, for port 0, the port the
 /// kernel chose for the trial bind, so the log and the listener agree on where the proxy is
 /// (`--listen 127.0.0.1:0` picks a free port, as test harnesses and ad-hoc runs expect).
-fn concrete(addr: &str, probe: &std::net::TcpListener) -> String {
+fn concrete(addr: &str, at: SocketAddr, probe: &std::net::TcpListener) -> String {
     match probe.local_addr() {
-        Ok(bound) if addr.ends_with(":0") => bound.to_string(),
+        Ok(bound) if at.port() == 0 => bound.to_string(),
         _ => addr.to_string(),
     }
 }
@@ -215,13 +216,14 @@ pub fn serve(mut opts: ServeOptions) -> Result<(), String> {
         // get two different ports.
         let mut probes = Vec::new();
         for ((what, addr), (_, at)) in wanted.iter().zip(&resolved) {
-            probes.push(check_bindable(what, addr, *at)?);
+            probes.push((*at, check_bindable(what, addr, *at)?));
         }
         let n = opts.listen.len();
-        for (addr, probe) in opts.listen.iter_mut().zip(&probes) {
-            *addr = concrete(addr, probe);
+        for (addr, (at, probe)) in opts.listen.iter_mut().zip(&probes) {
+            *addr = concrete(addr, *at, probe);
         }
-        opts.admin = concrete(&opts.admin, &probes[n]);
+        let (at, probe) = &probes[n];
+        opts.admin = concrete(&opts.admin, *at, probe);
     }
     let state_path = opts
         .state_file
