@@ -20,12 +20,22 @@ pub enum PatternSegment {
     Param(String),
 }
 
+/// The most segments a route's path may have. Real APIs stay under a dozen; the bound keeps the
+/// trie (whose nodes nest one level per segment, and are freed recursively) shallow whatever
+/// the file says, so no routing file can exhaust a thread's stack.
+pub const MAX_PATTERN_SEGMENTS: usize = 128;
+
 /// Parses a route path (`/itineraries/{id}/itinerary_maps`) into segments. The caller has
 /// already checked it starts with `/`; empty segments (`//`, trailing `/`) are ignored, as they
 /// are in requests.
 pub fn parse_pattern(path: &str) -> Result<Vec<PatternSegment>, String> {
     let mut out = Vec::new();
     for seg in path.split('/').filter(|s| !s.is_empty()) {
+        if out.len() == MAX_PATTERN_SEGMENTS {
+            return Err(format!(
+                "a route's path may have at most {MAX_PATTERN_SEGMENTS} segments"
+            ));
+        }
         if let Some(inner) = seg.strip_prefix('{') {
             let name = inner
                 .strip_suffix('}')
@@ -433,5 +443,19 @@ mod tests {
         let t = build(&[("/a", false, None)]);
         let long = format!("/a{}", "/x".repeat(40));
         assert_eq!(find(&t, "GET", &long), Some(0));
+    }
+
+    #[test]
+    fn patterns_are_bounded_in_depth() {
+        let at_limit = "/a".repeat(MAX_PATTERN_SEGMENTS);
+        let t = build(&[(&at_limit, false, None)]);
+        assert_eq!(find(&t, "GET", &format!("{at_limit}/b")), Some(0));
+        // Empty segments do not count; one real segment more is refused.
+        assert!(parse_pattern(&format!("{at_limit}//")).is_ok());
+        let err = parse_pattern(&format!("{at_limit}/a")).unwrap_err();
+        assert!(err.contains("at most 128 segments"), "{err}");
+        // What a file of 20 000 segments used to get through to (a trie whose drop overflowed
+        // the reloader's stack): refused at the limit, whatever the length.
+        assert!(parse_pattern(&"/a".repeat(20_000)).is_err());
     }
 }
