@@ -234,8 +234,11 @@ fn push_ip(out: &mut String, ip: IpAddr) {
 }
 
 /// The client's address for a split's `ip` key: the peer, unless the peer is a trusted proxy,
-/// in which case the right-most `X-Forwarded-For` entry that is not itself trusted.
+/// in which case the right-most `X-Forwarded-For` entry that is not itself trusted. IPv4-mapped
+/// IPv6 addresses (`::ffff:10.0.0.5`, from a dual-stack listener or a proxy behind one) count as
+/// the IPv4 address they carry.
 pub fn client_ip(peer: IpAddr, xff: Option<&str>, trusted: &[Cidr]) -> IpAddr {
+    let peer = peer.to_canonical();
     let is_trusted = |ip: IpAddr| trusted.iter().any(|c| c.contains(ip));
     if trusted.is_empty() || !is_trusted(peer) {
         return peer;
@@ -245,6 +248,7 @@ pub fn client_ip(peer: IpAddr, xff: Option<&str>, trusted: &[Cidr]) -> IpAddr {
         for hop in xff.rsplit(',') {
             match hop.trim().parse::<IpAddr>() {
                 Ok(ip) => {
+                    let ip = ip.to_canonical();
                     client = ip;
                     if !is_trusted(ip) {
                         break;
@@ -276,18 +280,20 @@ pub fn rewrite_location(
         }
         None => location,
     };
-    let lower = location
-        .get(..location.len().min(300))?
-        .to_ascii_lowercase();
-    let scheme_relative = lower.starts_with("//");
+    let scheme_relative = location.starts_with("//");
     for prefix in &backend.location_prefixes {
-        // Every prefix is `scheme://host[:port]`; without the scheme it is `//host[:port]`.
+        // Every prefix is `scheme://host[:port]`, lower case; without the scheme it is
+        // `//host[:port]`. Compared as bytes: the URL may hold raw UTF-8 anywhere after it.
         let prefix = match (scheme_relative, prefix.find("//")) {
             (true, Some(i)) => &prefix[i..],
             _ => prefix.as_str(),
         };
-        if lower.starts_with(prefix) {
-            let rest = &location[prefix.len()..];
+        let head = location.as_bytes().get(..prefix.len());
+        if head.is_some_and(|h| h.eq_ignore_ascii_case(prefix.as_bytes())) {
+            // Equal to a whole string up to there: the cut is on a character boundary.
+            let Some(rest) = location.get(prefix.len()..) else {
+                continue;
+            };
             // `http://h:8080` must not match `http://h:80` as a prefix.
             if rest.is_empty() || rest.starts_with(['/', '?', '#']) {
                 return Some(format!("{client_scheme}://{client_host}{rest}"));
@@ -584,6 +590,15 @@ mod tests {
             rw("http://127.0.0.1:9002/a@b"),
             Some("https://api.example.com/a@b".into())
         );
+        // Raw UTF-8 anywhere after the backend's address, however long the URL: byte 300 of
+        // this one falls inside the `é` (a cut there once left the address in place).
+        let long = format!("http://127.0.0.1:9002/{}é", "a".repeat(276));
+        assert_eq!(
+            rw(&long),
+            Some(format!("https://api.example.com/{}é", "a".repeat(276)))
+        );
+        assert_eq!(rw("http://127.0.0.1:9002é"), None);
+        assert_eq!(rw("http://127.0.0.1:900é"), None);
     }
 
     #[test]
@@ -666,6 +681,16 @@ mod tests {
         );
         assert_eq!(forwarded_for(Some("  "), ip("10.0.0.1")), "10.0.0.1");
         assert_eq!(forwarded_for(None, ip("::1")), "::1");
+        // A dual-stack listener's IPv4 client, and mapped hops in the header, are IPv4.
+        assert_eq!(
+            client_ip(ip("::ffff:10.0.0.5"), Some("1.2.3.4"), &trusted),
+            ip("1.2.3.4")
+        );
+        assert_eq!(
+            client_ip(peer, Some("::ffff:1.2.3.4, ::ffff:10.0.0.9"), &trusted),
+            ip("1.2.3.4")
+        );
+        assert_eq!(client_ip(ip("::ffff:8.8.8.8"), None, &[]), ip("8.8.8.8"));
     }
 
     #[test]

@@ -329,11 +329,14 @@ fn client_authority<'a>(session: &Session, ctx: &'a RequestCtx) -> std::borrow::
     }
 }
 
+/// The client's TCP address. An IPv4 client of a dual-stack listener (`[::]:8080`) arrives as
+/// `::ffff:a.b.c.d`; it is taken as the IPv4 address it is, so `trusted_proxies`, split buckets
+/// and `X-Forwarded-For` see one client the same way on every listener.
 fn peer_ip(session: &Session) -> Option<IpAddr> {
     session
         .client_addr()
         .and_then(|a| a.as_inet())
-        .map(|a| a.ip())
+        .map(|a| a.ip().to_canonical())
 }
 
 /// Exactly one Host on HTTP/1.1 (RFC 9112 §3.2): none, or two, is a 400.
