@@ -80,10 +80,11 @@ impl Capture {
     fn push(&mut self, chunk: &[u8]) {
         self.len += chunk.len() as u64;
         self.hash.update(chunk);
-        if self.body.len() + chunk.len() <= BODY_CAP {
+        if !self.is_capped() {
             self.body.extend_from_slice(chunk);
-        } else {
-            // Over the cap: only length and hash are compared, so stop holding the bytes.
+        } else if self.body.capacity() > 0 {
+            // Over the cap: only length and hash are compared, so stop holding the bytes, for
+            // good (`len` only grows).
             self.body = Vec::new();
         }
     }
@@ -564,5 +565,21 @@ mod tests {
             d.primary.contains("sha256 ") && d.primary != d.shadow,
             "{d:?}"
         );
+    }
+
+    #[test]
+    fn capped_bodies_stay_dropped() {
+        // In chunks, as bodies arrive: once past the cap, no later chunk is held again.
+        let chunk = vec![1u8; 64 << 10];
+        let mut c = Capture::new(200);
+        for _ in 0..16 {
+            c.push(&chunk);
+        }
+        assert_eq!(c.body.len(), BODY_CAP);
+        for _ in 0..4 {
+            c.push(&chunk);
+            assert!(c.is_capped() && c.body.capacity() == 0);
+        }
+        assert_eq!(c.len, 20 * (64 << 10));
     }
 }
