@@ -189,25 +189,40 @@ pub fn forget(routes: &HashSet<&str>) {
     if routes.is_empty() {
         return;
     }
-    forget_in(&REQUESTS, routes);
-    forget_in(&DURATION, routes);
-    forget_in(&UPSTREAM_ERRORS, routes);
-    forget_in(&SHADOW, routes);
-    forget_in(&ROLLBACKS, routes);
-    forget_in(&FAILOVERS, routes);
+    forget_where(|label, value| label == "route" && routes.contains(value));
 }
 
-fn forget_in<T: MetricVecBuilder>(vec: &MetricVec<T>, routes: &HashSet<&str>) {
+/// Deletes every series naming a backend that is not in `kept` (a reload renamed or removed
+/// it): its `backend`, or a failover's `from` or `to`. `none` (answered by the proxy) stays.
+pub fn forget_backends(kept: &HashSet<&str>) {
+    forget_where(|label, value| {
+        matches!(label, "backend" | "from" | "to") && value != "none" && !kept.contains(value)
+    });
+}
+
+/// Deletes, from every labelled family that names routes and backends, the series with a
+/// label for which `gone(name, value)` holds.
+fn forget_where(gone: impl Fn(&str, &str) -> bool) {
+    forget_in(&REQUESTS, &gone);
+    forget_in(&DURATION, &gone);
+    forget_in(&UPSTREAM_ERRORS, &gone);
+    forget_in(&SHADOW, &gone);
+    forget_in(&ROLLBACKS, &gone);
+    forget_in(&FAILOVERS, &gone);
+}
+
+fn forget_in<T: MetricVecBuilder>(vec: &MetricVec<T>, gone: &impl Fn(&str, &str) -> bool) {
     for family in vec.collect() {
         for m in family.get_metric() {
+            if !m.get_label().iter().any(|l| gone(l.name(), l.value())) {
+                continue;
+            }
             let labels: HashMap<&str, &str> = m
                 .get_label()
                 .iter()
                 .map(|l| (l.name(), l.value()))
                 .collect();
-            if labels.get("route").is_some_and(|r| routes.contains(r)) {
-                let _ = vec.remove(&labels);
-            }
+            let _ = vec.remove(&labels);
         }
     }
 }

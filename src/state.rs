@@ -407,6 +407,16 @@ impl State {
             self.save_pins();
         }
         metrics::forget(&gone);
+        // So do the series of backends that left it (renamed, or removed).
+        let kept_backends: HashSet<&str> = live.table.backends.iter().map(|b| &*b.name).collect();
+        if old
+            .table
+            .backends
+            .iter()
+            .any(|b| !kept_backends.contains(&*b.name))
+        {
+            metrics::forget_backends(&kept_backends);
+        }
         metrics::prime(&live.table);
         for (name, before, after) in &changes {
             self.audit
@@ -650,16 +660,24 @@ fn assemble(
                 .zip(&table.backends)
                 .all(|(a, b)| a.name == b.name)
     });
-    let live_for = |name: &Arc<str>, control: Arc<RouteControl>| RouteLive {
-        header: HeaderValue::from_str(name).unwrap_or_else(|_| HeaderValue::from_static("invalid")),
-        duration: table.backends.iter().map(|_| OnceLock::new()).collect(),
-        recent: table
-            .backends
-            .iter()
-            .map(|b| control.recent_window(&b.name))
-            .collect(),
-        requests: metrics::RequestCounters::new(name.clone()),
-        control,
+    let live_for = |name: &Arc<str>, control: Arc<RouteControl>| {
+        // The last-minute windows of backends no longer in the table are let go.
+        control
+            .recent
+            .lock()
+            .retain(|b, _| table.backends.iter().any(|t| t.name == *b));
+        RouteLive {
+            header: HeaderValue::from_str(name)
+                .unwrap_or_else(|_| HeaderValue::from_static("invalid")),
+            duration: table.backends.iter().map(|_| OnceLock::new()).collect(),
+            recent: table
+                .backends
+                .iter()
+                .map(|b| control.recent_window(&b.name))
+                .collect(),
+            requests: metrics::RequestCounters::new(name.clone()),
+            control,
+        }
     };
     // The old route of the same name: usually at the same index, else found by name.
     let taken_over = |i: usize, name: &Arc<str>| {

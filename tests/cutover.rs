@@ -881,3 +881,51 @@ fn states_and_the_audit_trail_record_who_serves_what() {
         (Some(n.as_str()), Some(l.as_str()))
     );
 }
+
+#[test]
+fn a_backend_renamed_away_leaves_the_metrics() {
+    let legacy = Backend::echo("legacy");
+    let new = Backend::echo("new");
+    let yaml = format!(
+        "{}routes:\n\
+         \x20 - {{name: r1, path: /r1, to: new, failover: true}}\n\
+         \x20 - {{name: r2, path: /r2, to: legacy, shadow: new}}\n",
+        base_yaml(&legacy.url(), &new.url())
+    );
+    let proxy = Proxy::start(&yaml);
+    assert_eq!(get(&proxy.url("/r1")).0, 200);
+    let served =
+        "strangler_requests_total{route=\"r1\",backend=\"new\",method=\"GET\",code=\"200\"}";
+    assert_eq!(proxy.metric(served), 1.0);
+
+    // Versioned backend names (`new` → `newv2` on a deploy): the old name's series go.
+    let renamed = yaml
+        .replace("  new:\n", "  newv2:\n")
+        .replace("to: new", "to: newv2")
+        .replace("shadow: new", "shadow: newv2");
+    assert_ne!(renamed, yaml);
+    let reloads = || proxy.metric("strangler_config_reloads_total{result=\"success\"}");
+    let before = reloads();
+    proxy.write_config(&renamed);
+    wait_for("the reload", Duration::from_secs(3), || reloads() > before);
+    assert_eq!(get(&proxy.url("/r1")).0, 200);
+    let (_, metrics) = get(&proxy.admin_url("/metrics"));
+    for gone in ["backend=\"new\"", "from=\"new\""] {
+        assert!(
+            !metrics.contains(gone),
+            "no series names the backend that left: {gone}\n{metrics}"
+        );
+    }
+    assert_eq!(
+        proxy.metric(
+            "strangler_requests_total{route=\"r1\",backend=\"newv2\",method=\"GET\",code=\"200\"}"
+        ),
+        1.0
+    );
+    assert!(
+        metrics.contains("strangler_shadow_total{backend=\"newv2\""),
+        "{metrics}"
+    );
+    // The backends that stayed keep their series.
+    assert!(metrics.contains("to=\"legacy\""), "{metrics}");
+}
