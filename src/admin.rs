@@ -241,7 +241,11 @@ impl Admin {
                     StatusCode::OK,
                     json!({"reloaded": true, "sha256": self.state.snapshot().table.sha256}),
                 ),
-                Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_config", e),
+                Err(e) => error(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_config",
+                    e.message,
+                ),
             },
             (_, Some((name, action))) => {
                 let result = if action == "rollback" {

@@ -34,6 +34,10 @@ const MISSING: &str = "missing";
 /// The fallback poll.
 const POLL: Duration = Duration::from_secs(1);
 
+/// A file whose only fault was a backend name that did not resolve is tried again: after 1 s,
+/// then twice as long each time, up to this.
+const UNRESOLVED_RETRY_MAX: Duration = Duration::from_secs(30);
+
 /// The reloader service.
 pub struct Reloader {
     pub state: Arc<State>,
@@ -165,6 +169,8 @@ impl BackgroundService for Reloader {
         follow_link(&config, &dir, &mut watcher, &mut target_dir);
 
         let mut last_tried: Option<String> = None;
+        // The wait before trying again a file that failed only in DNS (zero: none did).
+        let mut unresolved_wait = Duration::ZERO;
         // When the next automatic reload may start (see RELOAD_DUTY_WAIT).
         let mut not_before = tokio::time::Instant::now();
         loop {
@@ -208,27 +214,33 @@ impl BackgroundService for Reloader {
             // File reads, parsing and DNS run off the proxy's worker threads, at a lower
             // priority than they: on a saturated core a reload takes longer instead of taking
             // requests' time.
-            let (digest, cost) = tokio::task::spawn_blocking(move || {
+            // What was tried, what it cost, and whether it failed only in DNS (then it is not
+            // remembered as tried: the same version is tried again, see UNRESOLVED_RETRY_MAX).
+            let unresolved =
+                |r: Result<(), crate::state::LoadError>| r.is_err_and(|e| e.unresolved);
+            let (digest, cost, dns_failed) = tokio::task::spawn_blocking(move || {
                 lower_priority();
                 let t0 = thread_cpu_time();
                 if signal {
                     // An operator's reload does not delay the next file change: the wait for
                     // `not_before` paces automatic reloads only.
-                    let _ = state.reload("SIGHUP");
-                    return (file_digest(&config), None);
+                    if unresolved(state.reload("SIGHUP")) {
+                        return (None, None, true);
+                    }
+                    return (file_digest(&config), None, false);
                 }
                 let Some(on_disk) = file_digest(&config) else {
                     // Gone or unreadable. Seen twice in a row (a poll apart, so not an editor's
                     // delete-then-write), it is reported once: the reload fails to read it,
                     // logs why, counts the error and clears `strangler_config_valid`.
                     return match tried.as_deref() {
-                        Some(MISSING) => (Some(MISSING.to_string()), None),
+                        Some(MISSING) => (Some(MISSING.to_string()), None, false),
                         Some(MISSING_ONCE) => {
                             let _ = state.reload("file changed");
                             let cost = thread_cpu_time().saturating_sub(t0);
-                            (Some(MISSING.to_string()), Some(cost))
+                            (Some(MISSING.to_string()), Some(cost), false)
                         }
-                        _ => (Some(MISSING_ONCE.to_string()), None),
+                        _ => (Some(MISSING_ONCE.to_string()), None, false),
                     };
                 };
                 let mut cost = None;
@@ -246,14 +258,22 @@ impl BackgroundService for Reloader {
                 } else if tried.as_deref() != Some(on_disk.as_str()) {
                     // Each version of the file is tried once: a bad edit is reported once,
                     // not at every poll.
-                    let _ = state.reload("file changed");
+                    let dns_failed = unresolved(state.reload("file changed"));
                     cost = Some(thread_cpu_time().saturating_sub(t0));
+                    if dns_failed {
+                        return (None, cost, true);
+                    }
                 }
-                (Some(on_disk), cost)
+                (Some(on_disk), cost, false)
             })
             .await
-            .unwrap_or((None, None));
+            .unwrap_or((None, None, false));
             last_tried = digest;
+            unresolved_wait = if dns_failed {
+                (unresolved_wait * 2).clamp(POLL, UNRESOLVED_RETRY_MAX)
+            } else {
+                Duration::ZERO
+            };
             follow_link(
                 self.state.config_path(),
                 &dir,
@@ -263,6 +283,7 @@ impl BackgroundService for Reloader {
             if let Some(cost) = cost {
                 not_before = tokio::time::Instant::now() + cost.mul_f64(RELOAD_DUTY_WAIT);
             }
+            not_before = not_before.max(tokio::time::Instant::now() + unresolved_wait);
         }
     }
 }

@@ -232,8 +232,9 @@ impl State {
         metrics::register_all();
         let t0 = Instant::now();
         let mut parsed = Duration::ZERO;
-        let table = load_table(config, &mut parsed).inspect_err(|_| {
+        let table = load_table(config, &mut parsed).map_err(|e| {
             metrics::CONFIG_RELOADS.with_label_values(&["error"]).inc();
+            e.message
         })?;
         let saved = state_file.load();
         let mut controls = HashMap::new();
@@ -325,7 +326,7 @@ impl State {
     ///
     /// Reading, parsing, validating and resolving run under `reloading` only: pins and resumes
     /// (one of them from the request path) wait for the swap, never for the parse or for DNS.
-    pub fn reload(&self, trigger: &str) -> Result<(), String> {
+    pub fn reload(&self, trigger: &str) -> Result<(), LoadError> {
         let _reloading = self.reloading.lock();
         let t0 = Instant::now();
         let mut t_parsed = Duration::ZERO;
@@ -336,8 +337,13 @@ impl State {
                 metrics::CONFIG_VALID.set(0);
                 // One line per event: the errors (one per line in `e`) joined.
                 log::error!(
-                    "reload ({trigger}) rejected, the previous table keeps serving: {}",
-                    e.lines().collect::<Vec<_>>().join("; ")
+                    "reload ({trigger}) rejected, the previous table keeps serving: {}{}",
+                    e.message.lines().collect::<Vec<_>>().join("; "),
+                    if e.unresolved {
+                        " (tried again until it resolves)"
+                    } else {
+                        ""
+                    }
                 );
                 return Err(e);
             }
@@ -611,7 +617,33 @@ impl State {
 
 /// Reads, parses, validates and resolves routing.yaml. `parsed` is set to the time the read
 /// and the YAML parse took (the rest is validation and DNS).
-fn load_table(config: &Path, parsed: &mut Duration) -> Result<RoutingTable, String> {
+/// Why a routing file was not loaded.
+#[derive(Debug)]
+pub struct LoadError {
+    /// Every error, one per line (`FILE:LINE:COL: message`).
+    pub message: String,
+    /// The file is valid but a backend's name did not resolve: not a property of the file, so
+    /// the same version is worth trying again (a DNS hiccup, a Service whose record lags the
+    /// ConfigMap).
+    pub unresolved: bool,
+}
+
+impl std::fmt::Display for LoadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<String> for LoadError {
+    fn from(message: String) -> Self {
+        LoadError {
+            message,
+            unresolved: false,
+        }
+    }
+}
+
+fn load_table(config: &Path, parsed: &mut Duration) -> Result<RoutingTable, LoadError> {
     let t0 = Instant::now();
     let read = config::read_checked(config);
     *parsed = t0.elapsed();
@@ -622,11 +654,15 @@ fn load_table(config: &Path, parsed: &mut Duration) -> Result<RoutingTable, Stri
             return Err(match RoutingTable::build_checked(Err(unread)) {
                 Err(e) => e.to_string(),
                 Ok(_) => "routing file refused".to_string(),
-            })
+            }
+            .into())
         }
     };
     let mut table = RoutingTable::build(file, &source).map_err(|e| e.to_string())?;
-    table.resolve(&source).map_err(|e| e.to_string())?;
+    table.resolve(&source).map_err(|e| LoadError {
+        message: e.to_string(),
+        unresolved: true,
+    })?;
     Ok(table)
 }
 

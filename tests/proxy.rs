@@ -623,6 +623,43 @@ fn a_saved_edit_serves_within_a_second_and_a_bad_one_changes_nothing() {
 }
 
 #[test]
+fn a_file_that_fails_only_in_dns_is_tried_again() {
+    let legacy = Backend::echo("legacy");
+    let new = Backend::echo("new");
+    let base = base_yaml(&legacy.url(), &new.url());
+    let routes = "routes:\n  - {name: bookings, path: /bookings, to: new}\n";
+    let proxy = Proxy::start(&format!("{base}{routes}"));
+    let errors = || proxy.metric("strangler_config_reloads_total{result=\"error\"}");
+    // A valid file whose new backend does not resolve (`.invalid` never does, RFC 6761; in
+    // production: a DNS hiccup, a Service record that lags the ConfigMap). The same version is
+    // tried again, a second later and then less and less often, so it applies once DNS
+    // answers; a file that is itself wrong is reported once (`a_saved_edit_serves_within_a_second_and_a_bad_one_changes_nothing`).
+    let unresolved = base.replace(
+        "backends:\n",
+        "backends:\n  later:\n    url: http://strangler-test.invalid:80\n",
+    );
+    proxy.write_config(&format!("{unresolved}{routes}"));
+    wait_for("the same file tried twice", Duration::from_secs(8), || {
+        errors() >= 2.0
+    });
+    assert_eq!(proxy.metric("strangler_config_valid"), 0.0);
+    assert_eq!(served_by(&proxy, "/bookings"), "new");
+    assert!(
+        proxy
+            .log_text()
+            .lines()
+            .any(|l| l.contains("cannot resolve backend \"later\"")
+                && l.contains("tried again until it resolves")),
+        "{}",
+        proxy.log_text()
+    );
+    proxy.write_config(&format!("{base}{routes}"));
+    wait_for("the good file", Duration::from_secs(3), || {
+        proxy.metric("strangler_config_valid") == 1.0
+    });
+}
+
+#[test]
 fn reloads_under_load_fail_no_request() {
     let legacy = Backend::echo("legacy");
     let new = Backend::echo("new");
