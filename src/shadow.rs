@@ -179,7 +179,11 @@ pub fn tap(
         // `shadow` equal to `to`: only the requests `default` serves are copied.
         return None;
     }
-    if !matches!(req.method, http::Method::GET | http::Method::HEAD) {
+    // An upgrade (WebSocket) is a conversation, not a read to replay and compare: its copy
+    // would go out as a plain GET and hold a slot for the life of the connection.
+    if !matches!(req.method, http::Method::GET | http::Method::HEAD)
+        || req.headers.contains_key(header::UPGRADE)
+    {
         return None;
     }
     let path = path?;
@@ -241,7 +245,14 @@ pub fn tap(
     tokio::spawn(async move {
         let _slot = slot;
         let shadow = tokio::time::timeout(deadline, fetch(&peer, up, head)).await;
-        let primary = rx.await.ok().flatten();
+        // The primary's answer is waited for as long again at most: a stream that outlives
+        // that (server-sent events, a long poll, a download far slower than the shadow's) is
+        // not compared ("skipped"), and gives its slot back.
+        let primary = tokio::time::timeout(deadline, rx)
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .flatten();
         let labels = [&*route_name, &*backend_name];
         let result = match (primary, shadow) {
             (None, _) => "skipped",
