@@ -819,10 +819,13 @@ impl ProxyHttp for Strangler {
             session.req_header().method,
             http::Method::GET | http::Method::HEAD
         );
+        // Replayed on `default` only whole: a body larger than Pingora's retry buffer (64 KiB)
+        // cannot be sent again.
         if !retrying
             && kind == Some(UpstreamErrorKind::Timeout)
             && get_or_head
             && session.response_written().is_none()
+            && !session.as_ref().retry_buffer_truncated()
             && self.fail_over(ctx)
         {
             e.set_retry(true);
