@@ -169,7 +169,9 @@ impl BackgroundService for DrainWatcher {
         tokio::time::sleep(settle.min(self.timeout)).await;
         loop {
             let active = ACTIVE.load(Ordering::Acquire);
-            if active == 0 {
+            // An automatic pin set by the last requests is on its way to the state file.
+            let saving = crate::state::PINS_BEING_SAVED.load(Ordering::Acquire);
+            if active == 0 && saving == 0 {
                 log::info!("drained: no request in flight, exiting");
                 std::process::exit(0);
             }

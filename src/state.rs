@@ -225,6 +225,11 @@ pub struct State {
     reloading: Mutex<()>,
 }
 
+/// Automatic pins set but not yet written to the state file and the audit log: a draining
+/// process waits for them before it exits, so a pin set by its last requests survives the
+/// restart.
+pub static PINS_BEING_SAVED: AtomicUsize = AtomicUsize::new(0);
+
 impl State {
     /// Loads the table (an invalid file is an error: the caller exits 1), restores pins from
     /// the state file, and registers the per-route gauges.
@@ -504,15 +509,18 @@ impl State {
             return;
         };
         let state = self.clone();
+        PINS_BEING_SAVED.fetch_add(1, Ordering::AcqRel);
         let persist = move || {
             let _publish = state.publish.lock();
             state.save_pins();
             state.record(&change);
+            PINS_BEING_SAVED.fetch_sub(1, Ordering::AcqRel);
         };
         if let Err(e) = std::thread::Builder::new()
             .name("strangler pin".into())
             .spawn(persist)
         {
+            PINS_BEING_SAVED.fetch_sub(1, Ordering::AcqRel);
             log::error!("cannot start the thread that saves an automatic pin: {e}");
         }
     }
