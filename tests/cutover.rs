@@ -233,6 +233,14 @@ fn shadow_compares_json_as_values_and_reports_the_first_difference() {
         request("DELETE", &proxy.url("/customers/same"), &[], None).status,
         200
     );
+    // So does an upgrade (a WebSocket is a conversation, not a read to compare).
+    let host = format!("127.0.0.1:{}", proxy.port);
+    let upgrade = format!(
+        "GET /customers/same HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\n\
+         Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    assert!(raw(&host, upgrade.as_bytes()).starts_with("HTTP/1.1 200"));
     // A GET sent after them is shadowed; once its comparison is counted, theirs would have been.
     let r = request("GET", &proxy.url("/customers/same"), &[], None);
     let generated_id = r.header("x-request-id").to_string();
@@ -241,8 +249,11 @@ fn shadow_compares_json_as_values_and_reports_the_first_difference() {
     });
     let seen = new.seen();
     let methods: Vec<&str> = seen.iter().map(|s| s.method.as_str()).collect();
-    assert_eq!(methods, ["GET"; 4], "only GETs are shadowed");
-    assert_eq!(legacy.seen().len(), 6, "the primary saw every request");
+    assert_eq!(
+        methods, ["GET"; 4],
+        "only GETs that are not upgrades are shadowed"
+    );
+    assert_eq!(legacy.seen().len(), 7, "the primary saw every request");
     assert_eq!(shadow("error") + shadow("skipped"), 0.0);
 
     // The shadow request says what it is, and carries the client request's id.
@@ -266,7 +277,6 @@ fn shadow_compares_json_as_values_and_reports_the_first_difference() {
     );
 
     // The copy is forwarded as the primary is: X-Forwarded-*, hop-by-hop headers removed.
-    let host = format!("127.0.0.1:{}", proxy.port);
     let head = format!(
         "GET /customers/same HTTP/1.1\r\nHost: {host}\r\nX-Request-Id: rid-raw\r\n\
          X-Forwarded-For: 9.9.9.9\r\nKeep-Alive: timeout=5\r\nX-Hop: 1\r\n\
@@ -354,6 +364,70 @@ fn a_slow_shadow_costs_the_client_nothing() {
         Duration::from_secs(3),
         || !slow.seen().is_empty(),
     );
+}
+
+#[test]
+fn a_primary_that_outlives_the_shadow_is_not_compared() {
+    // The primary drips its body for about 4 s (a server-sent events stream, a long poll);
+    // the shadow answers at once, and its deadline is `timeout` + `connect_timeout` = 1 s.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let drip = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).unwrap_or(0) == 1 {
+                    head.push(byte[0]);
+                }
+                let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
+                for _ in 0..20 {
+                    // The stream's own pace: what the test is about, not a wait for a condition.
+                    std::thread::sleep(Duration::from_millis(200));
+                    let _ = conn.write_all(b"1\r\nx\r\n");
+                }
+                let _ = conn.write_all(b"0\r\n\r\n");
+            });
+        }
+    });
+    let new = Backend::echo("new");
+    let yaml = format!(
+        "backends:\n  legacy: {{url: '{drip}'}}\n\
+         \x20 new: {{url: '{}', timeout: 500ms, connect_timeout: 500ms}}\n\
+         default: legacy\nroutes:\n\
+         \x20 - {{name: stream, path: /stream, to: legacy, shadow: new}}\n",
+        new.url()
+    );
+    let proxy = Proxy::start(&yaml);
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = {
+        let (url, done) = (proxy.url("/stream"), done.clone());
+        std::thread::spawn(move || {
+            let r = request("GET", &url, &[], None);
+            done.store(true, Ordering::SeqCst);
+            r
+        })
+    };
+    let shadow = |result: &str| {
+        proxy.metric(&format!(
+            "strangler_shadow_total{{route=\"stream\",backend=\"new\",result=\"{result}\"}}"
+        ))
+    };
+    wait_for("the comparison given up", Duration::from_secs(3), || {
+        shadow("skipped") == 1.0
+    });
+    assert!(
+        !done.load(Ordering::SeqCst),
+        "given up while the primary still streams, its slot back"
+    );
+    let r = client.join().unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, "x".repeat(20).as_str()));
+    assert_eq!(new.seen().len(), 1);
+    for result in ["match", "mismatch", "error"] {
+        assert_eq!(shadow(result), 0.0, "{result}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -549,6 +623,78 @@ fn failover_retries_an_unreachable_backend_on_default() {
             &serde_json::json!({"legacy": 0, "new": 3})
         ),
         "{departures}"
+    );
+}
+
+#[test]
+fn failover_after_a_timeout_replays_only_whole_reads() {
+    // `new` accepts and never answers.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming() {
+            held.extend(conn.ok());
+        }
+    });
+    let legacy = Backend::echo("legacy");
+    let yaml = format!(
+        "backends:\n  legacy: {{url: '{}'}}\n  new: {{url: '{silent}', timeout: 300ms}}\n\
+         default: legacy\nroutes:\n\
+         \x20 - {{name: departures, path: /departures, to: new, failover: true}}\n",
+        legacy.url()
+    );
+    let proxy = Proxy::start(&yaml);
+    let failovers = || {
+        proxy.metric("strangler_failovers_total{route=\"departures\",from=\"new\",to=\"legacy\"}")
+    };
+    // A GET that times out before any response byte is retried on `default` (SPEC §2).
+    let r = request("GET", &proxy.url("/departures/1"), &[], None);
+    assert_eq!(
+        (r.status, r.header("x-strangler-backend")),
+        (200, "legacy"),
+        "{}",
+        r.body
+    );
+    assert_eq!(failovers(), 1.0);
+    // One with a small body too, whole.
+    let r = request("GET", &proxy.url("/departures/2"), &[], Some(&[b'a'; 1000]));
+    assert_eq!(
+        (r.status, r.json()["body_len"].as_u64()),
+        (200, Some(1000)),
+        "{}",
+        r.body
+    );
+    // A body larger than the retry buffer (64 KiB) cannot be sent again: a 504, no failover.
+    let big = vec![b'b'; 100 << 10];
+    let r = request("GET", &proxy.url("/departures/3"), &[], Some(&big));
+    assert_eq!(
+        (r.status, r.header("x-strangler-backend")),
+        (504, "new"),
+        "{}",
+        r.body
+    );
+    assert_eq!(r.json()["error"], "gateway_timeout");
+    // Nor is a POST retried after a timeout: it may have been acted on.
+    let r = request("POST", &proxy.url("/departures/4"), &[], Some(b"{}"));
+    assert_eq!(
+        (r.status, r.header("x-strangler-backend")),
+        (504, "new"),
+        "{}",
+        r.body
+    );
+    assert_eq!(failovers(), 2.0);
+    let seen: Vec<(String, usize)> = legacy
+        .seen()
+        .iter()
+        .map(|s| (s.target.clone(), s.body_len))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("/departures/1".to_string(), 0),
+            ("/departures/2".to_string(), 1000)
+        ]
     );
 }
 
