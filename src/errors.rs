@@ -45,6 +45,18 @@ impl UpstreamErrorKind {
     }
 }
 
+/// Whether an upstream error is how an upgraded connection (a tunnel) ends rather than a
+/// failure: the backend's read timeout (the tunnel sat idle that long), or a TLS peer that
+/// closed without `close_notify` (rustls reports the bare close as an unexpected EOF; a
+/// tunnel's protocol has its own end, as WebSocket's close frames).
+pub fn ends_tunnel(e: &Error) -> bool {
+    *e.esource() == ErrorSource::Upstream
+        && (*e.etype() == ErrorType::ReadTimedout
+            || e.root_cause()
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::UnexpectedEof))
+}
+
 /// An error response the proxy makes itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProxyError {
@@ -161,6 +173,31 @@ mod tests {
         e.as_down();
         assert_eq!(ProxyError::for_error(&e), None);
         assert_eq!(UpstreamErrorKind::of(&e), None);
+    }
+
+    #[test]
+    fn how_tunnels_end() {
+        // What rustls reports for a TLS peer that closed without close_notify, as Pingora
+        // wraps it (the io::Error as the cause, under another pingora Error).
+        let eof = std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "peer closed connection without sending TLS close_notify",
+        );
+        let inner = Error::because(ErrorType::ReadError, "reading body", eof);
+        let mut e = Error::because(ErrorType::ReadError, "while proxying", inner);
+        e.as_up();
+        assert!(ends_tunnel(&e));
+        let mut idle = Error::new(ErrorType::ReadTimedout);
+        idle.as_up();
+        assert!(ends_tunnel(&idle));
+        // A reset is a reset, and the client's side is never the backend's.
+        let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        let mut e = Error::because(ErrorType::ReadError, "reading body", reset);
+        e.as_up();
+        assert!(!ends_tunnel(&e));
+        let mut down = Error::new(ErrorType::ReadTimedout);
+        down.as_down();
+        assert!(!ends_tunnel(&down));
     }
 
     #[test]

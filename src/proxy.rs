@@ -154,6 +154,8 @@ pub struct RequestCtx {
     /// The backend's `timeout` ran out while the client's request body was still coming: the
     /// client stalled, and the request is answered 408, not blamed on the backend.
     client_stalled: bool,
+    /// An upgraded connection (101) ended the way tunnels end, not by a backend failure.
+    tunnel_closed: bool,
     /// The outcome has been counted in the rollback window.
     judged: bool,
     /// ... and counted as a success (at its response header).
@@ -364,6 +366,7 @@ impl ProxyHttp for Strangler {
             addr_turn: 0,
             addr_tries: 0,
             client_stalled: false,
+            tunnel_closed: false,
             judged: false,
             judged_ok: false,
             response_done: false,
@@ -778,6 +781,28 @@ impl ProxyHttp for Strangler {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
+        // After a 101 the connection carries the upgraded protocol: a tunnel left idle for the
+        // backend's `timeout` (nginx's `proxy_read_timeout` ends it the same way), or an https
+        // backend closing it without TLS `close_notify` once the WebSocket's own close
+        // handshake is done, is how it ends, not a failure of the backend.
+        if answer_written(session)
+            .is_some_and(|r| r.status == http::StatusCode::SWITCHING_PROTOCOLS)
+            && errors::ends_tunnel(&e)
+        {
+            ctx.tunnel_closed = true;
+            e.set_retry(false);
+            log::info!(
+                "upgraded connection of request {} on route {:?} closed: {}",
+                ctx.request_id.to_str().unwrap_or("-"),
+                ctx.route_name(),
+                if *e.etype() == ErrorType::ReadTimedout {
+                    "idle for the backend's timeout"
+                } else {
+                    "the backend closed it without TLS close_notify"
+                }
+            );
+            return e;
+        }
         // Pingora waits for the response while it relays the request body, and restarts that
         // wait at every chunk the client sends: a read that times out before the body is done
         // means the client went silent for `timeout`. Not the backend's failure: no upstream
@@ -871,6 +896,12 @@ impl ProxyHttp for Strangler {
             error_code: err.status,
             can_reuse_downstream: false,
         }
+    }
+
+    /// Pingora logs a request that ended in an error at level error; a tunnel that ended as
+    /// tunnels do was logged at info in `error_while_proxy` instead.
+    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, _e: &Error) -> bool {
+        ctx.tunnel_closed
     }
 
     /// Phase: the request is over (answered, failed, or abandoned). Counts it: requests, latency,

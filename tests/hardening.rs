@@ -581,6 +581,73 @@ fn an_upgrade_nobody_asked_for_is_a_502_not_a_dead_connection() {
 }
 
 #[test]
+fn an_idle_tunnel_ends_at_the_timeout_without_blaming_the_backend() {
+    // A WebSocket backend: 101, then echoes; nobody speaks after the first message.
+    let (baddr, _lines) = raw_backend(|s, lines| {
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut w = s;
+        if let Some(line) = read_request_head(&mut r) {
+            lines.lock().unwrap().push(line);
+            let _ = w.write_all(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+            );
+            let mut buf = [0u8; 1024];
+            while let Ok(n @ 1..) = r.read(&mut buf) {
+                let _ = w.write_all(&buf[..n]);
+            }
+        }
+    });
+    let proxy = Proxy::start(&format!(
+        "backends:\n  legacy: {{url: 'http://127.0.0.1:{}'}}\n  new: {{url: 'http://{baddr}', timeout: 300ms}}\n\
+         default: legacy\nroutes:\n\
+         \x20 - {{name: ws, path: /ws, to: new, rollback: {{error_rate: 1%, min_requests: 1, window: 60s}}}}\n",
+        dead_port()
+    ));
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(addr_of(&proxy)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(
+            b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        )
+        .unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let head = read_response(&mut r, true).expect("the 101");
+        assert_eq!(head.status, 101);
+        s.write_all(b"ping").unwrap();
+        let mut echo = [0u8; 4];
+        r.read_exact(&mut echo).unwrap();
+        // Then silence: the tunnel ends at the backend's `timeout` (nginx's
+        // proxy_read_timeout does the same), with no error answer written into it.
+        let t0 = Instant::now();
+        let mut rest = Vec::new();
+        let _ = r.read_to_end(&mut rest);
+        assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+        assert!(
+            t0.elapsed() < Duration::from_secs(4),
+            "closed at the timeout"
+        );
+    }
+    let code_101 =
+        "strangler_requests_total{route=\"ws\",backend=\"new\",method=\"GET\",code=\"101\"}";
+    wait_for("both tunnels counted", Duration::from_secs(2), || {
+        proxy.metric(code_101) == 2.0
+    });
+    // An idle tunnel is not the backend's failure: no upstream error, no rollback.
+    let (_, metrics) = get(&proxy.admin_url("/metrics"));
+    assert!(
+        !metrics.contains("strangler_upstream_errors_total{backend=\"new\""),
+        "{metrics}"
+    );
+    assert_eq!(proxy.metric("strangler_route_pinned{route=\"ws\"}"), 0.0);
+    assert!(
+        proxy.log_text().contains("idle for the backend's timeout")
+            && !proxy.log_text().contains("Fail to proxy"),
+        "{}",
+        proxy.log_text()
+    );
+}
+
+#[test]
 fn foreign_targets_connect_and_host_errors_are_refused_and_sent_nowhere() {
     let legacy = Backend::echo("legacy");
     let proxy = Proxy::start(&one_backend(&legacy.url()));
