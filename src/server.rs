@@ -187,6 +187,60 @@ impl BackgroundService for DrainWatcher {
     }
 }
 
+/// Says "serving on …" once every listener accepts connections (Pingora binds them on its
+/// services' own threads as it starts them), so a supervisor or a script that waits for the
+/// line can connect at once.
+struct Announcer {
+    listen: Vec<String>,
+    admin: String,
+    threads: usize,
+}
+
+/// How long the announcer waits for the listeners before saying so anyway.
+const ANNOUNCE_WAIT: Duration = Duration::from_secs(10);
+
+#[async_trait]
+impl BackgroundService for Announcer {
+    async fn start(&self, _shutdown: ShutdownWatch) {
+        let deadline = tokio::time::Instant::now() + ANNOUNCE_WAIT;
+        let mut waiting = Vec::new();
+        for addr in self.listen.iter().chain([&self.admin]) {
+            // A wildcard listener is reached on the loopback address of its family.
+            let Some(mut at) = addr.to_socket_addrs().ok().and_then(|mut a| a.next()) else {
+                continue;
+            };
+            if at.ip().is_unspecified() {
+                at.set_ip(match at {
+                    SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                    SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                });
+            }
+            // The first connection a listener accepts closes at once, before any request.
+            while tokio::net::TcpStream::connect(at).await.is_err() {
+                if tokio::time::Instant::now() >= deadline {
+                    waiting.push(addr.as_str());
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        let note = if waiting.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; not accepting yet after {ANNOUNCE_WAIT:?}: {}",
+                waiting.join(", ")
+            )
+        };
+        log::info!(
+            "strangler serving on {} (admin {}), {} thread(s){note}",
+            self.listen.join(", "),
+            self.admin,
+            self.threads
+        );
+    }
+}
+
 /// Runs the proxy until it is told to stop. Errors are start-up errors (exit 1).
 pub fn serve(mut opts: ServeOptions) -> Result<(), String> {
     // SIGHUP's default action ends the process. Until the reloader listens for it (after the
@@ -319,12 +373,14 @@ pub fn serve(mut opts: ServeOptions) -> Result<(), String> {
         s.threads = Some(1);
         server.add_service(s);
     }
-    log::info!(
-        "strangler serving on {} (admin {}), {} thread(s)",
-        opts.listen.join(", "),
-        opts.admin,
-        opts.threads
-    );
+    server.add_service(background_service(
+        "announcer",
+        Announcer {
+            listen: opts.listen.clone(),
+            admin: opts.admin.clone(),
+            threads: opts.threads,
+        },
+    ));
     server.run(RunArgs {
         shutdown_signal: Box::new(Signals),
     });
