@@ -241,6 +241,35 @@ impl BackgroundService for Announcer {
     }
 }
 
+/// The roots https backends are verified against: the system's, or those `SSL_CERT_FILE` /
+/// `SSL_CERT_DIR` name. One of those naming a path that cannot be read is a start-up error
+/// (Pingora's connectors would panic on it); no root at all, with an https backend in the
+/// table, is worth a warning (every such backend would answer 502).
+fn check_trust_store(table: &crate::router::RoutingTable) -> Result<(), String> {
+    let named = ["SSL_CERT_FILE", "SSL_CERT_DIR"]
+        .iter()
+        .filter_map(|v| std::env::var(v).ok().map(|p| format!("{v}={p}")))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let from = if named.is_empty() {
+        "the system's trust store".to_string()
+    } else {
+        named
+    };
+    match pingora_core::tls::load_native_certs() {
+        Err(e) => Err(format!(
+            "cannot load the trusted root certificates ({from}): {e}"
+        )),
+        Ok(roots) if roots.is_empty() && table.backends.iter().any(|b| b.tls) => {
+            log::warn!(
+                "no trusted root certificate found ({from}): every https backend will fail verification (502)"
+            );
+            Ok(())
+        }
+        Ok(_) => Ok(()),
+    }
+}
+
 /// Runs the proxy until it is told to stop. Errors are start-up errors (exit 1).
 pub fn serve(mut opts: ServeOptions) -> Result<(), String> {
     // SIGHUP's default action ends the process. Until the reloader listens for it (after the
@@ -291,6 +320,7 @@ pub fn serve(mut opts: ServeOptions) -> Result<(), String> {
         Audit::open(opts.audit_log.clone())?,
     )?;
 
+    check_trust_store(&state.snapshot().table)?;
     // Before any request: a reload may add a shadow route at any time.
     crate::shadow::warm_up();
     crate::dns::spawn_refresher(state.clone(), crate::dns::REFRESH);

@@ -744,3 +744,82 @@ fn host_override_with_a_port_still_connects() {
     assert_eq!(r.json()["host"], format!("localhost:{}", secure.port));
     assert_eq!(r.json()["sni"], "localhost");
 }
+
+/// `strangler run` on `yaml` with the trust store the environment names; (exit code if it
+/// ended within 10 s, its stderr so far). A process still running is stopped.
+fn start_with_trust_store(yaml: &str, env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("routing.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let log = dir.path().join("stderr");
+    let mut child = Command::new(bin())
+        .arg("run")
+        .arg("-c")
+        .arg(&config)
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let mut code = None;
+    wait_for(
+        "an exit or the start-up line",
+        Duration::from_secs(10),
+        || {
+            if let Ok(Some(status)) = child.try_wait() {
+                code = status.code();
+                return true;
+            }
+            text().contains("serving on")
+        },
+    );
+    if code.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    (code, text())
+}
+
+#[test]
+fn a_trust_store_that_cannot_be_read_is_a_start_up_error() {
+    let legacy = Backend::echo("legacy");
+    let yaml = yaml(
+        &legacy,
+        "  secure: {url: 'https://localhost:9443'}\n",
+        "  - {name: s, path: /s, to: secure}\n",
+    );
+    // A stale SSL_CERT_FILE / SSL_CERT_DIR (a container image that moved its CA bundle): exit 1
+    // with why, not a panic in Pingora's TLS connector.
+    let (code, err) = start_with_trust_store(
+        &yaml,
+        &[
+            ("SSL_CERT_FILE", "/nonexistent/ca.pem"),
+            ("SSL_CERT_DIR", "/nonexistent/certs"),
+        ],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("cannot load the trusted root certificates")
+            && err.contains("/nonexistent/ca.pem")
+            && !err.contains("panicked"),
+        "{err}"
+    );
+    // Readable but holding no certificate: it starts, and says every https backend will fail.
+    let empty = tempfile::tempdir().unwrap();
+    let (code, err) = start_with_trust_store(
+        &yaml,
+        &[
+            ("SSL_CERT_FILE", "/dev/null"),
+            ("SSL_CERT_DIR", empty.path().to_str().unwrap()),
+        ],
+    );
+    assert_eq!(code, None, "{err}");
+    assert!(
+        err.contains("no trusted root certificate found") && err.contains("serving on"),
+        "{err}"
+    );
+}
