@@ -900,8 +900,10 @@ impl ProxyHttp for Strangler {
 
     /// Pingora logs a request that ended in an error at level error; a tunnel that ended as
     /// tunnels do was logged at info in `error_while_proxy` instead.
-    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, _e: &Error) -> bool {
-        ctx.tunnel_closed
+    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, e: &Error) -> bool {
+        // A client that went away is not an error of the proxy (nginx logs it at info, as
+        // `logging` does here; the request counts as a 499).
+        ctx.tunnel_closed || client_went_away(e)
     }
 
     /// Phase: the request is over (answered, failed, or abandoned). Counts it: requests, latency,
@@ -921,17 +923,15 @@ impl ProxyHttp for Strangler {
         let Some(live) = ctx.live.clone() else {
             return;
         };
-        let client_gone = e.is_some_and(|e| {
-            *e.esource() == ErrorSource::Downstream
-                && matches!(
-                    e.etype(),
-                    ErrorType::ReadError
-                        | ErrorType::WriteError
-                        | ErrorType::ConnectionClosed
-                        | ErrorType::ReadTimedout
-                        | ErrorType::WriteTimedout
-                )
-        });
+        let client_gone = e.is_some_and(client_went_away);
+        if client_gone {
+            log::info!(
+                "request {} on route {:?}: the client went away ({})",
+                ctx.request_id.to_str().unwrap_or("-"),
+                ctx.route_name(),
+                e.map_or("", |e| e.etype().as_str())
+            );
+        }
         let code: u16 = if client_gone && !ctx.response_done {
             499
         } else if let Some(s) = ctx.proxy_status {
@@ -1071,6 +1071,20 @@ impl Strangler {
         ctx.addr_tries = 0;
         true
     }
+}
+
+/// The client's side of the request broke off: it closed, reset, or stopped reading or
+/// sending for longer than its timeouts.
+fn client_went_away(e: &Error) -> bool {
+    *e.esource() == ErrorSource::Downstream
+        && matches!(
+            e.etype(),
+            ErrorType::ReadError
+                | ErrorType::WriteError
+                | ErrorType::ConnectionClosed
+                | ErrorType::ReadTimedout
+                | ErrorType::WriteTimedout
+        )
 }
 
 fn record_upstream_error(ctx: &RequestCtx, kind: UpstreamErrorKind) {

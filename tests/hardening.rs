@@ -1356,6 +1356,16 @@ fn clients_that_abort_leave_no_upstream_connection_and_count_as_499() {
         N,
         "no retry of an abandoned request"
     );
+    // A client going away is no error of the proxy's: one info line each, no ERROR line.
+    let log = proxy.log_text();
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains("the client went away"))
+            .count(),
+        N,
+        "{log}"
+    );
+    assert!(!log.lines().any(|l| l.contains("ERROR")), "{log}");
 }
 
 #[test]
