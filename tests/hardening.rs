@@ -523,10 +523,9 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
 // Request targets and Host
 // ---------------------------------------------------------------------------------------------
 
-#[test]
-fn an_upgrade_nobody_asked_for_is_a_502_not_a_dead_connection() {
-    // Answers every request with a 101, asked for or not.
-    let (baddr, _lines) = raw_backend(|s, lines| {
+/// A backend that answers every request with a 101, then echoes what comes through the tunnel.
+fn upgrading_echo_backend() -> SocketAddr {
+    let (addr, _lines) = raw_backend(|s, lines| {
         let mut r = BufReader::new(s.try_clone().unwrap());
         let mut w = s;
         if let Some(line) = read_request_head(&mut r) {
@@ -535,13 +534,38 @@ fn an_upgrade_nobody_asked_for_is_a_502_not_a_dead_connection() {
                 b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
             );
             let _ = w.flush();
-            // Then a tunnel: echoes whatever comes.
             let mut buf = [0u8; 1024];
             while let Ok(n @ 1..) = r.read(&mut buf) {
                 let _ = w.write_all(&buf[..n]);
             }
         }
     });
+    addr
+}
+
+/// Upgrades a connection to the proxy on `path` and checks one round trip through the
+/// tunnel; returns its reading side.
+fn open_tunnel(proxy: &Proxy, path: &str) -> BufReader<TcpStream> {
+    let mut s = TcpStream::connect(addr_of(proxy)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let head = format!(
+        "GET {path} HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let answer = read_response(&mut r, true).expect("the 101");
+    assert_eq!(answer.status, 101);
+    s.write_all(b"ping").unwrap();
+    let mut echo = [0u8; 4];
+    r.read_exact(&mut echo).unwrap();
+    assert_eq!(&echo, b"ping");
+    r
+}
+
+#[test]
+fn an_upgrade_nobody_asked_for_is_a_502_not_a_dead_connection() {
+    // Answers every request with a 101, asked for or not.
+    let baddr = upgrading_echo_backend();
     let proxy = Proxy::start(&one_backend(&format!("http://{baddr}")));
     let t0 = Instant::now();
     let (answer, closed) = exchange(
@@ -565,38 +589,13 @@ fn an_upgrade_nobody_asked_for_is_a_502_not_a_dead_connection() {
         },
     );
     // Asked for, the same 101 is a tunnel.
-    let mut s = TcpStream::connect(addr_of(&proxy)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(
-        b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
-    )
-    .unwrap();
-    let mut r = BufReader::new(s.try_clone().unwrap());
-    let head = read_response(&mut r, true).expect("the 101");
-    assert_eq!(head.status, 101);
-    s.write_all(b"ping").unwrap();
-    let mut echo = [0u8; 4];
-    r.read_exact(&mut echo).unwrap();
-    assert_eq!(&echo, b"ping");
+    open_tunnel(&proxy, "/ws");
 }
 
 #[test]
 fn an_idle_tunnel_ends_at_the_timeout_without_blaming_the_backend() {
-    // A WebSocket backend: 101, then echoes; nobody speaks after the first message.
-    let (baddr, _lines) = raw_backend(|s, lines| {
-        let mut r = BufReader::new(s.try_clone().unwrap());
-        let mut w = s;
-        if let Some(line) = read_request_head(&mut r) {
-            lines.lock().unwrap().push(line);
-            let _ = w.write_all(
-                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
-            );
-            let mut buf = [0u8; 1024];
-            while let Ok(n @ 1..) = r.read(&mut buf) {
-                let _ = w.write_all(&buf[..n]);
-            }
-        }
-    });
+    // A WebSocket backend; nobody speaks after the first message.
+    let baddr = upgrading_echo_backend();
     let proxy = Proxy::start(&format!(
         "backends:\n  legacy: {{url: 'http://127.0.0.1:{}'}}\n  new: {{url: 'http://{baddr}', timeout: 300ms}}\n\
          default: legacy\nroutes:\n\
@@ -604,18 +603,7 @@ fn an_idle_tunnel_ends_at_the_timeout_without_blaming_the_backend() {
         dead_port()
     ));
     for _ in 0..2 {
-        let mut s = TcpStream::connect(addr_of(&proxy)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s.write_all(
-            b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
-        )
-        .unwrap();
-        let mut r = BufReader::new(s.try_clone().unwrap());
-        let head = read_response(&mut r, true).expect("the 101");
-        assert_eq!(head.status, 101);
-        s.write_all(b"ping").unwrap();
-        let mut echo = [0u8; 4];
-        r.read_exact(&mut echo).unwrap();
+        let mut r = open_tunnel(&proxy, "/ws");
         // Then silence: the tunnel ends at the backend's `timeout` (nginx's
         // proxy_read_timeout does the same), with no error answer written into it.
         let t0 = Instant::now();
