@@ -924,15 +924,13 @@ impl ProxyHttp for Strangler {
             return;
         };
         let client_gone = e.is_some_and(client_went_away);
-        if client_gone {
+        let code: u16 = if client_gone && !ctx.response_done {
             log::info!(
-                "request {} on route {:?}: the client went away ({})",
+                "request {} on route {:?}: the client went away ({}): 499",
                 ctx.request_id.to_str().unwrap_or("-"),
                 ctx.route_name(),
                 e.map_or("", |e| e.etype().as_str())
             );
-        }
-        let code: u16 = if client_gone && !ctx.response_done {
             499
         } else if let Some(s) = ctx.proxy_status {
             s

@@ -206,7 +206,11 @@ impl BackgroundService for Announcer {
         let mut waiting = Vec::new();
         for addr in self.listen.iter().chain([&self.admin]) {
             // A wildcard listener is reached on the loopback address of its family.
-            let Some(mut at) = addr.to_socket_addrs().ok().and_then(|mut a| a.next()) else {
+            let Some(mut at) = tokio::net::lookup_host(addr.as_str())
+                .await
+                .ok()
+                .and_then(|mut a| a.next())
+            else {
                 continue;
             };
             if at.ip().is_unspecified() {

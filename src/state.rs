@@ -230,6 +230,22 @@ pub struct State {
 /// restart.
 pub static PINS_BEING_SAVED: AtomicUsize = AtomicUsize::new(0);
 
+/// One count in [`PINS_BEING_SAVED`], given back when dropped (however the save ends).
+struct SavingPin;
+
+impl SavingPin {
+    fn start() -> Self {
+        PINS_BEING_SAVED.fetch_add(1, Ordering::AcqRel);
+        SavingPin
+    }
+}
+
+impl Drop for SavingPin {
+    fn drop(&mut self) {
+        PINS_BEING_SAVED.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 impl State {
     /// Loads the table (an invalid file is an error: the caller exits 1), restores pins from
     /// the state file, and registers the per-route gauges.
@@ -509,18 +525,18 @@ impl State {
             return;
         };
         let state = self.clone();
-        PINS_BEING_SAVED.fetch_add(1, Ordering::AcqRel);
+        let saving = SavingPin::start();
         let persist = move || {
+            let _saving = saving;
             let _publish = state.publish.lock();
             state.save_pins();
             state.record(&change);
-            PINS_BEING_SAVED.fetch_sub(1, Ordering::AcqRel);
         };
+        // A thread that cannot start drops `persist`, and with it `saving`.
         if let Err(e) = std::thread::Builder::new()
             .name("strangler pin".into())
             .spawn(persist)
         {
-            PINS_BEING_SAVED.fetch_sub(1, Ordering::AcqRel);
             log::error!("cannot start the thread that saves an automatic pin: {e}");
         }
     }
@@ -623,8 +639,6 @@ impl State {
     }
 }
 
-/// Reads, parses, validates and resolves routing.yaml. `parsed` is set to the time the read
-/// and the YAML parse took (the rest is validation and DNS).
 /// Why a routing file was not loaded.
 #[derive(Debug)]
 pub struct LoadError {
@@ -651,6 +665,8 @@ impl From<String> for LoadError {
     }
 }
 
+/// Reads, parses, validates and resolves routing.yaml. `parsed` is set to the time the read
+/// and the YAML parse took (the rest is validation and DNS).
 fn load_table(config: &Path, parsed: &mut Duration) -> Result<RoutingTable, LoadError> {
     let t0 = Instant::now();
     let read = config::read_checked(config);
