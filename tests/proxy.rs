@@ -515,6 +515,25 @@ fn served_by(proxy: &Proxy, path: &str) -> String {
         .to_string()
 }
 
+/// A refused routing file: `strangler_config_reloads_total{result="error"}` reaches `errors`
+/// within `within`, `strangler_config_valid` is 0, `/bookings` is still served by `backend`
+/// (the table in force), and a log line says why (`line`).
+fn assert_refused(
+    proxy: &Proxy,
+    errors: f64,
+    within: Duration,
+    backend: &str,
+    line: impl Fn(&str) -> bool,
+) {
+    wait_for("the error to be counted", within, || {
+        proxy.metric("strangler_config_reloads_total{result=\"error\"}") >= errors
+    });
+    assert_eq!(proxy.metric("strangler_config_valid"), 0.0);
+    assert_eq!(served_by(proxy, "/bookings"), backend);
+    let log = proxy.log_text();
+    assert!(log.lines().any(line), "{log}");
+}
+
 /// The watcher reacts to changes only. inotify also reports opens: counting the reloader's own
 /// read of the file as a change once made it re-read and re-hash routing.yaml ~40 times a
 /// second, forever. Observed through the bytes the process reads while nothing happens (the
@@ -574,19 +593,10 @@ fn a_saved_edit_serves_within_a_second_and_a_bad_one_changes_nothing() {
         "{base}routes:\n  - {{name: bookings, path: /bookings, to: nowhere}}\n"
     ));
     let errors = || proxy.metric("strangler_config_reloads_total{result=\"error\"}");
-    wait_for("the error to be counted", Duration::from_secs(2), || {
-        errors() >= 1.0
+    // FILE:LINE:COL on the rejection's own log line.
+    assert_refused(&proxy, 1.0, Duration::from_secs(2), "new", |l| {
+        l.contains("rejected") && l.contains("routing.yaml:8:")
     });
-    assert_eq!(proxy.metric("strangler_config_valid"), 0.0);
-    assert_eq!(served_by(&proxy, "/bookings"), "new");
-    assert!(
-        proxy
-            .log_text()
-            .lines()
-            .any(|l| l.contains("rejected") && l.contains("routing.yaml:8:")),
-        "FILE:LINE:COL on the rejection's own log line:\n{}",
-        proxy.log_text()
-    );
 
     // In-place write (no rename) is seen too.
     std::fs::write(
@@ -629,7 +639,6 @@ fn a_file_that_fails_only_in_dns_is_tried_again() {
     let base = base_yaml(&legacy.url(), &new.url());
     let routes = "routes:\n  - {name: bookings, path: /bookings, to: new}\n";
     let proxy = Proxy::start(&format!("{base}{routes}"));
-    let errors = || proxy.metric("strangler_config_reloads_total{result=\"error\"}");
     // A valid file whose new backend does not resolve (`.invalid` never does, RFC 6761; in
     // production: a DNS hiccup, a Service record that lags the ConfigMap). The same version is
     // tried again, a second later and then less and less often, so it applies once DNS
@@ -639,20 +648,11 @@ fn a_file_that_fails_only_in_dns_is_tried_again() {
         "backends:\n  later:\n    url: http://strangler-test.invalid:80\n",
     );
     proxy.write_config(&format!("{unresolved}{routes}"));
-    wait_for("the same file tried twice", Duration::from_secs(8), || {
-        errors() >= 2.0
+    // Two errors: the same file, tried twice.
+    assert_refused(&proxy, 2.0, Duration::from_secs(8), "new", |l| {
+        l.contains("cannot resolve backend \"later\"")
+            && l.contains("tried again until it resolves")
     });
-    assert_eq!(proxy.metric("strangler_config_valid"), 0.0);
-    assert_eq!(served_by(&proxy, "/bookings"), "new");
-    assert!(
-        proxy
-            .log_text()
-            .lines()
-            .any(|l| l.contains("cannot resolve backend \"later\"")
-                && l.contains("tried again until it resolves")),
-        "{}",
-        proxy.log_text()
-    );
     proxy.write_config(&format!("{base}{routes}"));
     wait_for("the good file", Duration::from_secs(3), || {
         proxy.metric("strangler_config_valid") == 1.0
