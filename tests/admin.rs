@@ -924,6 +924,15 @@ fn golden_cases_pin_the_routing_in_ci_and_explain_shows_the_upstream_request() {
             "the route alone is pinned:\n{out}"
         );
     }
+    // A pinned split splits nothing: its requests go to default, key or no key.
+    write(
+        dir.path(),
+        ".strangler-state.json",
+        r#"{"version":1,"pins":{"tours":{"reason":"manual","since":"2026-01-01T00:00:00Z"}}}"#,
+    );
+    let (code, out, err) = strangler(&["check", "-c", &canary, "--cases", &keyless]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("2 passed, 0 failed"), "{out}");
 
     let (code, out, err) = strangler(&["explain", "-c", &cfg, "GET", "/bookings/42"]);
     assert_eq!(code, 0, "{err}");
