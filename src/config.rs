@@ -29,6 +29,11 @@ pub struct RoutingFile {
     pub trusted_proxies: Vec<String>,
 }
 
+/// `backends` alone, read as the file reads it (to report its own type error).
+#[derive(Deserialize)]
+#[serde(transparent)]
+struct Backends(#[serde(deserialize_with = "unique_names")] BTreeMap<String, BackendSpec>);
+
 /// `backends` as a map whose names are unique: YAML leaves a repeated key to the reader, and a
 /// plain map would keep the last one without a word.
 fn unique_names<'de, D>(de: D) -> Result<BTreeMap<String, BackendSpec>, D::Error>
@@ -439,6 +444,10 @@ fn other_schema_errors(file: &str, text: &str) -> Vec<ConfigError> {
                 break;
             };
             let result = match part {
+                Part::Backends => serde_yaml::from_str::<Backends>(&part_text).map(drop),
+                Part::Routes => {
+                    serde_yaml::from_str::<Vec<serde::de::IgnoredAny>>(&part_text).map(drop)
+                }
                 Part::Backend => serde_yaml::from_str::<BackendSpec>(&part_text).map(drop),
                 Part::Route => serde_yaml::from_str::<RouteSpec>(&part_text).map(drop),
                 Part::Default => serde_yaml::from_str::<Option<String>>(&part_text).map(drop),
@@ -481,8 +490,8 @@ fn other_schema_errors(file: &str, text: &str) -> Vec<ConfigError> {
     for (key, value) in &top {
         let Some(key) = key.as_str() else { continue };
         match key {
-            "backends" => {
-                if let Value::Mapping(backends) = value {
+            "backends" => match value {
+                Value::Mapping(backends) => {
                     for (name, b) in backends {
                         if let Some(name) = name.as_str() {
                             let path = format!("backends.{name}");
@@ -490,15 +499,17 @@ fn other_schema_errors(file: &str, text: &str) -> Vec<ConfigError> {
                         }
                     }
                 }
-            }
-            "routes" => {
-                if let Value::Sequence(routes) = value {
+                _ => out.extend(check(value, key, key, Part::Backends)),
+            },
+            "routes" => match value {
+                Value::Sequence(routes) => {
                     for (i, r) in routes.iter().enumerate() {
                         let (path, shown) = (format!("routes.{i}"), format!("routes[{i}]"));
                         out.extend(check(r, &path, &shown, Part::Route));
                     }
                 }
-            }
+                _ => out.extend(check(value, key, key, Part::Routes)),
+            },
             "default" => out.extend(check(value, "default", "default", Part::Default)),
             "trusted_proxies" => out.extend(check(value, key, key, Part::Proxies)),
             other => out.push(ConfigError {
@@ -516,6 +527,9 @@ fn other_schema_errors(file: &str, text: &str) -> Vec<ConfigError> {
 
 #[derive(Clone, Copy)]
 enum Part {
+    /// `backends` that is not a mapping, `routes` that is not a list: the part's own type.
+    Backends,
+    Routes,
     Backend,
     Route,
     Default,
@@ -771,6 +785,30 @@ mod tests {
         assert_eq!(got.len(), want.len(), "{got:#?}");
         for (g, w) in got.iter().zip(want) {
             assert!(g.starts_with(w), "want {w:?}, got {g:?}\nall: {got:#?}");
+        }
+    }
+
+    #[test]
+    fn parts_of_the_wrong_kind_are_each_reported() {
+        for (text, want) in [
+            (
+                "backends: [a]\ndefault: legacy\nroutes: {a: 1}\n",
+                [
+                    "r.yaml:1:11: backends: invalid type: sequence, expected a map of backend names to backends",
+                    "r.yaml:3:9: routes: invalid type: map, expected a sequence",
+                ],
+            ),
+            (
+                "backends: {legacy: {url: 'http://127.0.0.1:1'}}\ndefault: [legacy]\nroutes: 5\n",
+                [
+                    "r.yaml:2:10: default: invalid type: sequence, expected a string",
+                    "r.yaml:3:9: routes: invalid type: integer `5`, expected a sequence",
+                ],
+            ),
+        ] {
+            let err = parse("r.yaml", text).unwrap_err();
+            let got: Vec<String> = err.0.iter().map(|e| e.to_string()).collect();
+            assert_eq!(got, want, "{text}");
         }
     }
 
