@@ -36,7 +36,10 @@ pub fn parse_pattern(path: &str) -> Result<Vec<PatternSegment>, String> {
                 "a route's path may have at most {MAX_PATTERN_SEGMENTS} segments"
             ));
         }
-        if let Some(inner) = seg.strip_prefix('{') {
+        if let Some(inner) = seg
+            .strip_prefix('{')
+            .filter(|i| i.ends_with('}') || !i.contains('}'))
+        {
             let name = inner
                 .strip_suffix('}')
                 .ok_or_else(|| format!("segment {seg:?} opens '{{' but does not close it"))?;
@@ -131,10 +134,10 @@ pub struct Constraint {
 }
 
 impl Constraint {
+    /// Whether two routes with the same pattern would compete for a request. `exact` does not
+    /// tell them apart: SPEC §2 refuses two routes with the same path pattern and overlapping
+    /// methods, and `exact` is not part of the pattern.
     fn overlaps(&self, other: &Constraint) -> bool {
-        if self.exact != other.exact {
-            return false;
-        }
         match (&self.methods, &other.methods) {
             (None, None) => true,
             (Some(a), Some(b)) => a.iter().any(|m| b.contains(m)),
@@ -161,8 +164,8 @@ struct Node {
     here: Vec<Entry>,
 }
 
-/// Two routes that can never be told apart: same pattern (parameter names aside), same `exact`,
-/// overlapping methods.
+/// Two routes that can never be told apart: same pattern (parameter names aside), overlapping
+/// methods (`exact` or not).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Conflict {
     /// The route already in the trie.
@@ -233,7 +236,14 @@ impl RouteTrie {
 
 fn walk(node: &Node, path: &NormalPath, i: usize, method: &str) -> Option<usize> {
     if i < path.len() {
-        if let Some(child) = node.literals.get(path.segment(i)) {
+        let seg = path.segment(i);
+        let child = node.literals.get(seg).or_else(|| {
+            // Escapes are written with upper-case hex in a route; a client's `%2f` is the same
+            // byte (RFC 3986 §6.2.2.1). Rare: only a missed segment with a lower-case escape
+            // is copied.
+            upper_hex_escapes(seg).and_then(|s| node.literals.get(s.as_str()))
+        });
+        if let Some(child) = child {
             if let Some(r) = walk(child, path, i + 1, method) {
                 return Some(r);
             }
@@ -247,25 +257,45 @@ fn walk(node: &Node, path: &NormalPath, i: usize, method: &str) -> Option<usize>
     pick(&node.here, i == path.len(), method)
 }
 
-/// Among the routes ending at one node: methods that name the request's method beat no
-/// `methods`; then `exact` beats prefix.
-fn pick(here: &[Entry], at_end: bool, method: &str) -> Option<usize> {
-    let mut best: Option<(u8, usize)> = None;
-    for e in here {
-        if e.constraint.exact && !at_end {
-            continue;
-        }
-        let by_method = match &e.constraint.methods {
-            Some(ms) if ms.iter().any(|m| m == method) => 2,
-            Some(_) => continue,
-            None => 0,
-        };
-        let rank = by_method + u8::from(e.constraint.exact);
-        if best.is_none_or(|(r, _)| rank > r) {
-            best = Some((rank, e.route));
+/// `seg` with its escapes' hex digits in upper case, when one of them is in lower case.
+fn upper_hex_escapes(seg: &str) -> Option<String> {
+    let b = seg.as_bytes();
+    let lower_at = |i: usize| b.get(i).is_some_and(|c| matches!(c, b'a'..=b'f'));
+    let has_lower = b
+        .iter()
+        .enumerate()
+        .any(|(i, &c)| c == b'%' && (lower_at(i + 1) || lower_at(i + 2)));
+    if !has_lower {
+        return None;
+    }
+    let mut out = b.to_vec();
+    let mut i = 0;
+    while i < out.len() {
+        if out[i] == b'%' {
+            for d in out.iter_mut().skip(i + 1).take(2) {
+                d.make_ascii_uppercase();
+            }
+            i += 3;
+        } else {
+            i += 1;
         }
     }
-    best.map(|(_, r)| r)
+    // Only ASCII letters changed case: still UTF-8.
+    String::from_utf8(out).ok()
+}
+
+/// Among the routes ending at one node: methods that name the request's method beat no
+/// `methods`. At most one route of each kind can match (the others conflict at build time).
+fn pick(here: &[Entry], at_end: bool, method: &str) -> Option<usize> {
+    let mut without_methods = None;
+    for e in here.iter().filter(|e| at_end || !e.constraint.exact) {
+        match &e.constraint.methods {
+            Some(ms) if ms.iter().any(|m| m == method) => return Some(e.route),
+            Some(_) => {}
+            None => without_methods = Some(e.route),
+        }
+    }
+    without_methods
 }
 
 #[cfg(test)]
@@ -306,9 +336,11 @@ mod tests {
         ("/a", false, None),        // 6
         ("/tours/{id}", false, Some(&["POST"])), // 7
         ("/tours/{id}", false, None), // 8
-        ("/tours/{id}", true, None), // 9
+        ("/tours/{id}", true, Some(&["GET"])), // 9
         ("/x/{p}/y", false, None),  // 10
         ("/x/lit", true, None),     // 11
+        ("/esc/a%2fb", false, None), // 12
+        ("/esc/caf%C3%a9", false, None), // 13
     ];
 
     #[test]
@@ -325,6 +357,11 @@ mod tests {
             ("GET", "/%62ookings", Some(0)),
             ("GET", "/bookings%2F42", None),
             ("GET", "/bookings/a%2Fb", Some(0)),
+            // a route's escapes match in either hex case, and only escapes change case
+            ("GET", "/esc/a%2fb", Some(12)),
+            ("GET", "/esc/a%2Fb", Some(12)),
+            ("GET", "/esc/A%2fb", None),
+            ("GET", "/esc/caf%c3%a9", Some(13)),
             ("GET", "/bookings?x=/itineraries", Some(0)),
             ("GET", "/itineraries/7/itinerary_maps", Some(1)),
             ("HEAD", "/itineraries/7/itinerary_maps/", Some(1)),
@@ -338,7 +375,7 @@ mod tests {
             ("GET", "/a/c/x", Some(4)),
             ("GET", "/a/c", Some(6)),
             ("GET", "/a", Some(6)),
-            // methods beat no methods; exact beats prefix at the same pattern
+            // methods beat no methods, exact or not
             ("POST", "/tours/1", Some(7)),
             ("GET", "/tours/1", Some(9)),
             ("GET", "/tours/1/more", Some(8)),
@@ -393,7 +430,10 @@ mod tests {
         assert!(t.insert(&p, c(Some(&["POST"]), false), 2).is_ok());
         assert!(t.insert(&p, c(None, false), 3).is_ok());
         assert!(t.insert(&p, c(None, false), 4).is_err());
-        assert!(t.insert(&p, c(None, true), 5).is_ok());
+        // `exact` is not part of the pattern: an exact twin conflicts like any other.
+        assert!(t.insert(&p, c(None, true), 5).is_err());
+        assert!(t.insert(&p, c(Some(&["PUT"]), true), 6).is_err());
+        assert!(t.insert(&p, c(Some(&["DELETE"]), true), 7).is_ok());
     }
 
     #[test]
@@ -422,6 +462,12 @@ mod tests {
         ] {
             assert!(parse_pattern(bad).is_err(), "{bad}");
         }
+        assert!(parse_pattern("/a/{id}x")
+            .unwrap_err()
+            .contains("a whole segment"));
+        assert!(parse_pattern("/a/{id")
+            .unwrap_err()
+            .contains("does not close"));
         // Written as clients send them: escapes kept, hex in upper case.
         assert_eq!(
             parse_pattern("/caf%c3%A9/a%20b/x%2Fy").unwrap(),

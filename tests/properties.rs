@@ -121,11 +121,12 @@ fn route_of(table: &RoutingTable, target: &str, method: &str) -> String {
 }
 
 /// SPEC §3 written out directly: among the routes that match, compare segment by segment from
-/// the left (a literal beats `{param}`; more segments beat fewer), then `methods` beats none,
-/// then (README's choice) `exact` beats prefix.
+/// the left (a literal beats `{param}`; more segments beat fewer), then `methods` beats none.
+/// (`exact` never decides: an exact route and a prefix route with the same pattern and
+/// overlapping methods are refused like any two such routes.)
 fn spec_model(routes: &[GenRoute], segs: &[&str], method: &str) -> String {
-    // (segment ranks, has methods, exact) of the best route so far, and its name.
-    type Key = (Vec<u8>, u8, u8);
+    // (segment ranks, has methods) of the best route so far, and its name.
+    type Key = (Vec<u8>, u8);
     let mut best: Option<(Key, &str)> = None;
     for r in routes {
         if r.segments.len() > segs.len() || (r.exact && r.segments.len() != segs.len()) {
@@ -150,7 +151,6 @@ fn spec_model(routes: &[GenRoute], segs: &[&str], method: &str) -> String {
                 .map(|p| if p.starts_with('{') { 1u8 } else { 2u8 })
                 .collect::<Vec<u8>>(),
             u8::from(r.methods.is_some()),
-            u8::from(r.exact),
         );
         if best.as_ref().is_none_or(|(k, _)| key > *k) {
             best = Some((key, &r.name));
@@ -233,8 +233,8 @@ proptest! {
         }
     }
 
-    /// A table refuses two spellings of one pattern (`{id}` vs `{x}`) with the same `exact` and
-    /// overlapping methods, and accepts every table without them.
+    /// A table refuses two spellings of one pattern (`{id}` vs `{x}`) with overlapping methods,
+    /// `exact` or not, and accepts every table without them.
     #[test]
     fn conflicts_are_exactly_the_indistinguishable_routes((routes, _) in tables()) {
         let shape = |r: &GenRoute| {
@@ -246,7 +246,7 @@ proptest! {
             _ => false,
         };
         let conflict = routes.iter().enumerate().any(|(i, a)| {
-            routes[i + 1..].iter().any(|b| shape(a) == shape(b) && a.exact == b.exact && overlap(a, b))
+            routes[i + 1..].iter().any(|b| shape(a) == shape(b) && overlap(a, b))
         });
         let built = build(&routes);
         prop_assert_eq!(built.is_err(), conflict, "{}\n=> {:?}", yaml(&routes), built.err());
