@@ -1,6 +1,9 @@
 //! The per-route gauges of SPEC §8 — `strangler_route_pinned`, `strangler_route_state`,
 //! `strangler_route_split_percent` and `strangler_requests_in_flight` — read from the table in
-//! force when `/metrics` is scraped instead of being stored as registry series.
+//! force when `/metrics` is scraped instead of being stored as registry series. With them, one
+//! the SPEC does not list: `strangler_default_backend{backend}`, 1 for the backend `default`
+//! names, so that alert rules and dashboards tell the default backend from a new one by what
+//! the table says, not by inference from shares and states.
 //!
 //! A series in the `prometheus` registry carries its own copy of the metric's description and
 //! labels (~600 bytes); these four families are 8–9 series per route, ~50 MiB for a 10 000-route
@@ -30,6 +33,10 @@ const SPLIT: (&str, &str) = (
     "strangler_route_split_percent",
     "Share of new clients (percent) that the backend gets on this route.",
 );
+const DEFAULT_BACKEND: (&str, &str) = (
+    "strangler_default_backend",
+    "1 for the backend named by `default` (unmatched requests, pinned routes, the rest of a split).",
+);
 const IN_FLIGHT: (&str, &str) = (
     "strangler_requests_in_flight",
     "Requests being served now, by route.",
@@ -57,6 +64,7 @@ pub fn register(state: &Arc<State>) -> prometheus::Result<()> {
         desc(STATE, &["route", "state"])?,
         desc(SPLIT, &["route", "backend"])?,
         desc(IN_FLIGHT, &["route"])?,
+        desc(DEFAULT_BACKEND, &["backend"])?,
     ];
     prometheus::register(Box::new(RouteGauges {
         state: Arc::downgrade(state),
@@ -77,7 +85,7 @@ impl Collector for RouteGauges {
     }
 }
 
-/// The four families for `live`.
+/// The five families for `live`.
 fn families(live: &LiveTable) -> Vec<MetricFamily> {
     let t = &live.table;
     let default = &*t.backends[t.default].name;
@@ -123,6 +131,7 @@ fn families(live: &LiveTable) -> Vec<MetricFamily> {
         family(STATE, states),
         family(SPLIT, split),
         family(IN_FLIGHT, in_flight),
+        family(DEFAULT_BACKEND, vec![gauge(&[("backend", default)], 1.0)]),
     ]
 }
 

@@ -1096,6 +1096,20 @@ fn a_route_that_leaves_the_file_leaves_the_metrics_too() {
         !body.contains("strangler_route_split_percent{backend=\"new\",route=\"stays\"}"),
         "{body}"
     );
+    // The default backend is named by a gauge of its own, which follows `default`.
+    assert_eq!(
+        proxy.metric("strangler_default_backend{backend=\"legacy\"}"),
+        1.0
+    );
+    proxy.write_config(&base.replace("default: legacy", "default: new"));
+    wait_for("the new default", Duration::from_secs(2), || {
+        proxy.metric("strangler_default_backend{backend=\"new\"}") == 1.0
+    });
+    let (_, body) = get(&proxy.admin_url("/metrics"));
+    assert!(
+        !body.contains("strangler_default_backend{backend=\"legacy\"}"),
+        "{body}"
+    );
 }
 
 #[test]
