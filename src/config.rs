@@ -29,11 +29,6 @@ pub struct RoutingFile {
     pub trusted_proxies: Vec<String>,
 }
 
-/// `backends` alone, read as the file reads it (to report its own type error).
-#[derive(Deserialize)]
-#[serde(transparent)]
-struct Backends(#[serde(deserialize_with = "unique_names")] BTreeMap<String, BackendSpec>);
-
 /// `backends` as a map whose names are unique: YAML leaves a repeated key to the reader, and a
 /// plain map would keep the last one without a word.
 fn unique_names<'de, D>(de: D) -> Result<BTreeMap<String, BackendSpec>, D::Error>
@@ -444,7 +439,9 @@ fn other_schema_errors(file: &str, text: &str) -> Vec<ConfigError> {
                 break;
             };
             let result = match part {
-                Part::Backends => serde_yaml::from_str::<Backends>(&part_text).map(drop),
+                Part::Backends => {
+                    unique_names(serde_yaml::Deserializer::from_str(&part_text)).map(drop)
+                }
                 Part::Routes => {
                     serde_yaml::from_str::<Vec<serde::de::IgnoredAny>>(&part_text).map(drop)
                 }

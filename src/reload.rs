@@ -1,6 +1,7 @@
 //! Hot reload (SPEC §6) as a Pingora background service: watches routing.yaml's directory
 //! (editors that save by rename, in-place writes, Kubernetes ConfigMaps that swap a `..data`
-//! symlink), takes SIGHUP, debounces bursts, and reloads only when the file's bytes changed.
+//! symlink), takes SIGHUP, debounces bursts, waits for a writer saving in place to close the
+//! file, and reloads only when the file's bytes changed.
 //! The reload itself — build, validate, one atomic swap — is `State::reload`.
 //!
 //! The watcher watches the directory, not the file: a rename or symlink swap replaces the
@@ -11,12 +12,13 @@
 //! rewritten faster than it can be loaded is loaded at a bounded duty cycle, always in its
 //! latest version (`RELOAD_NICENESS`, `RELOAD_DUTY_WAIT`).
 
+use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use notify::event::{AccessKind, AccessMode};
+use notify::event::{AccessKind, AccessMode, ModifyKind};
 use notify::{EventKind, RecursiveMode, Watcher};
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
@@ -27,6 +29,11 @@ use crate::state::State;
 
 /// Events closer together than this are one change (an editor writes, renames, chmods).
 const DEBOUNCE: Duration = Duration::from_millis(25);
+/// A file written in place is read once its writer closes it: before, it may hold half the new
+/// version, which can even validate (a table cut after its first routes) and lift the pins of
+/// the routes it lacks. A writer that keeps the file open is waited for until it has written
+/// nothing for this long.
+const WRITER_QUIET: Duration = Duration::from_millis(500);
 /// What the loop remembers of a config file it could not read: once, then reported.
 const MISSING_ONCE: &str = "missing once";
 const MISSING: &str = "missing";
@@ -45,8 +52,41 @@ pub struct Reloader {
 
 #[derive(Debug)]
 enum Trigger {
+    /// Something changed in a watched directory, or the poll ticked.
     File,
+    /// Bytes were written into (or cut from) the file of this name, in place.
+    Written(OsString),
+    /// A writer closed the file of this name.
+    Closed(OsString),
     Signal,
+}
+
+/// Whether a writer may still be writing the config file in place: bytes written into it (under
+/// its own name or its symlink target's) and not closed since. `unclosed` is when the last
+/// bytes were written.
+#[derive(Debug, Default)]
+struct InPlaceWrite {
+    names: Vec<OsString>,
+    unclosed: Option<tokio::time::Instant>,
+}
+
+impl InPlaceWrite {
+    fn note(&mut self, t: &Trigger) {
+        match t {
+            Trigger::Written(n) if self.names.contains(n) => {
+                self.unclosed = Some(tokio::time::Instant::now())
+            }
+            Trigger::Closed(n) if self.names.contains(n) => self.unclosed = None,
+            _ => {}
+        }
+    }
+
+    /// Until when to wait for the writer: `None` once it closed the file or went quiet.
+    fn wait_until(&self) -> Option<tokio::time::Instant> {
+        self.unclosed
+            .map(|at| at + WRITER_QUIET)
+            .filter(|&until| until > tokio::time::Instant::now())
+    }
 }
 
 /// The next SIGHUP; never, when the signal could not be registered.
@@ -135,9 +175,24 @@ impl BackgroundService for Reloader {
             // inotify also reports opens and reads: our own read of the file to hash it would
             // wake us again, in a loop (~40 reads and hashes a second). Only changes count, and
             // the close of a file written in place.
-            if res.is_ok_and(|e| is_change(&e.kind)) {
-                let _ = file_tx.send(Trigger::File);
-            }
+            let Ok(e) = res else { return };
+            let name = || {
+                e.paths
+                    .first()
+                    .and_then(|p| p.file_name())
+                    .map(OsStr::to_os_string)
+            };
+            let t = match e.kind {
+                EventKind::Modify(ModifyKind::Data(_)) => {
+                    name().map_or(Trigger::File, Trigger::Written)
+                }
+                EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
+                    name().map_or(Trigger::File, Trigger::Closed)
+                }
+                kind if is_change(&kind) => Trigger::File,
+                _ => return,
+            };
+            let _ = file_tx.send(t);
         })
         .and_then(|mut w| w.watch(&dir, RecursiveMode::NonRecursive).map(|_| w));
         let mut watcher = match watcher {
@@ -167,6 +222,10 @@ impl BackgroundService for Reloader {
         // when the link is pointed elsewhere.
         let mut target_dir: Option<PathBuf> = None;
         follow_link(&config, &dir, &mut watcher, &mut target_dir);
+        let mut writing = InPlaceWrite {
+            names: file_names(&config),
+            unclosed: None,
+        };
 
         let mut last_tried: Option<String> = None;
         // The wait before trying again a file that failed only in DNS (zero: none did).
@@ -182,10 +241,12 @@ impl BackgroundService for Reloader {
                 _ = poll.tick() => Trigger::File,
             };
             // Let the burst settle (and a file rewritten faster than it reloads wait its turn),
-            // then drain whatever else it queued.
+            // then drain whatever else it queued. A file being written in place is waited for
+            // until its writer closes it (`WRITER_QUIET`).
             // A SIGHUP (or POST /reload's trigger) that arrives during a wait for `not_before`
             // cuts the wait to the debounce: an operator's explicit reload is never delayed.
             let mut signal = matches!(trigger, Trigger::Signal);
+            writing.note(&trigger);
             let settle = tokio::time::Instant::now() + DEBOUNCE;
             let mut wake = if signal {
                 settle
@@ -194,19 +255,35 @@ impl BackgroundService for Reloader {
             };
             loop {
                 tokio::select! {
-                    _ = tokio::time::sleep_until(wake) => break,
-                    Some(t) = rx.recv() => if matches!(t, Trigger::Signal) {
-                        signal = true;
-                        wake = wake.min(tokio::time::Instant::now() + DEBOUNCE);
-                    },
+                    _ = tokio::time::sleep_until(wake) => {
+                        while let Ok(t) = rx.try_recv() {
+                            signal |= matches!(t, Trigger::Signal);
+                            writing.note(&t);
+                        }
+                        match writing.wait_until() {
+                            Some(until) if !signal => wake = until,
+                            _ => break,
+                        }
+                    }
+                    Some(t) = rx.recv() => {
+                        writing.note(&t);
+                        match t {
+                            Trigger::Signal => {
+                                signal = true;
+                                wake = wake.min(tokio::time::Instant::now() + DEBOUNCE);
+                            }
+                            // The writer is done: read the file after the debounce.
+                            Trigger::Closed(_) if !signal && writing.unclosed.is_none() => {
+                                wake = wake.min((tokio::time::Instant::now() + DEBOUNCE).max(not_before));
+                            }
+                            _ => {}
+                        }
+                    }
                     Some(_) = next_hup(&mut hup) => {
                         signal = true;
                         wake = wake.min(tokio::time::Instant::now() + DEBOUNCE);
                     }
                 }
-            }
-            while let Ok(t) = rx.try_recv() {
-                signal |= matches!(t, Trigger::Signal);
             }
             let state = self.state.clone();
             let config = config.clone();
@@ -280,12 +357,33 @@ impl BackgroundService for Reloader {
                 &mut watcher,
                 &mut target_dir,
             );
+            writing.names = file_names(self.state.config_path());
             if let Some(cost) = cost {
                 not_before = tokio::time::Instant::now() + cost.mul_f64(RELOAD_DUTY_WAIT);
             }
             not_before = not_before.max(tokio::time::Instant::now() + unresolved_wait);
         }
     }
+}
+
+/// The names under which the config file is written in place: its own, and its symlink
+/// target's when it is a link.
+fn file_names(config: &Path) -> Vec<OsString> {
+    let mut names: Vec<OsString> = config
+        .file_name()
+        .map(OsStr::to_os_string)
+        .into_iter()
+        .collect();
+    if let Some(target) = std::fs::canonicalize(config)
+        .ok()
+        .as_deref()
+        .and_then(Path::file_name)
+    {
+        if !names.iter().any(|n| n == target) {
+            names.push(target.to_os_string());
+        }
+    }
+    names
 }
 
 /// Watches the directory of the file `config` resolves to when that is not `dir` (already

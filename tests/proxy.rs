@@ -1,6 +1,7 @@
 //! The proxy end to end (issue: the proxy itself): real backends on loopback, the real binary.
 mod common;
 
+use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -630,6 +631,53 @@ fn a_saved_edit_serves_within_a_second_and_a_bad_one_changes_nothing() {
         proxy.metric("strangler_config_valid") == 1.0
     });
     assert_eq!(errors(), before + 1.0, "reported once");
+}
+
+#[test]
+fn a_file_written_in_place_is_read_once_its_writer_closes_it() {
+    let legacy = Backend::echo("legacy");
+    let new = Backend::echo("new");
+    let base = base_yaml(&legacy.url(), &new.url());
+    let head = format!("{base}routes:\n  - {{name: a, path: /a, to: new}}\n");
+    let tail = "  - {name: b, path: /b, to: new}\n";
+    let proxy = Proxy::start(&format!("{head}{tail}"));
+    let pin = request("POST", &proxy.admin_url("/routes/b/rollback"), &[], None);
+    assert_eq!(pin.status, 200, "{}", pin.body);
+    let reloads = |result: &str| {
+        proxy.metric(&format!(
+            "strangler_config_reloads_total{{result=\"{result}\"}}"
+        ))
+    };
+    let (ok_before, errors_before) = (reloads("success"), reloads("error"));
+
+    // A writer that truncates the file, pauses, writes half of it (a valid table without route
+    // b), pauses again, then writes the rest and closes it (an editor or a script saving in
+    // place on a busy machine). Read before the close, the half file would be served and lift
+    // b's pin (b left the file); the empty one would count an error.
+    let mut f = std::fs::File::create(&proxy.config).unwrap();
+    std::thread::sleep(Duration::from_millis(150));
+    f.write_all(head.as_bytes()).unwrap();
+    f.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(150));
+    f.write_all(format!("{tail}# saved in place\n").as_bytes())
+        .unwrap();
+    drop(f);
+    wait_for("the whole file", Duration::from_secs(2), || {
+        reloads("success") > ok_before
+    });
+    assert_eq!(
+        reloads("success"),
+        ok_before + 1.0,
+        "one reload, of the whole file"
+    );
+    assert_eq!(
+        reloads("error"),
+        errors_before,
+        "the empty file was never read"
+    );
+    assert_eq!(proxy.metric("strangler_route_pinned{route=\"b\"}"), 1.0);
+    assert_eq!(served_by(&proxy, "/b"), "legacy");
+    assert_eq!(served_by(&proxy, "/a"), "new");
 }
 
 #[test]
