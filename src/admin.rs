@@ -173,6 +173,22 @@ impl Admin {
         let get = method == Method::GET || method == Method::HEAD;
         let action = route_action(path);
         let post_endpoint = matches!(path, "/rollback" | "/reload") || action.is_some();
+        if *method == Method::POST && !authorized {
+            // Every POST, whatever its path (SPEC §7): an unknown one is not told apart from
+            // a known one before the token is shown. RFC 9110 §11.6.1: a 401 names the scheme
+            // it wants.
+            return with_headers(
+                error(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "this admin API needs Authorization: Bearer $STRANGLER_ADMIN_TOKEN".into(),
+                ),
+                &[(
+                    http::header::WWW_AUTHENTICATE,
+                    "Bearer realm=\"strangler admin\"",
+                )],
+            );
+        }
         if matches!(path, "/metrics" | "/healthz" | "/routes") {
             if !get {
                 return not_allowed(method, "GET, HEAD");
@@ -185,19 +201,6 @@ impl Admin {
             );
         } else if *method != Method::POST {
             return not_allowed(method, "POST");
-        } else if !authorized {
-            // RFC 9110 §11.6.1: a 401 names the scheme it wants.
-            return with_headers(
-                error(
-                    StatusCode::UNAUTHORIZED,
-                    "unauthorized",
-                    "this admin API needs Authorization: Bearer $STRANGLER_ADMIN_TOKEN".into(),
-                ),
-                &[(
-                    http::header::WWW_AUTHENTICATE,
-                    "Bearer realm=\"strangler admin\"",
-                )],
-            );
         } else if crate::pins::handed_over() {
             // During `run --upgrade` both processes accept on the admin socket for a few
             // seconds; a change taken here would never reach the process that serves now.
