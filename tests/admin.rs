@@ -460,7 +460,10 @@ fn with_a_token_every_post_needs_it_and_reads_do_not() {
     assert_eq!(post(&proxy.admin_url("/reload"), None).status, 401);
     // Every POST: an unknown path or route is not told apart before the token is shown.
     assert_eq!(post(&proxy.admin_url("/nope"), None).status, 401);
-    assert_eq!(post(&proxy.admin_url("/routes/nope/resume"), None).status, 401);
+    assert_eq!(
+        post(&proxy.admin_url("/routes/nope/resume"), None).status,
+        401
+    );
     assert_eq!(post(&proxy.admin_url("/nope"), Some("s3cret")).status, 404);
     assert_eq!(
         served_by(&proxy, "/bookings/1"),
