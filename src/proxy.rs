@@ -626,6 +626,8 @@ impl ProxyHttp for Strangler {
             // proxy's authentication challenge is meant for the next client of the chain only.
             resp.remove_header(&header::UPGRADE);
             resp.remove_header(&header::PROXY_AUTHENTICATE);
+            // A request field, hop-by-hop (RFC 9110 §7.6.1): meaningless in an answer.
+            resp.remove_header(&header::TE);
         }
         let (Some(live), Some(b)) = (&ctx.live, ctx.backend) else {
             return Ok(());

@@ -325,6 +325,7 @@ fn hop_by_hop_answers_a_forged_shadow_mark_and_invalid_hosts() {
         let h = r.headers_mut();
         h.insert("upgrade", "h2c".parse().unwrap());
         h.insert("proxy-authenticate", "Basic realm=x".parse().unwrap());
+        h.insert("te", "trailers".parse().unwrap());
         let port = s.headers.get("x-backend-port").cloned().unwrap_or_default();
         h.insert(
             "location",
@@ -345,9 +346,10 @@ fn hop_by_hop_answers_a_forged_shadow_mark_and_invalid_hosts() {
     );
     assert_eq!(r.status, 200);
     assert!(r.json()["shadow"].is_null(), "{}", r.body);
-    // A 200 answer's Upgrade offer and proxy challenge belong to the backend's hop.
+    // A 200 answer's Upgrade offer, proxy challenge and TE belong to the backend's hop.
     assert_eq!(r.header("upgrade"), "");
     assert_eq!(r.header("proxy-authenticate"), "");
+    assert_eq!(r.header("te"), "");
 
     let addr = format!("127.0.0.1:{}", proxy.port);
     let before = legacy.seen().len();
