@@ -180,8 +180,9 @@ impl std::fmt::Display for Answered {
 /// `ServerSession::new_http1` + `read_request` (httparse; on a request line it refuses,
 /// Pingora's retry with the target percent-encoded; `RequestHeader::build`, which drops a
 /// `#fragment` and refuses what the `http` crate's `Uri` cannot hold; `validate_request`),
-/// then pingora-proxy's `handle_new_request` verdicts: a head that does not parse is answered
-/// a plain 400, `CONNECT` a plain 405.
+/// then pingora-proxy's `handle_new_request` verdict: a head that does not parse is answered a
+/// plain 400. (`CONNECT`, which Pingora would answer 405, is let through to the proxy's own
+/// 400: `server.rs`.)
 pub fn pingora_reads(
     method: &str,
     target: &[u8],
@@ -230,14 +231,7 @@ pub fn pingora_reads(
             return Err(Answered::Pingora { status, why });
         }
     }
-    let req = session.req_header();
-    if req.method == http::Method::CONNECT {
-        return Err(Answered::Pingora {
-            status: 405,
-            why: "CONNECT is not proxied".to_string(),
-        });
-    }
-    Ok(req.clone())
+    Ok(session.req_header().clone())
 }
 
 /// Pingora's error, in words: its context and cause, without the bytes it failed on (the head,
@@ -287,6 +281,9 @@ pub fn decide(
             "{} {}: {} (at run's default limits)",
             e.status, e.code, e.message
         )));
+    }
+    if let Some(why) = crate::forwarding::method_refusal(&req.method) {
+        return Err(Answered::Strangler(format!("400 bad_request: {why}")));
     }
     let normal = path::normalize_target(raw, method == "OPTIONS")
         .map_err(|e| Answered::Strangler(format!("400 bad_request: {e}")))?;
@@ -650,18 +647,20 @@ mod tests {
             Err(Answered::Strangler(e)) if e.starts_with("400 bad_request")
         ));
         let t = table();
-        let connect = decide(
-            &t,
-            "CONNECT",
-            b"example.com:443",
-            &HeaderMap::new(),
-            IpAddr::from([127, 0, 0, 1]),
-            |_| false,
-        );
-        assert!(
-            matches!(connect, Err(Answered::Pingora { status: 405, .. })),
-            "{connect:?}"
-        );
+        for target in [&b"example.com:443"[..], b"/bookings"] {
+            let connect = decide(
+                &t,
+                "CONNECT",
+                target,
+                &HeaderMap::new(),
+                IpAddr::from([127, 0, 0, 1]),
+                |_| false,
+            );
+            assert!(
+                matches!(&connect, Err(Answered::Strangler(e)) if e.starts_with("400 bad_request: CONNECT")),
+                "{connect:?}"
+            );
+        }
         let e = goes(b"/bookings/a`b", &[]).unwrap_err().to_string();
         assert!(
             e.starts_with("answered by Pingora: 400 (plain, before routing): "),

@@ -160,6 +160,15 @@ pub fn connection_nominated(headers: &HeaderMap) -> Vec<HeaderName> {
         .collect()
 }
 
+/// `CONNECT` asks for a tunnel to the host:port it names (authority-form, RFC 9112 §3.2.3): a
+/// proxy in front of two known backends has no business opening one. A request whose target
+/// is not a path is refused 400 (SPEC §3); a `CONNECT` with a path is refused with it, so that
+/// none reaches a backend whatever its target.
+pub fn method_refusal(method: &http::Method) -> Option<&'static str> {
+    (method == http::Method::CONNECT)
+        .then_some("CONNECT is not proxied: the request target must be a path (origin-form)")
+}
+
 /// Why a request's `Connection` header cannot be honoured, or `None`. Pingora's upstream
 /// sanitiser (after Envoy's) refuses a request whose `Connection` names a header the proxy
 /// itself sends (`Host`, `X-Forwarded-For`/`-Host`/`-Proto`: nominating one would strip it, the

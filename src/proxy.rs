@@ -431,6 +431,12 @@ impl ProxyHttp for Strangler {
             return Ok(true);
         }
         let req = session.req_header();
+        if let Some(why) = forwarding::method_refusal(&req.method) {
+            self.answer(session, ctx, errors::BAD_REQUEST, Some(why))
+                .await?;
+            return Ok(true);
+        }
+        let req = session.req_header();
         let raw = req.raw_path();
         let normal = match path::normalize_target(raw, req.method == http::Method::OPTIONS) {
             Ok(p) => p,

@@ -392,7 +392,7 @@ impl RoutingTable {
                     {
                         Some(format!("{m:?} is not an HTTP method"))
                     } else if up == "CONNECT" {
-                        Some("CONNECT is answered 405 before routing: no route serves it".into())
+                        Some("CONNECT is answered 400 before routing: no route serves it".into())
                     } else if listed.contains(&up) {
                         Some(format!("{up} is listed twice"))
                     } else {
@@ -895,7 +895,7 @@ mod tests {
             ("routes:\n  - path: /a\n    to: new\n    rollback: {error_rate: 5%, min_requests: 20, window: 60}\n", "t.yaml:8:58: duration \"60\" needs a unit"),
             ("routes:\n  - {path: /a, to: new, sticky: 'tls:X'}\n", "t.yaml:6:33: "),
             ("routes:\n  - {path: /a, to: new, methods: [GET, get]}\n", "t.yaml:6:40: GET is listed twice"),
-            ("routes:\n  - {path: /a, to: new, methods: [CONNECT]}\n", "t.yaml:6:35: CONNECT is answered 405"),
+            ("routes:\n  - {path: /a, to: new, methods: [CONNECT]}\n", "t.yaml:6:35: CONNECT is answered 400"),
             ("routes:\n  - {path: /a, to: new, split: 101%}\n", "t.yaml:6:32: split 101 is outside 0..100"),
             ("routes:\n  - {path: /a, to: new, rollback: {error_rate: 150%, min_requests: 1, window: 1s}}\n", "error_rate 150 is outside 0..100"),
             ("routes:\n  - {path: /a, to: new, split: ten}\n", "t.yaml:6:32: split \"ten\" is not a percentage like 5%"),

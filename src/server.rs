@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora_core::apps::http_app::HttpServer;
+use pingora_core::apps::HttpServerOptions;
 use pingora_core::listeners::ListenerConfig;
 use pingora_core::protocols::l4::stream::L4BufferSettings;
 use pingora_core::server::configuration::{Opt, ServerConf};
@@ -348,13 +349,19 @@ pub fn serve(mut opts: ServeOptions) -> Result<(), String> {
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
-    let app = pingora_proxy::http_proxy(
+    let mut app = pingora_proxy::http_proxy(
         &server.configuration,
         Strangler {
             state: state.clone(),
             limits: opts.limits,
         },
     );
+    // Pingora answers CONNECT a plain 405 before any hook runs; let it through to
+    // `request_filter`, which answers it the JSON 400 of every target that is not a path
+    // (SPEC §3) and never proxies it (`forwarding::method_refusal`).
+    let mut server_options = HttpServerOptions::default();
+    server_options.allow_connect_method_proxying = true;
+    app.server_options = Some(server_options);
     let mut proxy = Service::new(
         "strangler proxy".to_string(),
         crate::connection::Guarded {

@@ -660,6 +660,10 @@ fn foreign_targets_connect_and_host_errors_are_refused_and_sent_nowhere() {
             b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n",
         ),
         (
+            "CONNECT with a path",
+            b"CONNECT /a HTTP/1.1\r\nHost: x\r\n\r\n",
+        ),
+        (
             "authority-form GET",
             b"GET evil.example:443 HTTP/1.1\r\nHost: x\r\n\r\n",
         ),
@@ -697,7 +701,10 @@ fn foreign_targets_connect_and_host_errors_are_refused_and_sent_nowhere() {
         if what.contains("Host") && !what.contains("absolute") {
             assert_eq!(status, 400, "{what}: {answer:?}");
         }
-        if *what == "missing Host on HTTP/1.1" || what.starts_with("Connection") {
+        if *what == "missing Host on HTTP/1.1"
+            || what.starts_with("Connection")
+            || what.starts_with("CONNECT")
+        {
             // Ours (two Hosts are already refused by Pingora's parser, plain 400): JSON.
             let body = &answer[answer.find("\r\n\r\n").unwrap() + 4..];
             let v: serde_json::Value = serde_json::from_str(body)
