@@ -436,7 +436,6 @@ impl ProxyHttp for Strangler {
                 .await?;
             return Ok(true);
         }
-        let req = session.req_header();
         let raw = req.raw_path();
         let normal = match path::normalize_target(raw, req.method == http::Method::OPTIONS) {
             Ok(p) => p,
