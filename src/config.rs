@@ -243,18 +243,19 @@ impl Source {
 /// The UTF-8 byte-order mark.
 pub const BOM: &str = "\u{feff}";
 
-/// A file that does not read as a routing file: its errors and, when every one of them is an
-/// unknown key, the file read without those keys, so that the semantic checks (undefined
+/// A file that does not read as a routing file: its errors and, when each of them is a key that
+/// can be taken out (an unknown key, or an optional key of a route or a backend holding a value
+/// of the wrong type), the file read without those keys, so that the semantic checks (undefined
 /// backends, ranges, conflicts) can report on the rest in the same run: `check` lists every
-/// error, not the unknown keys first and the others on the next try.
+/// error, not the schema's first and the others on the next try.
 #[derive(Debug)]
 pub struct Unread {
     pub errors: ConfigErrors,
-    pub without_unknown_keys: Option<Box<(RoutingFile, Source)>>,
+    pub without_faulty_keys: Option<Box<(RoutingFile, Source)>>,
 }
 
 /// Reads and parses `path` (see [`parse`]), keeping what can still be checked of a file with
-/// unknown keys ([`Unread`]).
+/// faulty keys ([`Unread`]).
 pub fn read_checked(path: &Path) -> Result<(RoutingFile, Source), Unread> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| Unread {
@@ -263,45 +264,70 @@ pub fn read_checked(path: &Path) -> Result<(RoutingFile, Source), Unread> {
             pos: Pos { line: 1, col: 1 },
             message: format!("cannot read: {e}"),
         }]),
-        without_unknown_keys: None,
+        without_faulty_keys: None,
     })?;
     parse_checked(&file, text)
 }
 
-/// `parse`, keeping what can still be checked of a file with unknown keys ([`Unread`]).
+/// `parse`, keeping what can still be checked of a file with faulty keys ([`Unread`]).
 pub fn parse_checked(file: &str, text: impl Into<String>) -> Result<(RoutingFile, Source), Unread> {
     parse_text(file, text.into()).map_err(|(errors, text)| {
-        // Each unknown key costs a parse of the whole file (a reload of a 10 000-route file
+        // Each key taken out costs a parse of the whole file (a reload of a 10 000-route file
         // with a typo must not hold the reloader for seconds): a few, not a file full.
-        let only_unknown = errors.0.len() <= MAX_UNKNOWN_TAKEN_OUT
-            && errors.0.iter().all(|e| {
-                split_serde_path(&e.message)
-                    .1
-                    .starts_with("unknown field `")
-            });
-        let without_unknown_keys = only_unknown
-            .then(|| without_unknown_keys(file, text))
+        let removable = errors.0.len() <= MAX_KEYS_TAKEN_OUT
+            && errors.0.iter().all(|e| faulty_key(&e.message).is_some());
+        let without_faulty_keys = removable
+            .then(|| without_faulty_keys(file, text))
             .flatten()
             .map(Box::new);
         Unread {
             errors,
-            without_unknown_keys,
+            without_faulty_keys,
         }
     })
 }
 
-/// At most this many unknown keys are taken out to check the rest of a file.
-const MAX_UNKNOWN_TAKEN_OUT: usize = 16;
+/// At most this many faulty keys are taken out to check the rest of a file.
+const MAX_KEYS_TAKEN_OUT: usize = 16;
 
-/// The file with every unknown key taken out, read again. `text` is the file as `parse_text`
-/// read it (without a byte-order mark); the source keeps it whole, so errors found in what is
-/// left point into the file as written (taking keys out moves no other node's path). Its
-/// digest is never shown: the table built from it is only checked, never served. `None` when
-/// something else stands in the way.
-fn without_unknown_keys(file: &str, text: String) -> Option<(RoutingFile, Source)> {
+/// The key a schema error (as `schema_errors` words it) blames, when taking it out leaves a
+/// file whose other parts can still be checked: the mapping it sits in (as path steps) and its
+/// name. An unknown key anywhere; a value of the wrong type only below a route or a backend
+/// (a top-level key, a whole route or a whole backend taken out would make the semantic checks
+/// report it missing or undefined). A missing or duplicate key is not one.
+fn faulty_key(message: &str) -> Option<(Vec<&str>, &str)> {
+    let (inner, own) = split_serde_path(message);
+    let steps: Vec<&str> = inner
+        .unwrap_or("")
+        .split(['.', '[', ']'])
+        .filter(|s| !s.is_empty())
+        .collect();
+    if let Some(key) = backticked(own, "unknown field `") {
+        return Some((steps, key));
+    }
+    const WRONG: [&str; 4] = [
+        "invalid type",
+        "invalid value",
+        "invalid length",
+        "unknown variant",
+    ];
+    if !WRONG.iter().any(|w| own.starts_with(w)) {
+        return None;
+    }
+    // A list element's fault is its list's: `methods[1]` takes `methods` out.
+    let last_key = steps.iter().rposition(|s| s.parse::<usize>().is_err())?;
+    (last_key >= 2).then(|| (steps[..last_key].to_vec(), steps[last_key]))
+}
+
+/// The file with every faulty key ([`faulty_key`]) taken out, read again. `text` is the file
+/// as `parse_text` read it (without a byte-order mark); the source keeps it whole, so errors
+/// found in what is left point into the file as written (taking keys out moves no other node's
+/// path). Its digest is never shown: the table built from it is only checked, never served.
+/// `None` when something else stands in the way, such as a required key of the wrong type.
+fn without_faulty_keys(file: &str, text: String) -> Option<(RoutingFile, Source)> {
     use serde_yaml::Value;
     let mut doc: Value = serde_yaml::from_str(&text).ok()?;
-    for _ in 0..=MAX_UNKNOWN_TAKEN_OUT {
+    for _ in 0..=MAX_KEYS_TAKEN_OUT {
         let e = match serde_yaml::from_str::<RoutingFile>(&serde_yaml::to_string(&doc).ok()?) {
             Ok(parsed) => {
                 let source = Source {
@@ -315,14 +341,9 @@ fn without_unknown_keys(file: &str, text: String) -> Option<(RoutingFile, Source
             Err(e) => e,
         };
         let msg = clean_serde_message(&e.to_string());
-        let (inner, own) = split_serde_path(&msg);
-        let key = backticked(own, "unknown field `")?;
+        let (steps, key) = faulty_key(&msg)?;
         let mut node = &mut doc;
-        for step in inner
-            .unwrap_or("")
-            .split(['.', '[', ']'])
-            .filter(|s| !s.is_empty())
-        {
+        for step in steps {
             node = match node {
                 Value::Mapping(m) => m.get_mut(step)?,
                 Value::Sequence(v) => v.get_mut(step.parse::<usize>().ok()?)?,
@@ -370,6 +391,10 @@ fn parse_text(
 
 /// Every schema error of a file serde refused with `e` (its first).
 fn schema_errors(file: &str, text: &str, e: &serde_yaml::Error) -> ConfigErrors {
+    // serde_yaml hands the part of a document before a syntax error to the deserialiser, which
+    // can stop first at a key missing from that part: the syntax error is the one to report.
+    let syntax = serde_yaml::from_str::<serde::de::IgnoredAny>(text).err();
+    let e = syntax.as_ref().unwrap_or(e);
     let pos = e
         .location()
         .map(|l| Pos {
@@ -434,6 +459,7 @@ fn other_schema_errors(file: &str, text: &str) -> Vec<ConfigError> {
     let check = |value: &Value, path: &str, shown: &str, part: Part| -> Vec<ConfigError> {
         let mut value = value.clone();
         let mut found = Vec::new();
+        let mut removed: Vec<String> = Vec::new();
         for _ in 0..32 {
             let Ok(part_text) = serde_yaml::to_string(&value) else {
                 break;
@@ -453,9 +479,19 @@ fn other_schema_errors(file: &str, text: &str) -> Vec<ConfigError> {
             let Err(e) = result else { break };
             let msg = clean_serde_message(&e.to_string());
             let (inner, msg) = split_serde_path(&msg);
+            if inner.is_none()
+                && backticked(msg, "missing field `")
+                    .is_some_and(|k| removed.iter().any(|r| r == k))
+            {
+                // Taken out below for its wrong type: it is there, not missing.
+                break;
+            }
             let unknown = backticked(msg, "unknown field `");
             let (node, where_) = match inner {
-                Some(inner) => (format!("{path}.{inner}"), format!("{shown}.{inner}")),
+                Some(inner) => (
+                    format!("{path}.{}", inner.replace('[', ".").replace(']', "")),
+                    format!("{shown}.{inner}"),
+                ),
                 None => (path.to_string(), shown.to_string()),
             };
             found.push(ConfigError {
@@ -474,12 +510,13 @@ fn other_schema_errors(file: &str, text: &str) -> Vec<ConfigError> {
             let culprit = inner
                 .map(|i| i.split(['.', '[']).next().unwrap_or(i))
                 .or(unknown);
-            let removed = match (culprit, value.as_mapping_mut()) {
-                (Some(k), Some(m)) => m.remove(k).is_some(),
-                _ => false,
+            let taken_out = match (culprit, value.as_mapping_mut()) {
+                (Some(k), Some(m)) => m.remove(k).map(|_| k.to_string()),
+                _ => None,
             };
-            if !removed {
-                break;
+            match taken_out {
+                Some(k) => removed.push(k),
+                None => break,
             }
         }
         found
@@ -783,6 +820,30 @@ mod tests {
         for (g, w) in got.iter().zip(want) {
             assert!(g.starts_with(w), "want {w:?}, got {g:?}\nall: {got:#?}");
         }
+    }
+
+    #[test]
+    fn a_key_of_the_wrong_type_is_not_also_missing() {
+        for text in [
+            "backends:\n  legacy:\n    url: http://127.0.0.1:1\n  new:\n    url: [a]\ndefault: legacy\n",
+            "backends:\n  legacy: {url: 'http://127.0.0.1:1'}\ndefault: legacy\nroutes:\n  - {path: /a, to: [legacy]}\n",
+        ] {
+            let err = parse("r.yaml", text).unwrap_err();
+            let got: Vec<String> = err.0.iter().map(|e| e.to_string()).collect();
+            assert_eq!(got.len(), 1, "{got:#?}");
+            assert!(got[0].contains("invalid type: sequence"), "{got:#?}");
+        }
+    }
+
+    #[test]
+    fn a_syntax_error_is_reported_where_the_yaml_breaks() {
+        // `to` indented one space short: serde would first miss `to` in the route above.
+        let text = "backends:\n  legacy:\n    url: http://127.0.0.1:1\ndefault: legacy\nroutes:\n  - name: a\n    path: /a\n   to: legacy\n";
+        let err = parse("r.yaml", text).unwrap_err();
+        assert_eq!(err.0.len(), 1, "{err}");
+        let e = &err.0[0];
+        assert_eq!((e.pos.line, e.pos.col), (8, 4), "{e}");
+        assert!(!e.message.contains("missing field"), "{e}");
     }
 
     #[test]

@@ -198,8 +198,9 @@ pub struct RoutingTable {
 }
 
 impl RoutingTable {
-    /// Validates what [`crate::config::read_checked`] read. A file refused for unknown keys alone is
-    /// also validated without them, and those errors join the unknown keys', in file order.
+    /// Validates what [`crate::config::read_checked`] read. A file refused only for keys that
+    /// can be taken out (unknown keys, optional keys of the wrong type) is also validated
+    /// without them, and those errors join the schema's, in file order.
     pub fn build_checked(
         read: Result<(RoutingFile, Source), Unread>,
     ) -> Result<Self, ConfigErrors> {
@@ -207,7 +208,7 @@ impl RoutingTable {
             Ok((file, source)) => Self::build(file, &source),
             Err(unread) => {
                 let mut errors = unread.errors.0;
-                if let Some(rest) = unread.without_unknown_keys {
+                if let Some(rest) = unread.without_faulty_keys {
                     let (file, source) = *rest;
                     if let Err(more) = Self::build(file, &source) {
                         errors.extend(more.0);
@@ -419,32 +420,26 @@ impl RoutingTable {
                     errors.push(source.error_at(&format!("routes.{i}.shadow_ignore.{j}"), m));
                 }
             }
+            // `sticky` is checked whatever `split` holds: a bad percentage must not hide it.
+            let sticky = match spec.sticky.as_deref().map(parse_sticky) {
+                None => Sticky::Ip,
+                Some(Ok(s)) => s,
+                Some(Err(m)) => {
+                    errors.push(source.error_at(&at("sticky"), m));
+                    Sticky::Ip
+                }
+            };
             let split = match spec.split.as_ref().map(PercentSpec::percent) {
                 Some(Err(m)) => {
                     errors.push(source.error_at(&at("split"), format!("split {m}")));
                     None
                 }
-                Some(Ok(pct)) => {
-                    let sticky = match spec.sticky.as_deref().map(parse_sticky) {
-                        None => Sticky::Ip,
-                        Some(Ok(s)) => s,
-                        Some(Err(m)) => {
-                            errors.push(source.error_at(&at("sticky"), m));
-                            Sticky::Ip
-                        }
-                    };
-                    Some(Split {
-                        percent: pct,
-                        threshold: split_threshold(pct),
-                        sticky,
-                    })
-                }
-                None => {
-                    if let Some(Err(m)) = spec.sticky.as_deref().map(parse_sticky) {
-                        errors.push(source.error_at(&at("sticky"), m));
-                    }
-                    None
-                }
+                Some(Ok(pct)) => Some(Split {
+                    percent: pct,
+                    threshold: split_threshold(pct),
+                    sticky,
+                }),
+                None => None,
             };
             if let Some(rw) = &spec.rewrite {
                 if pattern
@@ -849,8 +844,8 @@ mod tests {
 
     const BASE: &str = "backends:\n  legacy: {url: http://127.0.0.1:9001}\n  new: {url: 'http://127.0.0.1:9002', trailing_slash: add}\ndefault: legacy\n";
 
-    /// `check` lists every error in one run: unknown keys and what the rest of the file gets
-    /// wrong, in file order. Other schema errors (a wrong type) stop at the schema.
+    /// `check` lists every error in one run: unknown keys, optional keys of the wrong type and
+    /// what the rest of the file gets wrong, in file order.
     #[test]
     fn unknown_keys_and_semantic_errors_are_reported_together() {
         let checked = |yaml: &str| -> Vec<String> {
@@ -873,12 +868,32 @@ mod tests {
         for (g, w) in got.iter().zip(want) {
             assert!(g.starts_with(w), "want {w:?}, got {g:?}\nall: {got:#?}");
         }
-        // A wrong type: the rest is not guessed at.
+        // An optional key of the wrong type is taken out like an unknown one.
         let got = checked(&format!(
-            "{BASE}routes:\n  - {{path: /a, to: nope, split: [1], bogus: 1}}\n"
+            "{BASE}routes:\n  - {{path: /a, to: nope, split: [1], bogus: 1}}\n  - {{path: b, to: new, exact: maybe, methods: [GET, [x]]}}\n"
         ));
-        assert!(got.iter().all(|e| !e.contains("not defined")), "{got:#?}");
-        assert!(!got.is_empty());
+        let want = [
+            "t.yaml:6:20: backend \"nope\" is not defined",
+            "t.yaml:6:33: routes[0].split: invalid type: sequence",
+            "t.yaml:6:38: routes[0]: unknown field `bogus`",
+            "t.yaml:7:12: path must start with '/'",
+            "t.yaml:7:31: routes[1].exact: invalid type: string \"maybe\", expected a boolean",
+            "t.yaml:7:53: routes[1].methods[1]: invalid type: sequence",
+        ];
+        assert_eq!(got.len(), want.len(), "{got:#?}");
+        for (g, w) in got.iter().zip(want) {
+            assert!(g.starts_with(w), "want {w:?}, got {g:?}\nall: {got:#?}");
+        }
+        // A required one: what the rest of the table would mean without it is not guessed at,
+        // and the key is not reported missing.
+        for route in [
+            "{path: /a, to: [nope], split: 500}",
+            "{path: [a], to: nope}",
+        ] {
+            let got = checked(&format!("{BASE}routes:\n  - {route}\n"));
+            assert_eq!(got.len(), 1, "{route}: {got:#?}");
+            assert!(got[0].contains("invalid type"), "{route}: {got:#?}");
+        }
     }
 
     #[test]
@@ -951,6 +966,16 @@ mod tests {
             errs[1].starts_with("t.yaml:7:21: route \"b\" conflicts with route \"a\""),
             "{errs:?}"
         );
+    }
+
+    #[test]
+    fn a_bad_split_does_not_hide_a_bad_sticky() {
+        let errs = errors(&format!(
+            "{BASE}routes:\n  - {{path: /a, to: new, split: ten, sticky: 'nose:x'}}\n"
+        ));
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(errs.iter().any(|e| e.contains("split \"ten\"")), "{errs:?}");
+        assert!(errs.iter().any(|e| e.contains("t.yaml:6:45: ")), "{errs:?}");
     }
 
     #[test]
