@@ -321,20 +321,14 @@ impl BackgroundService for Reloader {
                     };
                 };
                 let mut cost = None;
-                if on_disk == state.snapshot().table.sha256 {
-                    // The table in force is the file on disk (a rejected edit may have been
-                    // reverted): nothing to load, and the file is valid again.
-                    if crate::metrics::CONFIG_VALID.get() == 0 {
-                        log::info!(
-                            "{} is the table in force again (sha256 {}): valid",
-                            config.display(),
-                            &on_disk[..12]
-                        );
-                    }
-                    crate::metrics::CONFIG_VALID.set(1);
-                } else if tried.as_deref() != Some(on_disk.as_str()) {
+                let in_force = on_disk == state.snapshot().table.sha256;
+                if in_force && crate::metrics::CONFIG_VALID.get() == 1 {
+                    // The table in force is the file on disk, which nothing said was wrong
+                    // (a touch, a rewrite of the same bytes): nothing to load.
+                } else if in_force || tried.as_deref() != Some(on_disk.as_str()) {
                     // Each version of the file is tried once: a bad edit is reported once,
-                    // not at every poll.
+                    // not at every poll. A rejected edit reverted to the table in force is
+                    // loaded like any fix: the reload counts as a success, the file is valid.
                     let dns_failed = unresolved(state.reload("file changed"));
                     cost = Some(thread_cpu_time().saturating_sub(t0));
                     if dns_failed {

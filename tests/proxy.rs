@@ -628,11 +628,19 @@ fn a_saved_edit_serves_within_a_second_and_a_bad_one_changes_nothing() {
         "{}",
         proxy.log_text()
     );
+    // The same bytes as the table in force come back: a successful reload, like any fix.
+    let successes = || proxy.metric("strangler_config_reloads_total{result=\"success\"}");
+    let (ok_before, stamp_before) = (
+        successes(),
+        proxy.metric("strangler_config_last_reload_success_timestamp_seconds"),
+    );
     std::fs::write(&proxy.config, kept).unwrap();
     wait_for("the file's return", Duration::from_secs(3), || {
         proxy.metric("strangler_config_valid") == 1.0
     });
     assert_eq!(errors(), before + 1.0, "reported once");
+    assert_eq!(successes(), ok_before + 1.0);
+    assert!(proxy.metric("strangler_config_last_reload_success_timestamp_seconds") > stamp_before);
 }
 
 #[test]
