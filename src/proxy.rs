@@ -716,6 +716,10 @@ impl ProxyHttp for Strangler {
             self.judge_target(ctx, resp.status.as_u16() >= 500);
         }
         ctx.response_done = header_ends_response(session.req_header(), resp);
+        if crate::server::DRAINING.load(std::sync::atomic::Ordering::Acquire) {
+            // Shutting down: this connection closes after the response, and says so.
+            session.set_keepalive(None);
+        }
         if resp.version < http::Version::HTTP_11 {
             // An HTTP/1.0 backend's answer goes out in the proxy's own version (RFC 9110 §6.2);
             // its framing (a length, or the end of the connection) holds in HTTP/1.1 too.

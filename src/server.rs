@@ -5,7 +5,7 @@
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +28,11 @@ use crate::state::State;
 
 /// Requests in progress, process-wide: the drain watcher exits when it reaches zero.
 pub static ACTIVE: AtomicUsize = AtomicUsize::new(0);
+
+/// Set when a SIGTERM, SIGINT or SIGQUIT starts the drain: every response from then on says
+/// `Connection: close`, so a keep-alive client does not send its next request on a connection
+/// that is about to close (Pingora only does so for requests that begin after the signal).
+pub static DRAINING: AtomicBool = AtomicBool::new(false);
 
 /// What `run` and `demo` need.
 #[derive(Debug, Clone)]
@@ -139,15 +144,19 @@ impl ShutdownSignalWatch for Signals {
             log::error!("cannot install signal handlers; SIGTERM will kill without draining");
             return std::future::pending().await;
         };
-        tokio::select! {
-            _ = term.recv() => { log::info!("SIGTERM: draining in-flight requests"); ShutdownSignal::GracefulTerminate }
-            _ = int.recv() => { log::info!("SIGINT: draining in-flight requests"); ShutdownSignal::GracefulTerminate }
-            _ = quit.recv() => {
-                log::info!("SIGQUIT: handing listeners to the new process, then draining");
-                crate::pins::hand_over();
-                ShutdownSignal::GracefulUpgrade
-            }
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+            _ = quit.recv() => "SIGQUIT",
+        };
+        DRAINING.store(true, Ordering::Release);
+        if name == "SIGQUIT" {
+            log::info!("SIGQUIT: handing listeners to the new process, then draining");
+            crate::pins::hand_over();
+            return ShutdownSignal::GracefulUpgrade;
         }
+        log::info!("{name}: draining in-flight requests");
+        ShutdownSignal::GracefulTerminate
     }
 }
 

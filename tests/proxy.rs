@@ -807,8 +807,16 @@ fn a_symlink_into_another_directory_is_followed() {
 
 #[test]
 fn sigterm_drains_and_exits_zero() {
-    let slow = Backend::start(Arc::new(|_s: &Seen| {
-        std::thread::sleep(Duration::from_millis(500));
+    // The backend answers once the test lets it: after the proxy has started draining.
+    let release = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let gate = release.clone();
+    let slow = Backend::start(Arc::new(move |_s: &Seen| {
+        let t0 = Instant::now();
+        while !gate.load(std::sync::atomic::Ordering::Acquire)
+            && t0.elapsed() < Duration::from_secs(10)
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         full(200, "done")
     }));
     let mut proxy = Proxy::start(&format!(
@@ -823,7 +831,12 @@ fn sigterm_drains_and_exits_zero() {
         || !slow.seen().is_empty(),
     );
     let t0 = Instant::now();
-    let status = proxy.stop();
+    unsafe_kill(proxy.child.id(), "TERM");
+    wait_for("the drain to start", Duration::from_secs(5), || {
+        proxy.log_text().contains("SIGTERM: draining")
+    });
+    release.store(true, std::sync::atomic::Ordering::Release);
+    let status = proxy.child.wait().unwrap();
     assert!(status.success(), "exit status {status:?}");
     assert!(
         t0.elapsed() < Duration::from_secs(5),
@@ -836,6 +849,8 @@ fn sigterm_drains_and_exits_zero() {
         (200, "done"),
         "the in-flight request finished"
     );
+    // Its connection closes after it: a keep-alive client must not send another request on it.
+    assert_eq!(r.header("connection"), "close");
 }
 
 #[test]
