@@ -112,7 +112,7 @@ pub fn routes_json(live: &LiveTable, unmatched: bool) -> Value {
                 "exact": r.exact,
                 "to": &*t.backends[r.to].name,
                 "default": default,
-                "split": r.split.as_ref().map(|s| s.percent),
+                "split": r.split.as_ref().map(|s| crate::split::percent_json(s.percent)),
                 "shadow": r.shadow.map(|b| &*t.backends[b].name),
                 "failover": r.failover,
                 "rewrite": r.rewrite,

@@ -21,6 +21,7 @@ pub struct Serving {
     /// (and, for the `default` pseudo-route, every unmatched one).
     pub default: String,
     pub default_url: String,
+    #[serde(serialize_with = "crate::split::serialize_percent")]
     pub split: Option<f64>,
     pub shadow: Option<String>,
     pub shadow_url: Option<String>,

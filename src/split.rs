@@ -26,6 +26,24 @@ pub fn bucket(route: &str, key: &[u8]) -> u32 {
     (h % u64::from(BUCKETS)) as u32
 }
 
+/// A split's percentage in JSON (`GET /routes`, the audit trail): a whole number is written
+/// as one, `10` as the file has it rather than `10.0`; a fraction stays a fraction.
+pub fn percent_json(percent: f64) -> serde_json::Value {
+    if percent.fract() == 0.0 && (0.0..=100.0).contains(&percent) {
+        serde_json::Value::from(percent as u64)
+    } else {
+        serde_json::Value::from(percent)
+    }
+}
+
+/// [`percent_json`] for serde's `serialize_with`.
+pub fn serialize_percent<S: serde::Serializer>(
+    percent: &Option<f64>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    serde::Serialize::serialize(&percent.map(percent_json), s)
+}
+
 /// The sticky key of a request: the client's address (its 4 or 16 bytes), a header's value, or
 /// a cookie's value — borrowed from the request where it can be. `None` when the request
 /// carries none (the split then picks at random).
@@ -75,6 +93,15 @@ pub fn goes_to_target(bucket: u32, threshold: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn whole_percentages_are_written_as_whole_numbers() {
+        assert_eq!(percent_json(10.0).to_string(), "10");
+        assert_eq!(percent_json(0.0).to_string(), "0");
+        assert_eq!(percent_json(100.0).to_string(), "100");
+        assert_eq!(percent_json(12.5).to_string(), "12.5");
+        assert_eq!(percent_json(0.01).to_string(), "0.01");
+    }
 
     #[test]
     fn stable_and_spread() {

@@ -808,7 +808,8 @@ fn states_and_the_audit_trail_record_who_serves_what() {
             0.0
         );
     }
-    assert_eq!(route(&proxy, "canary")["split"], 25.0);
+    // Written as the file has it: `25`, not `25.0`.
+    assert_eq!(route(&proxy, "canary")["split"], serde_json::json!(25));
     assert_eq!(route(&proxy, "shadowed")["shadow"], "new");
     assert!(audit_lines(&audit).is_empty(), "starting changes nothing");
 
