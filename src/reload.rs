@@ -193,8 +193,7 @@ impl BackgroundService for Reloader {
                 _ => return,
             };
             let _ = file_tx.send(t);
-        })
-        .and_then(|mut w| w.watch(&dir, RecursiveMode::NonRecursive).map(|_| w));
+        });
         let mut watcher = match watcher {
             Ok(w) => Some(w),
             Err(e) => {
@@ -217,11 +216,10 @@ impl BackgroundService for Reloader {
         let mut poll = tokio::time::interval(POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
-        // A routing.yaml that is a symlink into another directory (not a ConfigMap's `..data`,
-        // which lives beside it) changes there: that directory is watched too, and followed
-        // when the link is pointed elsewhere.
-        let mut target_dir: Option<PathBuf> = None;
-        follow_link(&config, &dir, &mut watcher, &mut target_dir);
+        // The directories where a change of the file shows (`watched_dirs`), followed when a
+        // link is pointed elsewhere.
+        let mut watched: Vec<PathBuf> = Vec::new();
+        follow_links(&config, &mut watcher, &mut watched);
         let mut writing = InPlaceWrite {
             names: file_names(&config),
             unclosed: None,
@@ -345,12 +343,7 @@ impl BackgroundService for Reloader {
             } else {
                 Duration::ZERO
             };
-            follow_link(
-                self.state.config_path(),
-                &dir,
-                &mut watcher,
-                &mut target_dir,
-            );
+            follow_links(self.state.config_path(), &mut watcher, &mut watched);
             writing.names = file_names(self.state.config_path());
             if let Some(cost) = cost {
                 not_before = tokio::time::Instant::now() + cost.mul_f64(RELOAD_DUTY_WAIT);
@@ -380,39 +373,72 @@ fn file_names(config: &Path) -> Vec<OsString> {
     names
 }
 
-/// Watches the directory of the file `config` resolves to when that is not `dir` (already
-/// watched); `watched` remembers it, so a retargeted link moves the watch.
-fn follow_link(
+/// The directories where a change of `config` shows, each by its real path: the file's own
+/// directory; the directory of the file it resolves to, when it is a symlink (a ConfigMap's
+/// `..data/routing.yaml`, or a link into another directory); and the directory holding each
+/// symlinked directory on the way (`-c current/routing.yaml` with `current -> releases/N`,
+/// swapped Capistrano-style: the swap happens beside `current`).
+fn watched_dirs(config: &Path) -> Vec<PathBuf> {
+    let here = |p: &Path| -> PathBuf {
+        if p.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            p.to_path_buf()
+        }
+    };
+    let dir = here(config.parent().unwrap_or(Path::new("")));
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    let mut add = |p: Option<PathBuf>| {
+        if let Some(p) = p.filter(|p| !dirs.contains(p)) {
+            dirs.push(p);
+        }
+    };
+    add(std::fs::canonicalize(&dir).ok());
+    add(std::fs::canonicalize(config)
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf)));
+    for ancestor in dir.ancestors().filter(|a| !a.as_os_str().is_empty()) {
+        if std::fs::symlink_metadata(ancestor).is_ok_and(|m| m.file_type().is_symlink()) {
+            add(std::fs::canonicalize(here(ancestor.parent().unwrap_or(Path::new("")))).ok());
+        }
+    }
+    dirs
+}
+
+/// Brings the watches in line with [`watched_dirs`]: a swapped link moves them.
+fn follow_links(
     config: &Path,
-    dir: &Path,
     watcher: &mut Option<notify::RecommendedWatcher>,
-    watched: &mut Option<PathBuf>,
+    watched: &mut Vec<PathBuf>,
 ) {
     let Some(w) = watcher.as_mut() else {
         return;
     };
-    let target = std::fs::canonicalize(config)
-        .ok()
-        .and_then(|p| p.parent().map(Path::to_path_buf));
-    let own = std::fs::canonicalize(dir).ok();
-    let wanted = target.filter(|t| Some(t) != own.as_ref());
+    let wanted = watched_dirs(config);
     if wanted == *watched {
         return;
     }
-    if let Some(old) = watched.take() {
-        let _ = w.unwatch(&old);
+    for old in watched.iter().filter(|d| !wanted.contains(d)) {
+        let _ = w.unwatch(old);
     }
-    if let Some(t) = wanted {
-        match w.watch(&t, RecursiveMode::NonRecursive) {
-            Ok(()) => *watched = Some(t),
-            Err(e) => log::warn!(
-                "cannot watch {} (where {} points): {e}; the {}s poll covers it",
-                t.display(),
+    let mut now = Vec::new();
+    for d in wanted {
+        if watched.contains(&d) {
+            now.push(d);
+            continue;
+        }
+        if let Err(e) = w.watch(&d, RecursiveMode::NonRecursive) {
+            // Said once: the directory stays in the list, and is not tried at every poll.
+            log::warn!(
+                "cannot watch {} (where changes of {} show): {e}; the {}s poll covers it",
+                d.display(),
                 config.display(),
                 POLL.as_secs()
-            ),
+            );
         }
+        now.push(d);
     }
+    *watched = now;
 }
 
 #[cfg(test)]

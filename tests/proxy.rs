@@ -806,6 +806,45 @@ fn a_symlink_into_another_directory_is_followed() {
 }
 
 #[test]
+fn a_swapped_directory_link_is_seen_by_the_watcher() {
+    let legacy = Backend::echo("legacy");
+    let new = Backend::echo("new");
+    let base = base_yaml(&legacy.url(), &new.url());
+    let yaml = |to: &str| format!("{base}routes:\n  - {{name: b, path: /bookings, to: {to}}}\n");
+    // Capistrano layout: app/current -> releases/N, the proxy reads app/current/routing.yaml.
+    let dir = tempfile::tempdir().unwrap();
+    let app = dir.path().join("app");
+    let release = |n: u32, to: &str| {
+        let r = app.join(format!("releases/{n}"));
+        std::fs::create_dir_all(&r).unwrap();
+        std::fs::write(r.join("routing.yaml"), yaml(to)).unwrap();
+    };
+    release(1, "legacy");
+    std::os::unix::fs::symlink("releases/1", app.join("current")).unwrap();
+    let proxy = Proxy::start_at(dir, "app/current/routing.yaml");
+    let app = proxy.dir.path().join("app");
+    assert_eq!(served_by(&proxy, "/bookings"), "legacy");
+    // The swap happens beside `current`, not in either release: seen by the watcher, well
+    // before the 1 s poll.
+    let r2 = app.join("releases/2");
+    std::fs::create_dir_all(&r2).unwrap();
+    std::fs::write(r2.join("routing.yaml"), yaml("new")).unwrap();
+    std::os::unix::fs::symlink("releases/2", app.join("current.tmp")).unwrap();
+    std::fs::rename(app.join("current.tmp"), app.join("current")).unwrap();
+    wait_for("the link swap", Duration::from_millis(900), || {
+        served_by(&proxy, "/bookings") == "new"
+    });
+    // The watch moved with the link: an edit in the new release is seen too.
+    std::fs::write(r2.join(".tmp"), yaml("legacy")).unwrap();
+    std::fs::rename(r2.join(".tmp"), r2.join("routing.yaml")).unwrap();
+    wait_for(
+        "the edit in the new release",
+        Duration::from_millis(900),
+        || served_by(&proxy, "/bookings") == "legacy",
+    );
+}
+
+#[test]
 fn sigterm_drains_and_exits_zero() {
     // The backend answers once the test lets it: after the proxy has started draining.
     let release = Arc::new(std::sync::atomic::AtomicBool::new(false));
