@@ -92,6 +92,9 @@ pub struct RunArgs {
     /// Longest time from the first byte of a request header to its end (slow clients are cut).
     #[arg(long, env = "STRANGLER_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration_arg)]
     pub header_timeout: std::time::Duration,
+    /// Longest a client's keep-alive connection may sit idle between two requests (e.g. 60s).
+    #[arg(long, env = "STRANGLER_KEEPALIVE_TIMEOUT", default_value = "60s", value_parser = parse_duration_arg)]
+    pub keepalive_timeout: std::time::Duration,
     /// Longest request target (path + query) in bytes; longer is answered 414.
     #[arg(long, env = "STRANGLER_MAX_URI_BYTES", default_value_t = 8192)]
     pub max_uri_bytes: usize,

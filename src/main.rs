@@ -27,6 +27,7 @@ fn serve_options(a: RunArgs, demo: Vec<(String, String)>) -> ServeOptions {
         upgrade: a.upgrade,
         upgrade_sock: a.upgrade_sock,
         header_timeout: a.header_timeout,
+        keepalive_timeout: a.keepalive_timeout,
         limits: strangler::proxy::Limits {
             max_uri_bytes: a.max_uri_bytes,
             max_header_bytes: a.max_header_bytes,

@@ -95,6 +95,9 @@ impl Default for Limits {
 pub struct Strangler {
     pub state: Arc<State>,
     pub limits: Limits,
+    /// How long a client's keep-alive connection may sit idle between two requests, in
+    /// seconds (`--keepalive-timeout`).
+    pub keepalive_secs: u64,
 }
 
 /// Counts the request in its route's in-flight gauge until it ends, however it ends.
@@ -719,6 +722,15 @@ impl ProxyHttp for Strangler {
         if crate::server::DRAINING.load(std::sync::atomic::Ordering::Acquire) {
             // Shutting down: this connection closes after the response, and says so.
             session.set_keepalive(None);
+        } else if session
+            .get_keepalive()
+            .is_some_and(|secs| secs == 0 || secs > self.keepalive_secs)
+        {
+            // Pingora waits forever for an HTTP/1.1 client's next request (or as long as the
+            // client's own `Keep-Alive: timeout=` asks): an idle connection is closed after
+            // `--keepalive-timeout`, as nginx's `keepalive_timeout` does, so idle clients
+            // cannot hold every descriptor.
+            session.set_keepalive(Some(self.keepalive_secs));
         }
         if resp.version < http::Version::HTTP_11 {
             // An HTTP/1.0 backend's answer goes out in the proxy's own version (RFC 9110 §6.2);

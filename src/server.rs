@@ -51,6 +51,8 @@ pub struct ServeOptions {
     pub upgrade_sock: PathBuf,
     /// From the first byte of a request header to its end.
     pub header_timeout: Duration,
+    /// A client's idle keep-alive connection, between two requests.
+    pub keepalive_timeout: Duration,
     /// Request size limits.
     pub limits: crate::proxy::Limits,
     /// `(name, address)` of sample services to start beside the proxy.
@@ -363,6 +365,8 @@ pub fn serve(mut opts: ServeOptions) -> Result<(), String> {
         Strangler {
             state: state.clone(),
             limits: opts.limits,
+            // Pingora counts keep-alive in whole seconds, and reads 0 as "forever".
+            keepalive_secs: opts.keepalive_timeout.as_secs().max(1),
         },
     );
     // Pingora answers CONNECT a plain 405 before any hook runs; let it through to

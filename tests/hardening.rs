@@ -1623,3 +1623,43 @@ fn random_paths_and_methods_add_no_metric_series() {
         ) >= METHODS as f64
     );
 }
+
+/// An idle keep-alive connection is closed after `--keepalive-timeout`, whatever the client's
+/// `Keep-Alive: timeout=` asks (Pingora alone would wait for its next request forever).
+#[test]
+fn an_idle_keep_alive_connection_is_closed_at_the_keepalive_timeout() {
+    let backend = Backend::echo("legacy");
+    let proxy = Proxy::start_with(
+        &one_backend(&backend.url()),
+        &["--keepalive-timeout", "1s"],
+        &[],
+    );
+    for extra in ["", "Keep-Alive: timeout=3600\r\n"] {
+        let s = TcpStream::connect(addr_of(&proxy)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        let mut requests = 0;
+        let t0 = Instant::now();
+        // Two requests on the connection: it is kept alive while used.
+        for _ in 0..2 {
+            w.write_all(format!("GET /x HTTP/1.1\r\nHost: x\r\n{extra}\r\n").as_bytes())
+                .unwrap();
+            let resp = read_response(&mut r, false).unwrap();
+            assert_eq!(resp.status, 200);
+            assert_ne!(resp.header("connection"), Some("close"), "{resp:?}");
+            requests += 1;
+        }
+        // Then idle: the proxy closes it (EOF), long before the read timeout.
+        let mut rest = Vec::new();
+        let n = r
+            .read_to_end(&mut rest)
+            .expect("closed by the proxy, not timed out");
+        assert_eq!((n, requests), (0, 2), "{extra:?}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(14),
+            "{extra:?}: {:?}",
+            t0.elapsed()
+        );
+    }
+}
