@@ -572,6 +572,12 @@ mod tests {
         );
         assert_eq!(rw("http://127.0.0.1:90021/x"), None);
         assert_eq!(rw("http://other/x"), None);
+        // The other scheme on the backend's own port is the backend's address too.
+        assert_eq!(
+            rw("https://127.0.0.1:9002/x"),
+            Some("https://api.example.com/x".into())
+        );
+        assert_eq!(rw("https://127.0.0.1/x"), None);
         assert_eq!(rw("/relative"), None);
         assert_eq!(
             rw("//127.0.0.1:9002/x"),

@@ -47,8 +47,8 @@ pub struct Backend {
     pub trailing_slash: TrailingSlash,
     pub connect_timeout: Duration,
     pub timeout: Duration,
-    /// Prefixes of `Location` values that point at this backend (`http://h:p`, and `http://h`
-    /// when the port is the scheme's default).
+    /// Prefixes of `Location` values that point at this backend (`http://h:p`, `https://h:p`,
+    /// and `http://h` when the port is the scheme's default).
     pub location_prefixes: Vec<String>,
 }
 
@@ -731,7 +731,11 @@ fn parse_url(url: &str) -> Result<ParsedUrl, String> {
     let scheme = if tls { "https" } else { "http" };
     let host_lc = auth.host().to_ascii_lowercase();
     let origin = format!("{scheme}://{host_lc}:{port}");
-    let mut location_prefixes = vec![origin.clone()];
+    // The other scheme on the same explicit port names the same address (a backend that
+    // believes it is behind TLS redirects `http://h:p` to `https://h:p`): it must not leak
+    // either.
+    let other = if tls { "http" } else { "https" };
+    let mut location_prefixes = vec![origin.clone(), format!("{other}://{host_lc}:{port}")];
     if port == default_port {
         location_prefixes.push(format!("{scheme}://{host_lc}"));
     }
