@@ -293,7 +293,9 @@ pub fn decide(
             "400 bad_request: exactly one Host header, host[:port], is required".to_string(),
         ));
     }
-    if let Some(why) = crate::forwarding::connection_refusal(headers) {
+    if let Some(why) = crate::forwarding::connection_refusal(headers)
+        .or_else(|| crate::forwarding::transfer_coding_refusal(headers))
+    {
         return Err(Answered::Strangler(format!("400 bad_request: {why}")));
     }
     let Some(normal) = normal else {

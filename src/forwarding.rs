@@ -169,6 +169,22 @@ pub fn method_refusal(method: &http::Method) -> Option<&'static str> {
         .then_some("CONNECT is not proxied: the request target must be a path (origin-form)")
 }
 
+/// Why a request's `Transfer-Encoding` cannot be forwarded, or `None`. Pingora refuses any
+/// list whose last coding is not `chunked`, and decodes the chunks of one that ends in it; the
+/// codings before (`gzip, chunked`) would be dropped, and the backend would take a compressed
+/// body for a plain one. A server that does not know a transfer coding refuses the request
+/// (RFC 9112 §6.1): the proxy does, before any backend sees it.
+pub fn transfer_coding_refusal(headers: &HeaderMap) -> Option<&'static str> {
+    headers
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+        .any(|t| !t.eq_ignore_ascii_case(b"chunked"))
+        .then_some("only the chunked transfer coding is forwarded")
+}
+
 /// Why a request's `Connection` header cannot be honoured, or `None`. Pingora's upstream
 /// sanitiser (after Envoy's) refuses a request whose `Connection` names a header the proxy
 /// itself sends (`Host`, `X-Forwarded-For`/`-Host`/`-Proto`: nominating one would strip it, the
@@ -454,6 +470,26 @@ mod tests {
             assert!(with(bad).is_some(), "{bad:?}");
         }
         assert_eq!(connection_refusal(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn transfer_codings_other_than_chunked_are_refused() {
+        let with = |lines: &[&str]| {
+            let mut h = HeaderMap::new();
+            for l in lines {
+                h.append(
+                    http::header::TRANSFER_ENCODING,
+                    HeaderValue::from_str(l).unwrap(),
+                );
+            }
+            transfer_coding_refusal(&h)
+        };
+        assert_eq!(with(&[]), None);
+        assert_eq!(with(&["chunked"]), None);
+        assert_eq!(with(&["Chunked "]), None);
+        assert!(with(&["gzip, chunked"]).is_some());
+        assert!(with(&["gzip", "chunked"]).is_some());
+        assert!(with(&["x-custom, chunked"]).is_some());
     }
 
     #[test]

@@ -460,7 +460,10 @@ impl ProxyHttp for Strangler {
             return Ok(true);
         }
 
-        if let Some(why) = forwarding::connection_refusal(&session.req_header().headers) {
+        let headers = &session.req_header().headers;
+        if let Some(why) = forwarding::connection_refusal(headers)
+            .or_else(|| forwarding::transfer_coding_refusal(headers))
+        {
             self.answer(session, ctx, errors::BAD_REQUEST, Some(why))
                 .await?;
             return Ok(true);
