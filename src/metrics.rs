@@ -11,9 +11,9 @@ use std::sync::LazyLock;
 
 use prometheus::core::{Collector, MetricVec, MetricVecBuilder};
 use prometheus::{
-    exponential_buckets, register_histogram, register_histogram_vec, register_int_counter,
-    register_int_counter_vec, register_int_gauge, Histogram, HistogramVec, IntCounter,
-    IntCounterVec, IntGauge,
+    exponential_buckets, register_gauge, register_histogram, register_histogram_vec,
+    register_int_counter, register_int_counter_vec, register_int_gauge, Gauge, Histogram,
+    HistogramVec, IntCounter, IntCounterVec, IntGauge,
 };
 
 use crate::router::RoutingTable;
@@ -67,9 +67,9 @@ metric!(CONFIG_RELOADS: IntCounterVec = register_int_counter_vec!(
     "Attempts to load routing.yaml, by result: success or error.",
     &["result"]
 ));
-metric!(CONFIG_LAST_SUCCESS: IntGauge = register_int_gauge!(
+metric!(CONFIG_LAST_SUCCESS: Gauge = register_gauge!(
     "strangler_config_last_reload_success_timestamp_seconds",
-    "Unix time of the last successful load of routing.yaml."
+    "Unix time of the last successful load of routing.yaml (to the microsecond: two loads in one second differ)."
 ));
 metric!(CONFIG_VALID: IntGauge = register_int_gauge!(
     "strangler_config_valid",

@@ -698,9 +698,9 @@ fn record_success(t0: Instant) {
     metrics::CONFIG_VALID.set(1);
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    metrics::CONFIG_LAST_SUCCESS.set(now as i64);
+        .map(|d| d.as_micros() as f64 / 1e6)
+        .unwrap_or(0.0);
+    metrics::CONFIG_LAST_SUCCESS.set(now);
 }
 
 /// Builds the live handles for `table`, reusing the controls of routes that keep their name and

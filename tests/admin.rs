@@ -1217,3 +1217,21 @@ fn explain_reads_pins_from_the_state_file_check_reads() {
         "{out}"
     );
 }
+
+/// Two successful loads within one second have distinct timestamps: "the timestamp moved" is a
+/// sound check after any reload.
+#[test]
+fn each_successful_reload_moves_the_timestamp() {
+    let legacy = Backend::echo("legacy");
+    let new = Backend::echo("new");
+    let proxy = Proxy::start(&routing(&legacy, &new));
+    let stamp = || proxy.metric("strangler_config_last_reload_success_timestamp_seconds");
+    let mut last = stamp();
+    assert!(last > 1.0e9, "{last}");
+    for _ in 0..3 {
+        assert_eq!(post(&proxy.admin_url("/reload"), None).status, 200);
+        let now = stamp();
+        assert!(now > last, "{now} after {last}");
+        last = now;
+    }
+}
