@@ -603,11 +603,12 @@ fn an_upgrade_nobody_asked_for_is_a_502_not_a_dead_connection() {
 #[test]
 fn an_idle_tunnel_ends_at_the_timeout_without_blaming_the_backend() {
     // A WebSocket backend; nobody speaks after the first message. (The timeout also runs
-    // between the 101 and the first message: shorter than 1 s, a loaded machine's scheduling
-    // delay ended the tunnel before it, 1 run in 12.)
+    // between the 101 and the first message: at 1 s, the whole suite running in parallel on
+    // two cores (200 slowloris connections among it) once delayed the echo past it; shorter
+    // than 1 s, 1 run in 12.)
     let baddr = upgrading_echo_backend();
     let proxy = Proxy::start(&format!(
-        "backends:\n  legacy: {{url: 'http://127.0.0.1:{}'}}\n  new: {{url: 'http://{baddr}', timeout: 1s}}\n\
+        "backends:\n  legacy: {{url: 'http://127.0.0.1:{}'}}\n  new: {{url: 'http://{baddr}', timeout: 2s}}\n\
          default: legacy\nroutes:\n\
          \x20 - {{name: ws, path: /ws, to: new, rollback: {{error_rate: 1%, min_requests: 1, window: 60s}}}}\n",
         dead_port()
@@ -621,7 +622,7 @@ fn an_idle_tunnel_ends_at_the_timeout_without_blaming_the_backend() {
         let _ = r.read_to_end(&mut rest);
         assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
         assert!(
-            t0.elapsed() < Duration::from_secs(4),
+            t0.elapsed() < Duration::from_secs(6),
             "closed at the timeout"
         );
     }
