@@ -700,6 +700,15 @@ impl PercentSpec {
     }
 }
 
+/// Test helper: the errors `got`, one for each line of `want`, in order, each starting with it.
+#[cfg(test)]
+pub(crate) fn assert_each_starts_with(got: &[String], want: &[&str]) {
+    assert_eq!(got.len(), want.len(), "{got:#?}");
+    for (g, w) in got.iter().zip(want) {
+        assert!(g.starts_with(w), "want {w:?}, got {g:?}\nall: {got:#?}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -816,10 +825,7 @@ mod tests {
             "r.yaml:16:60: routes[1].rollback: unknown field `extra`",
             "r.yaml:17:1: unknown field `extra_top`, expected one of `backends`, `default`, `routes`, `trusted_proxies`",
         ];
-        assert_eq!(got.len(), want.len(), "{got:#?}");
-        for (g, w) in got.iter().zip(want) {
-            assert!(g.starts_with(w), "want {w:?}, got {g:?}\nall: {got:#?}");
-        }
+        crate::config::assert_each_starts_with(&got, &want);
     }
 
     #[test]

@@ -472,17 +472,19 @@ mod tests {
         assert_eq!(connection_refusal(&HeaderMap::new()), None);
     }
 
+    /// A header map holding `name` once per line.
+    fn lines_of(name: http::HeaderName, lines: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for l in lines {
+            h.append(name.clone(), HeaderValue::from_str(l).unwrap());
+        }
+        h
+    }
+
     #[test]
     fn transfer_codings_other_than_chunked_are_refused() {
         let with = |lines: &[&str]| {
-            let mut h = HeaderMap::new();
-            for l in lines {
-                h.append(
-                    http::header::TRANSFER_ENCODING,
-                    HeaderValue::from_str(l).unwrap(),
-                );
-            }
-            transfer_coding_refusal(&h)
+            transfer_coding_refusal(&lines_of(http::header::TRANSFER_ENCODING, lines))
         };
         assert_eq!(with(&[]), None);
         assert_eq!(with(&["chunked"]), None);
@@ -495,14 +497,7 @@ mod tests {
     #[test]
     fn a_list_of_equal_content_lengths_becomes_one() {
         let with = |lines: &[&str]| {
-            let mut h = HeaderMap::new();
-            for l in lines {
-                h.append(
-                    http::header::CONTENT_LENGTH,
-                    HeaderValue::from_str(l).unwrap(),
-                );
-            }
-            collapsed_content_length(&h)
+            collapsed_content_length(&lines_of(http::header::CONTENT_LENGTH, lines))
         };
         assert_eq!(with(&[]), None);
         assert_eq!(with(&["5"]), None, "a single value is left as it is");
