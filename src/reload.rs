@@ -298,11 +298,14 @@ impl BackgroundService for Reloader {
                 let t0 = thread_cpu_time();
                 if signal {
                     // An operator's reload does not delay the next file change: the wait for
-                    // `not_before` paces automatic reloads only.
+                    // `not_before` paces automatic reloads only. The file is hashed before the
+                    // reload reads it, as below: a version saved while the reload runs differs
+                    // from the hash kept, so its event (or the next poll) loads it.
+                    let digest = file_digest(&config);
                     if unresolved(state.reload("SIGHUP")) {
                         return (None, None, true);
                     }
-                    return (file_digest(&config), None, false);
+                    return (digest, None, false);
                 }
                 let Some(on_disk) = file_digest(&config) else {
                     // Gone or unreadable. Seen twice in a row (a poll apart, so not an editor's

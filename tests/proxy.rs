@@ -643,6 +643,65 @@ fn a_saved_edit_serves_within_a_second_and_a_bad_one_changes_nothing() {
     assert!(proxy.metric("strangler_config_last_reload_success_timestamp_seconds") > stamp_before);
 }
 
+/// SIGHUP reloads the file even when nothing changed it (an operator's "read it again"), and a
+/// version saved while that reload runs is loaded after it: the reload must not take the new
+/// version for the one it read, or the save would never be served.
+#[test]
+fn sighup_reloads_and_a_save_during_its_reload_is_loaded_after_it() {
+    use notify::event::{AccessKind, EventKind};
+    use notify::Watcher;
+    let legacy = Backend::echo("legacy");
+    let new = Backend::echo("new");
+    let base = base_yaml(&legacy.url(), &new.url());
+    // Enough routes that the reload's parse and validation outlast a rename.
+    let many: String = (0..3000)
+        .map(|i| format!("  - path: /r{i}/{{id}}\n    to: legacy\n"))
+        .collect();
+    let proxy = Proxy::start(&format!("{base}routes:\n{many}"));
+    let successes = || proxy.metric("strangler_config_reloads_total{result=\"success\"}");
+    let before = successes();
+    unsafe_kill(proxy.child.id(), "HUP");
+    wait_for("the SIGHUP reload", Duration::from_secs(10), || {
+        successes() > before
+    });
+    assert!(
+        proxy.log_text().contains("(SIGHUP)"),
+        "{}",
+        proxy.log_text()
+    );
+
+    // The next version is ready beside the file; it is renamed over it as soon as the SIGHUP
+    // reload opens the file to read it.
+    let v2 = proxy.config.with_file_name(".v2.yaml");
+    std::fs::write(
+        &v2,
+        format!("{base}routes:\n  - {{name: added, path: /added, to: new}}\n{many}"),
+    )
+    .unwrap();
+    let (tx, opened) = std::sync::mpsc::channel();
+    let mut watcher = notify::recommended_watcher(move |e: notify::Result<notify::Event>| {
+        if e.is_ok_and(|e| matches!(e.kind, EventKind::Access(AccessKind::Open(_)))) {
+            let _ = tx.send(());
+        }
+    })
+    .unwrap();
+    watcher
+        .watch(&proxy.config, notify::RecursiveMode::NonRecursive)
+        .unwrap();
+    unsafe_kill(proxy.child.id(), "HUP");
+    opened
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the SIGHUP reload opens the file");
+    std::fs::rename(&v2, &proxy.config).unwrap();
+    drop(watcher);
+    wait_for(
+        "the version saved during the SIGHUP reload",
+        Duration::from_secs(3),
+        || served_by(&proxy, "/added") == "new",
+    );
+    assert_eq!(proxy.metric("strangler_config_valid"), 1.0);
+}
+
 #[test]
 fn a_file_written_in_place_is_read_once_its_writer_closes_it() {
     let legacy = Backend::echo("legacy");
