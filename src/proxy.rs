@@ -271,14 +271,31 @@ impl Strangler {
 
 /// Whether a response is over once its header is out: no body can follow (HEAD, 204, 304, an
 /// empty `Content-Length`), or the connection now belongs to the upgraded protocol (101).
+/// An interim header (1xx other than 101) ends nothing, even for a HEAD: the answer follows.
 fn header_ends_response(req: &RequestHeader, resp: &ResponseHeader) -> bool {
     let status = resp.status.as_u16();
+    if resp.status.is_informational() && status != 101 {
+        return false;
+    }
     req.method == http::Method::HEAD
         || matches!(status, 101 | 204 | 304)
         || resp
             .headers
             .get(header::CONTENT_LENGTH)
             .is_some_and(|v| v.as_bytes() == b"0")
+}
+
+/// Whether the client is waiting for a `100 Continue` before it sends its body: it asked for
+/// one (HTTP/1.1), none came, and no body byte has arrived.
+fn awaits_continue(session: &Session, ctx: &RequestCtx) -> bool {
+    let req = session.req_header();
+    ctx.interim == 0
+        && req.version >= http::Version::HTTP_11
+        && session.as_ref().body_bytes_read() == 0
+        && req
+            .headers
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
 /// The response header the client has been sent, if any, leaving out an interim one (1xx
@@ -832,10 +849,13 @@ impl ProxyHttp for Strangler {
         // Pingora waits for the response while it relays the request body, and restarts that
         // wait at every chunk the client sends: a read that times out before the body is done
         // means the client went silent for `timeout`. Not the backend's failure: no upstream
-        // error, no rollback judgement, no failover, no retry; the client gets a 408.
+        // error, no rollback judgement, no failover, no retry; the client gets a 408. Unless
+        // the client owed nothing yet: it asked for `100 Continue` before its body, the
+        // backend never sent one, and the client is entitled to wait (RFC 9110 §10.1.1).
         if *e.esource() == ErrorSource::Upstream
             && *e.etype() == ErrorType::ReadTimedout
             && !session.is_body_done()
+            && !awaits_continue(session, ctx)
         {
             ctx.client_stalled = true;
             ctx.judged = true;

@@ -895,6 +895,46 @@ fn a_client_that_stalls_its_upload_gets_408_and_the_backend_is_not_blamed() {
         .any(|l| l.starts_with("POST /up/y")));
 }
 
+/// A client that asked for `100 Continue` and waits for it owes the proxy nothing: a backend
+/// that never answers it is the backend's timeout (504, counted against the backend), not the
+/// client's stall (408).
+#[test]
+fn a_backend_silent_on_expect_continue_is_a_504_not_the_clients_408() {
+    // Reads the request line, then sends neither a 100 nor an answer: it waits for the body.
+    let (baddr, lines) = raw_backend(|s, lines| {
+        let mut r = BufReader::new(s);
+        let mut first = String::new();
+        if r.read_line(&mut first).is_ok_and(|n| n > 0) {
+            lines.lock().unwrap().push(first);
+            let _ = std::io::copy(&mut r, &mut std::io::sink());
+        }
+    });
+    let proxy = Proxy::start(&format!(
+        "backends:\n  legacy: {{url: 'http://127.0.0.1:{}'}}\n  new: {{url: 'http://{baddr}', timeout: 300ms}}\n\
+         default: legacy\nroutes:\n  - {{name: up, path: /up, to: new}}\n",
+        dead_port()
+    ));
+    let (answer, _) = exchange(
+        &addr_of(&proxy),
+        b"POST /up/x HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\n",
+        Duration::from_secs(10),
+    );
+    assert_eq!(status_of(&answer), 504, "{answer}");
+    assert!(answer.contains("\"error\":\"gateway_timeout\""), "{answer}");
+    assert!(lines.lock().unwrap().iter().any(|l| l.starts_with("POST /up/x")));
+    wait_for("the backend's timeout counted", Duration::from_secs(2), || {
+        proxy.metric(
+            "strangler_upstream_errors_total{route=\"up\",backend=\"new\",kind=\"timeout\"}",
+        ) == 1.0
+    });
+    assert_eq!(
+        proxy.metric(
+            "strangler_requests_total{route=\"up\",backend=\"new\",method=\"POST\",code=\"408\"}"
+        ),
+        0.0
+    );
+}
+
 #[test]
 fn a_backend_that_stalls_mid_body_counts_toward_automatic_rollback() {
     // A header and the start of a body, then silence (until the proxy gives up and closes).
@@ -1143,6 +1183,10 @@ fn interim_responses_never_stand_in_for_the_answer() {
                     let _ = w.write_all(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n");
                     return;
                 }
+                // A 103, then nothing until the proxy closes the connection.
+                "/hints-then-silence" => {
+                    w.write_all(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n")
+                }
                 "/flood" => {
                     for _ in 0..40 {
                         let _ = w.write_all(b"HTTP/1.1 102 Processing\r\n\r\n");
@@ -1205,6 +1249,27 @@ fn interim_responses_never_stand_in_for_the_answer() {
         code("502") == 1.0
     });
     assert_eq!(code("103"), 0.0);
+
+    // A HEAD whose client leaves after the 103: the answer never came, so a 499 (a HEAD's
+    // answer ends at its header, but a 103 is not the answer).
+    let mut c = std::net::TcpStream::connect(&addr).unwrap();
+    c.write_all(b"HEAD /hints-then-silence HTTP/1.1\r\nHost: h\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = c.read(&mut buf).unwrap();
+        assert!(n > 0, "closed before the 103");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 103"));
+    drop(c);
+    wait_for("the HEAD counted as 499", Duration::from_secs(3), || {
+        proxy.metric(
+            "strangler_requests_total{route=\"default\",backend=\"legacy\",method=\"HEAD\",code=\"499\"}",
+        ) == 1.0
+    });
 
     // An endless stream of 1xx: a 502 after MAX_INTERIM of them, the backend's error.
     let (answer, _) = exchange(
