@@ -147,6 +147,9 @@ pub struct RequestCtx {
     backend: Option<usize>,
     /// The request went to its route's `to` (not pinned, not split off, not failed over).
     to_target: bool,
+    /// The generation of the route's rollback window when the request was sent to `to`: its
+    /// outcome counts only if the window was not cleared since (`rollback::Window`).
+    to_generation: u64,
     failed_over: bool,
     /// Retried once already because a reused connection closed under it.
     stale_retried: bool,
@@ -381,6 +384,7 @@ impl ProxyHttp for Strangler {
             route: None,
             backend: None,
             to_target: false,
+            to_generation: 0,
             failed_over: false,
             stale_retried: false,
             addr_turn: 0,
@@ -504,6 +508,7 @@ impl ProxyHttp for Strangler {
                     default
                 } else {
                     ctx.to_target = true;
+                    ctx.to_generation = live.routes[i].control.to_window.generation();
                     r.to
                 }
             }
@@ -1043,10 +1048,15 @@ impl Strangler {
         let failed = failed || ctx.failed_over;
         let now = Instant::now();
         let control = &live.routes[i].control;
+        let generation = ctx.to_generation;
         if late_failure {
-            control.to_window.fail_counted(now, rule.window);
+            control
+                .to_window
+                .fail_counted_in(generation, now, rule.window);
         } else {
-            control.to_window.record(now, rule.window, failed);
+            control
+                .to_window
+                .record_in(generation, now, rule.window, failed);
         }
         ctx.judged_ok = !failed;
         // Judged on every request, not only on failures: failures first and successes after can

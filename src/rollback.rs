@@ -4,7 +4,10 @@
 //! request that lands on it. The window is cut in `SLOTS` slots, so it slides in steps of
 //! `window / SLOTS`.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicU64,
+    Ordering::{Acquire, Relaxed, Release},
+};
 use std::time::{Duration, Instant};
 
 const SLOTS: usize = 20;
@@ -16,6 +19,8 @@ const SLOTS: usize = 20;
 pub struct Window {
     origin: Instant,
     slots: [AtomicU64; SLOTS],
+    /// How many times the window was cleared: see [`Window::generation`].
+    generation: AtomicU64,
 }
 
 const COUNT_BITS: u32 = 20;
@@ -41,6 +46,7 @@ impl Default for Window {
         Window {
             origin: Instant::now(),
             slots: Default::default(),
+            generation: AtomicU64::new(0),
         }
     }
 }
@@ -56,10 +62,29 @@ impl Window {
         self.add(now, window, 1, u64::from(failed));
     }
 
+    /// The window's generation, which [`Window::clear`] moves on. A request notes it when it
+    /// is sent and passes it with its outcome: an outcome from before a clear does not count
+    /// after it (a slow request sent to the backend a reload replaced, or sent before a pin
+    /// that has since been lifted, must not judge the fresh start).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Acquire)
+    }
+
+    /// [`Window::record`] for a request sent in `generation`: nothing if the window has been
+    /// cleared since.
+    pub fn record_in(&self, generation: u64, now: Instant, window: Duration, failed: bool) {
+        if generation == self.generation() {
+            self.record(now, window, failed);
+        }
+    }
+
     /// Turns a request already counted as a success into a failure: its backend broke off or
-    /// stalled after the response header that judged it.
-    pub fn fail_counted(&self, now: Instant, window: Duration) {
-        self.add(now, window, 0, 1);
+    /// stalled after the response header that judged it. Nothing if the window has been
+    /// cleared since the request was sent (in `generation`).
+    pub fn fail_counted_in(&self, generation: u64, now: Instant, window: Duration) {
+        if generation == self.generation() {
+            self.add(now, window, 0, 1);
+        }
     }
 
     fn add(&self, now: Instant, window: Duration, requests: u64, failures: u64) {
@@ -102,8 +127,10 @@ impl Window {
         (requests, failures)
     }
 
-    /// Forgets everything (after a pin is lifted, the route starts with a clean slate).
+    /// Forgets everything (after a pin is lifted, the route starts with a clean slate), and
+    /// starts a new generation: outcomes of requests sent before are not counted.
     pub fn clear(&self) {
+        self.generation.fetch_add(1, Release);
         for slot in &self.slots {
             slot.store(0, Relaxed);
         }
@@ -139,6 +166,25 @@ mod tests {
         assert_eq!(w.totals(t0 + Duration::from_secs(200), win), (0, 0));
         w.clear();
         assert_eq!(w.totals(t0 + Duration::from_secs(10), win), (0, 0));
+    }
+
+    #[test]
+    fn an_outcome_from_before_a_clear_does_not_count_after_it() {
+        let w = Window::default();
+        let t0 = w.origin;
+        let win = Duration::from_secs(60);
+        let sent = w.generation();
+        w.record_in(sent, t0, win, false);
+        w.clear();
+        // Sent before the clear, ended after it: neither counted nor turned into a failure.
+        w.record_in(sent, t0, win, true);
+        w.fail_counted_in(sent, t0, win);
+        assert_eq!(w.totals(t0, win), (0, 0));
+        let now = w.generation();
+        assert_ne!(now, sent);
+        w.record_in(now, t0, win, false);
+        w.fail_counted_in(now, t0, win);
+        assert_eq!(w.totals(t0, win), (1, 1));
     }
 
     #[test]

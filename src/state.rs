@@ -223,6 +223,10 @@ pub struct State {
     publish: Mutex<()>,
     /// Serialises reloads, so that two never publish out of order. Taken before `publish`.
     reloading: Mutex<()>,
+    /// Automatic pins set in memory whose audit lines are not written yet (their thread waits
+    /// for `publish`). Whoever writes an audit line under `publish` writes these first, so
+    /// the trail keeps the order things happened in: a pin before the resume that lifted it.
+    unrecorded: Mutex<Vec<PinChange>>,
 }
 
 /// Automatic pins set but not yet written to the state file and the audit log: a draining
@@ -283,6 +287,7 @@ impl State {
             audit,
             publish: Mutex::new(()),
             reloading: Mutex::new(()),
+            unrecorded: Mutex::new(Vec::new()),
         });
         if restored != saved.len() {
             // Pins of routes that have left routing.yaml are lifted, and said so: a pin is a
@@ -445,6 +450,7 @@ impl State {
             metrics::forget_backends(&kept_backends);
         }
         metrics::prime(&live.table);
+        self.record_unrecorded();
         for (name, before, after) in &changes {
             self.audit
                 .record(name, before.as_ref(), after.as_ref(), trigger, &sha);
@@ -502,6 +508,7 @@ impl State {
             );
             self.save_pins();
         }
+        self.record_unrecorded();
         for c in &changes {
             self.record(c);
         }
@@ -514,23 +521,16 @@ impl State {
     /// wait on the disk, are written by a thread of their own so that no worker thread, and no
     /// connection on it, waits for an fsync or for a manual pin holding the lock.
     pub fn auto_pin(self: &Arc<Self>, live: &LiveTable, i: usize, why: &str) {
-        let control = &live.routes[i].control;
-        // A route a reload removed meanwhile is not pinned (nor audited): it is gone.
-        if control.is_pinned() || control.retired.load(Ordering::Acquire) {
+        if !self.pin_unrecorded(live, i, why) {
             return;
         }
-        // A route keeps its control across reloads by name, so pinning the control of the
-        // table this request began with pins the route in the table in force too.
-        let Some(change) = Self::pin_in_memory(live, i, PinReason::Auto, why, true) else {
-            return;
-        };
         let state = self.clone();
         let saving = SavingPin::start();
         let persist = move || {
             let _saving = saving;
             let _publish = state.publish.lock();
             state.save_pins();
-            state.record(&change);
+            state.record_unrecorded();
         };
         // A thread that cannot start drops `persist`, and with it `saving`.
         if let Err(e) = std::thread::Builder::new()
@@ -541,11 +541,46 @@ impl State {
         }
     }
 
+    /// The automatic pin in memory, its audit line left in `unrecorded`. Returns whether the
+    /// route was newly pinned.
+    fn pin_unrecorded(&self, live: &LiveTable, i: usize, why: &str) -> bool {
+        let control = &live.routes[i].control;
+        // A route a reload removed meanwhile is not pinned (nor audited): it is gone.
+        if control.is_pinned() || control.retired.load(Ordering::Acquire) {
+            return false;
+        }
+        // A route keeps its control across reloads by name, so pinning the control of the
+        // table this request began with pins the route in the table in force too; the audit
+        // line says who served it in that table, and which file it came from.
+        let now = self.snapshot();
+        let Some(j) = now.table.route_index(&live.table.routes[i].name) else {
+            return false;
+        };
+        // Set and queued as one step: an audit writer that finds the pin set (a resume lifting
+        // it) finds its line queued too.
+        let mut unrecorded = self.unrecorded.lock();
+        let Some(change) = Self::pin_in_memory(&now, j, PinReason::Auto, why, true) else {
+            return false;
+        };
+        unrecorded.push(change);
+        true
+    }
+
+    /// Writes the audit lines of automatic pins not written yet. Called under `publish`,
+    /// before any other audit line.
+    fn record_unrecorded(&self) {
+        let changes = std::mem::take(&mut *self.unrecorded.lock());
+        for c in &changes {
+            self.record(c);
+        }
+    }
+
     fn pin_locked(&self, live: &LiveTable, i: usize, reason: PinReason, why: &str) -> bool {
         let Some(change) = Self::pin_in_memory(live, i, reason, why, true) else {
             return false;
         };
         self.save_pins();
+        self.record_unrecorded();
         self.record(&change);
         true
     }
@@ -612,11 +647,22 @@ impl State {
             return Ok(false);
         }
         let before = live.serving(r, true);
-        control.pin.store(None);
-        // A fresh start: the failures that caused the pin must not re-pin at once.
+        // Lifted while holding the queue of unwritten pin lines: the line of the pin being
+        // lifted (if its thread has not written it yet) is taken and written first; a pin set
+        // after the lift queues its line behind this resume's.
+        let earlier = {
+            let mut queue = self.unrecorded.lock();
+            control.pin.store(None);
+            std::mem::take(&mut *queue)
+        };
+        // A fresh start: the failures that caused the pin must not re-pin at once, nor those
+        // of requests sent before it that end later (the window's next generation).
         control.to_window.clear();
         log::info!("route {:?} resumed: served by {} again", r.name, before.to);
         self.save_pins();
+        for c in &earlier {
+            self.record(c);
+        }
         let after = live.serving(r, false);
         self.audit.record(
             &r.name,
@@ -817,4 +863,62 @@ pub fn recent_counts(live: &LiveTable, i: Option<usize>) -> Vec<(String, u64, u6
             (b.name.to_string(), r, e)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The audit trail of an automatic pin whose thread has not run yet (it waits for
+    /// `publish`, which a reload or a resume holds): the pin's line says who served the route in
+    /// the table in force, with that file's sha256, and a resume that lifts the pin writes the
+    /// pin's line before its own, never after. (One `State` per process: the only test that
+    /// starts one.)
+    #[test]
+    fn a_pin_not_yet_written_is_audited_from_the_table_in_force_and_before_its_resume() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("routing.yaml");
+        let yaml = |extra: &str| {
+            format!(
+                "backends:\n  legacy: {{url: 'http://127.0.0.1:9'}}\n  new: {{url: 'http://127.0.0.1:9'}}\n\
+                 default: legacy\nroutes:\n  - {{name: r, path: /r, to: new}}\n{extra}"
+            )
+        };
+        std::fs::write(&config, yaml("")).unwrap();
+        let audit_path = dir.path().join("audit.jsonl");
+        let state = State::start(
+            &config,
+            StateFile::new(dir.path().join("state.json")),
+            Audit::open(Some(audit_path.clone())).unwrap(),
+        )
+        .unwrap();
+        // The request began under this table; a reload publishes another before it pins.
+        let began = state.snapshot();
+        std::fs::write(&config, yaml("  - {name: s, path: /s, to: new}\n")).unwrap();
+        state.reload("test").unwrap();
+        let in_force = state.snapshot().table.sha256.clone();
+        assert_ne!(began.table.sha256, in_force);
+
+        assert!(state.pin_unrecorded(&began, 0, "failing"));
+        assert!(!state.pin_unrecorded(&began, 0, "again"), "pinned once");
+        assert_eq!(state.resume("r"), Ok(true));
+        // The pin's thread, when it runs, has nothing left to write.
+        state.record_unrecorded();
+
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(&audit_path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .filter(|l: &serde_json::Value| l["route"] == "r")
+            .collect();
+        let reasons: Vec<&str> = lines
+            .iter()
+            .map(|l| l["reason"].as_str().unwrap())
+            .collect();
+        assert_eq!(reasons, ["auto rollback: failing", "resume"], "{lines:?}");
+        assert_eq!(lines[0]["config_sha256"], in_force.as_str());
+        assert_eq!(lines[0]["after"]["state"], "rolled_back");
+        assert_eq!(lines[1]["before"]["state"], "rolled_back");
+        assert_eq!(lines[1]["after"]["state"], "new");
+    }
 }

@@ -575,6 +575,91 @@ fn a_route_moved_to_another_backend_starts_a_fresh_rollback_window() {
     assert_eq!(route(&proxy, "payments")["pinned"]["reason"], "auto");
 }
 
+/// Requests sent to a route's `to` before its window was cleared (by a resume, or by a reload
+/// that moved the route to another backend) and failing after it do not judge the fresh start:
+/// three slow failures that land after the resume or the move, with `min_requests: 3`, pin
+/// nothing.
+#[test]
+fn failures_of_requests_sent_before_a_resume_or_a_move_do_not_pin_the_route() {
+    let legacy = Backend::echo("legacy");
+    let ok = Backend::echo("ok");
+    // Answers 500, once the test opens the gate.
+    let gate = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+    let g = gate.clone();
+    let slow = Backend::start(Arc::new(move |_s: &Seen| {
+        let (open, cv) = &*g;
+        let _open = cv.wait_while(open.lock().unwrap(), |open| !*open).unwrap();
+        full(500, "late failure")
+    }));
+    let set_gate = |to: bool| {
+        *gate.0.lock().unwrap() = to;
+        gate.1.notify_all();
+    };
+    let yaml = |to: &str| {
+        format!(
+            "backends:\n  legacy: {{url: '{}'}}\n  slow: {{url: '{}'}}\n  ok: {{url: '{}'}}\ndefault: legacy\nroutes:\n\
+             \x20 - {{name: payments, path: /payments, to: {to}, rollback: {{error_rate: 50%, min_requests: 3, window: 60s}}}}\n",
+            legacy.url(),
+            slow.url(),
+            ok.url()
+        )
+    };
+    let proxy = Proxy::start(&yaml("slow"));
+    let url = proxy.url("/payments");
+    // Three requests to `slow`, held there until the gate opens.
+    let send_three = || -> Vec<std::thread::JoinHandle<u16>> {
+        let handles = (0..3)
+            .map(|_| {
+                let url = url.clone();
+                std::thread::spawn(move || request("GET", &url, &[], None).status)
+            })
+            .collect();
+        wait_for("three requests in flight", Duration::from_secs(5), || {
+            proxy.metric("strangler_requests_in_flight{route=\"payments\"}") == 3.0
+        });
+        handles
+    };
+    let statuses = |handles: Vec<std::thread::JoinHandle<u16>>| -> Vec<u16> {
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    };
+    let pinned = || route(&proxy, "payments")["pinned"].clone();
+
+    // Pinned by hand and resumed while they are in flight.
+    let held = send_three();
+    assert_eq!(
+        post(&proxy.admin_url("/routes/payments/rollback")).status,
+        200
+    );
+    assert_eq!(
+        post(&proxy.admin_url("/routes/payments/resume")).status,
+        200
+    );
+    set_gate(true);
+    assert_eq!(statuses(held), [500, 500, 500]);
+    assert_eq!(
+        pinned(),
+        Value::Null,
+        "re-pinned by failures from before the resume"
+    );
+
+    // Moved to another backend while they are in flight.
+    set_gate(false);
+    let held = send_three();
+    proxy.write_config(&yaml("ok"));
+    wait_for("the move", Duration::from_secs(3), || {
+        route(&proxy, "payments")["to"] == "ok"
+    });
+    set_gate(true);
+    assert_eq!(statuses(held), [500, 500, 500]);
+    assert_eq!(pinned(), Value::Null, "pinned for the backend it left");
+    assert_eq!(
+        proxy.metric("strangler_rollbacks_total{route=\"payments\",reason=\"auto\"}"),
+        0.0
+    );
+    let r = request("GET", &url, &[], None);
+    assert_eq!((r.status, r.header("x-strangler-backend")), (200, "ok"));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Failover
 
