@@ -507,8 +507,14 @@ pub fn request(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&
 
 /// Sends raw bytes and returns the raw answer (until the server closes or 2 s of silence).
 pub fn raw(addr: &str, bytes: &[u8]) -> String {
+    raw_within(addr, bytes, Duration::from_secs(2))
+}
+
+/// As [`raw`], until the server closes or `silence` passes without a byte: for requests that
+/// close their connection, a long bound that a loaded machine's stall never reaches.
+pub fn raw_within(addr: &str, bytes: &[u8], silence: Duration) -> String {
     let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    s.set_read_timeout(Some(silence)).unwrap();
     s.write_all(bytes).unwrap();
     let mut out = Vec::new();
     let mut buf = [0u8; 8192];
