@@ -319,8 +319,9 @@ pub fn rewrite_location(
             let Some(rest) = location.get(prefix.len()..) else {
                 continue;
             };
-            // `http://h:8080` must not match `http://h:80` as a prefix.
-            if rest.is_empty() || rest.starts_with(['/', '?', '#']) {
+            // `http://h:8080` must not match `http://h:80` as a prefix. A backslash ends the
+            // host as a slash does: browsers read `http://h:80\x` as `http://h:80/x`.
+            if rest.is_empty() || rest.starts_with(['/', '?', '#', '\\']) {
                 return Some(format!("{client_scheme}://{client_host}{rest}"));
             }
         }
@@ -603,6 +604,15 @@ mod tests {
         );
         assert_eq!(rw("http://127.0.0.1:90021/x"), None);
         assert_eq!(rw("http://other/x"), None);
+        // What a browser reads as `http://127.0.0.1:9002/x` names the backend too.
+        assert_eq!(
+            rw("http://127.0.0.1:9002\\x"),
+            Some("https://api.example.com\\x".into())
+        );
+        assert_eq!(
+            rw("//127.0.0.1:9002\\x"),
+            Some("https://api.example.com\\x".into())
+        );
         // The other scheme on the backend's own port is the backend's address too.
         assert_eq!(
             rw("https://127.0.0.1:9002/x"),
