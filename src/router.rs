@@ -450,10 +450,21 @@ impl RoutingTable {
                         &at("rewrite"),
                         "rewrite cannot be used on a path with a {param}",
                     ));
-                } else if !rw.starts_with('/') || rw.contains(['?', '#', '{', '}', ' ', '\\']) {
+                } else if !rw.starts_with('/') || rw.contains(['?', '#', '{', '}', '\\']) {
                     errors.push(source.error_at(
                         &at("rewrite"),
                         format!("rewrite {rw:?} must be a plain path starting with '/'"),
+                    ));
+                } else if let Some(c) = rw.chars().find(|&c| !is_path_char(c)) {
+                    // An upstream request line cannot carry it: every request would fail.
+                    let encoded: String = c
+                        .to_string()
+                        .bytes()
+                        .map(|b| format!("%{b:02X}"))
+                        .collect();
+                    errors.push(source.error_at(
+                        &at("rewrite"),
+                        format!("rewrite {rw:?}: {c:?} cannot be sent in a path; write it percent-encoded ({encoded})"),
                     ));
                 } else if let Err(e) = crate::path::normalize(rw) {
                     // The backend must get a path the proxy would have let through itself.
@@ -625,6 +636,12 @@ impl RoutingTable {
             .collect();
         format!("{} routes: {}", self.routes.len(), parts.join(", "))
     }
+}
+
+/// Whether `c` may stand for itself in a path sent upstream (RFC 3986 `pchar` and `/`; `%`
+/// starts an escape).
+fn is_path_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "-._~!$&'()*+,;=:@/%".contains(c)
 }
 
 /// The path (and query) sent to `backend` for `path`. `rewrite` applies only when the request
@@ -902,6 +919,9 @@ mod tests {
             ("routes:\n  - {name: x, path: /a, to: new}\n  - {name: y, path: '/a/', to: legacy}\n", "t.yaml:7:21: route \"y\" conflicts with route \"x\""),
             ("routes:\n  - {path: /a, to: new, split: 101}\n", "t.yaml:6:32: split 101 is outside 0..100"),
             ("routes:\n  - {path: '/a/{id}', to: new, rewrite: /b}\n", "t.yaml:6:41: rewrite cannot be used on a path with a {param}"),
+            ("routes:\n  - {path: /a, to: new, rewrite: '/v<2'}\n", "t.yaml:6:34: rewrite \"/v<2\": '<' cannot be sent in a path; write it percent-encoded (%3C)"),
+            ("routes:\n  - {path: /a, to: new, rewrite: /caf\u{e9}}\n", "t.yaml:6:34: rewrite \"/caf\u{e9}\": '\u{e9}' cannot be sent in a path; write it percent-encoded (%C3%A9)"),
+            ("routes:\n  - {path: /a, to: new, rewrite: '/a b'}\n", "t.yaml:6:34: rewrite \"/a b\": ' ' cannot be sent in a path; write it percent-encoded (%20)"),
             ("routes:\n  - {path: /a, to: new, rewrite: /v2/../b}\n", "t.yaml:6:34: rewrite \"/v2/../b\": path contains a '.' or '..' segment"),
             ("routes:\n  - {path: /a, to: new, rewrite: '/v2/%2e'}\n", "rewrite \"/v2/%2e\": path contains a '.' or '..' segment"),
             ("routes:\n  - {name: default, path: /a, to: new}\n", "t.yaml:6:12: route name \"default\" is reserved"),
