@@ -320,7 +320,18 @@ pub fn decide(
             let r = &table.routes[i];
             let to = !pinned(&r.name)
                 && r.split.as_ref().is_none_or(|s| {
-                    let key = split::sticky_key(&s.sticky, headers, Some(client_ip));
+                    // As the proxy does: the peer, or behind trusted proxies the client that
+                    // `X-Forwarded-For` names.
+                    let xff = crate::forwarding::header_list(
+                        headers,
+                        &crate::forwarding::X_FORWARDED_FOR,
+                    );
+                    let client = crate::forwarding::client_ip(
+                        client_ip,
+                        xff.as_deref(),
+                        &table.trusted_proxies,
+                    );
+                    let key = split::sticky_key(&s.sticky, headers, Some(client));
                     split::decide(&r.name, s, key.as_deref())
                 });
             if to {
@@ -583,6 +594,47 @@ mod tests {
             goes(target, &[]),
             Err(Answered::Pingora { status: 400, .. })
         )
+    }
+
+    /// A `sticky: ip` split is decided on the client that `X-Forwarded-For` names when the
+    /// peer is a trusted proxy, and on the peer otherwise, as the proxy decides it.
+    #[test]
+    fn an_ip_split_behind_a_trusted_proxy_is_decided_on_the_forwarded_client() {
+        let yaml = |trusted: &str| {
+            format!(
+                "backends:\n  legacy: {{url: 'http://127.0.0.1:9001'}}\n  new: {{url: 'http://127.0.0.1:9002'}}\n\
+                 default: legacy\n{trusted}routes:\n  - {{name: ip, path: /ip, to: new, split: 50}}\n"
+            )
+        };
+        let build = |y: &str| {
+            let (f, s) = config::parse("t.yaml", y).unwrap();
+            RoutingTable::build(f, &s).unwrap_or_else(|e| panic!("{e}"))
+        };
+        let behind = build(&yaml("trusted_proxies: [127.0.0.1]\n"));
+        let direct = build(&yaml(""));
+        let lb: IpAddr = "127.0.0.1".parse().unwrap();
+        let side = |t: &RoutingTable, peer: IpAddr, xff: Option<&str>| {
+            let mut headers = HeaderMap::new();
+            headers.insert("host", "h".parse().unwrap());
+            if let Some(x) = xff {
+                headers.insert("x-forwarded-for", x.parse().unwrap());
+            }
+            decide(t, "GET", b"/ip", &headers, peer, |_| false)
+                .unwrap()
+                .to_target
+        };
+        let clients: Vec<IpAddr> = (1..=40)
+            .map(|i| format!("203.0.113.{i}").parse().unwrap())
+            .collect();
+        let mut sides = std::collections::HashSet::new();
+        for &c in &clients {
+            let forwarded = side(&behind, lb, Some(&c.to_string()));
+            assert_eq!(forwarded, side(&behind, c, None), "{c} behind the proxy");
+            // An untrusted peer's X-Forwarded-For is not believed.
+            assert_eq!(side(&direct, lb, Some(&c.to_string())), side(&direct, lb, None));
+            sides.insert(forwarded);
+        }
+        assert_eq!(sides.len(), 2, "40 clients land on both sides of a 50 % split");
     }
 
     #[test]
