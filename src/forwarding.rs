@@ -429,11 +429,14 @@ pub fn strip_cookie_domain(cookie: &str, hosts: &[&str]) -> Option<String> {
     changed.then(|| kept.join(";"))
 }
 
-/// The value of cookie `name` in a `Cookie` header.
-pub fn cookie_value<'a>(header: &'a str, name: &str) -> Option<&'a str> {
-    header.split(';').find_map(|pair| {
-        let (k, v) = pair.split_once('=')?;
-        (k.trim() == name).then(|| v.trim())
+/// The value of cookie `name` in a `Cookie` header. Read as bytes: another cookie on the line
+/// may hold raw UTF-8 (`lang=français`, as `document.cookie` writes it), which must not hide
+/// this one.
+pub fn cookie_value<'a>(header: &'a [u8], name: &str) -> Option<&'a [u8]> {
+    header.split(|&b| b == b';').find_map(|pair| {
+        let eq = pair.iter().position(|&b| b == b'=')?;
+        let (k, v) = (&pair[..eq], &pair[eq + 1..]);
+        (k.trim_ascii() == name.as_bytes()).then(|| v.trim_ascii())
     })
 }
 
@@ -710,8 +713,15 @@ mod tests {
             strip_cookie_domain("sid=1; Domain=example.com", &hosts),
             None
         );
-        assert_eq!(cookie_value("a=1; cid=xyz; b=2", "cid"), Some("xyz"));
-        assert_eq!(cookie_value("a=1", "cid"), None);
+        assert_eq!(
+            cookie_value(b"a=1; cid=xyz; b=2", "cid"),
+            Some(&b"xyz"[..])
+        );
+        assert_eq!(cookie_value(b"a=1", "cid"), None);
+        assert_eq!(
+            cookie_value("lang=français; cid=abc".as_bytes(), "cid"),
+            Some(&b"abc"[..])
+        );
     }
 
     #[test]

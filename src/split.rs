@@ -64,12 +64,11 @@ pub fn sticky_key<'a>(
         Sticky::Cookie(name) => headers
             .get_all(http::header::COOKIE)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .find_map(|c| crate::forwarding::cookie_value(c, name))
+            .find_map(|c| crate::forwarding::cookie_value(c.as_bytes(), name))
             // A cleared cookie (`cid=`) is no key, as an empty header is: otherwise every
             // client without one would share a bucket.
             .filter(|v| !v.is_empty())
-            .map(|v| Cow::Borrowed(v.as_bytes())),
+            .map(Cow::Borrowed),
     }
 }
 
@@ -101,6 +100,17 @@ mod tests {
         assert_eq!(percent_json(100.0).to_string(), "100");
         assert_eq!(percent_json(12.5).to_string(), "12.5");
         assert_eq!(percent_json(0.01).to_string(), "0.01");
+    }
+
+    #[test]
+    fn a_cookie_key_is_found_beside_a_cookie_with_raw_utf8() {
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            http::header::COOKIE,
+            http::HeaderValue::from_bytes("lang=français; cid=abc".as_bytes()).unwrap(),
+        );
+        let key = sticky_key(&Sticky::Cookie("cid".into()), &h, None);
+        assert_eq!(key.as_deref(), Some(&b"abc"[..]));
     }
 
     #[test]
