@@ -52,7 +52,7 @@ pub const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Interim (1xx) responses relayed per request before the backend's answer is taken as
 /// invalid (502): each restarts the backend's read timeout, so an endless stream of them would
 /// hold the client, its connection and the request's slot for ever.
-const MAX_INTERIM: u8 = 16;
+pub(crate) const MAX_INTERIM: u8 = 16;
 
 /// Request size limits enforced before routing (the backend is never contacted past them).
 #[derive(Debug, Clone, Copy)]

@@ -20,6 +20,7 @@ use tokio::sync::oneshot;
 use crate::forwarding;
 use crate::metrics;
 use crate::path::NormalPath;
+use crate::proxy::MAX_INTERIM;
 use crate::router::upstream_path;
 use crate::state::{LiveTable, RouteControl};
 
@@ -199,7 +200,9 @@ pub fn tap(
 
     let mut up =
         RequestHeader::build(req.method.clone(), b"/", Some(req.headers.len() + 5)).ok()?;
-    let target = upstream_path(Some(route), false, backend, path);
+    // `rewrite` is the path on the route's `to`: a copy to `to` itself (a canary's shadow) is
+    // sent as its real requests are.
+    let target = upstream_path(Some(route), shadow == route.to, backend, path);
     up.set_raw_path(target.as_bytes()).ok()?;
     let nominated = forwarding::connection_nominated(&req.headers);
     for (name, value) in req.headers.iter() {
@@ -301,11 +304,26 @@ async fn fetch(peer: &HttpPeer, req: RequestHeader, head: bool) -> pingora_error
     let (mut session, _reused) = CLIENT.get_http_session(peer).await?;
     session.write_request_header(Box::new(req)).await?;
     session.finish_request_body().await?;
-    session.read_response_header().await?;
-    let status = session
-        .response_header()
-        .map(|r| r.status.as_u16())
-        .unwrap_or(0);
+    // Interim answers (100, 103) come before the one compared, each as a header of its own;
+    // their count is bounded as on the primary.
+    let mut interim = 0;
+    let status = loop {
+        session.read_response_header().await?;
+        let status = session
+            .response_header()
+            .map(|r| r.status.as_u16())
+            .unwrap_or(0);
+        if !(100..200).contains(&status) || status == 101 {
+            break status;
+        }
+        interim += 1;
+        if interim > MAX_INTERIM {
+            return Err(pingora_error::Error::explain(
+                pingora_error::ErrorType::InvalidHTTPHeader,
+                format!("more than {MAX_INTERIM} interim (1xx) responses"),
+            ));
+        }
+    };
     let mut cap = Capture::new(status);
     if !head {
         while let Some(chunk) = session.read_response_body().await? {

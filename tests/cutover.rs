@@ -366,6 +366,77 @@ fn a_slow_shadow_costs_the_client_nothing() {
     );
 }
 
+/// A shadow that sends an interim answer (`103 Early Hints`) first is compared on the answer
+/// that follows; a copy to the route's own `to` (a canary's shadow) goes to its rewritten path.
+#[test]
+fn a_shadows_1xx_is_not_its_answer_and_a_copy_to_to_is_rewritten() {
+    let body = r#"{"a":1}"#;
+    let primary = Backend::start(Arc::new(move |_s: &Seen| {
+        json(200, serde_json::json!({"a": 1}))
+    }));
+    // A raw backend: a 103, then the same JSON as the primary.
+    let hinting = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hinting_addr = hinting.local_addr().unwrap();
+    std::thread::spawn(move || {
+        use std::io::{BufRead, Write};
+        for conn in hinting.incoming() {
+            let Ok(conn) = conn else { return };
+            std::thread::spawn(move || {
+                let mut r = std::io::BufReader::new(conn.try_clone().unwrap());
+                let mut w = conn;
+                loop {
+                    let mut line = String::new();
+                    while r.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                        line.clear();
+                    }
+                    if line != "\r\n" {
+                        return;
+                    }
+                    let answer = format!(
+                        "HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n\
+                         HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if w.write_all(answer.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let new = Backend::echo("new");
+    let yaml = format!(
+        "backends:\n  legacy: {{url: '{}'}}\n  hinting: {{url: 'http://{hinting_addr}'}}\n  new: {{url: '{}'}}\n\
+         default: legacy\nroutes:\n\
+         \x20 - {{name: hinted, path: /hinted, to: legacy, shadow: hinting}}\n\
+         \x20 - {{name: departures, path: /departures, to: new, split: 0, shadow: new, rewrite: /v2/departures}}\n",
+        primary.url(),
+        new.url()
+    );
+    let proxy = Proxy::start(&yaml);
+    let r = request("GET", &proxy.url("/hinted"), &[], None);
+    assert_eq!(r.status, 200);
+    wait_for("the comparison counted", Duration::from_secs(5), || {
+        proxy
+            .metric("strangler_shadow_total{route=\"hinted\",backend=\"hinting\",result=\"match\"}")
+            == 1.0
+    });
+    assert!(
+        !proxy.log_text().contains("panicked"),
+        "{}",
+        proxy.log_text()
+    );
+
+    // The canary at 0 %: every client is served by `default`, and `new` gets the copy at the
+    // path its real requests would have.
+    let r = request("GET", &proxy.url("/departures/x?y=1"), &[], None);
+    assert_eq!(r.header("x-strangler-backend"), "legacy");
+    wait_for("the copy to reach new", Duration::from_secs(5), || {
+        !new.seen().is_empty()
+    });
+    assert_eq!(new.seen()[0].target, "/v2/departures/x?y=1");
+}
+
 #[test]
 fn a_primary_that_outlives_the_shadow_is_not_compared() {
     // The primary drips its body for about 4 s (a server-sent events stream, a long poll);

@@ -921,12 +921,20 @@ fn a_backend_silent_on_expect_continue_is_a_504_not_the_clients_408() {
     );
     assert_eq!(status_of(&answer), 504, "{answer}");
     assert!(answer.contains("\"error\":\"gateway_timeout\""), "{answer}");
-    assert!(lines.lock().unwrap().iter().any(|l| l.starts_with("POST /up/x")));
-    wait_for("the backend's timeout counted", Duration::from_secs(2), || {
-        proxy.metric(
-            "strangler_upstream_errors_total{route=\"up\",backend=\"new\",kind=\"timeout\"}",
-        ) == 1.0
-    });
+    assert!(lines
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.starts_with("POST /up/x")));
+    wait_for(
+        "the backend's timeout counted",
+        Duration::from_secs(2),
+        || {
+            proxy.metric(
+                "strangler_upstream_errors_total{route=\"up\",backend=\"new\",kind=\"timeout\"}",
+            ) == 1.0
+        },
+    );
     assert_eq!(
         proxy.metric(
             "strangler_requests_total{route=\"up\",backend=\"new\",method=\"POST\",code=\"408\"}"
