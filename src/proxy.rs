@@ -727,7 +727,10 @@ impl ProxyHttp for Strangler {
             }
         }
         if let Some(tap) = &mut ctx.shadow {
-            tap.primary_status(resp.status.as_u16());
+            tap.primary_header(
+                resp.status.as_u16(),
+                resp.headers.get(header::CONTENT_ENCODING),
+            );
         }
         Ok(())
     }

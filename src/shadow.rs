@@ -63,18 +63,68 @@ static NOT_COPIED: [HeaderName; 10] = [
 /// What was seen of one side's response.
 pub struct Capture {
     status: u16,
+    /// Its `Content-Encoding` (lower case), if any other than `identity`.
+    encoding: Option<Box<str>>,
     len: u64,
     body: Vec<u8>,
     hash: ring::digest::Context,
 }
 
+/// The most bytes a compressed body is decoded to for the comparison: past it (a bomb, or a
+/// document far over the cap) the two sides are compared as they came.
+const DECODED_MAX: u64 = 16 * BODY_CAP as u64;
+
 impl Capture {
-    fn new(status: u16) -> Self {
+    fn new(status: u16, encoding: Option<&HeaderValue>) -> Self {
+        let encoding = encoding
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.trim().to_ascii_lowercase())
+            .filter(|v| !v.is_empty() && v != "identity")
+            .map(String::into_boxed_str);
         Capture {
             status,
+            encoding,
             len: 0,
             body: Vec::new(),
             hash: ring::digest::Context::new(&ring::digest::SHA256),
+        }
+    }
+
+    /// The body decoded by its `Content-Encoding` (gzip, deflate, br), so that a compressed
+    /// side compares with an uncompressed one, and two compressions of one document (another
+    /// gzip timestamp, level) compare equal. `None` when there is nothing to decode, or it
+    /// cannot be: an unknown or stacked coding, a body over the cap (only its hash was kept),
+    /// corrupt data, or more than `DECODED_MAX` once decoded.
+    fn decoded(&self) -> Option<Capture> {
+        use std::io::Read;
+        let encoding = self.encoding.as_deref()?;
+        if self.is_capped() {
+            return None;
+        }
+        let body = &self.body[..];
+        let mut reader: Box<dyn Read + '_> = match encoding {
+            "gzip" | "x-gzip" => Box::new(flate2::read::MultiGzDecoder::new(body)),
+            // HTTP's `deflate` is the zlib format; some servers send it raw.
+            "deflate" if body.first().is_some_and(|b| b & 0x0f == 8) => {
+                Box::new(flate2::read::ZlibDecoder::new(body))
+            }
+            "deflate" => Box::new(flate2::read::DeflateDecoder::new(body)),
+            "br" => Box::new(brotli::Decompressor::new(body, 4096)),
+            _ => return None,
+        };
+        let mut out = Capture::new(self.status, None);
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            match reader.read(&mut buf) {
+                Ok(0) => return Some(out),
+                Ok(n) => {
+                    out.push(&buf[..n]);
+                    if out.len > DECODED_MAX {
+                        return None;
+                    }
+                }
+                Err(_) => return None,
+            }
         }
     }
 
@@ -102,9 +152,9 @@ pub struct ShadowTap {
 }
 
 impl ShadowTap {
-    /// The primary's response status arrived.
-    pub fn primary_status(&mut self, status: u16) {
-        self.primary = Some(Capture::new(status));
+    /// The primary's response header arrived.
+    pub fn primary_header(&mut self, status: u16, encoding: Option<&HeaderValue>) {
+        self.primary = Some(Capture::new(status, encoding));
     }
 
     /// A chunk of the primary's response body passed to the client.
@@ -307,14 +357,15 @@ async fn fetch(peer: &HttpPeer, req: RequestHeader, head: bool) -> pingora_error
     // Interim answers (100, 103) come before the one compared, each as a header of its own;
     // their count is bounded as on the primary.
     let mut interim = 0;
-    let status = loop {
+    let mut cap = loop {
         session.read_response_header().await?;
-        let status = session
-            .response_header()
-            .map(|r| r.status.as_u16())
-            .unwrap_or(0);
+        let resp = session.response_header();
+        let status = resp.map(|r| r.status.as_u16()).unwrap_or(0);
         if !(100..200).contains(&status) || status == 101 {
-            break status;
+            break Capture::new(
+                status,
+                resp.and_then(|r| r.headers.get(header::CONTENT_ENCODING)),
+            );
         }
         interim += 1;
         if interim > MAX_INTERIM {
@@ -324,7 +375,6 @@ async fn fetch(peer: &HttpPeer, req: RequestHeader, head: bool) -> pingora_error
             ));
         }
     };
-    let mut cap = Capture::new(status);
     if !head {
         while let Some(chunk) = session.read_response_body().await? {
             cap.push(&chunk);
@@ -348,6 +398,8 @@ pub struct Difference {
 /// Compares status, then body: JSON as values with `ignore` pointers removed, other bodies byte
 /// for byte, bodies over the cap by length and hash. `None` means they match.
 pub fn compare(p: &Capture, s: &Capture, ignore: &[String]) -> Option<Difference> {
+    let (pd, sd) = (p.decoded(), s.decoded());
+    let (p, s) = (pd.as_ref().unwrap_or(p), sd.as_ref().unwrap_or(s));
     if p.status != s.status {
         return Some(Difference {
             pointer: "status".into(),
@@ -510,6 +562,58 @@ mod tests {
         compare_bodies(a.as_bytes(), b.as_bytes(), &ignore)
     }
 
+    fn captured(encoding: Option<&str>, body: &[u8]) -> Capture {
+        let v = encoding.map(|e| HeaderValue::from_str(e).unwrap());
+        let mut c = Capture::new(200, v.as_ref());
+        c.push(body);
+        c
+    }
+
+    fn gzip(body: &[u8], mtime: u32) -> Vec<u8> {
+        use std::io::Write;
+        let mut w = flate2::GzBuilder::new()
+            .mtime(mtime)
+            .write(Vec::new(), flate2::Compression::default());
+        w.write_all(body).unwrap();
+        w.finish().unwrap()
+    }
+
+    /// Compressed bodies are compared decoded: as JSON values when they are JSON, whichever
+    /// side compressed, however (gzip timestamps, deflate, br).
+    #[test]
+    fn compressed_bodies_are_compared_decoded() {
+        use std::io::Write;
+        let doc = br#"{"a":1,"b":[1,2]}"#;
+        let other = br#"{"b":[1,2],"a":2}"#;
+        let plain = captured(None, doc);
+        let gz1 = captured(Some("gzip"), &gzip(doc, 1));
+        let gz2 = captured(Some("GZIP"), &gzip(doc, 2));
+        assert_eq!(compare(&gz1, &gz2, &[]), None, "two gzip timestamps");
+        assert_eq!(compare(&gz1, &plain, &[]), None, "gzip against identity");
+        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+        z.write_all(doc).unwrap();
+        assert_eq!(
+            compare(&captured(Some("deflate"), &z.finish().unwrap()), &plain, &[]),
+            None
+        );
+        let mut br = Vec::new();
+        {
+            let mut w = brotli::CompressorWriter::new(&mut br, 4096, 5, 22);
+            w.write_all(doc).unwrap();
+        }
+        assert_eq!(compare(&captured(Some("br"), &br), &plain, &[]), None);
+        // A difference is reported in the decoded document.
+        let d = compare(&gz1, &captured(Some("gzip"), &gzip(other, 1)), &[]).unwrap();
+        assert_eq!(
+            (d.pointer.as_str(), d.primary.as_str(), d.shadow.as_str()),
+            ("/a", "1", "2")
+        );
+        // What cannot be decoded is compared as it came.
+        let corrupt = captured(Some("gzip"), b"not gzip");
+        assert!(compare(&corrupt, &plain, &[]).is_some());
+        assert_eq!(compare(&corrupt, &captured(Some("gzip"), b"not gzip"), &[]), None);
+    }
+
     #[test]
     fn json_as_values() {
         assert_eq!(
@@ -578,8 +682,8 @@ mod tests {
 
     #[test]
     fn status_then_large_bodies() {
-        let mut p = Capture::new(200);
-        let mut s = Capture::new(500);
+        let mut p = Capture::new(200, None);
+        let mut s = Capture::new(500, None);
         assert_eq!(compare(&p, &s, &[]).unwrap().pointer, "status");
         s.status = 200;
         let big = vec![7u8; BODY_CAP + 10];
@@ -600,7 +704,7 @@ mod tests {
     fn capped_bodies_stay_dropped() {
         // In chunks, as bodies arrive: once past the cap, no later chunk is held again.
         let chunk = vec![1u8; 64 << 10];
-        let mut c = Capture::new(200);
+        let mut c = Capture::new(200, None);
         for _ in 0..16 {
             c.push(&chunk);
         }
