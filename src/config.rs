@@ -297,12 +297,22 @@ const MAX_KEYS_TAKEN_OUT: usize = 16;
 /// report it missing or undefined). A missing or duplicate key is not one.
 fn faulty_key(message: &str) -> Option<(Vec<&str>, &str)> {
     let (inner, own) = split_serde_path(message);
-    let steps: Vec<&str> = inner
-        .unwrap_or("")
-        .split(['.', '[', ']'])
-        .filter(|s| !s.is_empty())
-        .collect();
-    if let Some(key) = backticked(own, "unknown field `") {
+    let inner = inner.unwrap_or("");
+    let unknown = backticked(own, "unknown field `");
+    // A backend's name may hold dots (`api.v2`): under `backends` the path is `backends.NAME`
+    // for a key in that backend, `backends.NAME.KEY` for its value (backend keys hold none).
+    let steps: Vec<&str> = match inner.strip_prefix("backends.") {
+        Some(name) if unknown.is_some() => vec!["backends", name],
+        Some(rest) => match rest.rsplit_once('.') {
+            Some((name, key)) => vec!["backends", name, key],
+            None => vec!["backends", rest],
+        },
+        None => inner
+            .split(['.', '[', ']'])
+            .filter(|s| !s.is_empty())
+            .collect(),
+    };
+    if let Some(key) = unknown {
         return Some((steps, key));
     }
     const WRONG: [&str; 4] = [
@@ -314,9 +324,12 @@ fn faulty_key(message: &str) -> Option<(Vec<&str>, &str)> {
     if !WRONG.iter().any(|w| own.starts_with(w)) {
         return None;
     }
-    // A list element's fault is its list's: `methods[1]` takes `methods` out.
+    // A list element's fault is its list's: `methods[1]` takes `methods` out; a nested key's
+    // is the route's or backend's key it sits in: `rollback.error_rate` takes `rollback` out
+    // (without its required key `rollback` would not read either).
     let last_key = steps.iter().rposition(|s| s.parse::<usize>().is_err())?;
-    (last_key >= 2).then(|| (steps[..last_key].to_vec(), steps[last_key]))
+    let at = last_key.min(2);
+    (last_key >= 2).then(|| (steps[..at].to_vec(), steps[at]))
 }
 
 /// The file with every faulty key ([`faulty_key`]) taken out, read again. `text` is the file

@@ -457,11 +457,8 @@ impl RoutingTable {
                     ));
                 } else if let Some(c) = rw.chars().find(|&c| !is_path_char(c)) {
                     // An upstream request line cannot carry it: every request would fail.
-                    let encoded: String = c
-                        .to_string()
-                        .bytes()
-                        .map(|b| format!("%{b:02X}"))
-                        .collect();
+                    let encoded: String =
+                        c.to_string().bytes().map(|b| format!("%{b:02X}")).collect();
                     errors.push(source.error_at(
                         &at("rewrite"),
                         format!("rewrite {rw:?}: {c:?} cannot be sent in a path; write it percent-encoded ({encoded})"),
@@ -897,6 +894,18 @@ mod tests {
             "t.yaml:7:12: path must start with '/'",
             "t.yaml:7:31: routes[1].exact: invalid type: string \"maybe\", expected a boolean",
             "t.yaml:7:53: routes[1].methods[1]: invalid type: sequence",
+        ];
+        crate::config::assert_each_starts_with(&got, &want);
+        // A backend named with dots, and a wrong type inside `rollback`: still taken out.
+        let got = checked(
+            "backends:\n  api.v2: {url: 'http://127.0.0.1:9', colour: red, trailing_slash: Add}\ndefault: api.v2\n\
+             routes:\n  - {path: /a, to: api.v2, rollback: {error_rate: [5], min_requests: 1, window: 1s}}\n  - {path: /b, to: nope}\n",
+        );
+        let want = [
+            "t.yaml:2:39: backends.api.v2: unknown field `colour`",
+            "t.yaml:2:68: backends.api.v2.trailing_slash: unknown variant `Add`",
+            "t.yaml:5:51: routes[0].rollback.error_rate: invalid type: sequence",
+            "t.yaml:6:20: backend \"nope\" is not defined",
         ];
         crate::config::assert_each_starts_with(&got, &want);
         // A required one: what the rest of the table would mean without it is not guessed at,
