@@ -20,8 +20,11 @@ pub struct Target {
     pub base: String,
 }
 
+/// How long a loopback address is given to take a connection when a name resolves to several.
+const CONNECT_PROBE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Expands `--admin` values into targets: a name resolving to several addresses becomes one
-/// target per address.
+/// target per address (a fleet behind one DNS name), unless they are all loopback addresses.
 pub fn targets(admin: &[String]) -> Vec<Target> {
     let mut out = Vec::new();
     for a in admin {
@@ -54,7 +57,23 @@ pub fn targets(admin: &[String]) -> Vec<Target> {
                 v
             })
             .unwrap_or_default();
-        if addrs.len() > 1 {
+        let one_machine = addrs.iter().all(|a| a.ip().is_loopback());
+        if addrs.len() > 1 && one_machine {
+            // `localhost` (127.0.0.1 and ::1) is this machine, not a fleet: one target, at the
+            // address that takes a connection (a proxy listens on one of them).
+            let addr = addrs
+                .iter()
+                .find(|a| std::net::TcpStream::connect_timeout(a, CONNECT_PROBE).is_ok())
+                .unwrap_or(&addrs[0]);
+            out.push(Target {
+                label: authority.to_string(),
+                base: if scheme == "http" {
+                    format!("{scheme}://{addr}{path}")
+                } else {
+                    url.clone()
+                },
+            });
+        } else if addrs.len() > 1 {
             for addr in addrs {
                 out.push(Target {
                     label: format!("{authority} ({addr})"),
@@ -396,6 +415,26 @@ mod tests {
         let t = targets(&["127.0.0.1:9900".into(), "http://127.0.0.1:9901/".into()]);
         assert_eq!(t[0].base, "http://127.0.0.1:9900");
         assert_eq!(t[1].base, "http://127.0.0.1:9901");
+        // `localhost` is one target whatever it resolves to (127.0.0.1, ::1): the address
+        // that listens.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let t = targets(&[format!("localhost:{port}")]);
+        assert_eq!(
+            t.len(),
+            1,
+            "{:?}",
+            t.iter().map(|t| &t.base).collect::<Vec<_>>()
+        );
+        assert!(
+            [
+                format!("http://localhost:{port}"),
+                format!("http://127.0.0.1:{port}")
+            ]
+            .contains(&t[0].base),
+            "{}",
+            t[0].base
+        );
         assert_eq!(escape("/itineraries/{id}"), "%2Fitineraries%2F%7Bid%7D");
         assert_eq!(escape("bookings"), "bookings");
     }
