@@ -631,10 +631,17 @@ mod tests {
             let forwarded = side(&behind, lb, Some(&c.to_string()));
             assert_eq!(forwarded, side(&behind, c, None), "{c} behind the proxy");
             // An untrusted peer's X-Forwarded-For is not believed.
-            assert_eq!(side(&direct, lb, Some(&c.to_string())), side(&direct, lb, None));
+            assert_eq!(
+                side(&direct, lb, Some(&c.to_string())),
+                side(&direct, lb, None)
+            );
             sides.insert(forwarded);
         }
-        assert_eq!(sides.len(), 2, "40 clients land on both sides of a 50 % split");
+        assert_eq!(
+            sides.len(),
+            2,
+            "40 clients land on both sides of a 50 % split"
+        );
     }
 
     #[test]

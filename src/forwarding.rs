@@ -713,10 +713,7 @@ mod tests {
             strip_cookie_domain("sid=1; Domain=example.com", &hosts),
             None
         );
-        assert_eq!(
-            cookie_value(b"a=1; cid=xyz; b=2", "cid"),
-            Some(&b"xyz"[..])
-        );
+        assert_eq!(cookie_value(b"a=1; cid=xyz; b=2", "cid"), Some(&b"xyz"[..]));
         assert_eq!(cookie_value(b"a=1", "cid"), None);
         assert_eq!(
             cookie_value("lang=français; cid=abc".as_bytes(), "cid"),

@@ -593,7 +593,11 @@ mod tests {
         let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
         z.write_all(doc).unwrap();
         assert_eq!(
-            compare(&captured(Some("deflate"), &z.finish().unwrap()), &plain, &[]),
+            compare(
+                &captured(Some("deflate"), &z.finish().unwrap()),
+                &plain,
+                &[]
+            ),
             None
         );
         let mut br = Vec::new();
@@ -611,7 +615,10 @@ mod tests {
         // What cannot be decoded is compared as it came.
         let corrupt = captured(Some("gzip"), b"not gzip");
         assert!(compare(&corrupt, &plain, &[]).is_some());
-        assert_eq!(compare(&corrupt, &captured(Some("gzip"), b"not gzip"), &[]), None);
+        assert_eq!(
+            compare(&corrupt, &captured(Some("gzip"), b"not gzip"), &[]),
+            None
+        );
     }
 
     #[test]
