@@ -387,6 +387,14 @@ fn run_cases(table: &RoutingTable, file: &Path, pins: &BTreeMap<String, Pin>) ->
             return ExitCode::from(1);
         }
     };
+    if cases.is_empty() {
+        // A golden file emptied by mistake must not pass CI as "0 failed".
+        eprintln!(
+            "{}:1:1: no cases: a cases file lists at least one {{request, route, backend}}",
+            file.display()
+        );
+        return ExitCode::from(1);
+    }
     let mut failed = 0;
     for (n, case) in cases.iter().enumerate() {
         let outcome = (|| -> Result<(), String> {

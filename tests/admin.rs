@@ -903,6 +903,13 @@ fn golden_cases_pin_the_routing_in_ci_and_explain_shows_the_upstream_request() {
         "the failing case is named:\n{out}"
     );
     assert!(out.contains("1 passed, 1 failed"), "{out}");
+    // An emptied golden file fails too: it pins nothing.
+    for (name, text) in [("empty.yaml", ""), ("none.yaml", "[]\n")] {
+        let empty = write(dir.path(), name, text);
+        let (code, out, err) = strangler(&["check", "-c", &cfg, "--cases", &empty]);
+        assert_eq!(code, 1, "{name}:\n{out}{err}");
+        assert!(err.contains(&format!("{name}:1:1:")), "{err}");
+    }
 
     // A case on a partial split without its sticky key would pass or fail by chance: it fails,
     // saying why, every time.
