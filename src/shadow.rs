@@ -298,26 +298,35 @@ pub fn tap(
     tokio::spawn(async move {
         let _slot = slot;
         let shadow = tokio::time::timeout(deadline, fetch(&peer, up, head)).await;
+        let labels = [&*route_name, &*backend_name];
+        // A shadow that failed is the shadow backend's error, whatever the primary does: it
+        // is not waited for.
+        let shadow = match shadow {
+            Err(_) => {
+                log::info!(target: "shadow", "shadow request {request_id} on route {route_name:?} to {backend_name}: timed out after {deadline:?}");
+                Err("error")
+            }
+            Ok(Err(e)) => {
+                log::info!(target: "shadow", "shadow request {request_id} on route {route_name:?} to {backend_name}: {e}");
+                Err("error")
+            }
+            Ok(Ok(s)) => Ok(s),
+        };
         // The primary's answer is waited for as long again at most: a stream that outlives
         // that (server-sent events, a long poll, a download far slower than the shadow's) is
         // not compared ("skipped"), and gives its slot back.
-        let primary = tokio::time::timeout(deadline, rx)
-            .await
-            .ok()
-            .and_then(|r| r.ok())
-            .flatten();
-        let labels = [&*route_name, &*backend_name];
+        let primary = match &shadow {
+            Ok(_) => tokio::time::timeout(deadline, rx)
+                .await
+                .ok()
+                .and_then(|r| r.ok())
+                .flatten(),
+            Err(_) => None,
+        };
         let result = match (primary, shadow) {
-            (None, _) => "skipped",
-            (Some(_), Err(_)) => {
-                log::info!(target: "shadow", "shadow request {request_id} on route {route_name:?} to {backend_name}: timed out after {deadline:?}");
-                "error"
-            }
-            (Some(_), Ok(Err(e))) => {
-                log::info!(target: "shadow", "shadow request {request_id} on route {route_name:?} to {backend_name}: {e}");
-                "error"
-            }
-            (Some(p), Ok(Ok(s))) => match compare(&p, &s, &ignore) {
+            (_, Err(error)) => error,
+            (None, Ok(_)) => "skipped",
+            (Some(p), Ok(s)) => match compare(&p, &s, &ignore) {
                 None => "match",
                 Some(diff) => {
                     let (primary, shadow) = (truncate(&diff.primary), truncate(&diff.shadow));

@@ -437,6 +437,33 @@ fn a_shadows_1xx_is_not_its_answer_and_a_copy_to_to_is_rewritten() {
     assert_eq!(new.seen()[0].target, "/v2/departures/x?y=1");
 }
 
+/// A shadow that cannot be reached is counted as the shadow's error, however long the primary
+/// takes: a slow endpoint does not hide its shadow's failures as "skipped".
+#[test]
+fn a_failing_shadow_is_an_error_even_behind_a_slow_primary() {
+    let slow = Backend::start(Arc::new(|_s: &Seen| {
+        std::thread::sleep(Duration::from_millis(1500));
+        full(200, "slow")
+    }));
+    let yaml = format!(
+        "backends:\n  legacy: {{url: '{}'}}\n  dead: {{url: 'http://127.0.0.1:{}', connect_timeout: 200ms, timeout: 200ms}}\n\
+         default: legacy\nroutes:\n  - {{name: slow, path: /slow, to: legacy, shadow: dead}}\n",
+        slow.url(),
+        dead_port()
+    );
+    let proxy = Proxy::start(&yaml);
+    assert_eq!(request("GET", &proxy.url("/slow"), &[], None).status, 200);
+    let shadow = |result: &str| {
+        proxy.metric(&format!(
+            "strangler_shadow_total{{route=\"slow\",backend=\"dead\",result=\"{result}\"}}"
+        ))
+    };
+    wait_for("the shadow's error counted", Duration::from_secs(3), || {
+        shadow("error") == 1.0
+    });
+    assert_eq!(shadow("skipped"), 0.0);
+}
+
 #[test]
 fn a_primary_that_outlives_the_shadow_is_not_compared() {
     // The primary drips its body for about 4 s (a server-sent events stream, a long poll);
