@@ -155,7 +155,7 @@ impl RequestCounters {
 }
 
 /// The `result` values of `strangler_shadow_total`.
-const SHADOW_RESULTS: [&str; 4] = ["match", "mismatch", "error", "skipped"];
+pub const SHADOW_RESULTS: [&str; 4] = ["match", "mismatch", "error", "skipped"];
 
 /// Zero series for the events each route's configuration makes possible: a manual rollback
 /// (every route), an automatic one (a route with `rollback`), a failover (a route with

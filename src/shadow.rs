@@ -247,6 +247,8 @@ pub fn tap(
         return None;
     };
     let addr = backend.addrs.pick(backend.addrs.turn(), 0)?;
+    let counters = metrics::SHADOW_RESULTS
+        .map(|r| metrics::SHADOW.with_label_values(&[labels[0], labels[1], r]));
 
     let mut up =
         RequestHeader::build(req.method.clone(), b"/", Some(req.headers.len() + 5)).ok()?;
@@ -298,7 +300,6 @@ pub fn tap(
     tokio::spawn(async move {
         let _slot = slot;
         let shadow = tokio::time::timeout(deadline, fetch(&peer, up, head)).await;
-        let labels = [&*route_name, &*backend_name];
         // A shadow that failed is the shadow backend's error, whatever the primary does: it
         // is not waited for.
         let shadow = match shadow {
@@ -345,11 +346,11 @@ pub fn tap(
                 }
             },
         };
-        // A route a reload removed meanwhile has had its series deleted: keep them so.
-        if !_slot.0.retired.load(Ordering::Acquire) {
-            metrics::SHADOW
-                .with_label_values(&[labels[0], labels[1], result])
-                .inc();
+        // Counted through a handle taken when the copy was sent: a reload that removed the
+        // route or its shadow backend meanwhile has deleted the series, and a deleted series'
+        // handle counts where nothing exports it (a lookup by labels now would recreate it).
+        if let Some(i) = metrics::SHADOW_RESULTS.iter().position(|r| *r == result) {
+            counters[i].inc();
         }
     });
 

@@ -464,6 +464,60 @@ fn a_failing_shadow_is_an_error_even_behind_a_slow_primary() {
     assert_eq!(shadow("skipped"), 0.0);
 }
 
+/// A shadow copy still in flight when a reload removes its backend does not bring back the
+/// series the reload deleted.
+#[test]
+fn a_shadow_ending_after_its_backend_left_the_file_leaves_no_series() {
+    let legacy = Backend::echo("legacy");
+    let gate = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+    let g = gate.clone();
+    let gated = Backend::start(Arc::new(move |_s: &Seen| {
+        let (open, cv) = &*g;
+        let _open = cv.wait_while(open.lock().unwrap(), |open| !*open).unwrap();
+        full(200, "different")
+    }));
+    let yaml = |with_shadow: bool| {
+        let (backend, shadow) = if with_shadow {
+            (
+                format!("  gated: {{url: '{}'}}\n", gated.url()),
+                ", shadow: gated",
+            )
+        } else {
+            (String::new(), "")
+        };
+        format!(
+            "backends:\n  legacy: {{url: '{}'}}\n{backend}default: legacy\nroutes:\n  - {{name: mirrored, path: /mirrored, to: legacy{shadow}}}\n",
+            legacy.url()
+        )
+    };
+    let proxy = Proxy::start(&yaml(true));
+    assert_eq!(
+        request("GET", &proxy.url("/mirrored"), &[], None).status,
+        200
+    );
+    wait_for("the copy in flight", Duration::from_secs(3), || {
+        !gated.seen().is_empty()
+    });
+    proxy.write_config(&yaml(false));
+    wait_for("the reload", Duration::from_secs(3), || {
+        route(&proxy, "mirrored")["shadow"].is_null()
+    });
+    *gate.0.lock().unwrap() = true;
+    gate.1.notify_all();
+    wait_for("the late comparison", Duration::from_secs(5), || {
+        proxy.log_text().contains("shadow mismatch")
+    });
+    let (_, body) = get(&proxy.admin_url("/metrics"));
+    assert!(
+        !body.contains("backend=\"gated\""),
+        "{}",
+        body.lines()
+            .filter(|l| l.contains("gated"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
 #[test]
 fn a_primary_that_outlives_the_shadow_is_not_compared() {
     // The primary drips its body for about 4 s (a server-sent events stream, a long poll);
