@@ -288,13 +288,9 @@ fn header_ends_response(req: &RequestHeader, resp: &ResponseHeader) -> bool {
             .is_some_and(|v| v.as_bytes() == b"0")
 }
 
-/// Whether the client is waiting for a `100 Continue` before it sends its body: it asked for
-/// one (HTTP/1.1), none came, and no body byte has arrived.
-fn awaits_continue(session: &Session, ctx: &RequestCtx) -> bool {
-    let req = session.req_header();
-    ctx.interim == 0
-        && req.version >= http::Version::HTTP_11
-        && session.as_ref().body_bytes_read() == 0
+/// Whether an HTTP/1.1 client asked for `100 Continue` before its body.
+fn expects_continue(req: &RequestHeader) -> bool {
+    req.version >= http::Version::HTTP_11
         && req
             .headers
             .get(header::EXPECT)
@@ -532,6 +528,12 @@ impl ProxyHttp for Strangler {
             )
             .map(Box::new);
         }
+        if expects_continue(session.req_header()) && !session.is_body_empty() {
+            // The request goes on: its body is wanted. Answered here, as nginx and Envoy do,
+            // rather than left to a backend that may never send one: a client that then
+            // withholds its body has stalled (408), and a silent backend is a 504 either way.
+            session.write_continue_response().await?;
+        }
         Ok(false)
     }
 
@@ -597,11 +599,9 @@ impl ProxyHttp for Strangler {
         if let Some(length) = forwarding::collapsed_content_length(&up.headers) {
             up.insert_header(header::CONTENT_LENGTH, length)?;
         }
-        if session.req_header().version < http::Version::HTTP_11 {
-            // An HTTP/1.0 client's `100-continue` must be ignored (RFC 9110 §10.1.1): the
-            // backend would answer it with a 100 the client takes for the final response.
-            up.remove_header(&header::EXPECT);
-        }
+        // The proxy answers `Expect: 100-continue` itself (`request_filter`), and an HTTP/1.0
+        // client's must be ignored (RFC 9110 §10.1.1): the backend never sees it.
+        up.remove_header(&header::EXPECT);
         if let Some(peer) = peer_ip(session) {
             let existing = forwarding::header_list(&up.headers, &X_FORWARDED_FOR);
             let xff = forwarding::forwarded_for(existing.as_deref(), peer);
@@ -856,14 +856,12 @@ impl ProxyHttp for Strangler {
         }
         // Pingora waits for the response while it relays the request body, and restarts that
         // wait at every chunk the client sends: a read that times out before the body is done
-        // means the client went silent for `timeout`. Not the backend's failure: no upstream
-        // error, no rollback judgement, no failover, no retry; the client gets a 408. Unless
-        // the client owed nothing yet: it asked for `100 Continue` before its body, the
-        // backend never sent one, and the client is entitled to wait (RFC 9110 §10.1.1).
+        // means the client went silent for `timeout` (a client that asked for `100 Continue`
+        // had it from the proxy: it owed its body too). Not the backend's failure: no upstream
+        // error, no rollback judgement, no failover, no retry; the client gets a 408.
         if *e.esource() == ErrorSource::Upstream
             && *e.etype() == ErrorType::ReadTimedout
             && !session.is_body_done()
-            && !awaits_continue(session, ctx)
         {
             ctx.client_stalled = true;
             ctx.judged = true;
