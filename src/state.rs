@@ -321,7 +321,7 @@ impl State {
         // per-route gauges are missing is not one to run.
         crate::route_gauges::register(&state)
             .map_err(|e| format!("cannot register the per-route gauges: {e}"))?;
-        record_success(t0);
+        record_success(t0.elapsed());
         log::info!(
             "loaded {} (sha256 {}): {}",
             config.display(),
@@ -379,7 +379,6 @@ impl State {
         let old = self.snapshot();
         let live = assemble(table, Some(&old), &mut self.controls.lock());
         self.live.store(Arc::new(live));
-        record_success(t0);
         let t_swapped = t0.elapsed();
 
         // The new table serves; what follows is bookkeeping. Only routes whose serving changed
@@ -450,6 +449,9 @@ impl State {
             metrics::forget_backends(&kept_backends);
         }
         metrics::prime(&live.table);
+        // Counted once the series of what left are gone: a scrape that sees the success sees
+        // the metrics of the new table. The duration is the read → swap one.
+        record_success(t_swapped);
         self.record_unrecorded();
         for (name, before, after) in &changes {
             self.audit
@@ -736,8 +738,8 @@ fn load_table(config: &Path, parsed: &mut Duration) -> Result<RoutingTable, Load
     Ok(table)
 }
 
-fn record_success(t0: Instant) {
-    metrics::CONFIG_RELOAD_DURATION.observe(t0.elapsed().as_secs_f64());
+fn record_success(took: Duration) {
+    metrics::CONFIG_RELOAD_DURATION.observe(took.as_secs_f64());
     metrics::CONFIG_RELOADS
         .with_label_values(&["success"])
         .inc();
