@@ -10,6 +10,7 @@ use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
 use serde_json::{json, Value};
 
+use crate::connection::DeadlineStream;
 use crate::metrics;
 use crate::pins::PinReason;
 use crate::state::{recent_counts, ControlError, LiveTable, State};
@@ -309,6 +310,24 @@ fn not_allowed(method: &Method, allow: &str) -> Response<Vec<u8>> {
 #[async_trait]
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        // The header deadline (`connection::Guarded`) has done its work for this request, and
+        // starts again for the next one on the connection.
+        let clock = session.stream().and_then(DeadlineStream::clock_of).cloned();
+        if let Some(c) = &clock {
+            c.header_done();
+        }
+        // Pipelined requests are answered in order, as on the proxy's listeners.
+        session.set_pipelining_enabled(true);
+        let response = self.answer(session).await;
+        if let Some(c) = &clock {
+            c.request_done();
+        }
+        response
+    }
+}
+
+impl Admin {
+    async fn answer(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_string();
         let query = session.req_header().uri.query().unwrap_or("").to_string();

@@ -393,17 +393,22 @@ pub fn serve(mut opts: ServeOptions) -> Result<(), String> {
     }
     server.add_service(proxy);
 
+    // The same header deadline as the proxy's listeners: a client dripping its header on the
+    // admin port is cut after `--header-timeout`, not kept for ever holding a descriptor.
     let mut admin = Service::new(
         "strangler admin".to_string(),
-        HttpServer::new_app(Admin {
-            state: state.clone(),
-            token: opts
-                .admin_token
-                .as_deref()
-                .map(str::trim)
-                .filter(|t| !t.is_empty())
-                .map(str::to_string),
-        }),
+        crate::connection::Guarded {
+            app: Arc::new(HttpServer::new_app(Admin {
+                state: state.clone(),
+                token: opts
+                    .admin_token
+                    .as_deref()
+                    .map(str::trim)
+                    .filter(|t| !t.is_empty())
+                    .map(str::to_string),
+            })),
+            header_timeout: opts.header_timeout,
+        },
     );
     admin.add_tcp(&opts.admin);
     // The admin listener is small: one thread keeps it off the proxy's threads.

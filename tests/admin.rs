@@ -1243,3 +1243,58 @@ fn each_successful_reload_moves_the_timestamp() {
         last = now;
     }
 }
+
+/// The admin port has the proxy's header deadline (a client dripping its header is cut, not
+/// kept holding a descriptor), and answers pipelined requests in order.
+#[test]
+fn the_admin_port_cuts_slow_headers_and_answers_pipelined_requests() {
+    use std::io::{Read, Write};
+    let legacy = Backend::echo("legacy");
+    let proxy = Proxy::start_with(
+        &format!(
+            "backends:\n  legacy: {{url: '{}'}}\ndefault: legacy\n",
+            legacy.url()
+        ),
+        &["--header-timeout", "1s"],
+        &[],
+    );
+    let admin = format!("127.0.0.1:{}", proxy.admin_port);
+    let answer = raw_within(
+        &admin,
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(10),
+    );
+    assert_eq!(answer.matches("HTTP/1.1 200").count(), 2, "{answer}");
+
+    let mut slow = std::net::TcpStream::connect(&admin).unwrap();
+    slow.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-A: ")
+        .unwrap();
+    slow.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let t0 = Instant::now();
+    let mut cut = false;
+    wait_for(
+        "the slow admin client to be cut",
+        Duration::from_secs(5),
+        || {
+            let mut buf = [0u8; 256];
+            match slow.read(&mut buf) {
+                Ok(_) => cut = true, // closed, or answered (an error): the header never finished
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    cut = slow.write_all(b"a").is_err();
+                }
+                Err(_) => cut = true,
+            }
+            cut
+        },
+    );
+    assert!(
+        t0.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(get(&proxy.admin_url("/healthz")).0, 200);
+}
