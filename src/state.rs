@@ -652,14 +652,15 @@ impl State {
         // Lifted while holding the queue of unwritten pin lines: the line of the pin being
         // lifted (if its thread has not written it yet) is taken and written first; a pin set
         // after the lift queues its line behind this resume's.
+        // A fresh start, made before the pin is lifted: the failures that caused the pin must
+        // not re-pin at once, nor those of requests sent before it that end later (the window's
+        // next generation; one ending between a lift and a clear would judge the old window).
+        control.to_window.clear();
         let earlier = {
             let mut queue = self.unrecorded.lock();
             control.pin.store(None);
             std::mem::take(&mut *queue)
         };
-        // A fresh start: the failures that caused the pin must not re-pin at once, nor those
-        // of requests sent before it that end later (the window's next generation).
-        control.to_window.clear();
         log::info!("route {:?} resumed: served by {} again", r.name, before.to);
         self.save_pins();
         for c in &earlier {
