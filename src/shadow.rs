@@ -327,24 +327,32 @@ pub fn tap(
         let result = match (primary, shadow) {
             (_, Err(error)) => error,
             (None, Ok(_)) => "skipped",
-            (Some(p), Ok(s)) => match compare(&p, &s, &ignore) {
-                None => "match",
-                Some(diff) => {
-                    let (primary, shadow) = (truncate(&diff.primary), truncate(&diff.shadow));
-                    log::warn!(
-                        target: "shadow",
-                        request_id = request_id.as_str(),
-                        route = &*route_name,
-                        backend = &*backend_name,
-                        pointer = diff.pointer.as_str(),
-                        primary = primary.as_str(),
-                        shadow = shadow.as_str();
-                        "shadow mismatch: request {request_id} route {route_name:?} backend {backend_name}: at {:?} primary={primary} shadow={shadow}",
-                        diff.pointer,
-                    );
-                    "mismatch"
+            // Decoding and parsing up to two bodies of a MiB (16 once decompressed) is CPU
+            // work: on the blocking pool, off the threads that serve requests.
+            (Some(p), Ok(s)) => {
+                match tokio::task::spawn_blocking(move || compare(&p, &s, &ignore)).await {
+                    Err(e) => {
+                        log::error!(target: "shadow", "shadow comparison of request {request_id} on route {route_name:?} failed: {e}");
+                        "error"
+                    }
+                    Ok(None) => "match",
+                    Ok(Some(diff)) => {
+                        let (primary, shadow) = (truncate(&diff.primary), truncate(&diff.shadow));
+                        log::warn!(
+                            target: "shadow",
+                            request_id = request_id.as_str(),
+                            route = &*route_name,
+                            backend = &*backend_name,
+                            pointer = diff.pointer.as_str(),
+                            primary = primary.as_str(),
+                            shadow = shadow.as_str();
+                            "shadow mismatch: request {request_id} route {route_name:?} backend {backend_name}: at {:?} primary={primary} shadow={shadow}",
+                            diff.pointer,
+                        );
+                        "mismatch"
+                    }
                 }
-            },
+            }
         };
         // Counted through a handle taken when the copy was sent: a reload that removed the
         // route or its shadow backend meanwhile has deleted the series, and a deleted series'
