@@ -499,14 +499,7 @@ fn a_non_loopback_admin_address_needs_a_token() {
     let legacy = Backend::echo("legacy");
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("routing.yaml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "backends:\n  legacy: {{url: '{}'}}\ndefault: legacy\n",
-            legacy.url()
-        ),
-    )
-    .unwrap();
+    std::fs::write(&cfg, one_backend(&legacy.url())).unwrap();
     let cfg = cfg.to_str().unwrap();
     let listen = format!("127.0.0.1:{}", free_port());
     let admin = format!("0.0.0.0:{}", free_port());
@@ -1251,10 +1244,7 @@ fn the_admin_port_cuts_slow_headers_and_answers_pipelined_requests() {
     use std::io::{Read, Write};
     let legacy = Backend::echo("legacy");
     let proxy = Proxy::start_with(
-        &format!(
-            "backends:\n  legacy: {{url: '{}'}}\ndefault: legacy\n",
-            legacy.url()
-        ),
+        &one_backend(&legacy.url()),
         &["--header-timeout", "1s"],
         &[],
     );

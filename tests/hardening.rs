@@ -133,10 +133,6 @@ fn addr_of(proxy: &Proxy) -> String {
     format!("127.0.0.1:{}", proxy.port)
 }
 
-fn one_backend(url: &str) -> String {
-    format!("backends:\n  legacy: {{url: '{url}'}}\ndefault: legacy\n")
-}
-
 fn targets(b: &Backend) -> Vec<String> {
     b.seen().into_iter().map(|s| s.target).collect()
 }

@@ -333,10 +333,7 @@ fn hop_by_hop_answers_a_forged_shadow_mark_and_invalid_hosts() {
         );
         r
     }));
-    let proxy = Proxy::start(&format!(
-        "backends:\n  legacy: {{url: '{}'}}\ndefault: legacy\n",
-        legacy.url()
-    ));
+    let proxy = Proxy::start(&one_backend(&legacy.url()));
     // Only the proxy's own copies are marked as shadow traffic.
     let r = request(
         "POST",
@@ -396,10 +393,7 @@ fn set_cookie_domain_of_the_backend_is_dropped() {
             .append("set-cookie", "other=2; Domain=example.com".parse().unwrap());
         r
     }));
-    let proxy = Proxy::start(&format!(
-        "backends:\n  legacy: {{url: '{}'}}\ndefault: legacy\n",
-        legacy.url()
-    ));
+    let proxy = Proxy::start(&one_backend(&legacy.url()));
     let addr = format!("127.0.0.1:{}", proxy.port);
     let answer = raw(
         &addr,
@@ -426,10 +420,7 @@ fn large_bodies_stream_intact() {
             streamed(BIG)
         }
     }));
-    let proxy = Proxy::start(&format!(
-        "backends:\n  legacy: {{url: '{}'}}\ndefault: legacy\n",
-        legacy.url()
-    ));
+    let proxy = Proxy::start(&one_backend(&legacy.url()));
     let agent = ureq::Agent::new_with_config(
         ureq::Agent::config_builder()
             .timeout_global(Some(Duration::from_secs(60)))
@@ -917,10 +908,7 @@ fn sigterm_drains_and_exits_zero() {
         }
         full(200, "done")
     }));
-    let mut proxy = Proxy::start(&format!(
-        "backends:\n  legacy: {{url: '{}'}}\ndefault: legacy\n",
-        slow.url()
-    ));
+    let mut proxy = Proxy::start(&one_backend(&slow.url()));
     let url = proxy.url("/x");
     let inflight = std::thread::spawn(move || request("GET", &url, &[], None));
     wait_for(
@@ -957,14 +945,7 @@ fn a_drain_that_times_out_says_what_it_cut() {
         std::thread::sleep(Duration::from_secs(4));
         full(200, "too late")
     }));
-    let mut proxy = Proxy::start_with(
-        &format!(
-            "backends:\n  legacy: {{url: '{}'}}\ndefault: legacy\n",
-            stuck.url()
-        ),
-        &["--drain-timeout", "1s"],
-        &[],
-    );
+    let mut proxy = Proxy::start_with(&one_backend(&stuck.url()), &["--drain-timeout", "1s"], &[]);
     let url = proxy.url("/x");
     let inflight = std::thread::spawn(move || request("GET", &url, &[], None));
     wait_for(
@@ -1087,10 +1068,7 @@ fn an_address_it_cannot_listen_on_is_a_start_up_error() {
 fn oversized_requests_are_414_and_431_and_sent_nowhere() {
     let legacy = Backend::echo("legacy");
     let proxy = Proxy::start_with(
-        &format!(
-            "backends:\n  legacy: {{url: '{}'}}\ndefault: legacy\n",
-            legacy.url()
-        ),
+        &one_backend(&legacy.url()),
         &[
             "--max-uri-bytes",
             "1000",
@@ -1125,10 +1103,7 @@ fn slowloris_connections_are_cut_by_the_header_deadline_while_load_runs() {
     use std::io::{Read, Write};
     let legacy = Backend::echo("legacy");
     let proxy = Proxy::start_with(
-        &format!(
-            "backends:\n  legacy: {{url: '{}'}}\ndefault: legacy\n",
-            legacy.url()
-        ),
+        &one_backend(&legacy.url()),
         &["--header-timeout", "1s"],
         &[],
     );

@@ -527,6 +527,11 @@ pub fn raw_within(addr: &str, bytes: &[u8], silence: Duration) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// A routing.yaml with one backend, `legacy`, serving everything (`default`, no route).
+pub fn one_backend(url: &str) -> String {
+    format!("backends:\n  legacy: {{url: '{url}'}}\ndefault: legacy\n")
+}
+
 /// A two-backend routing.yaml header: `legacy` (default) and `new`.
 pub fn base_yaml(legacy: &str, new: &str) -> String {
     format!("backends:\n  legacy:\n    url: {legacy}\n  new:\n    url: {new}\ndefault: legacy\n")
