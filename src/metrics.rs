@@ -251,20 +251,32 @@ pub fn register_all() {
 /// table's exposition takes ~100 ms of CPU, which many scrapers at once must not multiply.
 pub fn render() -> Vec<u8> {
     use prometheus::Encoder;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // The last render, kept only while scrapes wait for the lock: none is kept between
+    // scrapes (a 10 000-route exposition is ~7 MB).
     static LAST: parking_lot::Mutex<Option<(std::time::Instant, Vec<u8>)>> =
         parking_lot::Mutex::new(None);
+    static WAITING: AtomicUsize = AtomicUsize::new(0);
     let asked = std::time::Instant::now();
+    WAITING.fetch_add(1, Ordering::AcqRel);
     let mut last = LAST.lock();
-    if let Some((finished, body)) = &*last {
-        if *finished >= asked {
-            return body.clone();
+    WAITING.fetch_sub(1, Ordering::AcqRel);
+    match last.take() {
+        Some((finished, body)) if finished >= asked => {
+            if WAITING.load(Ordering::Acquire) > 0 {
+                *last = Some((finished, body.clone()));
+            }
+            return body;
         }
+        _ => {}
     }
     let mut buf = Vec::with_capacity(16 * 1024);
     let encoder = prometheus::TextEncoder::new();
     if let Err(e) = encoder.encode(&prometheus::gather(), &mut buf) {
         log::error!("encoding metrics: {e}");
     }
-    *last = Some((std::time::Instant::now(), buf.clone()));
+    if WAITING.load(Ordering::Acquire) > 0 {
+        *last = Some((std::time::Instant::now(), buf.clone()));
+    }
     buf
 }
