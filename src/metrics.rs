@@ -246,37 +246,109 @@ pub fn register_all() {
     LazyLock::force(&STATE_FILE_READ_ERRORS);
 }
 
+/// The last render and when it began, kept only while scrapes wait for the lock: none is kept
+/// between scrapes (a 10 000-route exposition is ~7 MB).
+static LAST: parking_lot::Mutex<Option<(std::time::Instant, Vec<u8>)>> =
+    parking_lot::Mutex::new(None);
+/// Scrapes waiting for `LAST`'s lock.
+static WAITING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// The Prometheus text exposition of every registered metric. One render at a time, and the
-/// scrapes that arrive while one runs take its result (at most one render old): a 10 000-route
-/// table's exposition takes ~100 ms of CPU, which many scrapers at once must not multiply.
+/// scrapes that wait while one runs take the next one (begun after they asked, so never older
+/// than their request): a 10 000-route table's exposition takes ~100 ms of CPU, which many
+/// scrapers at once must not multiply.
 pub fn render() -> Vec<u8> {
     use prometheus::Encoder;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    // The last render, kept only while scrapes wait for the lock: none is kept between
-    // scrapes (a 10 000-route exposition is ~7 MB).
-    static LAST: parking_lot::Mutex<Option<(std::time::Instant, Vec<u8>)>> =
-        parking_lot::Mutex::new(None);
-    static WAITING: AtomicUsize = AtomicUsize::new(0);
+    use std::sync::atomic::Ordering;
     let asked = std::time::Instant::now();
     WAITING.fetch_add(1, Ordering::AcqRel);
     let mut last = LAST.lock();
     WAITING.fetch_sub(1, Ordering::AcqRel);
     match last.take() {
-        Some((finished, body)) if finished >= asked => {
+        // Begun after this scrape asked: it holds every change made before the request.
+        Some((began, body)) if began > asked => {
             if WAITING.load(Ordering::Acquire) > 0 {
-                *last = Some((finished, body.clone()));
+                *last = Some((began, body.clone()));
             }
             return body;
         }
         _ => {}
     }
+    let began = std::time::Instant::now();
     let mut buf = Vec::with_capacity(16 * 1024);
     let encoder = prometheus::TextEncoder::new();
     if let Err(e) = encoder.encode(&prometheus::gather(), &mut buf) {
         log::error!("encoding metrics: {e}");
     }
     if WAITING.load(Ordering::Acquire) > 0 {
-        *last = Some((std::time::Instant::now(), buf.clone()));
+        *last = Some((began, buf.clone()));
     }
     buf
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus::core::{Collector, Desc};
+    use prometheus::proto::MetricFamily;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+    use std::sync::{Arc, Barrier};
+
+    const HELD: &str = "strangler_test_held_scrape";
+
+    /// A gauge read at scrape time that, once armed, holds the scrape that reads it between
+    /// reading its value and returning it: that render is in progress, and stale, meanwhile.
+    struct Held {
+        desc: Desc,
+        value: Arc<AtomicU64>,
+        armed: Arc<AtomicBool>,
+        read: Arc<Barrier>,
+        release: Arc<Barrier>,
+    }
+
+    impl Collector for Held {
+        fn desc(&self) -> Vec<&Desc> {
+            vec![&self.desc]
+        }
+        fn collect(&self) -> Vec<MetricFamily> {
+            let value = self.value.load(SeqCst);
+            if self.armed.swap(false, SeqCst) {
+                self.read.wait();
+                self.release.wait();
+            }
+            let gauge = prometheus::Gauge::new(HELD, "test").unwrap();
+            gauge.set(value as f64);
+            gauge.collect()
+        }
+    }
+
+    /// A scrape that waits while another renders gets a render begun after it asked: what
+    /// changed before its request (here a gauge, after a reload a whole route) is in it.
+    #[test]
+    fn a_scrape_never_gets_a_render_begun_before_it_asked() {
+        let (value, armed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(true)));
+        let (read, release) = (Arc::new(Barrier::new(2)), Arc::new(Barrier::new(2)));
+        prometheus::register(Box::new(Held {
+            desc: Desc::new(HELD.into(), "test".into(), vec![], Default::default()).unwrap(),
+            value: value.clone(),
+            armed,
+            read: read.clone(),
+            release: release.clone(),
+        }))
+        .unwrap();
+        let first = std::thread::spawn(render);
+        read.wait();
+        // The first render has read 0 and holds the lock; the value changes, then a second
+        // scrape asks and waits.
+        value.store(1, SeqCst);
+        let second = std::thread::spawn(render);
+        while WAITING.load(SeqCst) == 0 {
+            std::thread::yield_now();
+        }
+        release.wait();
+        let text = |body: Vec<u8>| String::from_utf8(body).unwrap();
+        let (first, second) = (text(first.join().unwrap()), text(second.join().unwrap()));
+        assert!(first.contains(&format!("\n{HELD} 0\n")), "{first}");
+        assert!(second.contains(&format!("\n{HELD} 1\n")), "{second}");
+    }
 }
