@@ -1166,7 +1166,7 @@ fn states_and_the_audit_trail_record_who_serves_what() {
         wait_for(what, Duration::from_secs(3), || reloads() > before);
     };
     assert_eq!(get(&proxy.url("/plain")).0, 200);
-    assert_eq!(proxy.metric(plain_200), 1.0);
+    proxy.wait_metric(plain_200, 1.0);
     let spare = renamed.replace(
         "backends:\n",
         "backends:\n  spare:\n    url: http://127.0.0.1:9\n",
@@ -1179,7 +1179,7 @@ fn states_and_the_audit_trail_record_who_serves_what() {
     );
     reload(&touched, "the reload that keeps the handles");
     assert_eq!(get(&proxy.url("/plain")).0, 200);
-    assert_eq!(proxy.metric(plain_200), 3.0);
+    proxy.wait_metric(plain_200, 3.0);
     assert_eq!(state("fresh", "new"), 1.0);
     assert_eq!(state("plain", "new"), 1.0);
 
@@ -1280,7 +1280,7 @@ fn a_backend_renamed_away_leaves_the_metrics() {
     assert_eq!(get(&proxy.url("/r1")).0, 200);
     let served =
         "strangler_requests_total{route=\"r1\",backend=\"new\",method=\"GET\",code=\"200\"}";
-    assert_eq!(proxy.metric(served), 1.0);
+    proxy.wait_metric(served, 1.0);
 
     // Versioned backend names (`new` → `newv2` on a deploy): the old name's series go.
     let renamed = yaml

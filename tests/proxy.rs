@@ -494,7 +494,10 @@ fn backend_failures_are_json_502_and_504() {
         request("GET", &proxy.url("/anything"), &[], None).status,
         502
     );
-    assert_eq!(proxy.metric("strangler_upstream_errors_total{route=\"default\",backend=\"legacy\",kind=\"connect\"}"), 2.0);
+    proxy.wait_metric(
+        "strangler_upstream_errors_total{route=\"default\",backend=\"legacy\",kind=\"connect\"}",
+        2.0,
+    );
     assert_eq!(
         proxy.metric(
             "strangler_upstream_errors_total{route=\"s\",backend=\"slow\",kind=\"timeout\"}"

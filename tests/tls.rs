@@ -349,23 +349,6 @@ impl Drop for TlsBackend {
     }
 }
 
-/// Asserts a metric sample's value, waiting up to 5 s for it: a request is counted in the
-/// proxy's `logging` phase, which may run just after the client got its response.
-fn assert_metric(proxy: &Proxy, sample: &str, want: f64) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let have = proxy.metric(sample);
-        if have == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{sample} is {have}, expected {want}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 fn start_proxy(yaml: &str, env: &[(String, String)]) -> Proxy {
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (&**k, &**v)).collect();
     Proxy::start_with(yaml, &[], &env)
@@ -464,13 +447,11 @@ fn https_backend_serves_requests_through_the_proxy() {
     assert_eq!(r.status, 200);
     assert_eq!(r.header("x-strangler-backend"), "legacy");
 
-    assert_metric(
-        &proxy,
+    proxy.wait_metric(
         "strangler_requests_total{route=\"secure\",backend=\"secure\",method=\"GET\",code=\"200\"}",
         2.0,
     );
-    assert_metric(
-        &proxy,
+    proxy.wait_metric(
         "strangler_requests_total{route=\"secure\",backend=\"secure\",method=\"GET\",code=\"302\"}",
         1.0,
     );
@@ -478,7 +459,7 @@ fn https_backend_serves_requests_through_the_proxy() {
         let sample = format!(
             "strangler_upstream_errors_total{{route=\"secure\",backend=\"secure\",kind=\"{kind}\"}}"
         );
-        assert_metric(&proxy, &sample, 0.0);
+        proxy.wait_metric(&sample, 0.0);
     }
     assert!(secure.handshakes().iter().all(|h| h["ok"] == true));
 }
@@ -593,13 +574,11 @@ fn untrusted_certificate_is_a_502_and_a_connect_error() {
 
     let r = request("GET", &proxy.url("/secure/1"), &[], None);
     assert_tls_502(&r, "secure", "secure");
-    assert_metric(
-        &proxy,
+    proxy.wait_metric(
         "strangler_upstream_errors_total{route=\"secure\",backend=\"secure\",kind=\"connect\"}",
         1.0,
     );
-    assert_metric(
-        &proxy,
+    proxy.wait_metric(
         "strangler_requests_total{route=\"secure\",backend=\"secure\",method=\"GET\",code=\"502\"}",
         1.0,
     );
@@ -620,13 +599,11 @@ fn untrusted_certificate_is_a_502_and_a_connect_error() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.header("x-strangler-backend"), "legacy");
     assert_eq!(r.json()["target"], "/fo/1");
-    assert_metric(
-        &proxy,
+    proxy.wait_metric(
         "strangler_failovers_total{route=\"fo\",from=\"secure\",to=\"legacy\"}",
         1.0,
     );
-    assert_metric(
-        &proxy,
+    proxy.wait_metric(
         "strangler_upstream_errors_total{route=\"fo\",backend=\"secure\",kind=\"connect\"}",
         1.0,
     );
@@ -643,8 +620,7 @@ fn certificate_not_valid_for_the_sni_is_a_502() {
 
     let r = request("GET", &proxy.url("/secure/1"), &[], None);
     assert_tls_502(&r, "secure", "secure");
-    assert_metric(
-        &proxy,
+    proxy.wait_metric(
         "strangler_upstream_errors_total{route=\"secure\",backend=\"secure\",kind=\"connect\"}",
         1.0,
     );
@@ -680,8 +656,7 @@ fn keep_alive_reuses_upstream_tls_connections() {
     let mut conns: Vec<u64> = seen.iter().map(|s| s["conn"].as_u64().unwrap()).collect();
     conns.dedup();
     assert!(conns.len() < n, "no connection carried two requests");
-    assert_metric(
-        &proxy,
+    proxy.wait_metric(
         "strangler_requests_total{route=\"secure\",backend=\"secure\",method=\"GET\",code=\"200\"}",
         n as f64,
     );
@@ -711,8 +686,7 @@ fn shadow_requests_reach_an_https_backend() {
             "strangler_shadow_total{route=\"mirrored\",backend=\"secure\",result=\"match\"}",
         ) == 1.0
     });
-    assert_metric(
-        &proxy,
+    proxy.wait_metric(
         "strangler_shadow_total{route=\"mirrored\",backend=\"secure\",result=\"error\"}",
         0.0,
     );

@@ -389,6 +389,24 @@ impl Proxy {
         metric_value(&body, name_and_labels)
     }
 
+    /// Waits up to 5 s for one sample of /metrics to read `want`, and panics with the value it
+    /// last read otherwise: a request is counted in the proxy's `logging` phase, which may run
+    /// just after the client got its response.
+    pub fn wait_metric(&self, sample: &str, want: f64) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let have = self.metric(sample);
+            if have == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{sample} is {have}, expected {want}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     pub fn stop(&mut self) -> std::process::ExitStatus {
         unsafe_kill(self.child.id(), "TERM");
         self.child.wait().unwrap()
