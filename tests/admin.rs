@@ -189,16 +189,23 @@ fn metrics_count_every_request_once_and_never_name_a_path() {
         "a refused connection"
     );
 
-    let total = |body: &str| -> f64 {
+    let total = |body: &str, family: &str| -> f64 {
         body.lines()
-            .filter(|l| l.starts_with("strangler_requests_total{"))
+            .filter(|l| l.starts_with(family))
             .map(|l| l.rsplit_once(' ').unwrap().1.parse::<f64>().unwrap())
             .sum()
     };
-    wait_for("7 requests counted", Duration::from_secs(2), || {
-        total(&metrics_text(&proxy)) == 7.0
-    });
-    let body = metrics_text(&proxy);
+    // Counted and timed in the `logging` phase, which may end after the client has its answer.
+    let mut body = String::new();
+    wait_for(
+        "7 requests counted and timed",
+        Duration::from_secs(5),
+        || {
+            body = metrics_text(&proxy);
+            total(&body, "strangler_requests_total{") == 7.0
+                && total(&body, "strangler_request_duration_seconds_count{") == 7.0
+        },
+    );
     let requests =
         |labels: &str| metric_value(&body, &format!("strangler_requests_total{{{labels}}}"));
     assert_eq!(
