@@ -83,8 +83,8 @@ pub struct RunArgs {
     /// Append every change of who serves what as a JSON line to this file.
     #[arg(long, env = "STRANGLER_AUDIT_LOG")]
     pub audit_log: Option<PathBuf>,
-    /// Proxy worker threads.
-    #[arg(long, env = "STRANGLER_THREADS", default_value_t = 2)]
+    /// Proxy worker threads (at least 1).
+    #[arg(long, env = "STRANGLER_THREADS", default_value_t = 2, value_parser = parse_threads)]
     pub threads: usize,
     /// Longest wait for in-flight requests after SIGTERM/SIGINT (e.g. 10s).
     #[arg(long, env = "STRANGLER_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration_arg)]
@@ -114,6 +114,14 @@ pub struct RunArgs {
         default_value = "/tmp/strangler-upgrade.sock"
     )]
     pub upgrade_sock: PathBuf,
+}
+
+fn parse_threads(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("at least 1 thread is needed".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{s:?} is not a number of threads")),
+    }
 }
 
 fn parse_duration_arg(s: &str) -> Result<std::time::Duration, String> {

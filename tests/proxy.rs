@@ -1065,6 +1065,24 @@ fn an_address_it_cannot_listen_on_is_a_start_up_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("--audit-log"), "{err}");
+    // No worker thread is a usage error (it ran with one and said "0 thread(s)").
+    let out = std::process::Command::new(bin())
+        .args([
+            "run",
+            "--threads",
+            "0",
+            "--listen",
+            &free(),
+            "--admin",
+            &free(),
+            "-c",
+        ])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("at least 1 thread"), "{err}");
 }
 
 #[test]
