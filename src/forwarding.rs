@@ -271,19 +271,33 @@ pub fn client_ip(peer: IpAddr, xff: Option<&str>, trusted: &[Cidr]) -> IpAddr {
     let mut client = peer;
     if let Some(xff) = xff {
         for hop in xff.rsplit(',') {
-            match hop.trim().parse::<IpAddr>() {
-                Ok(ip) => {
+            match forwarded_hop(hop) {
+                Some(ip) => {
                     let ip = ip.to_canonical();
                     client = ip;
                     if !is_trusted(ip) {
                         break;
                     }
                 }
-                Err(_) => break,
+                None => break,
             }
         }
     }
     client
+}
+
+/// One `X-Forwarded-For` entry's address: `1.2.3.4`, `2001:db8::1`, or the same with the
+/// client's port as some load balancers write it (`1.2.3.4:5678`, `[2001:db8::1]:5678`,
+/// `[2001:db8::1]`).
+fn forwarded_hop(hop: &str) -> Option<IpAddr> {
+    let hop = hop.trim();
+    if let Ok(ip) = hop.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if let Ok(addr) = hop.parse::<std::net::SocketAddr>() {
+        return Some(addr.ip());
+    }
+    hop.strip_prefix('[')?.strip_suffix(']')?.parse().ok()
 }
 
 /// A `Location` pointing at `backend` rewritten onto the client's scheme and host; `None` when it
@@ -754,6 +768,25 @@ mod tests {
             ip("1.2.3.4")
         );
         assert_eq!(client_ip(ip("::ffff:8.8.8.8"), None, &[]), ip("8.8.8.8"));
+        // Entries with the client's port (Azure's gateways write them so) are addresses too:
+        // the walk goes on past a trusted one and stops at the first untrusted.
+        assert_eq!(
+            client_ip(peer, Some("1.2.3.4:5678, 10.0.0.9:443"), &trusted),
+            ip("1.2.3.4")
+        );
+        assert_eq!(
+            client_ip(peer, Some("[2001:db8::1]:5678, 10.0.0.9"), &trusted),
+            ip("2001:db8::1")
+        );
+        assert_eq!(
+            client_ip(peer, Some("[2001:db8::2], 10.0.0.9"), &trusted),
+            ip("2001:db8::2")
+        );
+        // What is no address stops the walk at the last trusted hop.
+        assert_eq!(
+            client_ip(peer, Some("unknown, 10.0.0.9"), &trusted),
+            ip("10.0.0.9")
+        );
     }
 
     #[test]
