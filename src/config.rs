@@ -416,6 +416,11 @@ fn schema_errors(file: &str, text: &str, e: &serde_yaml::Error) -> ConfigErrors 
         })
         .unwrap_or(Pos { line: 1, col: 1 });
     let message = clean_serde_message(&e.to_string());
+    let pos = if message.contains("more than one document") {
+        second_document(text).unwrap_or(pos)
+    } else {
+        within(text, pos)
+    };
     // serde_yaml puts a duplicate key (or backend) at the start of its mapping; the source
     // map keeps the last occurrence of each key, which is the duplicate: point there.
     let (inner, own) = split_serde_path(&message);
@@ -442,13 +447,57 @@ fn schema_errors(file: &str, text: &str, e: &serde_yaml::Error) -> ConfigErrors 
         message,
     };
     let mut errors = vec![first];
-    for more in other_schema_errors(file, text) {
-        if !errors.iter().any(|e| e.message == more.message) {
+    // One error per part of the file: serde's first is one of them (a bare `-` route is
+    // "missing field `path`" for serde, "invalid type: unit value" for the part read alone).
+    let first_part = split_serde_path(&errors[0].message).0.map(str::to_owned);
+    for mut more in other_schema_errors(file, text) {
+        let same_part =
+            first_part.is_some() && split_serde_path(&more.message).0 == first_part.as_deref();
+        if !same_part && !errors.iter().any(|e| e.message == more.message) {
+            more.pos = within(text, more.pos);
             errors.push(more);
         }
     }
     errors.sort_by_key(|e| (e.pos.line, e.pos.col));
     ConfigErrors(errors)
+}
+
+/// `pos` if it is in `text`; else the start of its last line. serde_yaml places what it found
+/// missing at the end of the stream, which is past the last line of a file ending in a newline
+/// (a file of comments only, a route left as a bare `-`): editors and CI annotations need a
+/// line that exists.
+fn within(text: &str, pos: Pos) -> Pos {
+    let lines = text.lines().count().max(1);
+    if pos.line > lines {
+        Pos {
+            line: lines,
+            col: 1,
+        }
+    } else {
+        pos
+    }
+}
+
+/// Where a second YAML document starts: the `---` after the first document's content (or the
+/// second `---`), which serde_yaml reports at 1:1.
+fn second_document(text: &str) -> Option<Pos> {
+    let (mut content, mut markers) = (false, 0);
+    for (i, line) in text.lines().enumerate() {
+        let is_marker = line == "---" || line.starts_with("--- ") || line.starts_with("---\t");
+        if is_marker {
+            markers += 1;
+            if content || markers == 2 {
+                return Some(Pos {
+                    line: i + 1,
+                    col: 1,
+                });
+            }
+            content = !line[3..].trim().is_empty() && !line[3..].trim_start().starts_with('#');
+        } else if !line.trim().is_empty() && !line.trim_start().starts_with('#') {
+            content = true;
+        }
+    }
+    None
 }
 
 /// The keys of the file's top level, as `RoutingFile` names them (`tests::top_level_keys`
@@ -641,6 +690,13 @@ pub fn clean_serde_message(msg: &str) -> String {
             msg = msg.replace(rust, words);
         }
     }
+    // A number too large or negative for a count (`min_requests`): serde names the integer
+    // types it read and wanted.
+    if msg.ends_with("expected u64") {
+        msg = msg.replace(" as u128", "").replace(" as i128", "");
+        msg.truncate(msg.len() - "u64".len());
+        msg.push_str("a whole number");
+    }
     msg
 }
 
@@ -766,6 +822,24 @@ mod tests {
         assert!(PercentSpec::Text("x%".into()).percent().is_err());
     }
 
+    /// Every error points at a line of the file: what serde found missing at the end of the
+    /// stream is on the last line, a second document at its `---`.
+    #[test]
+    fn errors_point_at_lines_that_exist() {
+        let first = |text: &str| parse("r.yaml", text).unwrap_err().0[0].pos;
+        assert_eq!(first("\n\n# nothing yet\n"), Pos { line: 3, col: 1 });
+        let bare_item =
+            "backends: {legacy: {url: 'http://127.0.0.1:1'}}\ndefault: legacy\nroutes:\n  -\n";
+        let errors = parse("r.yaml", bare_item).unwrap_err().0;
+        assert_eq!(errors.len(), 1, "one fault, one error: {errors:?}");
+        assert!(errors[0].pos.line <= 4, "{}", errors[0]);
+        let two = "backends: {legacy: {url: 'http://127.0.0.1:1'}}\ndefault: legacy\n# next\n---\nroutes: []\n";
+        assert_eq!(first(two), Pos { line: 4, col: 1 });
+        let marked =
+            "---\nbackends: {legacy: {url: 'http://127.0.0.1:1'}}\ndefault: legacy\n--- # again\n";
+        assert_eq!(first(marked), Pos { line: 4, col: 1 });
+    }
+
     #[test]
     fn a_duplicate_key_points_at_the_second_one() {
         for (text, line, col) in [
@@ -819,9 +893,20 @@ mod tests {
                 "just text\n",
                 "expected a mapping with backends, default and routes",
             ),
+            (
+                "backends: {legacy: {url: 'http://127.0.0.1:1'}}\ndefault: legacy\nroutes:\n  - {path: /a, to: legacy, rollback: {error_rate: 5%, min_requests: 99999999999999999999999, window: 1m}}\n",
+                "invalid type: integer `99999999999999999999999`, expected a whole number",
+            ),
+            (
+                "backends: {legacy: {url: 'http://127.0.0.1:1'}}\ndefault: legacy\nroutes:\n  - {path: /a, to: legacy, rollback: {error_rate: 5%, min_requests: -1, window: 1m}}\n",
+                "invalid type: integer `-1`, expected a whole number",
+            ),
         ] {
             let err = parse("r.yaml", text).unwrap_err().to_string();
-            assert!(err.contains(want) && !err.contains("struct"), "{err}");
+            assert!(
+                err.contains(want) && !err.contains("struct") && !err.contains("u64"),
+                "{err}"
+            );
         }
     }
 
