@@ -383,6 +383,11 @@ fn run_cases(table: &RoutingTable, file: &Path, pins: &BTreeMap<String, Pin>) ->
         Err(e) => {
             let (l, c) = e.location().map_or((1, 1), |l| (l.line(), l.column()));
             let message = crate::config::clean_serde_message(&e.to_string());
+            // serde_yaml names the top-level list's items `.[N]`: the file's `cases[N]`.
+            let message = match message.strip_prefix(".[") {
+                Some(rest) => format!("cases[{rest}"),
+                None => message,
+            };
             eprintln!("{}:{l}:{c}: {message}", file.display());
             return ExitCode::from(1);
         }

@@ -910,6 +910,18 @@ fn golden_cases_pin_the_routing_in_ci_and_explain_shows_the_upstream_request() {
         assert_eq!(code, 1, "{name}:\n{out}{err}");
         assert!(err.contains(&format!("{name}:1:1:")), "{err}");
     }
+    // A case the schema refuses is named as the file's list item.
+    let typo = write(
+        dir.path(),
+        "typo.yaml",
+        "- {request: GET /x, route: default}\n- {request: GET /y, route: default, bakend: new}\n",
+    );
+    let (code, out, err) = strangler(&["check", "-c", &cfg, "--cases", &typo]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("typo.yaml:2:") && err.contains(": cases[1]: unknown field `bakend`"),
+        "{err}"
+    );
 
     // A case on a partial split without its sticky key would pass or fail by chance: it fails,
     // saying why, every time.
