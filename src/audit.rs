@@ -77,6 +77,11 @@ impl Audit {
         log::info!(target: "audit", "{entry}");
         if let Some((path, file)) = &self.file {
             let mut guard = file.lock();
+            // Rotated away (logrotate renames the file, then the trail goes on at `path`, as
+            // for any log a daemon keeps open), or removed: written to a new file at `path`.
+            if guard.as_ref().is_some_and(|f| !is_at(f, path)) {
+                *guard = None;
+            }
             if guard.is_none() {
                 match std::fs::OpenOptions::new()
                     .create(true)
@@ -99,5 +104,38 @@ impl Audit {
                 }
             }
         }
+    }
+}
+
+/// Whether `path` names the file open as `f` (the same inode on the same device).
+fn is_at(f: &std::fs::File, path: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (f.metadata(), std::fs::metadata(path)) {
+        (Ok(open), Ok(named)) => (open.dev(), open.ino()) == (named.dev(), named.ino()),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// After logrotate renames the trail (no `copytruncate`), the next line starts a new file
+    /// at the configured path; the rotated file keeps what it had.
+    #[test]
+    fn a_rotated_trail_goes_on_in_a_new_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let audit = Audit::open(Some(path.clone())).unwrap();
+        audit.record("a", None, None, "first", "sha");
+        let rotated = dir.path().join("audit.jsonl.1");
+        std::fs::rename(&path, &rotated).unwrap();
+        audit.record("b", None, None, "second", "sha");
+        let lines = |p: &std::path::Path| std::fs::read_to_string(p).unwrap().lines().count();
+        assert_eq!((lines(&rotated), lines(&path)), (1, 1));
+        // And a removed trail is created again.
+        std::fs::remove_file(&path).unwrap();
+        audit.record("c", None, None, "third", "sha");
+        assert_eq!(lines(&path), 1);
     }
 }
