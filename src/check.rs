@@ -28,7 +28,7 @@ fn pins(config: &Path, state: Option<&Path>) -> BTreeMap<String, Pin> {
     let path = state
         .map(Path::to_path_buf)
         .unwrap_or_else(|| StateFile::beside(config));
-    StateFile::new(path).load()
+    StateFile::new(path).peek()
 }
 
 /// `strangler check`.

@@ -107,30 +107,84 @@ impl StateFile {
         &self.path
     }
 
-    /// The pins on disk. A missing file is no pins; a corrupt one is logged and ignored.
+    /// The pins on disk. A missing file is no pins; a corrupt one is logged and ignored, and
+    /// so is a pin entry that cannot be read (the others hold). What was corrupt is copied to
+    /// `PATH.corrupt` first: the next pin or resume rewrites the file from memory.
     pub fn load(&self) -> BTreeMap<String, Pin> {
-        match std::fs::read(&self.path) {
-            Ok(bytes) => match serde_json::from_slice::<StateDoc>(&bytes) {
-                Ok(doc) => doc.pins,
-                Err(e) => {
-                    metrics::STATE_FILE_READ_ERRORS.inc();
-                    log::error!(
-                        "state file {} is corrupt, ignoring it (pins start empty): {e}",
-                        self.path.display()
-                    );
-                    BTreeMap::new()
-                }
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+        self.read(true)
+    }
+
+    /// As [`StateFile::load`], leaving no copy behind (`strangler check` only reads).
+    pub fn peek(&self) -> BTreeMap<String, Pin> {
+        self.read(false)
+    }
+
+    fn read(&self, set_aside: bool) -> BTreeMap<String, Pin> {
+        /// The file with each pin left unread, so that one bad entry costs only itself.
+        #[derive(Deserialize)]
+        struct RawDoc {
+            #[allow(dead_code)]
+            version: u32,
+            pins: BTreeMap<String, serde_json::Value>,
+        }
+        let bytes = match std::fs::read(&self.path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return BTreeMap::new(),
             Err(e) => {
                 metrics::STATE_FILE_READ_ERRORS.inc();
                 log::error!(
                     "cannot read state file {}, ignoring it: {e}",
                     self.path.display()
                 );
-                BTreeMap::new()
+                return BTreeMap::new();
+            }
+        };
+        let raw = match serde_json::from_slice::<RawDoc>(&bytes) {
+            Ok(raw) => raw,
+            Err(e) => {
+                self.corrupt(&bytes, set_aside, &format!("{e}; pins start empty"));
+                return BTreeMap::new();
+            }
+        };
+        let mut pins = BTreeMap::new();
+        let mut bad = Vec::new();
+        for (route, value) in raw.pins {
+            match serde_json::from_value::<Pin>(value) {
+                Ok(pin) => {
+                    pins.insert(route, pin);
+                }
+                Err(e) => bad.push(format!("{route:?} ({e})")),
             }
         }
+        if !bad.is_empty() {
+            let what = format!(
+                "the pins of {} cannot be read and are ignored, the {} others hold",
+                bad.join(", "),
+                pins.len()
+            );
+            self.corrupt(&bytes, set_aside, &what);
+        }
+        pins
+    }
+
+    /// Logs and counts a corrupt file, copied aside first if `set_aside`.
+    fn corrupt(&self, bytes: &[u8], set_aside: bool, what: &str) {
+        metrics::STATE_FILE_READ_ERRORS.inc();
+        let mut aside = self.path.clone().into_os_string();
+        aside.push(".corrupt");
+        let aside = PathBuf::from(aside);
+        let kept = if !set_aside {
+            String::new()
+        } else {
+            match std::fs::write(&aside, bytes) {
+                Ok(()) => format!(" (a copy is kept as {})", aside.display()),
+                Err(e) => format!(" (no copy kept: {}: {e})", aside.display()),
+            }
+        };
+        log::error!(
+            "state file {} is corrupt{kept}: {what}",
+            self.path.display()
+        );
     }
 
     /// Writes `pins` atomically. Failure is logged and counted; the caller keeps its pins.
@@ -207,6 +261,12 @@ mod tests {
         assert_eq!(file.load(), pins);
         std::fs::write(file.path(), b"{not json").unwrap();
         assert!(file.load().is_empty(), "corrupt file: ignored");
+        let aside = dir.path().join("s.json.corrupt");
+        assert_eq!(
+            std::fs::read(&aside).unwrap(),
+            b"{not json",
+            "and kept aside"
+        );
         for since in ["yesterday", "2026-13-45T99:00:00Z", ""] {
             let doc = format!(
                 r#"{{"version":1,"pins":{{"b":{{"reason":"manual","since":"{since}"}}}}}}"#
@@ -218,6 +278,15 @@ mod tests {
             r#"{"version":1,"pins":{"b":{"reason":"auto","since":"2026-11-21T10:00:00+01:00"}}}"#;
         std::fs::write(file.path(), doc).unwrap();
         assert_eq!(file.load()["b"].since, "2026-11-21T10:00:00+01:00");
+        // One unreadable pin costs only itself.
+        let doc = r#"{"version":1,"pins":{"a":{"reason":"manual","since":"2026-11-21T10:00:00Z"},"b":{"reason":"manual"},"c":7}}"#;
+        std::fs::write(file.path(), doc).unwrap();
+        std::fs::remove_file(&aside).unwrap();
+        let pins = file.peek();
+        assert_eq!(pins.keys().collect::<Vec<_>>(), ["a"]);
+        assert!(!aside.exists(), "peek leaves no copy");
+        assert_eq!(file.load(), pins);
+        assert_eq!(std::fs::read(&aside).unwrap(), doc.as_bytes());
         let unwritable = StateFile::new(dir.path().join("no/such/dir/s.json"));
         assert!(!unwritable.save(&pins));
     }
