@@ -389,7 +389,20 @@ impl State {
         for (r, l) in old.table.routes.iter().zip(&old.routes) {
             let pinned = l.control.is_pinned();
             match live.table.route_index(&r.name) {
-                None => changes.push((r.name.clone(), Some(old.serving(r, pinned)), None)),
+                None => {
+                    if let Some(pin) = l.control.pin() {
+                        // Lifted with the route: said louder than the audit line, since a
+                        // route renamed (or, unnamed, its `path` edited) is a new route.
+                        log::warn!(
+                            "route {:?}, pinned to default ({} rollback since {}), has left {}: pin lifted (a renamed route, or an unnamed one whose path changed, starts unpinned)",
+                            r.name,
+                            pin.reason.as_str(),
+                            pin.since,
+                            self.config.display()
+                        );
+                    }
+                    changes.push((r.name.clone(), Some(old.serving(r, pinned)), None))
+                }
                 Some(j) => {
                     let (nr, nl) = (&live.table.routes[j], &live.routes[j]);
                     let now_pinned = nl.control.is_pinned();

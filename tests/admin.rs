@@ -426,6 +426,13 @@ fn a_manual_rollback_holds_across_reload_and_restart_until_resumed() {
     );
     reload_to(&proxy, &without_bookings);
     assert!(routes(&proxy).iter().all(|r| r["name"] != "bookings"));
+    assert!(
+        proxy.log_text().lines().any(|l| l.contains("WARN")
+            && l.contains("\"bookings\", pinned to default (manual rollback")
+            && l.contains("pin lifted")),
+        "a pin lifted by a reload is a warning:\n{}",
+        proxy.log_text()
+    );
     wait_for(
         "the state file to forget bookings",
         Duration::from_secs(2),
