@@ -648,19 +648,33 @@ impl ProxyHttp for Strangler {
                 .into_up());
             }
         }
-        if resp.status != http::StatusCode::SWITCHING_PROTOCOLS {
-            let nominated = forwarding::connection_nominated(&resp.headers);
-            for n in nominated {
+        // Hop-by-hop fields (RFC 9110 §7.6.1) end here, a 101's included: of its `Connection`
+        // only `Upgrade` goes on, the switch the client asked for.
+        let switching = resp.status == http::StatusCode::SWITCHING_PROTOCOLS;
+        let nominated = forwarding::connection_nominated(&resp.headers);
+        let others = nominated.iter().any(|n| n != header::UPGRADE);
+        for n in nominated {
+            if !(switching && n == header::UPGRADE) {
                 resp.remove_header(&n);
             }
-            resp.remove_header(&KEEP_ALIVE);
-            resp.remove_header(&PROXY_CONNECTION);
-            // Hop-by-hop too: an `Upgrade` offer outside a 101 is this hop's business, and a
-            // proxy's authentication challenge is meant for the next client of the chain only.
+        }
+        resp.remove_header(&KEEP_ALIVE);
+        resp.remove_header(&PROXY_CONNECTION);
+        // Hop-by-hop too: a proxy's authentication challenge is meant for the next client of
+        // the chain only; `TE` is a request field, meaningless in an answer.
+        resp.remove_header(&header::PROXY_AUTHENTICATE);
+        resp.remove_header(&header::TE);
+        if switching {
+            if others {
+                resp.insert_header(header::CONNECTION, "Upgrade")?;
+            }
+        } else {
+            // An `Upgrade` offer outside a 101 is this hop's business.
             resp.remove_header(&header::UPGRADE);
-            resp.remove_header(&header::PROXY_AUTHENTICATE);
-            // A request field, hop-by-hop (RFC 9110 §7.6.1): meaningless in an answer.
-            resp.remove_header(&header::TE);
+            if resp.status.is_informational() {
+                // Pingora writes the final answer's `Connection` itself, not an interim one's.
+                resp.remove_header(&header::CONNECTION);
+            }
         }
         let (Some(live), Some(b)) = (&ctx.live, ctx.backend) else {
             return Ok(());

@@ -535,7 +535,7 @@ fn upgrading_echo_backend() -> SocketAddr {
         if let Some(line) = read_request_head(&mut r) {
             lines.lock().unwrap().push(line);
             let _ = w.write_all(
-                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade, X-Hop\r\nX-Hop: secret\r\nKeep-Alive: timeout=5\r\n\r\n",
             );
             let _ = w.flush();
             let mut buf = [0u8; 1024];
@@ -562,6 +562,15 @@ fn open_tunnel(proxy: &Proxy, path: &str) -> (BufReader<TcpStream>, u32) {
         let mut r = BufReader::new(s.try_clone().unwrap());
         let answer = read_response(&mut r, true).expect("the 101");
         assert_eq!(answer.status, 101);
+        // The switch goes on; the backend's other hop-by-hop fields end at the proxy.
+        let head = |name: &str| answer.header(name);
+        assert_eq!(
+            (head("upgrade"), head("connection")),
+            (Some("websocket"), Some("Upgrade")),
+            "{:?}",
+            answer.headers
+        );
+        assert_eq!((head("x-hop"), head("keep-alive")), (None, None));
         s.write_all(b"ping").unwrap();
         let mut echo = [0u8; 4];
         match r.read_exact(&mut echo) {
@@ -1215,7 +1224,7 @@ fn interim_responses_never_stand_in_for_the_answer() {
             let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
             let _ = match path.as_str() {
                 "/hints" => w.write_all(
-                    b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                    b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\nConnection: X-Hop\r\nX-Hop: secret\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
                 ),
                 "/hints-then-close" => {
                     let _ = w.write_all(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n");
@@ -1257,6 +1266,18 @@ fn interim_responses_never_stand_in_for_the_answer() {
     );
     assert!(answer.starts_with("HTTP/1.1 103"), "{answer}");
     assert!(answer.contains("\r\n\r\nHTTP/1.1 200 OK\r\n") && answer.ends_with("ok"));
+    // Without the backend's hop-by-hop fields: those it names in `Connection`, and that one.
+    let interim = answer
+        .split("\r\n\r\n")
+        .next()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(
+        interim.contains("link: </a.css>")
+            && !interim.contains("x-hop")
+            && !interim.contains("connection:"),
+        "{answer}"
+    );
     // Never to an HTTP/1.0 client (RFC 9110 §15.2): it would take it for the answer.
     let (answer, _) = exchange(
         &addr,
