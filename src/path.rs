@@ -167,7 +167,7 @@ pub fn normalize(target: &str) -> Result<NormalPath, PathError> {
             }
         }
         let seg = &path[start..];
-        if seg == "." || seg == ".." {
+        if seg == "." || seg == ".." || hides_dot_segment(seg) {
             return Err(PathError::DotSegment);
         }
         segments.push((start as u32, path.len() as u32));
@@ -179,6 +179,47 @@ pub fn normalize(target: &str) -> Result<NormalPath, PathError> {
         path,
         segments,
         query: query.map(str::to_owned),
+    })
+}
+
+/// A segment that a backend may take for a dot segment: `..%2Fadmin` (a server that decodes
+/// `%2F` before it resolves dot segments, as nginx and most WSGI stacks do, reads `../admin`)
+/// and `..;x` (Tomcat and Jetty drop a path parameter before they resolve). Through the proxy
+/// such a request would reach a resource other than the one it was routed by. Only segments
+/// with a `.` in front or an escaped slash are looked at.
+fn hides_dot_segment(seg: &str) -> bool {
+    let is_dot = |piece: &str| {
+        let piece = piece.split(';').next().unwrap_or(piece);
+        piece == "." || piece == ".."
+    };
+    (seg.starts_with('.') && is_dot(seg))
+        || (seg.len() > 3
+            && seg
+                .as_bytes()
+                .windows(3)
+                .any(|w| w.eq_ignore_ascii_case(b"%2f"))
+            && split_escaped_slash(seg).any(is_dot))
+}
+
+/// `seg`'s pieces between its `%2F`s (either case).
+fn split_escaped_slash(seg: &str) -> impl Iterator<Item = &str> {
+    let mut rest = Some(seg);
+    std::iter::from_fn(move || {
+        let s = rest?;
+        let at = s
+            .as_bytes()
+            .windows(3)
+            .position(|w| w.eq_ignore_ascii_case(b"%2f"));
+        match at {
+            Some(i) => {
+                rest = Some(&s[i + 3..]);
+                Some(&s[..i])
+            }
+            None => {
+                rest = None;
+                Some(s)
+            }
+        }
     })
 }
 
@@ -257,6 +298,15 @@ mod tests {
             ("/a/.%2e", PathError::DotSegment),
             ("/..", PathError::DotSegment),
             ("/a/..?x", PathError::DotSegment),
+            // Dot segments a backend finds once it decodes `%2F` or drops a `;` parameter.
+            ("/shop/..%2Finternal/x", PathError::DotSegment),
+            ("/shop/%2e%2e%2finternal", PathError::DotSegment),
+            ("/shop/a%2F..", PathError::DotSegment),
+            ("/shop/a%2F.%2Fb", PathError::DotSegment),
+            ("/shop/..;/internal", PathError::DotSegment),
+            ("/shop/.;x/y", PathError::DotSegment),
+            ("/shop/a%2F..;x", PathError::DotSegment),
+            ("/a/.%2Fb/", PathError::DotSegment),
             ("/a\\b", PathError::ForbiddenByte),
             ("/a%5cb", PathError::ForbiddenByte),
             ("/a%00b", PathError::ForbiddenByte),
@@ -270,6 +320,24 @@ mod tests {
         ];
         for (target, want) in cases {
             assert_eq!(normalize(target), Err(*want), "{target:?}");
+        }
+    }
+
+    /// What only looks like a dot segment is a name like any other.
+    #[test]
+    fn dots_inside_names_are_names() {
+        for t in [
+            "/a%2Fb",
+            "/a/%2F",
+            "/a/%2F%2F",
+            "/a/...",
+            "/a/.well-known/x",
+            "/a/..foo",
+            "/a/v1.2%2Fx",
+            "/a/x;..",
+            "/a/%2F...%2Fb",
+        ] {
+            assert!(normalize(t).is_ok(), "{t}");
         }
     }
 
