@@ -125,9 +125,9 @@ pub fn header_list<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<Cow<
     Some(joined.map_or(Cow::Borrowed(first), Cow::Owned))
 }
 
-/// The one `Content-Length` to send for a request that gave it as a list of equal values
+/// The one `Content-Length` to send for a message that gave it as a list of equal values
 /// (two lines, or `5, 5`), which Pingora accepts (RFC 9110 §8.6 lets a recipient replace such
-/// a list by the single value) but a strict backend answers 400; `None` when the header is
+/// a list by the single value) but a strict backend or client refuses; `None` when the header is
 /// absent or already a single value, the usual case. Unequal values never get here: Pingora
 /// refuses them.
 pub fn collapsed_content_length(headers: &HeaderMap) -> Option<HeaderValue> {

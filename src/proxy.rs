@@ -664,6 +664,11 @@ impl ProxyHttp for Strangler {
         // the chain only; `TE` is a request field, meaningless in an answer.
         resp.remove_header(&header::PROXY_AUTHENTICATE);
         resp.remove_header(&header::TE);
+        // A list of equal lengths, which Pingora accepts, goes on as one value (RFC 9110
+        // §8.6): Node's and Go's HTTP clients refuse the list.
+        if let Some(length) = forwarding::collapsed_content_length(&resp.headers) {
+            resp.insert_header(header::CONTENT_LENGTH, length)?;
+        }
         if switching {
             if others {
                 resp.insert_header(header::CONNECTION, "Upgrade")?;
