@@ -138,6 +138,7 @@ pub fn normalize(target: &str) -> Result<NormalPath, PathError> {
         }
         path.push('/');
         let start = path.len();
+        let mut escaped_slash = false;
         while i < bytes.len() && bytes[i] != b'/' {
             // A run of bytes copied as they are: everything up to the next `/`, `%` or
             // forbidden byte. Those are ASCII, so the run ends on a character boundary and
@@ -159,6 +160,7 @@ pub fn normalize(target: &str) -> Result<NormalPath, PathError> {
                     } else {
                         // Kept as received (case included): `%2F` stays inside its segment.
                         path.push_str(&raw_path[i..i + 3]);
+                        escaped_slash |= v == b'/';
                     }
                     i += 3;
                 }
@@ -167,7 +169,7 @@ pub fn normalize(target: &str) -> Result<NormalPath, PathError> {
             }
         }
         let seg = &path[start..];
-        if seg == "." || seg == ".." || hides_dot_segment(seg) {
+        if (seg.starts_with('.') || escaped_slash) && hides_dot_segment(seg, escaped_slash) {
             return Err(PathError::DotSegment);
         }
         segments.push((start as u32, path.len() as u32));
@@ -185,20 +187,15 @@ pub fn normalize(target: &str) -> Result<NormalPath, PathError> {
 /// A segment that a backend may take for a dot segment: `..%2Fadmin` (a server that decodes
 /// `%2F` before it resolves dot segments, as nginx and most WSGI stacks do, reads `../admin`)
 /// and `..;x` (Tomcat and Jetty drop a path parameter before they resolve). Through the proxy
-/// such a request would reach a resource other than the one it was routed by. Only segments
-/// with a `.` in front or an escaped slash are looked at.
-fn hides_dot_segment(seg: &str) -> bool {
+/// such a request would reach a resource other than the one it was routed by. `.` and `..`
+/// themselves are dot segments too. Looked at only for a segment with a `.` in front or an
+/// escaped slash (`escaped_slash`): most segments cost one byte test.
+fn hides_dot_segment(seg: &str, escaped_slash: bool) -> bool {
     let is_dot = |piece: &str| {
         let piece = piece.split(';').next().unwrap_or(piece);
         piece == "." || piece == ".."
     };
-    (seg.starts_with('.') && is_dot(seg))
-        || (seg.len() > 3
-            && seg
-                .as_bytes()
-                .windows(3)
-                .any(|w| w.eq_ignore_ascii_case(b"%2f"))
-            && split_escaped_slash(seg).any(is_dot))
+    is_dot(seg) || (escaped_slash && split_escaped_slash(seg).any(is_dot))
 }
 
 /// `seg`'s pieces between its `%2F`s (either case).
