@@ -1267,7 +1267,7 @@ fn each_successful_reload_moves_the_timestamp() {
 /// kept holding a descriptor), and answers pipelined requests in order.
 #[test]
 fn the_admin_port_cuts_slow_headers_and_answers_pipelined_requests() {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let legacy = Backend::echo("legacy");
     let proxy = Proxy::start_with(
         &one_backend(&legacy.url()),
@@ -1288,29 +1288,34 @@ fn the_admin_port_cuts_slow_headers_and_answers_pipelined_requests() {
     slow.set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
     let t0 = Instant::now();
-    let mut cut = false;
+    let mut how = String::new();
     wait_for(
         "the slow admin client to be cut",
         Duration::from_secs(5),
         || {
             let mut buf = [0u8; 256];
-            match slow.read(&mut buf) {
-                Ok(_) => cut = true, // closed, or answered (an error): the header never finished
+            how = match read_some(&mut slow, &mut buf) {
+                // Closed, or answered (an error): the header never finished.
+                Ok(n) => format!("read {:?}", String::from_utf8_lossy(&buf[..n])),
                 Err(e)
                     if e.kind() == std::io::ErrorKind::WouldBlock
                         || e.kind() == std::io::ErrorKind::TimedOut =>
                 {
-                    cut = slow.write_all(b"a").is_err();
+                    match slow.write_all(b"a") {
+                        Ok(()) => return false,
+                        Err(e) => format!("write: {e}"),
+                    }
                 }
-                Err(_) => cut = true,
-            }
-            cut
+                Err(e) => format!("read: {e}"),
+            };
+            true
         },
     );
     assert!(
         t0.elapsed() >= Duration::from_millis(900),
-        "{:?}",
-        t0.elapsed()
+        "cut after {:?} ({how}); log:\n{}",
+        t0.elapsed(),
+        proxy.log_text()
     );
     assert_eq!(get(&proxy.admin_url("/healthz")).0, 200);
 }

@@ -528,10 +528,12 @@ fn a_primary_that_outlives_the_shadow_is_not_compared() {
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { return };
             std::thread::spawn(move || {
-                use std::io::{Read, Write};
+                use std::io::Write;
                 let mut head = Vec::new();
                 let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).unwrap_or(0) == 1 {
+                while !head.ends_with(b"\r\n\r\n")
+                    && read_some(&mut conn, &mut byte).unwrap_or(0) == 1
+                {
                     head.push(byte[0]);
                 }
                 let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");

@@ -111,7 +111,7 @@ fn exchange(addr: &str, bytes: &[u8], silence: Duration) -> (String, bool) {
     let mut out = Vec::new();
     let mut buf = [0u8; 8192];
     let closed = loop {
-        match s.read(&mut buf) {
+        match read_some(&mut s, &mut buf) {
             Ok(0) => break true,
             Ok(n) => out.extend_from_slice(&buf[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
@@ -450,7 +450,7 @@ GET //pipelined HTTP/1.1\r\nHost: x\r\nX-Request-Id: second\r\nConnection: close
     // Let whatever the proxy forwards arrive before judging what the backend saw.
     wait_for("the connection to end", Duration::from_secs(5), || {
         let mut b = [0u8; 1];
-        matches!(s.read(&mut b), Ok(0) | Err(_))
+        matches!(read_some(&mut s, &mut b), Ok(0) | Err(_))
     });
     a_normal_request_still_works(&proxy, "/after");
     let seen = legacy.seen();
@@ -539,7 +539,7 @@ fn upgrading_echo_backend() -> SocketAddr {
             );
             let _ = w.flush();
             let mut buf = [0u8; 1024];
-            while let Ok(n @ 1..) = r.read(&mut buf) {
+            while let Ok(n @ 1..) = read_some(&mut r, &mut buf) {
                 let _ = w.write_all(&buf[..n]);
             }
         }
@@ -939,7 +939,7 @@ fn the_proxy_answers_expect_continue_and_blames_the_side_that_went_silent() {
         let mut got = Vec::new();
         let mut buf = [0u8; 1024];
         while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = s.read(&mut buf).unwrap();
+            let n = read_some(&mut s, &mut buf).unwrap();
             assert!(n > 0, "closed before the 100");
             got.extend_from_slice(&buf[..n]);
         }
@@ -992,7 +992,7 @@ fn a_backend_that_stalls_mid_body_counts_toward_automatic_rollback() {
             lines.lock().unwrap().push(line);
             let _ = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789");
             let mut sink = [0u8; 64];
-            while let Ok(1..) = r.read(&mut sink) {}
+            while let Ok(1..) = read_some(&mut r, &mut sink) {}
         }
     });
     let legacy = Backend::echo("legacy");
@@ -1052,7 +1052,7 @@ fn a_backend_that_breaks_off_mid_body_truncates_and_is_counted_as_reset() {
     let mut out = Vec::new();
     let mut buf = [0u8; 16384];
     let ended = loop {
-        match s.read(&mut buf) {
+        match read_some(&mut s, &mut buf) {
             Ok(0) => break "closed",
             Ok(n) => out.extend_from_slice(&buf[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break "reset",
@@ -1318,7 +1318,7 @@ fn interim_responses_never_stand_in_for_the_answer() {
     let mut buf = [0u8; 512];
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = c.read(&mut buf).unwrap();
+        let n = read_some(&mut c, &mut buf).unwrap();
         assert!(n > 0, "closed before the 103");
         got.extend_from_slice(&buf[..n]);
     }
@@ -1558,7 +1558,7 @@ fn a_client_that_leaves_after_a_complete_answer_is_counted_with_that_answer() {
     let mut answer = Vec::new();
     let mut buf = [0u8; 4096];
     while !answer.ends_with(b"not ok") {
-        match s.read(&mut buf) {
+        match read_some(&mut s, &mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => answer.extend_from_slice(&buf[..n]),
         }

@@ -1121,7 +1121,7 @@ fn oversized_requests_are_414_and_431_and_sent_nowhere() {
 
 #[test]
 fn slowloris_connections_are_cut_by_the_header_deadline_while_load_runs() {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let legacy = Backend::echo("legacy");
     let proxy = Proxy::start_with(
         &one_backend(&legacy.url()),
@@ -1151,7 +1151,7 @@ fn slowloris_connections_are_cut_by_the_header_deadline_while_load_runs() {
                     continue;
                 }
                 let mut buf = [0u8; 64];
-                match s.read(&mut buf) {
+                match read_some(s, &mut buf) {
                     Ok(0) => closed[i] = true,
                     Ok(_) => closed[i] = true, // an answer (e.g. 408/400) also ends it
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -1341,11 +1341,10 @@ fn a_request_in_flight_on_a_removed_route_does_not_bring_its_series_back() {
     conn.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     let read_answer = |conn: &mut std::net::TcpStream, body: &str| {
-        use std::io::Read;
         let mut got = Vec::new();
         let mut buf = [0u8; 4096];
         while !String::from_utf8_lossy(&got).contains(&format!("\r\n\r\n{body}")) {
-            let n = conn.read(&mut buf).unwrap();
+            let n = read_some(conn, &mut buf).unwrap();
             assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
             got.extend_from_slice(&buf[..n]);
         }

@@ -528,6 +528,18 @@ pub fn raw(addr: &str, bytes: &[u8]) -> String {
     raw_within(addr, bytes, Duration::from_secs(2))
 }
 
+/// `Read::read`, tried again when a signal interrupts it. The kernel never restarts a read
+/// that has a timeout (`SO_RCVTIMEO`, signal(7)); it fails with `EINTR` instead, and a loaded
+/// machine interrupts the test's threads now and then (a CI run failed on one).
+pub fn read_some(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        match r.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
 /// As [`raw`], until the server closes or `silence` passes without a byte: for requests that
 /// close their connection, a long bound that a loaded machine's stall never reaches.
 pub fn raw_within(addr: &str, bytes: &[u8], silence: Duration) -> String {
@@ -537,7 +549,7 @@ pub fn raw_within(addr: &str, bytes: &[u8], silence: Duration) -> String {
     let mut out = Vec::new();
     let mut buf = [0u8; 8192];
     loop {
-        match s.read(&mut buf) {
+        match read_some(&mut s, &mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => out.extend_from_slice(&buf[..n]),
         }
