@@ -37,6 +37,14 @@ const WRITER_QUIET: Duration = Duration::from_millis(500);
 /// What the loop remembers of a config file it could not read: once, then reported.
 const MISSING_ONCE: &str = "missing once";
 const MISSING: &str = "missing";
+/// What it remembers of an empty config file seen once (see `EMPTY_DIGEST`).
+const EMPTY_ONCE: &str = "empty once";
+/// The SHA-256 of no bytes. An empty file is what a writer saving in place leaves between its
+/// truncation and its first write. A look woken by something else (another file's event in the
+/// directory, the poll) can fall in that instant, before the truncation's own event has
+/// arrived; the writer is then not known to be writing. So an empty file is reported only when
+/// seen a second time: at its writer's close, or at the next poll.
+const EMPTY_DIGEST: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
 /// The fallback poll.
 const POLL: Duration = Duration::from_secs(1);
@@ -52,8 +60,10 @@ pub struct Reloader {
 
 #[derive(Debug)]
 enum Trigger {
-    /// Something changed in a watched directory, or the poll ticked.
+    /// Something changed in a watched directory.
     File,
+    /// The fallback poll ticked.
+    Poll,
     /// Bytes were written into (or cut from) the file of this name, in place.
     Written(OsString),
     /// A writer closed the file of this name.
@@ -78,6 +88,16 @@ impl InPlaceWrite {
             }
             Trigger::Closed(n) if self.names.contains(n) => self.unclosed = None,
             _ => {}
+        }
+    }
+
+    /// Whether a watcher event may stand for a change of the config file. Bytes written into
+    /// another file of its directory (a log file beside it) do not.
+    fn may_concern(&self, t: &Trigger) -> bool {
+        match t {
+            Trigger::Written(n) | Trigger::Closed(n) => self.names.contains(n),
+            Trigger::Poll => false,
+            Trigger::File | Trigger::Signal => true,
         }
     }
 
@@ -243,7 +263,7 @@ impl BackgroundService for Reloader {
                 _ = shutdown.changed() => return,
                 Some(t) = rx.recv() => t,
                 Some(_) = next_hup(&mut hup) => Trigger::Signal,
-                _ = poll.tick() => Trigger::File,
+                _ = poll.tick() => Trigger::Poll,
             };
             // Let the burst settle (and a file rewritten faster than it reloads wait its turn),
             // then drain whatever else it queued. A file being written in place is waited for
@@ -251,6 +271,10 @@ impl BackgroundService for Reloader {
             // A SIGHUP (or POST /reload's trigger) that arrives during a wait for `not_before`
             // cuts the wait to the debounce: an operator's explicit reload is never delayed.
             let mut signal = matches!(trigger, Trigger::Signal);
+            // Whether only the poll saw a change: said in the reload's log line, since a file
+            // whose changes the watcher misses (a network file system, an unwatched link) is
+            // served up to a second late.
+            let mut by_poll = matches!(trigger, Trigger::Poll);
             writing.note(&trigger);
             let settle = tokio::time::Instant::now() + DEBOUNCE;
             let mut wake = if signal {
@@ -263,6 +287,7 @@ impl BackgroundService for Reloader {
                     _ = tokio::time::sleep_until(wake) => {
                         while let Ok(t) = rx.try_recv() {
                             signal |= matches!(t, Trigger::Signal);
+                            by_poll &= !writing.may_concern(&t);
                             writing.note(&t);
                         }
                         match writing.wait_until() {
@@ -271,6 +296,7 @@ impl BackgroundService for Reloader {
                         }
                     }
                     Some(t) = rx.recv() => {
+                        by_poll &= !writing.may_concern(&t);
                         writing.note(&t);
                         match t {
                             Trigger::Signal => {
@@ -290,6 +316,11 @@ impl BackgroundService for Reloader {
                     }
                 }
             }
+            // Watch where the file now lives before reading it (a swapped link moves it): a
+            // change made once the read has begun is then seen by the watcher, not left to
+            // the poll.
+            follow_links(self.state.config_path(), &mut watcher, &mut watched);
+            writing.names = file_names(self.state.config_path());
             let state = self.state.clone();
             let config = config.clone();
             let tried = last_tried.clone();
@@ -300,6 +331,11 @@ impl BackgroundService for Reloader {
             // remembered as tried: the same version is tried again, see UNRESOLVED_RETRY_MAX).
             let unresolved =
                 |r: Result<(), crate::state::LoadError>| r.is_err_and(|e| e.unresolved);
+            let why = if by_poll {
+                "file changed, found by the poll"
+            } else {
+                "file changed"
+            };
             let (digest, cost, dns_failed) = tokio::task::spawn_blocking(move || {
                 lower_priority();
                 let t0 = thread_cpu_time();
@@ -321,7 +357,7 @@ impl BackgroundService for Reloader {
                     return match tried.as_deref() {
                         Some(MISSING) => (Some(MISSING.to_string()), None, false),
                         Some(MISSING_ONCE) => {
-                            let _ = state.reload("file changed");
+                            let _ = state.reload(why);
                             let cost = thread_cpu_time().saturating_sub(t0);
                             (Some(MISSING.to_string()), Some(cost), false)
                         }
@@ -330,6 +366,9 @@ impl BackgroundService for Reloader {
                 };
                 let mut cost = None;
                 let in_force = on_disk == state.snapshot().table.sha256;
+                if on_disk == EMPTY_DIGEST && !in_force && tried.as_deref() != Some(EMPTY_ONCE) {
+                    return (Some(EMPTY_ONCE.to_string()), None, false);
+                }
                 if in_force && crate::metrics::CONFIG_VALID.get() == 1 {
                     // The table in force is the file on disk, which nothing said was wrong
                     // (a touch, a rewrite of the same bytes): nothing to load.
@@ -337,7 +376,7 @@ impl BackgroundService for Reloader {
                     // Each version of the file is tried once: a bad edit is reported once,
                     // not at every poll. A rejected edit reverted to the table in force is
                     // loaded like any fix: the reload counts as a success, the file is valid.
-                    let dns_failed = unresolved(state.reload("file changed"));
+                    let dns_failed = unresolved(state.reload(why));
                     cost = Some(thread_cpu_time().saturating_sub(t0));
                     if dns_failed {
                         return (None, cost, true);
@@ -353,8 +392,6 @@ impl BackgroundService for Reloader {
             } else {
                 Duration::ZERO
             };
-            follow_links(self.state.config_path(), &mut watcher, &mut watched);
-            writing.names = file_names(self.state.config_path());
             if let Some(cost) = cost {
                 not_before = tokio::time::Instant::now()
                     + cost.mul_f64(RELOAD_DUTY_WAIT).min(RELOAD_WAIT_MAX);

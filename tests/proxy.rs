@@ -527,8 +527,13 @@ fn assert_refused(
     });
     assert_eq!(proxy.metric("strangler_config_valid"), 0.0);
     assert_eq!(served_by(proxy, "/bookings"), backend);
-    let log = proxy.log_text();
-    assert!(log.lines().any(line), "{log}");
+    // The count comes just before the log line.
+    let logged = || proxy.log_text().lines().any(&line);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !logged() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(logged(), "{}", proxy.log_text());
 }
 
 /// The watcher reacts to changes only. inotify also reports opens: counting the reloader's own
@@ -580,7 +585,10 @@ fn a_saved_edit_serves_within_a_second_and_a_bad_one_changes_nothing() {
     proxy.write_config(&format!(
         "{base}routes:\n  - {{name: bookings, path: /bookings, to: new}}\n"
     ));
-    wait_for("the edit to be served", Duration::from_secs(1), || {
+    // SPEC §6's second, with slack for a loaded machine running a debug build: the figure is
+    // printed; the watcher (not the poll) is what makes it, see
+    // `a_swapped_directory_link_is_seen_by_the_watcher`.
+    wait_for("the edit to be served", Duration::from_secs(3), || {
         served_by(&proxy, "/bookings") == "new"
     });
     eprintln!("edit served after {:?}", t0.elapsed());
@@ -617,11 +625,9 @@ fn a_saved_edit_serves_within_a_second_and_a_bad_one_changes_nothing() {
     );
     assert_eq!(proxy.metric("strangler_config_valid"), 0.0);
     assert_eq!(served_by(&proxy, "/bookings"), "legacy");
-    assert!(
-        proxy.log_text().contains("cannot read"),
-        "{}",
-        proxy.log_text()
-    );
+    wait_for("the log line", Duration::from_secs(5), || {
+        proxy.log_text().contains("cannot read")
+    });
     // The same bytes as the table in force come back: a successful reload, like any fix.
     let successes = || proxy.metric("strangler_config_reloads_total{result=\"success\"}");
     let (ok_before, stamp_before) = (
@@ -654,15 +660,20 @@ fn sighup_reloads_and_a_save_during_its_reload_is_loaded_after_it() {
     let proxy = Proxy::start(&format!("{base}routes:\n{many}"));
     let successes = || proxy.metric("strangler_config_reloads_total{result=\"success\"}");
     let before = successes();
-    unsafe_kill(proxy.child.id(), "HUP");
-    wait_for("the SIGHUP reload", Duration::from_secs(10), || {
+    // Sent again each second: the process ignores SIGHUP until its reloader listens for it,
+    // which may be just after the admin API answers. The waits are long: a 3000-route reload
+    // runs at nice +10 in a debug build, and may share a loaded core.
+    let mut sent: Option<Instant> = None;
+    wait_for("the SIGHUP reload", Duration::from_secs(30), || {
+        if sent.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
+            unsafe_kill(proxy.child.id(), "HUP");
+            sent = Some(Instant::now());
+        }
         successes() > before
     });
-    assert!(
-        proxy.log_text().contains("(SIGHUP)"),
-        "{}",
-        proxy.log_text()
-    );
+    wait_for("its log line", Duration::from_secs(10), || {
+        proxy.log_text().contains("(SIGHUP)")
+    });
 
     // The next version is ready beside the file; it is renamed over it as soon as the SIGHUP
     // reload opens the file to read it.
@@ -690,7 +701,7 @@ fn sighup_reloads_and_a_save_during_its_reload_is_loaded_after_it() {
     drop(watcher);
     wait_for(
         "the version saved during the SIGHUP reload",
-        Duration::from_secs(3),
+        Duration::from_secs(30),
         || served_by(&proxy, "/added") == "new",
     );
     assert_eq!(proxy.metric("strangler_config_valid"), 1.0);
@@ -743,13 +754,79 @@ fn a_file_written_in_place_is_read_once_its_writer_closes_it() {
     assert_eq!(served_by(&proxy, "/a"), "new");
 }
 
+/// An empty file is what a writer saving in place leaves for a moment: it is reported only when
+/// seen twice (`reload::EMPTY_DIGEST`), but then reported, once.
+#[test]
+fn an_emptied_file_is_reported_once_and_changes_nothing() {
+    let legacy = Backend::echo("legacy");
+    let new = Backend::echo("new");
+    let base = base_yaml(&legacy.url(), &new.url());
+    let proxy = Proxy::start(&format!(
+        "{base}routes:\n  - {{name: a, path: /a, to: new}}\n"
+    ));
+    let errors = || proxy.metric("strangler_config_reloads_total{result=\"error\"}");
+    let before = errors();
+    proxy.write_config("");
+    wait_for(
+        "the empty file to be reported",
+        Duration::from_secs(5),
+        || errors() == before + 1.0,
+    );
+    assert_eq!(proxy.metric("strangler_config_valid"), 0.0);
+    assert_eq!(served_by(&proxy, "/a"), "new");
+    // The next version is served, and the empty one was reported once in all.
+    proxy.write_config(&format!(
+        "{base}routes:\n  - {{name: a, path: /a, to: legacy}}\n"
+    ));
+    wait_for("the next version", Duration::from_secs(5), || {
+        served_by(&proxy, "/a") == "legacy"
+    });
+    assert_eq!(errors(), before + 1.0);
+    assert_eq!(proxy.metric("strangler_config_valid"), 1.0);
+}
+
+/// A change the watcher cannot see (written through a hard link in another directory) is found
+/// by the 1 s poll, and the reload's log line says so.
+#[test]
+fn a_change_only_the_poll_finds_says_so() {
+    let legacy = Backend::echo("legacy");
+    let new = Backend::echo("new");
+    let base = base_yaml(&legacy.url(), &new.url());
+    let yaml = |to: &str| format!("{base}routes:\n  - {{name: b, path: /bookings, to: {to}}}\n");
+    // In a directory of its own: the proxy's log, written beside a file, is an event there.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("etc")).unwrap();
+    std::fs::write(dir.path().join("etc/routing.yaml"), yaml("legacy")).unwrap();
+    let proxy = Proxy::start_at(dir, "etc/routing.yaml");
+    let elsewhere = tempfile::tempdir().unwrap();
+    let link = elsewhere.path().join("routing.yaml");
+    std::fs::hard_link(&proxy.config, &link).unwrap();
+    std::fs::write(&link, yaml("new")).unwrap();
+    wait_for(
+        "the poll to find the change",
+        Duration::from_secs(10),
+        || served_by(&proxy, "/bookings") == "new",
+    );
+    wait_for("its log line", Duration::from_secs(5), || {
+        proxy
+            .log_text()
+            .lines()
+            .any(|l| l.contains(" reloaded ") && l.contains("(file changed, found by the poll)"))
+    });
+}
+
 #[test]
 fn a_file_that_fails_only_in_dns_is_tried_again() {
     let legacy = Backend::echo("legacy");
     let new = Backend::echo("new");
     let base = base_yaml(&legacy.url(), &new.url());
     let routes = "routes:\n  - {name: bookings, path: /bookings, to: new}\n";
-    let proxy = Proxy::start(&format!("{base}{routes}"));
+    // A host whose name server does not answer would make each lookup wait 5 s × 2 tries.
+    let proxy = Proxy::start_with(
+        &format!("{base}{routes}"),
+        &[],
+        &[("RES_OPTIONS", "timeout:1 attempts:1")],
+    );
     // A valid file whose new backend does not resolve (`.invalid` never does, RFC 6761; in
     // production: a DNS hiccup, a Service record that lags the ConfigMap). The same version is
     // tried again, a second later and then less and less often, so it applies once DNS
@@ -760,7 +837,7 @@ fn a_file_that_fails_only_in_dns_is_tried_again() {
     );
     proxy.write_config(&format!("{unresolved}{routes}"));
     // Two errors: the same file, tried twice.
-    assert_refused(&proxy, 2.0, Duration::from_secs(8), "new", |l| {
+    assert_refused(&proxy, 2.0, Duration::from_secs(15), "new", |l| {
         l.contains("cannot resolve backend \"later\"")
             && l.contains("tried again until it resolves")
     });
@@ -884,7 +961,7 @@ fn a_swapped_directory_link_is_seen_by_the_watcher() {
     std::fs::write(r2.join("routing.yaml"), yaml("new")).unwrap();
     std::os::unix::fs::symlink("releases/2", app.join("current.tmp")).unwrap();
     std::fs::rename(app.join("current.tmp"), app.join("current")).unwrap();
-    wait_for("the link swap", Duration::from_millis(900), || {
+    wait_for("the link swap", Duration::from_secs(10), || {
         served_by(&proxy, "/bookings") == "new"
     });
     // The watch moved with the link: an edit in the new release is seen too.
@@ -892,9 +969,27 @@ fn a_swapped_directory_link_is_seen_by_the_watcher() {
     std::fs::rename(r2.join(".tmp"), r2.join("routing.yaml")).unwrap();
     wait_for(
         "the edit in the new release",
-        Duration::from_millis(900),
+        Duration::from_secs(10),
         || served_by(&proxy, "/bookings") == "legacy",
     );
+    // Both were seen by the watcher, not found by the 1 s poll (which says so): timing could
+    // not tell, since the poll may tick at any moment of a wait.
+    let reloads = || -> Vec<String> {
+        let log = proxy.log_text();
+        log.lines()
+            .filter(|l| l.contains(" reloaded "))
+            .map(str::to_string)
+            .collect()
+    };
+    wait_for("two reload lines", Duration::from_secs(5), || {
+        reloads().len() >= 2
+    });
+    for line in reloads() {
+        assert!(
+            line.contains("(file changed)"),
+            "not seen by the watcher: {line}"
+        );
+    }
 }
 
 #[test]
