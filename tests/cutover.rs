@@ -353,9 +353,11 @@ fn a_slow_shadow_costs_the_client_nothing() {
         mean(&plain),
         mean(&shadowed),
     );
+    // A request that waited for its shadow would take the shadow's 2 s; the margin is for a
+    // loaded machine running a debug build.
     for (i, t) in shadowed.iter().enumerate() {
         assert!(
-            *t < Duration::from_millis(500),
+            *t < Duration::from_millis(1500),
             "shadowed request {i} took {t:?}"
         );
     }
@@ -520,8 +522,8 @@ fn a_shadow_ending_after_its_backend_left_the_file_leaves_no_series() {
 
 #[test]
 fn a_primary_that_outlives_the_shadow_is_not_compared() {
-    // The primary drips its body for about 4 s (a server-sent events stream, a long poll);
-    // the shadow answers at once, and its deadline is `timeout` + `connect_timeout` = 1 s.
+    // The primary drips its body for about 6 s (a server-sent events stream, a long poll);
+    // the shadow answers at once, and its deadline is `timeout` + `connect_timeout` = 2 s.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let drip = format!("http://{}", listener.local_addr().unwrap());
     std::thread::spawn(move || {
@@ -537,7 +539,7 @@ fn a_primary_that_outlives_the_shadow_is_not_compared() {
                     head.push(byte[0]);
                 }
                 let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
-                for _ in 0..20 {
+                for _ in 0..30 {
                     // The stream's own pace: what the test is about, not a wait for a condition.
                     std::thread::sleep(Duration::from_millis(200));
                     let _ = conn.write_all(b"1\r\nx\r\n");
@@ -549,7 +551,7 @@ fn a_primary_that_outlives_the_shadow_is_not_compared() {
     let new = Backend::echo("new");
     let yaml = format!(
         "backends:\n  legacy: {{url: '{drip}'}}\n\
-         \x20 new: {{url: '{}', timeout: 500ms, connect_timeout: 500ms}}\n\
+         \x20 new: {{url: '{}', timeout: 1500ms, connect_timeout: 500ms}}\n\
          default: legacy\nroutes:\n\
          \x20 - {{name: stream, path: /stream, to: legacy, shadow: new}}\n",
         new.url()
@@ -569,7 +571,7 @@ fn a_primary_that_outlives_the_shadow_is_not_compared() {
             "strangler_shadow_total{{route=\"stream\",backend=\"new\",result=\"{result}\"}}"
         ))
     };
-    wait_for("the comparison given up", Duration::from_secs(3), || {
+    wait_for("the comparison given up", Duration::from_secs(5), || {
         shadow("skipped") == 1.0
     });
     assert!(
@@ -577,7 +579,7 @@ fn a_primary_that_outlives_the_shadow_is_not_compared() {
         "given up while the primary still streams, its slot back"
     );
     let r = client.join().unwrap();
-    assert_eq!((r.status, r.body.as_str()), (200, "x".repeat(20).as_str()));
+    assert_eq!((r.status, r.body.as_str()), (200, "x".repeat(30).as_str()));
     assert_eq!(new.seen().len(), 1);
     for result in ["match", "mismatch", "error"] {
         assert_eq!(shadow(result), 0.0, "{result}");

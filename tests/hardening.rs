@@ -849,7 +849,7 @@ fn a_client_that_stalls_its_upload_gets_408_and_the_backend_is_not_blamed() {
         }
     });
     let proxy = Proxy::start(&format!(
-        "backends:\n  legacy: {{url: 'http://127.0.0.1:{}'}}\n  new: {{url: 'http://{baddr}', timeout: 300ms}}\n\
+        "backends:\n  legacy: {{url: 'http://127.0.0.1:{}'}}\n  new: {{url: 'http://{baddr}', timeout: 1s}}\n\
          default: legacy\nroutes:\n  - {{name: up, path: /up, to: new, rollback: {{error_rate: 1%, min_requests: 1, window: 60s}}}}\n",
         dead_port()
     ));
@@ -997,7 +997,7 @@ fn a_backend_that_stalls_mid_body_counts_toward_automatic_rollback() {
     });
     let legacy = Backend::echo("legacy");
     let proxy = Proxy::start(&format!(
-        "backends:\n  legacy: {{url: '{}'}}\n  new: {{url: 'http://{baddr}', timeout: 300ms}}\n\
+        "backends:\n  legacy: {{url: '{}'}}\n  new: {{url: 'http://{baddr}', timeout: 1s}}\n\
          default: legacy\nroutes:\n  - {{name: stall, path: /stall, to: new, rollback: {{error_rate: 50%, min_requests: 3, window: 60s}}}}\n",
         legacy.url()
     ));

@@ -63,8 +63,9 @@ fn a_binary_upgrade_under_load_fails_no_request() {
     let (port, admin) = (free_port(), free_port());
     let mut old = spawn_on(dir.path(), port, admin, false);
     let health = format!("http://127.0.0.1:{admin}/healthz");
+    // Both listeners: the proxy's may accept a moment after the admin API answers.
     wait_for("the old process", Duration::from_secs(15), || {
-        get(&health).0 == 200
+        get(&health).0 == 200 && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     });
 
     // Load: fresh connections, as many clients make them, all through the upgrade.

@@ -347,10 +347,11 @@ proptest! {
 // Split
 // ---------------------------------------------------------------------------------------------
 
-/// SPEC §5: the buckets below `split × 100` (a split is kept to four decimals, so what floating
-/// point adds below that does not count: `0.07 × 100` is 7).
+/// SPEC §5: the buckets below `split × 100`, the split taken to millionths of a percent (so what
+/// floating point adds below that does not count: `0.07 × 100` is 7). `m / 10⁴` is exact when it
+/// is whole and at least 10⁻⁴ from a whole number otherwise, so `ceil` is exact too.
 fn threshold(p: f64) -> u32 {
-    (p * 100.0 - 1e-7).ceil().max(0.0) as u32
+    ((p * 1e6).round() / 1e4).ceil().max(0.0) as u32
 }
 
 /// Percentages as operators write them: whole, one or two decimals, and the ends.
