@@ -43,8 +43,21 @@ const EMPTY_ONCE: &str = "empty once";
 /// truncation and its first write. A look woken by something else (another file's event in the
 /// directory, the poll) can fall in that instant, before the truncation's own event has
 /// arrived; the writer is then not known to be writing. So an empty file is reported only when
-/// seen a second time: at its writer's close, or at the next poll.
+/// seen a second time, and not while a writer holds it open (`WRITER_OPEN_MAX`): at its
+/// writer's close, or at a later poll.
 const EMPTY_DIGEST: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+/// How long a writer that truncated the file and keeps it open (`cmd > routing.yaml` where
+/// `cmd` thinks before it prints) may leave it empty before the empty file is reported.
+const WRITER_OPEN_MAX: Duration = Duration::from_secs(30);
+
+/// Why an automatic reload ran, as its log line and audit records say.
+const CHANGED: &str = "file changed";
+/// A change no watcher event announced: if every reload says so, the watcher does not see this
+/// file's changes (a network file system, a link it does not follow), and edits are served up
+/// to a second late.
+const CHANGED_UNANNOUNCED: &str = "file changed, found by the poll";
+/// The same version again, after a backend name did not resolve (see UNRESOLVED_RETRY_MAX).
+const RETRY_DNS: &str = "retry, a backend name did not resolve";
 
 /// The fallback poll.
 const POLL: Duration = Duration::from_secs(1);
@@ -99,6 +112,12 @@ impl InPlaceWrite {
             Trigger::Poll => false,
             Trigger::File | Trigger::Signal => true,
         }
+    }
+
+    /// Whether a writer has written into the file and not closed it, lately.
+    fn holds_open(&self) -> bool {
+        self.unclosed
+            .is_some_and(|at| at.elapsed() < WRITER_OPEN_MAX)
     }
 
     /// Until when to wait for the writer: `None` once it closed the file or went quiet.
@@ -255,6 +274,10 @@ impl BackgroundService for Reloader {
         let mut last_tried: Option<String> = None;
         // The wait before trying again a file that failed only in DNS (zero: none did).
         let mut unresolved_wait = Duration::ZERO;
+        // Whether a watcher event that may concern the file came since the last look that
+        // settled what is on disk (a look that only saw it missing or empty once, or failed in
+        // DNS, settles nothing): a change found without one is said to be found by the poll.
+        let mut announced = false;
         // When the next automatic reload may start (see RELOAD_DUTY_WAIT).
         let mut not_before = tokio::time::Instant::now();
         loop {
@@ -271,10 +294,8 @@ impl BackgroundService for Reloader {
             // A SIGHUP (or POST /reload's trigger) that arrives during a wait for `not_before`
             // cuts the wait to the debounce: an operator's explicit reload is never delayed.
             let mut signal = matches!(trigger, Trigger::Signal);
-            // Whether only the poll saw a change: said in the reload's log line, since a file
-            // whose changes the watcher misses (a network file system, an unwatched link) is
-            // served up to a second late.
-            let mut by_poll = matches!(trigger, Trigger::Poll);
+            // Whether a watcher event of this pass may concern the file.
+            let mut seen_now = writing.may_concern(&trigger);
             writing.note(&trigger);
             let settle = tokio::time::Instant::now() + DEBOUNCE;
             let mut wake = if signal {
@@ -287,7 +308,7 @@ impl BackgroundService for Reloader {
                     _ = tokio::time::sleep_until(wake) => {
                         while let Ok(t) = rx.try_recv() {
                             signal |= matches!(t, Trigger::Signal);
-                            by_poll &= !writing.may_concern(&t);
+                            seen_now |= writing.may_concern(&t);
                             writing.note(&t);
                         }
                         match writing.wait_until() {
@@ -296,7 +317,7 @@ impl BackgroundService for Reloader {
                         }
                     }
                     Some(t) = rx.recv() => {
-                        by_poll &= !writing.may_concern(&t);
+                        seen_now |= writing.may_concern(&t);
                         writing.note(&t);
                         match t {
                             Trigger::Signal => {
@@ -316,6 +337,11 @@ impl BackgroundService for Reloader {
                     }
                 }
             }
+            if !seen_now && !signal && !matches!(trigger, Trigger::Poll) {
+                // Only other files of the directory were written (a log file beside it).
+                continue;
+            }
+            announced |= seen_now;
             // Watch where the file now lives before reading it (a swapped link moves it): a
             // change made once the read has begun is then seen by the watcher, not left to
             // the poll.
@@ -331,11 +357,14 @@ impl BackgroundService for Reloader {
             // remembered as tried: the same version is tried again, see UNRESOLVED_RETRY_MAX).
             let unresolved =
                 |r: Result<(), crate::state::LoadError>| r.is_err_and(|e| e.unresolved);
-            let why = if by_poll {
-                "file changed, found by the poll"
+            let why = if !unresolved_wait.is_zero() && !seen_now {
+                RETRY_DNS
+            } else if announced {
+                CHANGED
             } else {
-                "file changed"
+                CHANGED_UNANNOUNCED
             };
+            let writer_open = writing.holds_open();
             let (digest, cost, dns_failed) = tokio::task::spawn_blocking(move || {
                 lower_priority();
                 let t0 = thread_cpu_time();
@@ -344,11 +373,12 @@ impl BackgroundService for Reloader {
                     // `not_before` paces automatic reloads only. The file is hashed before the
                     // reload reads it, as below: a version saved while the reload runs differs
                     // from the hash kept, so its event (or the next poll) loads it.
-                    let digest = file_digest(&config);
+                    // A missing file is reported by this reload; not again at the next poll.
+                    let digest = file_digest(&config).unwrap_or_else(|| MISSING.to_string());
                     if unresolved(state.reload("SIGHUP")) {
                         return (None, None, true);
                     }
-                    return (digest, None, false);
+                    return (Some(digest), None, false);
                 }
                 let Some(on_disk) = file_digest(&config) else {
                     // Gone or unreadable. Seen twice in a row (a poll apart, so not an editor's
@@ -366,7 +396,13 @@ impl BackgroundService for Reloader {
                 };
                 let mut cost = None;
                 let in_force = on_disk == state.snapshot().table.sha256;
-                if on_disk == EMPTY_DIGEST && !in_force && tried.as_deref() != Some(EMPTY_ONCE) {
+                // See EMPTY_DIGEST: once reported (tried), an empty file is left alone like any
+                // bad version.
+                if on_disk == EMPTY_DIGEST
+                    && !in_force
+                    && tried.as_deref() != Some(EMPTY_DIGEST)
+                    && (writer_open || tried.as_deref() != Some(EMPTY_ONCE))
+                {
                     return (Some(EMPTY_ONCE.to_string()), None, false);
                 }
                 if in_force && crate::metrics::CONFIG_VALID.get() == 1 {
@@ -386,7 +422,15 @@ impl BackgroundService for Reloader {
             })
             .await
             .unwrap_or((None, None, false));
+            // A look that saw the file missing or empty once, or failed in DNS, settles
+            // nothing: the next look is still the change's.
+            if !dns_failed && !matches!(digest.as_deref(), Some(MISSING_ONCE | EMPTY_ONCE)) {
+                announced = false;
+            }
             last_tried = digest;
+            // The next poll is a whole period after this look: a file seen missing or empty
+            // once is not confirmed a moment later by a tick that came due during the look.
+            poll.reset();
             unresolved_wait = if dns_failed {
                 (unresolved_wait * 2).clamp(POLL, UNRESOLVED_RETRY_MAX)
             } else {

@@ -538,7 +538,8 @@ fn assert_refused(
 
 /// The watcher reacts to changes only. inotify also reports opens: counting the reloader's own
 /// read of the file as a change once made it re-read and re-hash routing.yaml ~40 times a
-/// second, forever. Observed through the bytes the process reads while nothing happens (the
+/// second, forever. Nor is the file read again for bytes written into another file beside it
+/// (a log file). Observed through the bytes the process reads while only that happens (the
 /// window is the point of the test: it shows an absence).
 #[test]
 fn an_idle_proxy_does_not_keep_rereading_its_file() {
@@ -561,9 +562,16 @@ fn an_idle_proxy_does_not_keep_rereading_its_file() {
             .unwrap()
     };
     let before = read_bytes();
-    std::thread::sleep(Duration::from_millis(1500));
+    let mut beside = std::fs::File::create(proxy.dir.path().join("beside.log")).unwrap();
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_millis(1500) {
+        writeln!(beside, "a line").unwrap();
+        // The writer's pace.
+        std::thread::sleep(Duration::from_millis(30));
+    }
     let read = read_bytes() - before;
-    // The 1 s fallback poll reads the file once or twice in the window; the loop read it ~60 times.
+    // The 1 s fallback poll reads the file once or twice in the window; the loop read it ~60
+    // times, and once per line written beside it ~40 times.
     assert!(
         read < 4 * size,
         "{read} bytes read in 1.5 s idle, the file is {size} bytes"
@@ -785,6 +793,69 @@ fn an_emptied_file_is_reported_once_and_changes_nothing() {
     assert_eq!(proxy.metric("strangler_config_valid"), 1.0);
 }
 
+/// An empty file left by a writer that truncated it and keeps it open while it works out what
+/// to write (`cmd > routing.yaml`) is not reported: what it writes is served.
+#[test]
+fn a_writer_that_thinks_before_it_writes_is_waited_for() {
+    use std::io::Write;
+    let legacy = Backend::echo("legacy");
+    let new = Backend::echo("new");
+    let base = base_yaml(&legacy.url(), &new.url());
+    let proxy = Proxy::start(&format!(
+        "{base}routes:\n  - {{name: a, path: /a, to: new}}\n"
+    ));
+    let metric = |result: &str| {
+        proxy.metric(&format!(
+            "strangler_config_reloads_total{{result=\"{result}\"}}"
+        ))
+    };
+    let (ok, errors) = (metric("success"), metric("error"));
+    let mut f = std::fs::File::create(&proxy.config).unwrap();
+    // The writer's pace: longer than its 500 ms quiet wait and two polls.
+    std::thread::sleep(Duration::from_millis(2500));
+    f.write_all(format!("{base}routes:\n  - {{name: a, path: /a, to: legacy}}\n").as_bytes())
+        .unwrap();
+    drop(f);
+    wait_for("what it wrote", Duration::from_secs(5), || {
+        served_by(&proxy, "/a") == "legacy"
+    });
+    assert_eq!((metric("success"), metric("error")), (ok + 1.0, errors));
+}
+
+/// A file that stays empty, or goes missing and is reloaded by SIGHUP, is reported once: not
+/// again at every poll (the window is the point: it shows an absence).
+#[test]
+fn an_empty_or_missing_file_is_not_reported_again_at_each_poll() {
+    let legacy = Backend::echo("legacy");
+    let new = Backend::echo("new");
+    let base = base_yaml(&legacy.url(), &new.url());
+    let proxy = Proxy::start(&format!(
+        "{base}routes:\n  - {{name: a, path: /a, to: new}}\n"
+    ));
+    let errors = || proxy.metric("strangler_config_reloads_total{result=\"error\"}");
+    let before = errors();
+    proxy.write_config("");
+    wait_for("the empty file reported", Duration::from_secs(5), || {
+        errors() == before + 1.0
+    });
+    std::fs::remove_file(&proxy.config).unwrap();
+    // Sent again each second: the process ignores SIGHUP until its reloader listens for it.
+    let mut sent: Option<Instant> = None;
+    wait_for("the missing file reported", Duration::from_secs(10), || {
+        if errors() == before + 2.0 {
+            return true;
+        }
+        if sent.is_none_or(|t| t.elapsed() > Duration::from_secs(2)) {
+            unsafe_kill(proxy.child.id(), "HUP");
+            sent = Some(Instant::now());
+        }
+        false
+    });
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(errors(), before + 2.0, "{}", proxy.log_text());
+    assert_eq!(served_by(&proxy, "/a"), "new");
+}
+
 /// A change the watcher cannot see (written through a hard link in another directory) is found
 /// by the 1 s poll, and the reload's log line says so.
 #[test]
@@ -838,7 +909,8 @@ fn a_file_that_fails_only_in_dns_is_tried_again() {
     proxy.write_config(&format!("{unresolved}{routes}"));
     // Two errors: the same file, tried twice.
     assert_refused(&proxy, 2.0, Duration::from_secs(15), "new", |l| {
-        l.contains("cannot resolve backend \"later\"")
+        l.contains("(retry, a backend name did not resolve) rejected")
+            && l.contains("cannot resolve backend \"later\"")
             && l.contains("tried again until it resolves")
     });
     proxy.write_config(&format!("{base}{routes}"));
