@@ -507,7 +507,9 @@ fn follow_links(
         return;
     };
     let wanted = watched_dirs(config);
-    if wanted == *watched {
+    // Nothing resolves (a link removed and not yet made again, `rm current; ln -s …`): the
+    // watches stay where they are, on the directory where the link comes back.
+    if wanted == *watched || wanted.is_empty() {
         return;
     }
     for old in watched.iter().filter(|d| !wanted.contains(d)) {
@@ -537,6 +539,32 @@ fn follow_links(
 mod tests {
     use super::*;
     use notify::event::{CreateKind, ModifyKind};
+
+    #[test]
+    fn watches_stay_while_a_swapped_link_is_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = dir.path().join("app");
+        std::fs::create_dir_all(app.join("releases/1")).unwrap();
+        std::fs::write(app.join("releases/1/routing.yaml"), "x").unwrap();
+        std::os::unix::fs::symlink("releases/1", app.join("current")).unwrap();
+        let config = app.join("current/routing.yaml");
+        let mut watcher =
+            Some(notify::recommended_watcher(|_: notify::Result<notify::Event>| {}).unwrap());
+        let mut watched = Vec::new();
+        follow_links(&config, &mut watcher, &mut watched);
+        let real = |p: &Path| std::fs::canonicalize(p).unwrap();
+        let both = vec![real(&app.join("releases/1")), real(&app)];
+        assert_eq!(watched, both);
+        // `rm current; ln -s releases/2 current`, looked at in between.
+        std::fs::remove_file(app.join("current")).unwrap();
+        assert!(watched_dirs(&config).is_empty());
+        follow_links(&config, &mut watcher, &mut watched);
+        assert_eq!(watched, both);
+        std::fs::create_dir_all(app.join("releases/2")).unwrap();
+        std::os::unix::fs::symlink("releases/2", app.join("current")).unwrap();
+        follow_links(&config, &mut watcher, &mut watched);
+        assert_eq!(watched, vec![real(&app.join("releases/2")), real(&app)]);
+    }
 
     #[test]
     fn reads_are_not_changes() {
