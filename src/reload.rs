@@ -59,12 +59,55 @@ const CHANGED_UNANNOUNCED: &str = "file changed, found by the poll";
 /// The same version again, after a backend name did not resolve (see UNRESOLVED_RETRY_MAX).
 const RETRY_DNS: &str = "retry, a backend name did not resolve";
 
-/// The fallback poll.
+/// The fallback poll. Also how long a file seen missing or empty must stay so before it is
+/// reported (an editor's delete-then-write, a writer's truncate-then-write are not).
 const POLL: Duration = Duration::from_secs(1);
+
+/// The longest one look waits for writers saving in place: a file rewritten in place without
+/// pause (each writer opening it within the debounce of the last one's close) is still read.
+const WRITER_WAIT_MAX: Duration = Duration::from_secs(5);
 
 /// A file whose only fault was a backend name that did not resolve is tried again: after 1 s,
 /// then twice as long each time, up to this.
 const UNRESOLVED_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// What one look at the file did, for the loop to remember.
+#[derive(Debug, Default)]
+struct Look {
+    /// What to remember as tried: the version's digest, or a MISSING / EMPTY marker.
+    tried: Option<String>,
+    /// The CPU time of a reload, when one ran (see RELOAD_DUTY_WAIT).
+    cost: Option<Duration>,
+    /// The version (digest) that failed only in DNS.
+    unresolved: Option<String>,
+    /// The version that failed in DNS, looked at before its retry was due: nothing changed.
+    not_due: bool,
+}
+
+impl Look {
+    fn tried(tried: String, cost: Option<Duration>) -> Look {
+        Look {
+            tried: Some(tried),
+            cost,
+            ..Look::default()
+        }
+    }
+
+    fn unresolved(version: String, cost: Option<Duration>) -> Look {
+        Look {
+            unresolved: Some(version),
+            cost,
+            ..Look::default()
+        }
+    }
+
+    fn not_due() -> Look {
+        Look {
+            not_due: true,
+            ..Look::default()
+        }
+    }
+}
 
 /// The reloader service.
 pub struct Reloader {
@@ -79,6 +122,9 @@ enum Trigger {
     Poll,
     /// Bytes were written into (or cut from) the file of this name, in place.
     Written(OsString),
+    /// A file of this name was created: a writer may be about to write it (a new file opened
+    /// for writing shows no write until its first bytes).
+    Created(OsString),
     /// A writer closed the file of this name.
     Closed(OsString),
     Signal,
@@ -96,7 +142,7 @@ struct InPlaceWrite {
 impl InPlaceWrite {
     fn note(&mut self, t: &Trigger) {
         match t {
-            Trigger::Written(n) if self.names.contains(n) => {
+            Trigger::Written(n) | Trigger::Created(n) if self.names.contains(n) => {
                 self.unclosed = Some(tokio::time::Instant::now())
             }
             Trigger::Closed(n) if self.names.contains(n) => self.unclosed = None,
@@ -110,7 +156,8 @@ impl InPlaceWrite {
         match t {
             Trigger::Written(n) | Trigger::Closed(n) => self.names.contains(n),
             Trigger::Poll => false,
-            Trigger::File | Trigger::Signal => true,
+            // A created link or directory of another name can be on the file's path.
+            Trigger::Created(_) | Trigger::File | Trigger::Signal => true,
         }
     }
 
@@ -235,6 +282,7 @@ impl BackgroundService for Reloader {
                 EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
                     name().map_or(Trigger::File, Trigger::Closed)
                 }
+                EventKind::Create(_) => name().map_or(Trigger::File, Trigger::Created),
                 kind if is_change(&kind) => Trigger::File,
                 _ => return,
             };
@@ -264,7 +312,7 @@ impl BackgroundService for Reloader {
 
         // The directories where a change of the file shows (`watched_dirs`), followed when a
         // link is pointed elsewhere.
-        let mut watched: Vec<PathBuf> = Vec::new();
+        let mut watched: Vec<Watched> = Vec::new();
         follow_links(&config, &mut watcher, &mut watched);
         let mut writing = InPlaceWrite {
             names: file_names(&config),
@@ -272,7 +320,12 @@ impl BackgroundService for Reloader {
         };
 
         let mut last_tried: Option<String> = None;
-        // The wait before trying again a file that failed only in DNS (zero: none did).
+        // Since when the file has been seen missing or empty, look after look (see POLL).
+        let mut absent_since: Option<tokio::time::Instant> = None;
+        // The version that failed only in DNS, when it is due to be tried again, and the wait
+        // before the next try after that one (see UNRESOLVED_RETRY_MAX). Another version is
+        // tried at once.
+        let mut dns_retry: Option<(String, tokio::time::Instant)> = None;
         let mut unresolved_wait = Duration::ZERO;
         // Whether a watcher event that may concern the file came since the last look that
         // settled what is on disk (a look that only saw it missing or empty once, or failed in
@@ -291,13 +344,15 @@ impl BackgroundService for Reloader {
             // Let the burst settle (and a file rewritten faster than it reloads wait its turn),
             // then drain whatever else it queued. A file being written in place is waited for
             // until its writer closes it (`WRITER_QUIET`).
-            // A SIGHUP (or POST /reload's trigger) that arrives during a wait for `not_before`
-            // cuts the wait to the debounce: an operator's explicit reload is never delayed.
+            // A SIGHUP that arrives during a wait for `not_before` cuts the wait to the
+            // debounce: an operator's explicit reload is never delayed (`POST /reload` reloads
+            // on its own, not through this loop).
             let mut signal = matches!(trigger, Trigger::Signal);
             // Whether a watcher event of this pass may concern the file.
             let mut seen_now = writing.may_concern(&trigger);
             writing.note(&trigger);
             let settle = tokio::time::Instant::now() + DEBOUNCE;
+            let give_up_on_writers = settle.max(not_before) + WRITER_WAIT_MAX;
             let mut wake = if signal {
                 settle
             } else {
@@ -311,8 +366,10 @@ impl BackgroundService for Reloader {
                             seen_now |= writing.may_concern(&t);
                             writing.note(&t);
                         }
-                        match writing.wait_until() {
-                            Some(until) if !signal => wake = until,
+                        match writing.wait_until().map(|u| u.min(give_up_on_writers)) {
+                            Some(until) if !signal && until > tokio::time::Instant::now() => {
+                                wake = until
+                            }
                             _ => break,
                         }
                     }
@@ -350,24 +407,20 @@ impl BackgroundService for Reloader {
             let state = self.state.clone();
             let config = config.clone();
             let tried = last_tried.clone();
+            let absent_due = absent_since.is_some_and(|t| t.elapsed() >= POLL);
+            let retry = dns_retry
+                .as_ref()
+                .map(|(d, at)| (d.clone(), tokio::time::Instant::now() >= *at));
+            let writer_open = writing.holds_open();
             // File reads, parsing and DNS run off the proxy's worker threads, at a lower
             // priority than they: on a saturated core a reload takes longer instead of taking
             // requests' time.
-            // What was tried, what it cost, and whether it failed only in DNS (then it is not
-            // remembered as tried: the same version is tried again, see UNRESOLVED_RETRY_MAX).
-            let unresolved =
-                |r: Result<(), crate::state::LoadError>| r.is_err_and(|e| e.unresolved);
-            let why = if !unresolved_wait.is_zero() && !seen_now {
-                RETRY_DNS
-            } else if announced {
-                CHANGED
-            } else {
-                CHANGED_UNANNOUNCED
-            };
-            let writer_open = writing.holds_open();
-            let (digest, cost, dns_failed) = tokio::task::spawn_blocking(move || {
+            let look = tokio::task::spawn_blocking(move || {
                 lower_priority();
                 let t0 = thread_cpu_time();
+                let unresolved =
+                    |r: Result<(), crate::state::LoadError>| r.is_err_and(|e| e.unresolved);
+                let cost = || Some(thread_cpu_time().saturating_sub(t0));
                 if signal {
                     // An operator's reload does not delay the next file change: the wait for
                     // `not_before` paces automatic reloads only. The file is hashed before the
@@ -376,71 +429,103 @@ impl BackgroundService for Reloader {
                     // A missing file is reported by this reload; not again at the next poll.
                     let digest = file_digest(&config).unwrap_or_else(|| MISSING.to_string());
                     if unresolved(state.reload("SIGHUP")) {
-                        return (None, None, true);
+                        return Look::unresolved(digest, None);
                     }
-                    return (Some(digest), None, false);
+                    return Look::tried(digest, None);
                 }
+                let absent_seen = matches!(tried.as_deref(), Some(MISSING_ONCE | EMPTY_ONCE));
                 let Some(on_disk) = file_digest(&config) else {
-                    // Gone or unreadable. Seen twice in a row (a poll apart, so not an editor's
+                    // Gone or unreadable. Still so a poll later (not an editor's
                     // delete-then-write), it is reported once: the reload fails to read it,
                     // logs why, counts the error and clears `strangler_config_valid`.
                     return match tried.as_deref() {
-                        Some(MISSING) => (Some(MISSING.to_string()), None, false),
-                        Some(MISSING_ONCE) => {
-                            let _ = state.reload(why);
-                            let cost = thread_cpu_time().saturating_sub(t0);
-                            (Some(MISSING.to_string()), Some(cost), false)
+                        Some(MISSING) => Look::tried(MISSING.into(), None),
+                        _ if absent_seen && absent_due => {
+                            let _ = state.reload(if announced {
+                                CHANGED
+                            } else {
+                                CHANGED_UNANNOUNCED
+                            });
+                            Look::tried(MISSING.into(), cost())
                         }
-                        _ => (Some(MISSING_ONCE.to_string()), None, false),
+                        _ => Look::tried(MISSING_ONCE.into(), None),
                     };
                 };
-                let mut cost = None;
                 let in_force = on_disk == state.snapshot().table.sha256;
                 // See EMPTY_DIGEST: once reported (tried), an empty file is left alone like any
                 // bad version.
                 if on_disk == EMPTY_DIGEST
                     && !in_force
                     && tried.as_deref() != Some(EMPTY_DIGEST)
-                    && (writer_open || tried.as_deref() != Some(EMPTY_ONCE))
+                    && (writer_open || !(absent_seen && absent_due))
                 {
-                    return (Some(EMPTY_ONCE.to_string()), None, false);
+                    return Look::tried(EMPTY_ONCE.into(), None);
+                }
+                let retrying = retry.as_ref().filter(|(d, _)| *d == on_disk);
+                if retrying.is_some_and(|(_, due)| !due) {
+                    return Look::not_due();
                 }
                 if in_force && crate::metrics::CONFIG_VALID.get() == 1 {
                     // The table in force is the file on disk, which nothing said was wrong
                     // (a touch, a rewrite of the same bytes): nothing to load.
-                } else if in_force || tried.as_deref() != Some(on_disk.as_str()) {
-                    // Each version of the file is tried once: a bad edit is reported once,
-                    // not at every poll. A rejected edit reverted to the table in force is
-                    // loaded like any fix: the reload counts as a success, the file is valid.
-                    let dns_failed = unresolved(state.reload(why));
-                    cost = Some(thread_cpu_time().saturating_sub(t0));
-                    if dns_failed {
-                        return (None, cost, true);
-                    }
+                    return Look::tried(on_disk, None);
                 }
-                (Some(on_disk), cost, false)
+                if !in_force && tried.as_deref() == Some(on_disk.as_str()) {
+                    // Each version of the file is tried once: a bad edit is reported once,
+                    // not at every poll.
+                    return Look::tried(on_disk, None);
+                }
+                // A new version, or a rejected edit reverted to the table in force (loaded like
+                // any fix: the reload counts as a success, the file is valid).
+                let why = if retrying.is_some() {
+                    RETRY_DNS
+                } else if announced {
+                    CHANGED
+                } else {
+                    CHANGED_UNANNOUNCED
+                };
+                if unresolved(state.reload(why)) {
+                    return Look::unresolved(on_disk, cost());
+                }
+                Look::tried(on_disk, cost())
             })
             .await
-            .unwrap_or((None, None, false));
-            // A look that saw the file missing or empty once, or failed in DNS, settles
-            // nothing: the next look is still the change's.
-            if !dns_failed && !matches!(digest.as_deref(), Some(MISSING_ONCE | EMPTY_ONCE)) {
-                announced = false;
-            }
-            last_tried = digest;
+            .unwrap_or_default();
             // The next poll is a whole period after this look: a file seen missing or empty
             // once is not confirmed a moment later by a tick that came due during the look.
             poll.reset();
-            unresolved_wait = if dns_failed {
-                (unresolved_wait * 2).clamp(POLL, UNRESOLVED_RETRY_MAX)
-            } else {
-                Duration::ZERO
-            };
-            if let Some(cost) = cost {
-                not_before = tokio::time::Instant::now()
-                    + cost.mul_f64(RELOAD_DUTY_WAIT).min(RELOAD_WAIT_MAX);
+            if look.not_due {
+                continue;
             }
-            not_before = not_before.max(tokio::time::Instant::now() + unresolved_wait);
+            let now = tokio::time::Instant::now();
+            let absent =
+                |t: &Option<String>| matches!(t.as_deref(), Some(MISSING_ONCE | EMPTY_ONCE));
+            if !absent(&look.tried) {
+                absent_since = None;
+            } else if !absent(&last_tried) {
+                absent_since = Some(now);
+            }
+            // A look that saw the file missing or empty once, or failed in DNS, settles
+            // nothing: the next look is still the change's.
+            if look.unresolved.is_none() && !absent(&look.tried) {
+                announced = false;
+            }
+            match look.unresolved {
+                Some(version) => {
+                    // Not remembered as tried: the same version is tried again when due.
+                    last_tried = None;
+                    unresolved_wait = (unresolved_wait * 2).clamp(POLL, UNRESOLVED_RETRY_MAX);
+                    dns_retry = Some((version, now + unresolved_wait));
+                }
+                None => {
+                    last_tried = look.tried;
+                    unresolved_wait = Duration::ZERO;
+                    dns_retry = None;
+                }
+            }
+            if let Some(cost) = look.cost {
+                not_before = now + cost.mul_f64(RELOAD_DUTY_WAIT).min(RELOAD_WAIT_MAX);
+            }
         }
     }
 }
@@ -497,31 +582,55 @@ fn watched_dirs(config: &Path) -> Vec<PathBuf> {
     dirs
 }
 
-/// Brings the watches in line with [`watched_dirs`]: a swapped link moves them.
+/// A watched directory: its path, and the directory (device, inode) the watch was put on.
+type Watched = (PathBuf, Option<(u64, u64)>);
+
+fn dir_id(d: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(d).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// Brings the watches in line with [`watched_dirs`]: a swapped link moves them, and a
+/// directory replaced under the same path (`rm -rf cfg` and made again, `mv cfg.new cfg`) is
+/// watched again: an inotify watch belongs to the directory it was put on, not to its path.
 fn follow_links(
     config: &Path,
     watcher: &mut Option<notify::RecommendedWatcher>,
-    watched: &mut Vec<PathBuf>,
+    watched: &mut Vec<Watched>,
 ) {
     let Some(w) = watcher.as_mut() else {
         return;
     };
-    let wanted = watched_dirs(config);
-    // Nothing resolves (a link removed and not yet made again, `rm current; ln -s …`): the
-    // watches stay where they are, on the directory where the link comes back.
-    if wanted == *watched || wanted.is_empty() {
+    let wanted: Vec<Watched> = match watched_dirs(config) {
+        // Nothing resolves (a link removed and not yet made again, `rm current; ln -s …`): the
+        // watches stay on the directories still there, where the link comes back.
+        dirs if dirs.is_empty() => watched
+            .iter()
+            .filter(|(d, id)| dir_id(d) == *id)
+            .cloned()
+            .collect(),
+        dirs => dirs
+            .into_iter()
+            .map(|d| {
+                let id = dir_id(&d);
+                (d, id)
+            })
+            .collect(),
+    };
+    if wanted == *watched {
         return;
     }
-    for old in watched.iter().filter(|d| !wanted.contains(d)) {
+    for (old, _) in watched.iter().filter(|d| !wanted.contains(d)) {
         let _ = w.unwatch(old);
     }
     let mut now = Vec::new();
-    for d in wanted {
-        if watched.contains(&d) {
-            now.push(d);
+    for entry in wanted {
+        if watched.contains(&entry) {
+            now.push(entry);
             continue;
         }
-        if let Err(e) = w.watch(&d, RecursiveMode::NonRecursive) {
+        let d = &entry.0;
+        if let Err(e) = w.watch(d, RecursiveMode::NonRecursive) {
             // Said once: the directory stays in the list, and is not tried at every poll.
             log::warn!(
                 "cannot watch {} (where changes of {} show): {e}; the {}s poll covers it",
@@ -530,7 +639,7 @@ fn follow_links(
                 POLL.as_secs()
             );
         }
-        now.push(d);
+        now.push(entry);
     }
     *watched = now;
 }
@@ -552,18 +661,69 @@ mod tests {
             Some(notify::recommended_watcher(|_: notify::Result<notify::Event>| {}).unwrap());
         let mut watched = Vec::new();
         follow_links(&config, &mut watcher, &mut watched);
+        let paths = |w: &[Watched]| w.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>();
         let real = |p: &Path| std::fs::canonicalize(p).unwrap();
         let both = vec![real(&app.join("releases/1")), real(&app)];
-        assert_eq!(watched, both);
+        assert_eq!(paths(&watched), both);
         // `rm current; ln -s releases/2 current`, looked at in between.
         std::fs::remove_file(app.join("current")).unwrap();
         assert!(watched_dirs(&config).is_empty());
         follow_links(&config, &mut watcher, &mut watched);
-        assert_eq!(watched, both);
+        assert_eq!(paths(&watched), both);
         std::fs::create_dir_all(app.join("releases/2")).unwrap();
         std::os::unix::fs::symlink("releases/2", app.join("current")).unwrap();
         follow_links(&config, &mut watcher, &mut watched);
-        assert_eq!(watched, vec![real(&app.join("releases/2")), real(&app)]);
+        assert_eq!(
+            paths(&watched),
+            vec![real(&app.join("releases/2")), real(&app)]
+        );
+    }
+
+    #[test]
+    fn a_directory_replaced_under_its_path_is_watched_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("cfg");
+        std::fs::create_dir(&cfg).unwrap();
+        std::fs::write(cfg.join("routing.yaml"), "x").unwrap();
+        let config = cfg.join("routing.yaml");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut watcher = Some(
+            notify::recommended_watcher(move |e: notify::Result<notify::Event>| {
+                if let Ok(e) = e {
+                    let _ = tx.send(e.paths);
+                }
+            })
+            .unwrap(),
+        );
+        let mut watched = Vec::new();
+        follow_links(&config, &mut watcher, &mut watched);
+        let first = watched.clone();
+        // Removed, looked at while gone (the watch on a directory that is gone is dropped),
+        // then made again.
+        std::fs::remove_dir_all(&cfg).unwrap();
+        follow_links(&config, &mut watcher, &mut watched);
+        assert!(watched.is_empty(), "{watched:?}");
+        std::fs::create_dir(&cfg).unwrap();
+        follow_links(&config, &mut watcher, &mut watched);
+        assert_eq!(watched.len(), 1);
+        // Replaced between two looks (`mv cfg cfg.old; mv cfg.new cfg`): same path, another
+        // directory, watched again.
+        let replaced = dir.path().join("cfg.new");
+        std::fs::create_dir(&replaced).unwrap();
+        std::fs::rename(&cfg, dir.path().join("cfg.old")).unwrap();
+        std::fs::rename(&replaced, &cfg).unwrap();
+        follow_links(&config, &mut watcher, &mut watched);
+        assert_eq!(watched.len(), 1);
+        assert_eq!(watched[0].0, first[0].0);
+        assert_ne!(watched[0].1, first[0].1);
+        assert_eq!(watched[0].1, dir_id(&cfg));
+        // And a write there is seen.
+        while rx.try_recv().is_ok() {}
+        std::fs::write(cfg.join("routing.yaml"), "y").unwrap();
+        let seen = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("an event for the replaced directory");
+        assert!(seen.iter().any(|p| p.starts_with(&cfg)), "{seen:?}");
     }
 
     #[test]
