@@ -347,7 +347,9 @@ for rep in $(seq 1 "$REPS"); do
             fi
             printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$rep" "$size" "$target" "$rps" \
                 "$p50" "$p99" "$cpu" "$rss" "$non2xx" "$errs" "$user" >>"$RESULTS"
-            log "rep $rep $size $target: $rps req/s, p50 $p50 ms, p99 $p99 ms, cpu $cpu us/req (user $user), rss $rss MiB, non-2xx $non2xx, socket errors $errs"
+            # Which kind (connect, read, write, timeout): a timeout is a stall, not a failure.
+            kinds=$(awk '/Socket errors/ { gsub(",", ""); printf " (connect %s, read %s, write %s, timeout %s)", $4, $6, $8, $10 }' <<<"$out")
+            log "rep $rep $size $target: $rps req/s, p50 $p50 ms, p99 $p99 ms, cpu $cpu us/req (user $user), rss $rss MiB, non-2xx $non2xx, socket errors $errs$kinds"
         done
     done
 done
