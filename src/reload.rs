@@ -697,7 +697,6 @@ mod tests {
         );
         let mut watched = Vec::new();
         follow_links(&config, &mut watcher, &mut watched);
-        let first = watched.clone();
         // Removed, looked at while gone (the watch on a directory that is gone is dropped),
         // then made again.
         std::fs::remove_dir_all(&cfg).unwrap();
@@ -706,6 +705,9 @@ mod tests {
         std::fs::create_dir(&cfg).unwrap();
         follow_links(&config, &mut watcher, &mut watched);
         assert_eq!(watched.len(), 1);
+        // (Compared with this one, which stays alive as `cfg.old`: a removed directory's inode
+        // number may be given to the next one made.)
+        let before = watched.clone();
         // Replaced between two looks (`mv cfg cfg.old; mv cfg.new cfg`): same path, another
         // directory, watched again.
         let replaced = dir.path().join("cfg.new");
@@ -714,8 +716,8 @@ mod tests {
         std::fs::rename(&replaced, &cfg).unwrap();
         follow_links(&config, &mut watcher, &mut watched);
         assert_eq!(watched.len(), 1);
-        assert_eq!(watched[0].0, first[0].0);
-        assert_ne!(watched[0].1, first[0].1);
+        assert_eq!(watched[0].0, before[0].0);
+        assert_ne!(watched[0].1, before[0].1);
         assert_eq!(watched[0].1, dir_id(&cfg));
         // And a write there is seen.
         while rx.try_recv().is_ok() {}
