@@ -71,6 +71,36 @@ const WRITER_WAIT_MAX: Duration = Duration::from_secs(5);
 /// then twice as long each time, up to this.
 const UNRESOLVED_RETRY_MAX: Duration = Duration::from_secs(30);
 
+/// Whether what the loop remembers as tried is a sighting of the file missing or empty, not yet
+/// reported (see POLL, EMPTY_DIGEST).
+fn is_absent(tried: Option<&str>) -> bool {
+    matches!(tried, Some(MISSING_ONCE | EMPTY_ONCE))
+}
+
+/// Why an automatic reload runs: a retry of the version that failed in DNS, or a change the
+/// watcher announced, or one only the poll found.
+fn reason(retrying: bool, announced: bool) -> &'static str {
+    if retrying {
+        RETRY_DNS
+    } else if announced {
+        CHANGED
+    } else {
+        CHANGED_UNANNOUNCED
+    }
+}
+
+/// The wait before `version`, which just failed in DNS, is tried again: twice the last wait when
+/// it is the version that failed before, else from the start; between POLL and
+/// UNRESOLVED_RETRY_MAX.
+fn retry_wait(failed_before: Option<&str>, last_wait: Duration, version: &str) -> Duration {
+    let last = if failed_before == Some(version) {
+        last_wait
+    } else {
+        Duration::ZERO
+    };
+    (last * 2).clamp(POLL, UNRESOLVED_RETRY_MAX)
+}
+
 /// What one look at the file did, for the loop to remember.
 #[derive(Debug, Default)]
 struct Look {
@@ -433,7 +463,7 @@ impl BackgroundService for Reloader {
                     }
                     return Look::tried(digest, None);
                 }
-                let absent_seen = matches!(tried.as_deref(), Some(MISSING_ONCE | EMPTY_ONCE));
+                let absent_seen = is_absent(tried.as_deref());
                 let Some(on_disk) = file_digest(&config) else {
                     // Gone or unreadable. Still so a poll later (not an editor's
                     // delete-then-write), it is reported once: the reload fails to read it,
@@ -441,11 +471,7 @@ impl BackgroundService for Reloader {
                     return match tried.as_deref() {
                         Some(MISSING) => Look::tried(MISSING.into(), None),
                         _ if absent_seen && absent_due => {
-                            let _ = state.reload(if announced {
-                                CHANGED
-                            } else {
-                                CHANGED_UNANNOUNCED
-                            });
+                            let _ = state.reload(reason(false, announced));
                             Look::tried(MISSING.into(), cost())
                         }
                         _ => Look::tried(MISSING_ONCE.into(), None),
@@ -477,14 +503,7 @@ impl BackgroundService for Reloader {
                 }
                 // A new version, or a rejected edit reverted to the table in force (loaded like
                 // any fix: the reload counts as a success, the file is valid).
-                let why = if retrying.is_some() {
-                    RETRY_DNS
-                } else if announced {
-                    CHANGED
-                } else {
-                    CHANGED_UNANNOUNCED
-                };
-                if unresolved(state.reload(why)) {
+                if unresolved(state.reload(reason(retrying.is_some(), announced))) {
                     return Look::unresolved(on_disk, cost());
                 }
                 Look::tried(on_disk, cost())
@@ -498,23 +517,23 @@ impl BackgroundService for Reloader {
                 continue;
             }
             let now = tokio::time::Instant::now();
-            let absent =
-                |t: &Option<String>| matches!(t.as_deref(), Some(MISSING_ONCE | EMPTY_ONCE));
-            if !absent(&look.tried) {
+            let absent = is_absent(look.tried.as_deref());
+            if !absent {
                 absent_since = None;
-            } else if !absent(&last_tried) {
+            } else if !is_absent(last_tried.as_deref()) {
                 absent_since = Some(now);
             }
             // A look that saw the file missing or empty once, or failed in DNS, settles
             // nothing: the next look is still the change's.
-            if look.unresolved.is_none() && !absent(&look.tried) {
+            if look.unresolved.is_none() && !absent {
                 announced = false;
             }
             match look.unresolved {
                 Some(version) => {
                     // Not remembered as tried: the same version is tried again when due.
                     last_tried = None;
-                    unresolved_wait = (unresolved_wait * 2).clamp(POLL, UNRESOLVED_RETRY_MAX);
+                    let failed_before = dns_retry.as_ref().map(|(d, _)| d.as_str());
+                    unresolved_wait = retry_wait(failed_before, unresolved_wait, &version);
                     dns_retry = Some((version, now + unresolved_wait));
                 }
                 None => {
@@ -726,6 +745,17 @@ mod tests {
             .recv_timeout(Duration::from_secs(10))
             .expect("an event for the replaced directory");
         assert!(seen.iter().any(|p| p.starts_with(&cfg)), "{seen:?}");
+    }
+
+    #[test]
+    fn dns_retries_back_off_per_version() {
+        let s = Duration::from_secs;
+        assert_eq!(retry_wait(None, Duration::ZERO, "a"), s(1));
+        assert_eq!(retry_wait(Some("a"), s(1), "a"), s(2));
+        assert_eq!(retry_wait(Some("a"), s(16), "a"), s(30));
+        assert_eq!(retry_wait(Some("a"), s(30), "a"), s(30));
+        // Another version that fails in DNS starts from a second, not from the last wait.
+        assert_eq!(retry_wait(Some("a"), s(16), "b"), s(1));
     }
 
     #[test]
