@@ -668,15 +668,9 @@ fn sighup_reloads_and_a_save_during_its_reload_is_loaded_after_it() {
     let proxy = Proxy::start(&format!("{base}routes:\n{many}"));
     let successes = || proxy.metric("strangler_config_reloads_total{result=\"success\"}");
     let before = successes();
-    // Sent again each second: the process ignores SIGHUP until its reloader listens for it,
-    // which may be just after the admin API answers. The waits are long: a 3000-route reload
-    // runs at nice +10 in a debug build, and may share a loaded core.
-    let mut sent: Option<Instant> = None;
-    wait_for("the SIGHUP reload", Duration::from_secs(30), || {
-        if sent.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
-            unsafe_kill(proxy.child.id(), "HUP");
-            sent = Some(Instant::now());
-        }
+    // The waits are long: a 3000-route reload runs at nice +10 in a debug build, and may share
+    // a loaded core.
+    proxy.sighup_until("the SIGHUP reload", Duration::from_secs(30), || {
         successes() > before
     });
     wait_for("its log line", Duration::from_secs(10), || {
@@ -912,17 +906,8 @@ fn an_empty_or_missing_file_is_not_reported_again_at_each_poll() {
         errors() == before + 1.0
     });
     std::fs::remove_file(&proxy.config).unwrap();
-    // Sent again each second: the process ignores SIGHUP until its reloader listens for it.
-    let mut sent: Option<Instant> = None;
-    wait_for("the missing file reported", Duration::from_secs(10), || {
-        if errors() == before + 2.0 {
-            return true;
-        }
-        if sent.is_none_or(|t| t.elapsed() > Duration::from_secs(2)) {
-            unsafe_kill(proxy.child.id(), "HUP");
-            sent = Some(Instant::now());
-        }
-        false
+    proxy.sighup_until("the missing file reported", Duration::from_secs(10), || {
+        errors() == before + 2.0
     });
     std::thread::sleep(Duration::from_millis(2500));
     assert_eq!(errors(), before + 2.0, "{}", proxy.log_text());

@@ -407,6 +407,23 @@ impl Proxy {
         }
     }
 
+    /// Sends SIGHUP until `done` holds (checked first), again every 2 s, for up to `timeout`:
+    /// the process ignores SIGHUP until its reloader listens for it, which may be just after
+    /// the admin API answers.
+    pub fn sighup_until(&self, what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+        let mut sent: Option<Instant> = None;
+        wait_for(what, timeout, || {
+            if done() {
+                return true;
+            }
+            if sent.is_none_or(|t| t.elapsed() > Duration::from_secs(2)) {
+                unsafe_kill(self.child.id(), "HUP");
+                sent = Some(Instant::now());
+            }
+            false
+        });
+    }
+
     pub fn stop(&mut self) -> std::process::ExitStatus {
         unsafe_kill(self.child.id(), "TERM");
         self.child.wait().unwrap()
