@@ -20,7 +20,7 @@ use std::fmt::Write as _;
 use std::hint::black_box;
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion};
 use strangler::config;
 use strangler::path::{normalize, NormalPath};
 use strangler::router::RoutingTable;
@@ -169,6 +169,18 @@ fn bench_build(c: &mut Criterion) {
     // The YAML parse alone (serde_yaml + source map), to split the build figure.
     g.bench_function("10000-parse-only", |b| {
         b.iter(|| config::parse("routing.yaml", black_box(&text)).unwrap())
+    });
+    // Freeing a built table: what a serving thread would pay between two requests if it held
+    // a replaced table's last reference (the reload loop frees them instead, `reap_retired`).
+    g.bench_function("10000-drop", |b| {
+        b.iter_batched(
+            || {
+                let (file, source) = config::parse("routing.yaml", &text).unwrap();
+                RoutingTable::build(file, &source).unwrap()
+            },
+            drop,
+            BatchSize::LargeInput,
+        )
     });
     g.finish();
 }

@@ -447,6 +447,7 @@ impl BackgroundService for Reloader {
             // requests' time.
             let look = tokio::task::spawn_blocking(move || {
                 lower_priority();
+                state.reap_retired();
                 let t0 = thread_cpu_time();
                 let unresolved =
                     |r: Result<(), crate::state::LoadError>| r.is_err_and(|e| e.unresolved);

@@ -227,6 +227,8 @@ pub struct State {
     /// for `publish`). Whoever writes an audit line under `publish` writes these first, so
     /// the trail keeps the order things happened in: a pin before the resume that lifted it.
     unrecorded: Mutex<Vec<PinChange>>,
+    /// Tables a reload replaced while requests still held them (see [`State::reap_retired`]).
+    retired: Mutex<Vec<Arc<LiveTable>>>,
 }
 
 /// Automatic pins set but not yet written to the state file and the audit log: a draining
@@ -288,6 +290,7 @@ impl State {
             publish: Mutex::new(()),
             reloading: Mutex::new(()),
             unrecorded: Mutex::new(Vec::new()),
+            retired: Mutex::new(Vec::new()),
         });
         if restored != saved.len() {
             // Pins of routes that have left routing.yaml are lifted, and said so: a pin is a
@@ -475,7 +478,9 @@ impl State {
                 .route_index(&r.name)
                 .is_some_and(|i| live.routes[i].control.is_pinned())
         });
-        drop(old);
+        drop(live);
+        self.retired.lock().push(old);
+        self.reap_retired();
         let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
         log::info!(
             "reloaded {} ({trigger}) in {:.1} ms (read and parse {:.1}; validate {:.1}; swap {:.1}; audit {:.1}), sha256 {}: {summary}",
@@ -488,6 +493,28 @@ impl State {
             &sha[..12]
         );
         Ok(())
+    }
+
+    /// Frees the tables replaced by reloads that no request holds any more, and returns how
+    /// many are still held. A request keeps the table it started on to its end: were its `Arc`
+    /// the last, the serving thread ending it would free a whole table (10 000 routes: a few
+    /// milliseconds) between two requests. The reload loop holds them instead, and frees them
+    /// here, off the serving threads: after each reload and at each of its looks (within
+    /// a second of the last request on them).
+    pub fn reap_retired(&self) -> usize {
+        let free: Vec<Arc<LiveTable>>;
+        let held = {
+            let mut retired = self.retired.lock();
+            // Nobody else holds a table here and no one can take it again (it is not in
+            // `live`): a count of 1 is final.
+            let (f, held): (Vec<_>, Vec<_>) =
+                retired.drain(..).partition(|t| Arc::strong_count(t) == 1);
+            free = f;
+            *retired = held;
+            retired.len()
+        };
+        drop(free);
+        held
     }
 
     /// The table in force and the index of `route` in it.
@@ -889,7 +916,7 @@ mod tests {
     /// `publish`, which a reload or a resume holds): the pin's line says who served the route in
     /// the table in force, with that file's sha256, and a resume that lifts the pin writes the
     /// pin's line before its own, never after. (One `State` per process: the only test that
-    /// starts one.)
+    /// starts one; it also checks that the table the request began on is freed off its thread.)
     #[test]
     fn a_pin_not_yet_written_is_audited_from_the_table_in_force_and_before_its_resume() {
         let dir = tempfile::tempdir().unwrap();
@@ -936,5 +963,14 @@ mod tests {
         assert_eq!(lines[0]["after"]["state"], "rolled_back");
         assert_eq!(lines[1]["before"]["state"], "rolled_back");
         assert_eq!(lines[1]["after"]["state"], "new");
+
+        // The replaced table outlives the request's end: the reload loop frees it, not the
+        // thread that ends the request.
+        let replaced = Arc::downgrade(&began);
+        assert_eq!(state.reap_retired(), 1, "held by the request");
+        drop(began);
+        assert!(replaced.upgrade().is_some(), "not freed by the request");
+        assert_eq!(state.reap_retired(), 0);
+        assert!(replaced.upgrade().is_none(), "freed by the reaper");
     }
 }
