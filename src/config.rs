@@ -257,16 +257,32 @@ pub struct Unread {
 /// Reads and parses `path` (see [`parse`]), keeping what can still be checked of a file with
 /// faulty keys ([`Unread`]).
 pub fn read_checked(path: &Path) -> Result<(RoutingFile, Source), Unread> {
-    let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| Unread {
+    let bytes = std::fs::read(path).map_err(|e| unreadable(path, e))?;
+    bytes_checked(path, bytes)
+}
+
+/// [`read_checked`] on bytes already read from `path` (the reload loop reads the file once,
+/// to hash it, and loads the very bytes it hashed).
+pub fn bytes_checked(path: &Path, bytes: Vec<u8>) -> Result<(RoutingFile, Source), Unread> {
+    let text = String::from_utf8(bytes).map_err(|_| {
+        let e = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "stream did not contain valid UTF-8",
+        );
+        unreadable(path, e)
+    })?;
+    parse_checked(&path.display().to_string(), text)
+}
+
+fn unreadable(path: &Path, e: std::io::Error) -> Unread {
+    Unread {
         errors: ConfigErrors(vec![ConfigError {
-            file: file.clone(),
+            file: path.display().to_string(),
             pos: Pos { line: 1, col: 1 },
             message: format!("cannot read: {e}"),
         }]),
         without_faulty_keys: None,
-    })?;
-    parse_checked(&file, text)
+    }
 }
 
 /// `parse`, keeping what can still be checked of a file with faulty keys ([`Unread`]).

@@ -213,8 +213,11 @@ async fn next_hup(hup: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
     }
 }
 
-fn file_digest(path: &Path) -> Option<String> {
-    std::fs::read(path).ok().map(|b| sha256_hex(&b))
+/// The file's bytes and their sha256, or `None` if it cannot be read.
+fn read_file(path: &Path) -> Option<(Vec<u8>, String)> {
+    let bytes = std::fs::read(path).ok()?;
+    let digest = sha256_hex(&bytes);
+    Some((bytes, digest))
 }
 
 /// After an automatic reload that used `T` of CPU, the next one waits until `T × RELOAD_DUTY_WAIT`
@@ -452,27 +455,37 @@ impl BackgroundService for Reloader {
                 let unresolved =
                     |r: Result<(), crate::state::LoadError>| r.is_err_and(|e| e.unresolved);
                 let cost = || Some(thread_cpu_time().saturating_sub(t0));
+                // The file is read once, hashed, and those very bytes are loaded, under the
+                // reload lock: the version tried is the one kept as tried, and no other reload
+                // (`POST /reload`) publishes between the read and the swap. A version saved
+                // after the read differs from the hash kept: its event (or the next poll)
+                // loads it.
+                let held = state.begin_reload();
+                let read_at = std::time::Instant::now();
+                let read = read_file(&config);
                 if signal {
                     // An operator's reload does not delay the next file change: the wait for
-                    // `not_before` paces automatic reloads only. The file is hashed before the
-                    // reload reads it, as below: a version saved while the reload runs differs
-                    // from the hash kept, so its event (or the next poll) loads it.
+                    // `not_before` paces automatic reloads only.
                     // A missing file is reported by this reload; not again at the next poll.
-                    let digest = file_digest(&config).unwrap_or_else(|| MISSING.to_string());
-                    if unresolved(state.reload("SIGHUP")) {
+                    let (bytes, digest) = match read {
+                        Some((bytes, digest)) => (Some(bytes), digest),
+                        None => (None, MISSING.to_string()),
+                    };
+                    if unresolved(state.reload_bytes(&held, "SIGHUP", bytes, read_at)) {
                         return Look::unresolved(digest, None);
                     }
                     return Look::tried(digest, None);
                 }
                 let absent_seen = is_absent(tried.as_deref());
-                let Some(on_disk) = file_digest(&config) else {
+                let Some((bytes, on_disk)) = read else {
                     // Gone or unreadable. Still so a poll later (not an editor's
                     // delete-then-write), it is reported once: the reload fails to read it,
                     // logs why, counts the error and clears `strangler_config_valid`.
                     return match tried.as_deref() {
                         Some(MISSING) => Look::tried(MISSING.into(), None),
                         _ if absent_seen && absent_due => {
-                            let _ = state.reload(reason(false, announced));
+                            let trigger = reason(false, announced);
+                            let _ = state.reload_bytes(&held, trigger, None, read_at);
                             Look::tried(MISSING.into(), cost())
                         }
                         _ => Look::tried(MISSING_ONCE.into(), None),
@@ -504,7 +517,8 @@ impl BackgroundService for Reloader {
                 }
                 // A new version, or a rejected edit reverted to the table in force (loaded like
                 // any fix: the reload counts as a success, the file is valid).
-                if unresolved(state.reload(reason(retrying.is_some(), announced))) {
+                let trigger = reason(retrying.is_some(), announced);
+                if unresolved(state.reload_bytes(&held, trigger, Some(bytes), read_at)) {
                     return Look::unresolved(on_disk, cost());
                 }
                 Look::tried(on_disk, cost())

@@ -206,6 +206,11 @@ impl LiveTable {
     }
 }
 
+/// Proof that the caller holds `State::reloading` (see [`State::begin_reload`]).
+pub struct Reloading<'a> {
+    _held: parking_lot::MutexGuard<'a, ()>,
+}
+
 /// Why a pin or resume could not be done.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ControlError {
@@ -259,7 +264,7 @@ impl State {
         metrics::register_all();
         let t0 = Instant::now();
         let mut parsed = Duration::ZERO;
-        let table = load_table(config, &mut parsed).map_err(|e| {
+        let table = load_table(config, None, &mut parsed).map_err(|e| {
             metrics::CONFIG_RELOADS.with_label_values(&["error"]).inc();
             e.message
         })?;
@@ -356,10 +361,30 @@ impl State {
     /// Reading, parsing, validating and resolving run under `reloading` only: pins and resumes
     /// (one of them from the request path) wait for the swap, never for the parse or for DNS.
     pub fn reload(&self, trigger: &str) -> Result<(), LoadError> {
-        let _reloading = self.reloading.lock();
-        let t0 = Instant::now();
+        let held = self.begin_reload();
+        self.reload_bytes(&held, trigger, None, Instant::now())
+    }
+
+    /// Holds off every other reload (SIGHUP, `POST /reload`) until dropped: the reload loop
+    /// reads and hashes the file under it, decides, and reloads the very bytes it hashed, so
+    /// that no reload of a newer version can publish between its read and its swap.
+    pub fn begin_reload(&self) -> Reloading<'_> {
+        Reloading {
+            _held: self.reloading.lock(),
+        }
+    }
+
+    /// [`State::reload`] of `bytes`, read from the file from `t0` on under `_held` (`None`:
+    /// read it now). The reload's duration counts from `t0`.
+    pub fn reload_bytes(
+        &self,
+        _held: &Reloading<'_>,
+        trigger: &str,
+        bytes: Option<Vec<u8>>,
+        t0: Instant,
+    ) -> Result<(), LoadError> {
         let mut t_parsed = Duration::ZERO;
-        let table = match load_table(&self.config, &mut t_parsed) {
+        let table = match load_table(&self.config, bytes, &mut t_parsed) {
             Ok(t) => t,
             Err(e) => {
                 metrics::CONFIG_RELOADS.with_label_values(&["error"]).inc();
@@ -756,9 +781,17 @@ impl From<String> for LoadError {
 
 /// Reads, parses, validates and resolves routing.yaml. `parsed` is set to the time the read
 /// and the YAML parse took (the rest is validation and DNS).
-fn load_table(config: &Path, parsed: &mut Duration) -> Result<RoutingTable, LoadError> {
+/// Reads (unless given its bytes), parses, validates and resolves `config`.
+fn load_table(
+    config: &Path,
+    bytes: Option<Vec<u8>>,
+    parsed: &mut Duration,
+) -> Result<RoutingTable, LoadError> {
     let t0 = Instant::now();
-    let read = config::read_checked(config);
+    let read = match bytes {
+        Some(bytes) => config::bytes_checked(config, bytes),
+        None => config::read_checked(config),
+    };
     *parsed = t0.elapsed();
     let (file, source) = match read {
         Ok(read) => read,

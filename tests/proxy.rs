@@ -610,6 +610,12 @@ fn a_saved_edit_serves_within_a_second_and_a_bad_one_changes_nothing() {
     assert_refused(&proxy, 1.0, Duration::from_secs(2), "new", |l| {
         l.contains("rejected") && l.contains("routing.yaml:8:")
     });
+    // So does a file that is not UTF-8 (a save in Latin-1).
+    std::fs::write(&proxy.config, b"# r\xe9servations\nbackends: {}\n").unwrap();
+    assert_refused(&proxy, 2.0, Duration::from_secs(3), "new", |l| {
+        l.contains("rejected")
+            && l.contains("routing.yaml:1:1: cannot read: stream did not contain valid UTF-8")
+    });
 
     // In-place write (no rename) is seen too.
     std::fs::write(
