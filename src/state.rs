@@ -264,7 +264,7 @@ impl State {
         metrics::register_all();
         let t0 = Instant::now();
         let mut parsed = Duration::ZERO;
-        let table = load_table(config, None, &mut parsed).map_err(|e| {
+        let table = load_table(config, None, t0, &mut parsed).map_err(|e| {
             metrics::CONFIG_RELOADS.with_label_values(&["error"]).inc();
             e.message
         })?;
@@ -384,7 +384,7 @@ impl State {
         t0: Instant,
     ) -> Result<(), LoadError> {
         let mut t_parsed = Duration::ZERO;
-        let table = match load_table(&self.config, bytes, &mut t_parsed) {
+        let table = match load_table(&self.config, bytes, t0, &mut t_parsed) {
             Ok(t) => t,
             Err(e) => {
                 metrics::CONFIG_RELOADS.with_label_values(&["error"]).inc();
@@ -504,6 +504,8 @@ impl State {
                 .is_some_and(|i| live.routes[i].control.is_pinned())
         });
         drop(live);
+        // Freed (when no request holds it) after `publish` is let go: pins wait for no free.
+        drop(_publish);
         self.retired.lock().push(old);
         self.reap_retired();
         let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
@@ -524,14 +526,14 @@ impl State {
     /// many are still held. A request keeps the table it started on to its end: were its `Arc`
     /// the last, the serving thread ending it would free a whole table (10 000 routes: a few
     /// milliseconds) between two requests. The reload loop holds them instead, and frees them
-    /// here, off the serving threads: after each reload and at each of its looks (within
-    /// a second of the last request on them).
+    /// here, off the serving threads: after each reload and at each of its looks (normally
+    /// about a second apart).
     pub fn reap_retired(&self) -> usize {
         let free: Vec<Arc<LiveTable>>;
         let held = {
             let mut retired = self.retired.lock();
-            // Nobody else holds a table here and no one can take it again (it is not in
-            // `live`): a count of 1 is final.
+            // A table no one else holds cannot be taken again (it has left `live`, and no
+            // `Weak` of a table is kept outside tests): a count of 1 is final.
             let (f, held): (Vec<_>, Vec<_>) =
                 retired.drain(..).partition(|t| Arc::strong_count(t) == 1);
             free = f;
@@ -779,15 +781,15 @@ impl From<String> for LoadError {
     }
 }
 
-/// Reads, parses, validates and resolves routing.yaml. `parsed` is set to the time the read
-/// and the YAML parse took (the rest is validation and DNS).
-/// Reads (unless given its bytes), parses, validates and resolves `config`.
+/// Reads `config` (unless given its bytes, read from `t0` on), parses, validates and resolves
+/// it. `parsed` is set to the time from `t0` to the end of the YAML parse (the rest is
+/// validation and DNS).
 fn load_table(
     config: &Path,
     bytes: Option<Vec<u8>>,
+    t0: Instant,
     parsed: &mut Duration,
 ) -> Result<RoutingTable, LoadError> {
-    let t0 = Instant::now();
     let read = match bytes {
         Some(bytes) => config::bytes_checked(config, bytes),
         None => config::read_checked(config),
