@@ -264,17 +264,14 @@ pub fn read_checked(path: &Path) -> Result<(RoutingFile, Source), Unread> {
 /// [`read_checked`] on bytes already read from `path` (the reload loop reads the file once,
 /// to hash it, and loads the very bytes it hashed).
 pub fn bytes_checked(path: &Path, bytes: Vec<u8>) -> Result<(RoutingFile, Source), Unread> {
-    let text = String::from_utf8(bytes).map_err(|_| {
-        let e = std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "stream did not contain valid UTF-8",
-        );
-        unreadable(path, e)
-    })?;
+    // Worded as `read_to_string` words it.
+    let text = String::from_utf8(bytes)
+        .map_err(|_| unreadable(path, "stream did not contain valid UTF-8"))?;
     parse_checked(&path.display().to_string(), text)
 }
 
-fn unreadable(path: &Path, e: std::io::Error) -> Unread {
+/// A file that could not be read (or is not text), reported at its start.
+fn unreadable(path: &Path, e: impl std::fmt::Display) -> Unread {
     Unread {
         errors: ConfigErrors(vec![ConfigError {
             file: path.display().to_string(),
