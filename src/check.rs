@@ -147,10 +147,10 @@ pub struct Decision {
 /// Who answers a request itself instead of forwarding it, and how.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Answered {
-    /// Pingora, while it reads the request head, before any hook of strangler runs: a plain
-    /// answer (empty body, no `X-Request-Id` or `X-Strangler-*`, not counted), or none at all
-    /// (`status` 0: the connection is closed).
-    Pingora { status: u16, why: String },
+    /// Pingora, while it reads the request head, before any hook of strangler runs: the
+    /// connection is closed without an answer. (A head it refuses with a 400 is answered the
+    /// proxy's own JSON error instead: `Strangler`.)
+    Pingora { why: String },
     /// strangler's own refusal (SPEC §4), a JSON error: `"STATUS CODE: message"`.
     Strangler(String),
 }
@@ -158,16 +158,10 @@ pub enum Answered {
 impl std::fmt::Display for Answered {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Answered::Pingora { status: 0, why } => {
+            Answered::Pingora { why } => {
                 write!(
                     f,
                     "closed by Pingora without an answer (before routing): {why}"
-                )
-            }
-            Answered::Pingora { status, why } => {
-                write!(
-                    f,
-                    "answered by Pingora: {status} (plain, before routing): {why}"
                 )
             }
             Answered::Strangler(e) => write!(f, "answered by strangler: {e}"),
@@ -181,8 +175,9 @@ impl std::fmt::Display for Answered {
 /// Pingora's retry with the target percent-encoded; `RequestHeader::build`, which drops a
 /// `#fragment` and refuses what the `http` crate's `Uri` cannot hold; `validate_request`),
 /// then pingora-proxy's `handle_new_request` verdict: a head that does not parse is answered a
-/// plain 400. (`CONNECT`, which Pingora would answer 405, is let through to the proxy's own
-/// 400: `server.rs`.)
+/// 400 — which the live proxy's connection turns into its own JSON 400, 414 or 431
+/// (`connection.rs`, `head_scan.rs`), as this does. (`CONNECT`, which Pingora would answer 405,
+/// is let through to the proxy's own 400: `server.rs`.)
 pub fn pingora_reads(
     method: &str,
     target: &[u8],
@@ -202,14 +197,13 @@ pub fn pingora_reads(
         wire.extend_from_slice(b"\r\n");
     }
     wire.extend_from_slice(b"\r\n");
-    let mut session = ServerSession::new_http1(Box::new(std::io::Cursor::new(wire)));
+    let mut session = ServerSession::new_http1(Box::new(std::io::Cursor::new(wire.clone())));
     // Pingora arms its read timeout with tokio's timer; the bytes are all there, so nothing
     // ever waits.
     let read = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()
         .map_err(|e| Answered::Pingora {
-            status: 0,
             why: format!("cannot start a runtime to parse with: {e}"),
         })?
         .block_on(session.read_request());
@@ -217,18 +211,21 @@ pub fn pingora_reads(
         Ok(true) => {}
         Ok(false) => {
             return Err(Answered::Pingora {
-                status: 0,
                 why: "no request".to_string(),
             })
         }
         Err(e) => {
             let why = pingora_reason(&e);
-            let status = if e.etype == pingora_error::ErrorType::InvalidHTTPHeader {
-                400
-            } else {
-                0
-            };
-            return Err(Answered::Pingora { status, why });
+            if e.etype == pingora_error::ErrorType::InvalidHTTPHeader {
+                let mut scan = crate::head_scan::HeadScan::default();
+                scan.feed(&wire);
+                let err = scan.refusal(&crate::proxy::Limits::default());
+                return Err(Answered::Strangler(format!(
+                    "{} {}: {} (Pingora's HTTP/1 parser refuses the head, before routing: {why})",
+                    err.status, err.code, err.message
+                )));
+            }
+            return Err(Answered::Pingora { why });
         }
     }
     Ok(session.req_header().clone())
@@ -602,10 +599,11 @@ mod tests {
         Ok((route.to_string(), d.upstream_target))
     }
 
+    /// Refused by Pingora's parser, answered the proxy's JSON 400.
     fn pingora_400(target: &[u8]) -> bool {
         matches!(
             goes(target, &[]),
-            Err(Answered::Pingora { status: 400, .. })
+            Err(Answered::Strangler(e)) if e.starts_with("400 bad_request") && e.contains("Pingora's HTTP/1 parser")
         )
     }
 
@@ -706,15 +704,22 @@ mod tests {
             goes("/bookings/caf\u{e9}".as_bytes(), &[]),
             Ok(("bookings".to_string(), "/bookings/caf\u{e9}/".to_string()))
         );
-        // Heads Pingora refuses for their headers, before strangler's own checks.
-        assert!(matches!(
+        // Heads Pingora refuses for their headers, before strangler's own checks: the
+        // proxy's JSON answers all the same, as it would have given them.
+        let by_parser = |r: Result<_, Answered>, want: &str| {
+            matches!(r, Err(Answered::Strangler(e))
+                if e.starts_with(want) && e.contains("Pingora's HTTP/1 parser"))
+        };
+        assert!(by_parser(
             goes(b"/bookings", &[("Host", "a"), ("Host", "b")]),
-            Err(Answered::Pingora { status: 400, .. })
+            "400 bad_request"
         ));
-        assert!(matches!(
+        assert!(by_parser(
             goes(b"/bookings", &[("Content-Length", "1, 2")]),
-            Err(Answered::Pingora { status: 400, .. })
+            "400 bad_request"
         ));
+        let long = format!("/bookings/{}", "a".repeat(70_000));
+        assert!(by_parser(goes(long.as_bytes(), &[]), "414 uri_too_long"));
         // strangler's own refusals stay its own.
         assert!(matches!(
             goes(b"/bookings/../x", &[]),
@@ -737,7 +742,7 @@ mod tests {
         }
         let e = goes(b"/bookings/a`b", &[]).unwrap_err().to_string();
         assert!(
-            e.starts_with("answered by Pingora: 400 (plain, before routing): "),
+            e.starts_with("answered by strangler: 400 bad_request: the request is malformed (Pingora's HTTP/1 parser refuses the head, before routing: "),
             "{e}"
         );
     }

@@ -6,10 +6,15 @@
 //! - the **late cleanup** at shutdown: Pingora drops a connection still waiting for its request
 //!   header the moment its listener shuts down — including one accepted microseconds earlier
 //!   whose request is still on the wire. During an upgrade or a drain that would be a failed
-//!   request; deferring the cleanup lets every accepted connection deliver its request.
+//!   request; deferring the cleanup lets every accepted connection deliver its request;
+//! - the **JSON answer to a refused header** (proxy listeners): a header Pingora's parser
+//!   refuses never reaches a hook — Pingora answers it a bare `400` on the connection itself.
+//!   While a header is being read the stream counts its lines and bytes (`head_scan`), and a
+//!   `400` written then — it can only be that one — goes out as the proxy's own JSON answer:
+//!   414 for a target too long, 431 for header fields too many or too large, 400 otherwise.
 //!
 //! The proxy hooks tell the clock where a request starts and ends (`header_done`,
-//! `request_done`); the stream enforces it. No bytes are inspected.
+//! `request_done`); the stream enforces it.
 
 use std::fmt;
 use std::future::Future;
@@ -28,6 +33,14 @@ use pingora_core::protocols::{
 };
 use pingora_core::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::head_scan::HeadScan;
+use crate::proxy::Limits;
+use crate::router::{DEFAULT_ROUTE, NO_BACKEND};
+use crate::{forwarding, metrics};
+
+/// How Pingora's answer to a header its parser refused starts (`HttpSession::respond_error`).
+const PINGORA_REFUSAL: &[u8] = b"HTTP/1.1 400 ";
 
 /// How long a connection accepted just before shutdown gets to deliver its request header.
 pub const LATE_REQUEST_GRACE: Duration = Duration::from_secs(1);
@@ -75,6 +88,13 @@ pub struct DeadlineStream {
     pub clock: Arc<HeaderClock>,
     limit: Duration,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The proxy's request limits, to answer a refused header as they would; `None` where
+    /// Pingora's own answer stays (the admin listener).
+    refusals: Option<Limits>,
+    /// The header being read, while `refusals` is set.
+    scan: HeadScan,
+    /// The JSON answer written in place of Pingora's bare 400, and how much of it is out.
+    answer: Option<(Vec<u8>, usize)>,
 }
 
 impl fmt::Debug for DeadlineStream {
@@ -87,12 +107,15 @@ impl fmt::Debug for DeadlineStream {
 }
 
 impl DeadlineStream {
-    pub fn new(inner: Stream, limit: Duration) -> Self {
+    pub fn new(inner: Stream, limit: Duration, refusals: Option<Limits>) -> Self {
         DeadlineStream {
             inner,
             clock: Arc::new(HeaderClock::new()),
             limit,
             timer: None,
+            refusals,
+            scan: HeadScan::default(),
+            answer: None,
         }
     }
 
@@ -134,9 +157,14 @@ impl AsyncRead for DeadlineStream {
                 // The clock starts with the header's first bytes. The timer itself is armed only
                 // if a read of this header has to wait (below): a header that arrives whole,
                 // nearly every one, never registers a timer.
-                if started == 0 && buf.filled().len() > before {
+                let read = &buf.filled()[before..];
+                if started == 0 && !read.is_empty() {
                     this.clock.started_ns.store(now_ns(), Ordering::Release);
                     this.timer = None;
+                    this.scan = HeadScan::default();
+                }
+                if this.refusals.is_some() {
+                    this.scan.feed(read);
                 }
                 Poll::Ready(Ok(()))
             }
@@ -159,13 +187,80 @@ impl AsyncRead for DeadlineStream {
     }
 }
 
+impl DeadlineStream {
+    /// Whether `buf` is Pingora's bare 400 for a header its parser refused, to be answered as
+    /// the proxy's own: the only thing written to a client while its header is still awaited.
+    fn is_refusal(&self, buf: &[u8]) -> bool {
+        self.answer.is_none()
+            && self.refusals.is_some()
+            && buf.starts_with(PINGORA_REFUSAL)
+            && self.clock.awaiting_header.load(Ordering::Acquire)
+    }
+
+    /// Makes the JSON answer for the refused header, and counts the request.
+    fn refuse(&mut self) {
+        let Some(limits) = &self.refusals else {
+            return;
+        };
+        // A header that came whole behind the previous request (pipelined) was read with that
+        // one, not scanned as its own: nothing is known of it but that it was refused.
+        let fresh = HeadScan::default();
+        let scan = if self.clock.started_ns.load(Ordering::Acquire) == 0 {
+            &fresh
+        } else {
+            &self.scan
+        };
+        let err = scan.refusal(limits);
+        let request_id = forwarding::request_id(None);
+        let method = scan.method_label();
+        match err.h1_answer(&request_id, scan.is_head()) {
+            Ok(wire) => {
+                metrics::REQUESTS
+                    .with_label_values(&[
+                        DEFAULT_ROUTE,
+                        NO_BACKEND,
+                        method,
+                        &err.status.to_string(),
+                    ])
+                    .inc();
+                log::debug!(
+                    "request {}: header refused by the HTTP parser, answered {}",
+                    request_id.to_str().unwrap_or("-"),
+                    err.status
+                );
+                self.answer = Some((wire, 0));
+            }
+            Err(e) => log::warn!("refused header: no JSON answer ({e}), Pingora's own is sent"),
+        }
+    }
+}
+
 impl AsyncWrite for DeadlineStream {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let this = &mut *self;
+        if this.is_refusal(buf) {
+            this.refuse();
+        }
+        if let Some((wire, sent)) = &mut this.answer {
+            // Ours goes out whole in place of Pingora's, which is reported written once it
+            // has; anything after it (Pingora's answer has no body) is dropped.
+            while *sent < wire.len() {
+                match Pin::new(&mut this.inner).poll_write(cx, &wire[*sent..]) {
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+                    }
+                    Poll::Ready(Ok(n)) => *sent += n,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            return Poll::Ready(Ok(buf.len()));
+        }
+        Pin::new(&mut this.inner).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -181,6 +276,12 @@ impl AsyncWrite for DeadlineStream {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
+        let first = bufs.iter().find(|b| !b.is_empty());
+        if self.answer.is_some() || first.is_some_and(|b| self.is_refusal(b)) {
+            // One buffer at a time, as a stream without vectored writes.
+            let first = first.map_or(&[][..], |b| &b[..]);
+            return self.poll_write(cx, first);
+        }
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
@@ -242,10 +343,13 @@ impl Peek for DeadlineStream {
     }
 }
 
-/// The proxy application wrapped with both behaviours.
+/// The application wrapped with these behaviours.
 pub struct Guarded<A> {
     pub app: Arc<A>,
     pub header_timeout: Duration,
+    /// The proxy's request limits: a header Pingora's parser refuses is answered as they
+    /// would (`None`: Pingora's bare 400 stays).
+    pub refusals: Option<Limits>,
 }
 
 #[async_trait]
@@ -255,7 +359,11 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let stream: Stream = Box::new(DeadlineStream::new(stream, self.header_timeout));
+        let stream: Stream = Box::new(DeadlineStream::new(
+            stream,
+            self.header_timeout,
+            self.refusals,
+        ));
         self.app.process_new(stream, shutdown).await
     }
 

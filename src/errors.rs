@@ -2,8 +2,13 @@
 //! label of `strangler_upstream_errors_total` (SPEC §8).
 
 use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use pingora_core::protocols::http::date::get_cached_date;
 use pingora_error::{Error, ErrorSource, ErrorType};
+use pingora_http::ResponseHeader;
 use serde_json::json;
+
+use crate::forwarding;
 
 /// The `kind` of an upstream failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,6 +152,42 @@ impl ProxyError {
             "request_id": request_id,
         });
         Bytes::from(v.to_string())
+    }
+
+    /// The whole HTTP/1.1 answer to a request whose header Pingora's parser refused, for the
+    /// client's connection as is (no hook ran, there is no session to write it through): what
+    /// `proxy::Strangler::answer` writes for a request refused before routing — the JSON body,
+    /// route `default`, backend `none`, a new request id — and the connection closes after it.
+    /// A `HEAD` gets the header alone.
+    pub fn h1_answer(
+        &self,
+        request_id: &HeaderValue,
+        head: bool,
+    ) -> pingora_error::Result<Vec<u8>> {
+        use crate::router::{DEFAULT_ROUTE, NO_BACKEND};
+        let id = request_id.to_str().unwrap_or("-");
+        let body = self.body(None, DEFAULT_ROUTE, NO_BACKEND, id);
+        let mut resp = ResponseHeader::build(self.status, Some(9))?;
+        resp.insert_header(header::CONTENT_TYPE, "application/json")?;
+        resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+        resp.insert_header(header::CACHE_CONTROL, "no-store")?;
+        resp.insert_header(forwarding::WIRE_REQUEST_ID, request_id)?;
+        resp.insert_header(forwarding::WIRE_STRANGLER_ROUTE, DEFAULT_ROUTE)?;
+        resp.insert_header(forwarding::WIRE_STRANGLER_BACKEND, NO_BACKEND)?;
+        resp.insert_header(header::DATE, get_cached_date())?;
+        resp.insert_header(header::CONNECTION, "close")?;
+        let mut wire = Vec::with_capacity(512 + body.len());
+        wire.extend_from_slice(b"HTTP/1.1 ");
+        wire.extend_from_slice(resp.status.as_str().as_bytes());
+        wire.push(b' ');
+        wire.extend_from_slice(resp.status.canonical_reason().unwrap_or("").as_bytes());
+        wire.extend_from_slice(b"\r\n");
+        resp.header_to_h1_wire(&mut wire);
+        wire.extend_from_slice(b"\r\n");
+        if !head {
+            wire.extend_from_slice(&body);
+        }
+        Ok(wire)
     }
 }
 

@@ -106,6 +106,9 @@ pub const WIRE_REQUEST_ID: &str = "X-Request-Id";
 pub const WIRE_FORWARDED_FOR: &str = "X-Forwarded-For";
 pub const WIRE_FORWARDED_PROTO: &str = "X-Forwarded-Proto";
 pub const WIRE_FORWARDED_HOST: &str = "X-Forwarded-Host";
+// The response's own header names, on every response (SPEC §4).
+pub const WIRE_STRANGLER_ROUTE: &str = "X-Strangler-Route";
+pub const WIRE_STRANGLER_BACKEND: &str = "X-Strangler-Backend";
 /// The `X-Forwarded-Proto` value: the proxy's listeners speak plain HTTP.
 pub static PROTO_HTTP: HeaderValue = HeaderValue::from_static("http");
 

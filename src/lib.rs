@@ -4,7 +4,7 @@
 //! How the pieces own each other:
 //! ```text
 //! main ─ cli (flags) ─┬ server (Pingora Server and its services)
-//!                     │   ├ connection::Guarded (header deadline, late cleanup)
+//!                     │   ├ connection::Guarded (header deadline, late cleanup, refused headers)
 //!                     │   │   └ proxy::Strangler (the ProxyHttp hooks) ─┐
 //!                     │   ├ admin::Admin (metrics, routes, pins) ───────┼─ state::State ─ ArcSwap<LiveTable>
 //!                     │   ├ reload::Reloader (file watch, SIGHUP) ──────┘                 └ router::RoutingTable
@@ -13,6 +13,7 @@
 //!                     └ client (routes, rollback, resume: admin API client)
 //! config (file schema) + source_map (FILE:LINE:COL) ─► router (validated table)
 //! path (normalisation) · split · shadow · rollback · pins · audit · forwarding · errors · metrics
+//! head_scan (what a header Pingora's parser refused was: 400, 414 or 431)
 //! dns (backend addresses: all of them, in turn, refreshed)
 //! allocator (mimalloc settings)
 //! ```
@@ -38,6 +39,7 @@ pub mod demo;
 pub mod dns;
 pub mod errors;
 pub mod forwarding;
+pub mod head_scan;
 pub mod logging;
 pub mod matching;
 pub mod metrics;

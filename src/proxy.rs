@@ -34,17 +34,13 @@ use crate::state::{LiveTable, RouteControl, State};
 
 use crate::forwarding::{
     PROTO_HTTP, WIRE_FORWARDED_FOR, WIRE_FORWARDED_HOST, WIRE_FORWARDED_PROTO, WIRE_REQUEST_ID,
-    X_FORWARDED_FOR,
+    WIRE_STRANGLER_BACKEND, WIRE_STRANGLER_ROUTE, X_FORWARDED_FOR,
 };
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static ACRM: HeaderName = HeaderName::from_static("access-control-request-method");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-
-// The response's own header names, as written on the wire (see `forwarding::WIRE_REQUEST_ID`).
-const WIRE_STRANGLER_ROUTE: &str = "X-Strangler-Route";
-const WIRE_STRANGLER_BACKEND: &str = "X-Strangler-Backend";
 
 /// How long one write to a client may wait for it to read (nginx's `send_timeout`, 60 s).
 pub const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(60);

@@ -380,6 +380,7 @@ pub fn serve(mut opts: ServeOptions) -> Result<(), String> {
         crate::connection::Guarded {
             app: Arc::new(app),
             header_timeout: opts.header_timeout,
+            refusals: Some(opts.limits),
         },
     );
     for addr in &opts.listen {
@@ -408,6 +409,7 @@ pub fn serve(mut opts: ServeOptions) -> Result<(), String> {
                     .map(str::to_string),
             })),
             header_timeout: opts.header_timeout,
+            refusals: None,
         },
     );
     admin.add_tcp(&opts.admin);
