@@ -191,10 +191,11 @@ impl DeadlineStream {
     /// Whether `buf` is Pingora's bare 400 for a header its parser refused, to be answered as
     /// the proxy's own: the only thing written to a client while its header is still awaited.
     fn is_refusal(&self, buf: &[u8]) -> bool {
-        self.answer.is_none()
+        // Cheapest first: nearly every write is a response, written while no header is awaited.
+        self.clock.awaiting_header.load(Ordering::Acquire)
+            && self.answer.is_none()
             && self.refusals.is_some()
             && buf.starts_with(PINGORA_REFUSAL)
-            && self.clock.awaiting_header.load(Ordering::Acquire)
     }
 
     /// Makes the JSON answer for the refused header, and counts the request.
@@ -233,6 +234,33 @@ impl DeadlineStream {
             Err(e) => log::warn!("refused header: no JSON answer ({e}), Pingora's own is sent"),
         }
     }
+
+    /// Writes the JSON answer in place of Pingora's 400 (`buf`), which is reported written once
+    /// ours is out whole; anything after it (Pingora's answer has no body) is dropped.
+    #[cold]
+    fn poll_write_answer(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if self.answer.is_none() {
+            self.refuse();
+        }
+        let Some((wire, sent)) = self.answer.as_mut() else {
+            return Pin::new(&mut self.inner).poll_write(cx, buf);
+        };
+        while *sent < wire.len() {
+            match Pin::new(&mut self.inner).poll_write(cx, &wire[*sent..]) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+                }
+                Poll::Ready(Ok(n)) => *sent += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(buf.len()))
+    }
 }
 
 impl AsyncWrite for DeadlineStream {
@@ -242,23 +270,8 @@ impl AsyncWrite for DeadlineStream {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let this = &mut *self;
-        if this.is_refusal(buf) {
-            this.refuse();
-        }
-        if let Some((wire, sent)) = &mut this.answer {
-            // Ours goes out whole in place of Pingora's, which is reported written once it
-            // has; anything after it (Pingora's answer has no body) is dropped.
-            while *sent < wire.len() {
-                match Pin::new(&mut this.inner).poll_write(cx, &wire[*sent..]) {
-                    Poll::Ready(Ok(0)) => {
-                        return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
-                    }
-                    Poll::Ready(Ok(n)) => *sent += n,
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Pending => return Poll::Pending,
-                }
-            }
-            return Poll::Ready(Ok(buf.len()));
+        if this.answer.is_some() || this.is_refusal(buf) {
+            return this.poll_write_answer(cx, buf);
         }
         Pin::new(&mut this.inner).poll_write(cx, buf)
     }
