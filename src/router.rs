@@ -332,6 +332,24 @@ impl RoutingTable {
             })
             .collect();
 
+        // Unnamed routes are named by their path; those sharing one (a `methods` route beside
+        // the route that serves the path's other methods, or GET on one backend and POST on
+        // another) would share a name: see `default_name`.
+        let mut unnamed_paths: HashMap<&str, usize> = HashMap::new();
+        for r in file.routes.iter().filter(|r| r.name.is_none()) {
+            *unnamed_paths.entry(r.path.as_str()).or_default() += 1;
+        }
+        let default_names: Vec<Option<String>> = file
+            .routes
+            .iter()
+            .map(|r| {
+                let shared = unnamed_paths.get(r.path.as_str()).is_some_and(|&n| n > 1);
+                r.name
+                    .is_none()
+                    .then(|| default_name(&r.path, r.methods.as_deref(), shared))
+            })
+            .collect();
+
         let mut routes = Vec::with_capacity(file.routes.len());
         let mut trie = RouteTrie::default();
         let mut names: HashMap<Arc<str>, usize> = HashMap::with_capacity(file.routes.len());
@@ -348,7 +366,11 @@ impl RoutingTable {
                 path_ok = false;
                 Vec::new()
             });
-            let name: Arc<str> = spec.name.as_deref().unwrap_or(&spec.path).into();
+            let name: Arc<str> = match (&spec.name, &default_names[i]) {
+                (Some(n), _) => n.as_str().into(),
+                (None, Some(d)) => d.as_str().into(),
+                (None, None) => spec.path.as_str().into(),
+            };
             let name_at = if spec.name.is_some() {
                 at("name")
             } else {
@@ -635,6 +657,21 @@ impl RoutingTable {
     }
 }
 
+/// The name of a route without `name`: its path (SPEC §2). When another unnamed route has the
+/// same path, one with `methods` is named by them too, as a request line reads —
+/// `GET,HEAD /bookings` — so that `/bookings` for GET on one backend and the rest on another
+/// needs no names. The route without `methods` keeps the path. (Two unnamed routes with the
+/// same path and the same methods still share a name, and overlap: both are reported.)
+fn default_name(path: &str, methods: Option<&[String]>, shared: bool) -> String {
+    match methods {
+        Some(ms) if shared && !ms.is_empty() => {
+            let ms: Vec<String> = ms.iter().map(|m| m.to_ascii_uppercase()).collect();
+            format!("{} {path}", ms.join(","))
+        }
+        _ => path.to_string(),
+    }
+}
+
 /// Whether `c` may stand for itself in a path sent upstream (RFC 3986 `pchar` and `/`; `%`
 /// starts an escape).
 fn is_path_char(c: char) -> bool {
@@ -918,6 +955,53 @@ mod tests {
             assert_eq!(got.len(), 1, "{route}: {got:#?}");
             assert!(got[0].contains("invalid type"), "{route}: {got:#?}");
         }
+    }
+
+    /// Unnamed routes that share a path are named apart by their methods (`default_name`), so
+    /// that method routing on one path needs no names; a lone unnamed route keeps its path.
+    #[test]
+    fn unnamed_routes_on_one_path_are_named_by_their_methods() {
+        let t = table(&format!(
+            "{BASE}routes:\n  - {{path: /a, to: legacy}}\n  - {{path: /a, methods: [get, HEAD], to: new}}\n  \
+             - {{path: /b, methods: [GET], to: new}}\n  - {{path: /b, methods: [POST], to: legacy}}\n  \
+             - {{path: '/c/{{id}}', methods: [GET], to: new}}\n  \
+             - {{name: d, path: /d, to: legacy}}\n  - {{path: /d, methods: [GET], to: new}}\n"
+        ));
+        let names: Vec<&str> = t.routes.iter().map(|r| &*r.name).collect();
+        assert_eq!(
+            names,
+            [
+                "/a",
+                "GET,HEAD /a",
+                "GET /b",
+                "POST /b",
+                "/c/{id}",
+                "d",
+                "/d"
+            ]
+        );
+        let at = |path: &str, method: &str| {
+            t.lookup(&normalize(path).unwrap(), method)
+                .map(|i| &*t.routes[i].name)
+        };
+        assert_eq!(at("/a/1", "GET"), Some("GET,HEAD /a"));
+        assert_eq!(at("/a/1", "DELETE"), Some("/a"));
+        assert_eq!(at("/b", "GET"), Some("GET /b"));
+        assert_eq!(at("/b", "POST"), Some("POST /b"));
+        assert_eq!(at("/b", "PUT"), None);
+        // The same path and the same methods: one name, and an overlap; both are said.
+        let got = errors(&format!(
+            "{BASE}routes:\n  - {{path: /a, methods: [GET], to: new}}\n  - {{path: /a, methods: [GET], to: legacy}}\n"
+        ));
+        assert_eq!(got.len(), 2, "{got:#?}");
+        assert!(
+            got[0].contains("duplicate route name \"GET /a\""),
+            "{got:#?}"
+        );
+        assert!(
+            got[1].contains("same path pattern and overlapping methods"),
+            "{got:#?}"
+        );
     }
 
     #[test]

@@ -115,6 +115,52 @@ fn every_matching_rule_end_to_end() {
     assert_eq!(r.header("x-strangler-route"), "itin");
 }
 
+/// Method routing on one path without names: unnamed routes that share a path are named apart
+/// by their methods (`GET /reviews`), the one without `methods` keeps the path; the names are
+/// what the headers, the metrics and the admin API use.
+#[test]
+fn unnamed_routes_on_one_path_split_by_method() {
+    let legacy = Backend::echo("legacy");
+    let new = Backend::echo("new");
+    let proxy = Proxy::start(&format!(
+        "{}routes:\n\
+         \x20 - {{path: /reviews, to: legacy}}\n\
+         \x20 - {{path: /reviews, methods: [GET, HEAD], to: new}}\n\
+         \x20 - {{path: /photos, methods: [GET], to: new}}\n",
+        base_yaml(&legacy.url(), &new.url())
+    ));
+    for (method, target, route, backend) in [
+        ("GET", "/reviews/1", "GET,HEAD /reviews", "new"),
+        ("POST", "/reviews", "/reviews", "legacy"),
+        ("GET", "/photos/9", "/photos", "new"),
+        ("POST", "/photos/9", "default", "legacy"),
+    ] {
+        let r = request(method, &proxy.url(target), &[], Some(b"{}"));
+        assert_eq!(r.status, 200, "{method} {target}: {}", r.body);
+        assert_eq!(r.header("x-strangler-route"), route, "{method} {target}");
+        assert_eq!(
+            r.header("x-strangler-backend"),
+            backend,
+            "{method} {target}"
+        );
+    }
+    proxy.wait_metric(
+        "strangler_requests_total{route=\"GET,HEAD /reviews\",backend=\"new\",method=\"GET\",code=\"200\"}",
+        1.0,
+    );
+    // The admin API takes the name percent-encoded, as any name with a `/`.
+    let r = request(
+        "POST",
+        &proxy.admin_url("/routes/GET,HEAD%20%2Freviews/rollback"),
+        &[],
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = request("GET", &proxy.url("/reviews/1"), &[], None);
+    assert_eq!(r.header("x-strangler-route"), "GET,HEAD /reviews");
+    assert_eq!(r.header("x-strangler-backend"), "legacy");
+}
+
 #[test]
 fn refused_targets_are_400_json_and_sent_nowhere() {
     let legacy = Backend::echo("legacy");
