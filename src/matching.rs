@@ -43,9 +43,13 @@ pub fn parse_pattern(path: &str) -> Result<Vec<PatternSegment>, String> {
             let name = inner
                 .strip_suffix('}')
                 .ok_or_else(|| format!("segment {seg:?} opens '{{' but does not close it"))?;
-            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            {
                 return Err(format!(
-                    "parameter {seg:?} must be {{name}} with letters, digits or '_'"
+                    "parameter {seg:?} must be {{name}} with letters, digits, '_' or '-'"
                 ));
             }
             out.push(PatternSegment::Param(name.to_string()));
@@ -452,7 +456,8 @@ mod tests {
             "/a/{}",
             "/a/..",
             "/a/%41",
-            "/a/{i-d}",
+            "/a/{i.d}",
+            "/a/{i d}",
             "/a/%4",
             "/a/%00",
             "/a/%5C",
@@ -461,6 +466,10 @@ mod tests {
             "/a\\b",
         ] {
             assert!(parse_pattern(bad).is_err(), "{bad}");
+        }
+        // Names as OpenAPI writes them: snake_case, camelCase, kebab-case.
+        for good in ["/a/{booking_id}", "/a/{bookingId}", "/a/{booking-id}"] {
+            assert!(parse_pattern(good).is_ok(), "{good}");
         }
         assert!(parse_pattern("/a/{id}x")
             .unwrap_err()
