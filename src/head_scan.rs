@@ -50,8 +50,17 @@ impl HeadScan {
         }
         let have = usize::from(self.start_len);
         if have < self.start.len() {
-            let n = (self.start.len() - have).min(chunk.len());
-            self.start[have..have + n].copy_from_slice(&chunk[..n]);
+            // The method starts the request line, after any empty lines.
+            let from = if have == 0 {
+                chunk
+                    .iter()
+                    .position(|&b| b != b'\r' && b != b'\n')
+                    .unwrap_or(chunk.len())
+            } else {
+                0
+            };
+            let n = (self.start.len() - have).min(chunk.len() - from);
+            self.start[have..have + n].copy_from_slice(&chunk[from..from + n]);
             self.start_len += n as u8;
         }
         let mut from = 0;
@@ -118,8 +127,10 @@ impl HeadScan {
             Some(line) => self.bytes.saturating_sub(line),
             None => 0,
         };
+        // Pingora's 1 MiB counts the request line too.
         if self.fields > limits.max_headers.min(PINGORA_MAX_FIELDS)
-            || fields_bytes > limits.max_header_bytes.min(PINGORA_MAX_HEADER)
+            || fields_bytes > limits.max_header_bytes
+            || self.bytes > PINGORA_MAX_HEADER
         {
             return errors::HEADERS_TOO_LARGE;
         }
@@ -181,6 +192,11 @@ mod tests {
         assert_eq!(s.bytes, 36, "the body is not the header's");
         let s = scan_whole(b"\r\n\r\nPOST /b HTTP/1.1\r\nHost: x\r\n\r\n");
         assert_eq!((s.request_line, s.fields), (Some(16), 1));
+        assert_eq!(
+            s.method_label(),
+            "POST",
+            "empty lines before the request line"
+        );
     }
 
     #[test]
@@ -231,6 +247,12 @@ mod tests {
             scan_whole(lots.as_bytes()).refusal(&wide),
             errors::HEADERS_TOO_LARGE
         );
+        // Pingora stops reading at 1 MiB, request line included: a header it gave up on is
+        // too large even where the proxy's own limit is higher.
+        let mut over = HeadScan::default();
+        over.feed(b"GET /a HTTP/1.1\r\nX-Big: ");
+        over.feed(&vec![b'v'; PINGORA_MAX_HEADER]);
+        assert_eq!(over.refusal(&wide), errors::HEADERS_TOO_LARGE);
         // Nothing read: a plain 400.
         assert_eq!(HeadScan::default().refusal(&l), errors::BAD_REQUEST);
     }
@@ -242,6 +264,13 @@ mod tests {
         assert_eq!(scan_whole(b"PROPFIND / HTTP/1.1").method_label(), "OTHER");
         assert_eq!(scan_whole(b"\x16\x03\x01\x02").method_label(), "OTHER");
         assert!(scan_whole(b"HEAD / HTTP/1.1\r\n").is_head());
+        assert!(scan_whole(b"\r\n\nHEAD / HTTP/1.1\r\n").is_head());
+        let mut dripped = HeadScan::default();
+        for b in b"\r\nHE" {
+            dripped.feed(std::slice::from_ref(b));
+        }
+        dripped.feed(b"AD / HTTP/1.1\r\n");
+        assert!(dripped.is_head());
         assert!(!scan_whole(b"HEADER / HTTP/1.1\r\n").is_head());
         assert!(!scan_whole(b"GET / HTTP/1.1\r\n").is_head());
     }
