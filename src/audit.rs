@@ -1,6 +1,7 @@
 //! The audit trail (SPEC §5): one structured line for every change of who serves what — a reload
-//! that changes a route's backend, split or shadow, a pin, a resume. Logged on the `audit` target,
-//! and appended as a JSON line to `--audit-log` when given.
+//! that changes a route's backend, split or shadow (or what the route takes: its path, methods,
+//! `exact`; or its split's sticky key), a pin, a resume. Logged on the `audit` target, and
+//! appended as a JSON line to `--audit-log` when given.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -14,6 +15,10 @@ use serde_json::json;
 pub struct Serving {
     /// The route's `path` (`*` for the `default` pseudo-route).
     pub path: String,
+    /// The methods it serves (`None`: every one) and whether only the path itself: what the
+    /// route takes from `default` or another route.
+    pub methods: Option<Vec<String>>,
+    pub exact: bool,
     pub to: String,
     /// Where `to` is (its `url`): repointing a backend moves traffic too.
     pub to_url: String,
@@ -23,6 +28,8 @@ pub struct Serving {
     pub default_url: String,
     #[serde(serialize_with = "crate::split::serialize_percent")]
     pub split: Option<f64>,
+    /// The split's sticky key (`ip`, `header:NAME`, `cookie:NAME`): another key moves clients.
+    pub sticky: Option<String>,
     pub shadow: Option<String>,
     pub shadow_url: Option<String>,
     pub state: &'static str,

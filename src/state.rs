@@ -29,17 +29,20 @@ use crate::config;
 use crate::metrics;
 use crate::pins::{Pin, PinReason, StateFile};
 use crate::rollback::Window;
-use crate::router::{Route, RouteState, RoutingTable, DEFAULT_ROUTE};
+use crate::router::{Route, RouteState, RoutingTable, Sticky, DEFAULT_ROUTE};
 
-/// What the audit compares between two tables for one route: its path, to, default (when it
-/// serves some of the route's traffic), split, shadow, state, and where those backends are (a
-/// backend repointed at another server moves the route's traffic as much as another `to`).
+/// What the audit compares between two tables for one route: its path, methods and `exact`
+/// (what it takes), to, default (when it serves some of the route's traffic), split and its
+/// sticky key, shadow, state, and where those backends are (a backend repointed at another
+/// server moves the route's traffic as much as another `to`).
 #[derive(PartialEq)]
 struct ServingKey<'a> {
     path: &'a str,
+    methods: Option<&'a [String]>,
+    exact: bool,
     to: (&'a str, &'a str),
     default: Option<(&'a str, &'a str)>,
-    split: Option<f64>,
+    split: Option<(f64, &'a Sticky)>,
     shadow: Option<(&'a str, &'a str)>,
     state: RouteState,
 }
@@ -162,12 +165,14 @@ impl LiveTable {
         let at = |b: usize| (&*t.backends[b].name, t.backends[b].url.as_str());
         ServingKey {
             path: &route.path,
+            methods: route.methods.as_deref(),
+            exact: route.exact,
             to: at(route.to),
             // `default` decides who serves unless the route is wholly on another backend
             // (failover aside): a change of `default` moves a legacy, shadow, canary or rolled
             // back route's traffic.
             default: (state != RouteState::New).then(|| at(t.default)),
-            split: route.split.as_ref().map(|s| s.percent),
+            split: route.split.as_ref().map(|s| (s.percent, &s.sticky)),
             shadow: route.shadow.map(at),
             state,
         }
@@ -177,11 +182,14 @@ impl LiveTable {
         let t = &self.table;
         Serving {
             path: route.path.clone(),
+            methods: route.methods.clone(),
+            exact: route.exact,
             to: t.backends[route.to].name.to_string(),
             to_url: t.backends[route.to].url.clone(),
             default: t.backends[t.default].name.to_string(),
             default_url: t.backends[t.default].url.clone(),
             split: route.split.as_ref().map(|s| s.percent),
+            sticky: route.split.as_ref().map(|s| s.sticky.to_string()),
             shadow: route.shadow.map(|b| t.backends[b].name.to_string()),
             shadow_url: route.shadow.map(|b| t.backends[b].url.clone()),
             state: t.state(route, pinned).as_str(),
@@ -194,11 +202,14 @@ impl LiveTable {
         let url = self.table.backends[self.table.default].url.clone();
         Serving {
             path: "*".to_string(),
+            methods: None,
+            exact: false,
             to: name.clone(),
             to_url: url.clone(),
             default: name,
             default_url: url,
             split: None,
+            sticky: None,
             shadow: None,
             shadow_url: None,
             state: RouteState::Legacy.as_str(),

@@ -1173,6 +1173,47 @@ fn states_and_the_audit_trail_record_who_serves_what() {
         "a route that left the file leaves /metrics:\n{metrics}"
     );
 
+    // What a route takes (its methods, `exact`) and a split's sticky key move traffic too: a
+    // line each, with the fields that changed; and again when the file goes back.
+    let seen = audit_lines(&audit).len();
+    let narrowed = renamed
+        .replace(
+            "name: plain, path: /plain, to: new",
+            "name: plain, path: /plain, to: new, methods: [GET], exact: true",
+        )
+        .replace("split: 25}", "split: 25, sticky: 'header:X-Client'}");
+    proxy.write_config(&narrowed);
+    wait_for(
+        "the narrowing's audit lines",
+        Duration::from_secs(3),
+        || audit_lines(&audit).len() >= seen + 2,
+    );
+    let lines = audit_lines(&audit);
+    assert_eq!(lines.len(), seen + 2, "{lines:?}");
+    let (canary, plain) = (&lines[seen], &lines[seen + 1]);
+    assert_eq!(canary["route"], "canary");
+    assert_eq!(
+        (
+            canary["before"]["sticky"].as_str(),
+            canary["after"]["sticky"].as_str()
+        ),
+        (Some("ip"), Some("header:x-client"))
+    );
+    assert_eq!(plain["route"], "plain");
+    assert!(plain["before"]["methods"].is_null(), "{plain}");
+    assert_eq!(plain["after"]["methods"], serde_json::json!(["GET"]));
+    assert_eq!(
+        (
+            plain["before"]["exact"].as_bool(),
+            plain["after"]["exact"].as_bool()
+        ),
+        (Some(false), Some(true))
+    );
+    proxy.write_config(&renamed);
+    wait_for("the way back's audit lines", Duration::from_secs(3), || {
+        audit_lines(&audit).len() >= seen + 4
+    });
+
     // Requests are counted on the same series across reloads, whether the reload keeps the
     // route's handles (same backends) or rebuilds them (a backend added).
     let plain_200 =
