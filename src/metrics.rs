@@ -16,7 +16,7 @@ use prometheus::{
     HistogramVec, IntCounter, IntCounterVec, IntGauge,
 };
 
-use crate::router::RoutingTable;
+use crate::router::{Route, RoutingTable};
 
 /// Latency buckets for an API proxy: 1 ms … ~33 s, doubling.
 fn latency_buckets() -> Vec<f64> {
@@ -179,6 +179,50 @@ pub fn prime(table: &RoutingTable) {
                 SHADOW.with_label_values(&[&*r.name, &*table.backends[s].name, result]);
             }
         }
+    }
+}
+
+/// Deletes the zero series [`prime`] made for `old`'s routes that `new` no longer makes: a route
+/// that stays but drops `rollback`, `failover` or `shadow`, or whose failover or shadow
+/// backends change. So `/metrics` describes the table in force; a series that has counted
+/// something keeps its history. (Routes that left the table: [`forget`].)
+pub fn unprime(old: &RoutingTable, new: &RoutingTable) {
+    fn failover<'t>(t: &'t RoutingTable, r: &Route) -> Option<(&'t str, &'t str)> {
+        (r.failover && r.to != t.default)
+            .then(|| (&*t.backends[r.to].name, &*t.backends[t.default].name))
+    }
+    fn shadow<'t>(t: &'t RoutingTable, r: &Route) -> Option<&'t str> {
+        r.shadow.map(|s| &*t.backends[s].name)
+    }
+    for r in &old.routes {
+        let Some(n) = new.route_index(&r.name).map(|j| &new.routes[j]) else {
+            continue;
+        };
+        if r.rollback.is_some() && n.rollback.is_none() {
+            remove_if_zero(&ROLLBACKS, &[&r.name, "auto"]);
+        }
+        if let Some((from, to)) = failover(old, r) {
+            if failover(new, n) != Some((from, to)) {
+                remove_if_zero(&FAILOVERS, &[&r.name, from, to]);
+            }
+        }
+        if let Some(b) = shadow(old, r) {
+            if shadow(new, n) != Some(b) {
+                for result in SHADOW_RESULTS {
+                    remove_if_zero(&SHADOW, &[&r.name, b, result]);
+                }
+            }
+        }
+    }
+}
+
+/// Deletes a series if it reads zero (one that is absent is made and deleted at once).
+fn remove_if_zero(vec: &IntCounterVec, labels: &[&str]) {
+    if vec
+        .get_metric_with_label_values(labels)
+        .is_ok_and(|c| c.get() == 0)
+    {
+        let _ = vec.remove_label_values(labels);
     }
 }
 

@@ -500,6 +500,7 @@ impl State {
         {
             metrics::forget_backends(&kept_backends);
         }
+        metrics::unprime(&old.table, &live.table);
         metrics::prime(&live.table);
         // Counted once the series of what left are gone: a scrape that sees the success sees
         // the metrics of the new table. The duration is the read → swap one.

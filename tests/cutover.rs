@@ -1371,3 +1371,80 @@ fn a_backend_renamed_away_leaves_the_metrics() {
     // The backends that stayed keep their series.
     assert!(metrics.contains("to=\"legacy\""), "{metrics}");
 }
+
+/// A route that stays but drops `failover`, `rollback` or `shadow` loses the zero series they
+/// made (`/metrics` describes the table in force); a series that counted something keeps it.
+#[test]
+fn settings_a_route_drops_take_their_zero_series_along() {
+    let legacy = Backend::echo("legacy");
+    let new = Backend::echo("new");
+    let yaml = format!(
+        "{}routes:\n\
+         \x20 - {{name: r1, path: /r1, to: new, failover: true, rollback: {{error_rate: 50%, min_requests: 5, window: 60s}}}}\n\
+         \x20 - {{name: r2, path: /r2, to: legacy, shadow: new}}\n\
+         \x20 - {{name: r3, path: /r3, to: legacy, shadow: new}}\n",
+        base_yaml(&legacy.url(), &new.url())
+    );
+    let proxy = Proxy::start(&yaml);
+    let shadow = |route: &str, result: &str| {
+        format!("strangler_shadow_total{{route=\"{route}\",backend=\"new\",result=\"{result}\"}}")
+    };
+    let failover = "strangler_failovers_total{route=\"r1\",from=\"new\",to=\"legacy\"}";
+    let auto = "strangler_rollbacks_total{route=\"r1\",reason=\"auto\"}";
+    let (_, metrics) = get(&proxy.admin_url("/metrics"));
+    for primed in [
+        failover,
+        auto,
+        &shadow("r2", "match"),
+        &shadow("r3", "error"),
+    ] {
+        assert_eq!(
+            series_value(&metrics, primed),
+            Some(0.0),
+            "primed at start: {primed}\n{metrics}"
+        );
+    }
+    // r3's shadow compares one answer (the two echo services answer differently).
+    assert_eq!(get(&proxy.url("/r3")).0, 200);
+    proxy.wait_metric(&shadow("r3", "mismatch"), 1.0);
+
+    let plain = yaml
+        .replace(
+            ", failover: true, rollback: {error_rate: 50%, min_requests: 5, window: 60s}",
+            "",
+        )
+        .replace("to: legacy, shadow: new}", "to: legacy}");
+    assert_ne!(plain, yaml);
+    let reloads = || proxy.metric("strangler_config_reloads_total{result=\"success\"}");
+    let before = reloads();
+    proxy.write_config(&plain);
+    wait_for("the reload", Duration::from_secs(3), || reloads() > before);
+    let (_, metrics) = get(&proxy.admin_url("/metrics"));
+    for gone in [
+        failover.to_string(),
+        auto.to_string(),
+        shadow("r2", "match"),
+        shadow("r3", "match"),
+        shadow("r3", "error"),
+    ] {
+        assert_eq!(
+            series_value(&metrics, &gone),
+            None,
+            "{gone} stayed:\n{metrics}"
+        );
+    }
+    assert_eq!(
+        series_value(&metrics, &shadow("r3", "mismatch")),
+        Some(1.0),
+        "counted: kept"
+    );
+    // The manual reason is every route's, and stays.
+    assert_eq!(
+        series_value(
+            &metrics,
+            "strangler_rollbacks_total{route=\"r1\",reason=\"manual\"}"
+        ),
+        Some(0.0),
+        "{metrics}"
+    );
+}

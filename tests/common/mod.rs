@@ -444,8 +444,13 @@ pub fn unsafe_kill(pid: u32, sig: &str) {
         .status();
 }
 
-/// Finds `name{labels}` (labels in any order) in a Prometheus text exposition.
+/// Finds `name{labels}` (labels in any order) in a Prometheus text exposition; 0 when absent.
 pub fn metric_value(body: &str, name_and_labels: &str) -> f64 {
+    series_value(body, name_and_labels).unwrap_or(0.0)
+}
+
+/// The value of `name{labels}` (labels in any order), if the exposition has that series.
+pub fn series_value(body: &str, name_and_labels: &str) -> Option<f64> {
     let (name, labels) = match name_and_labels.find('{') {
         Some(i) => (
             &name_and_labels[..i],
@@ -470,10 +475,10 @@ pub fn metric_value(body: &str, name_and_labels: &str) -> f64 {
         }
         let have: Vec<&str> = l.split(',').filter(|s| !s.is_empty()).collect();
         if want.len() == have.len() && want.iter().all(|w| have.contains(w)) {
-            return value.parse().unwrap_or(0.0);
+            return Some(value.parse().unwrap_or(0.0));
         }
     }
-    0.0
+    None
 }
 
 fn agent() -> ureq::Agent {
