@@ -107,6 +107,23 @@ impl StateFile {
         &self.path
     }
 
+    /// Why pins could not be saved where the file is to go, if its directory is missing: said
+    /// at start-up rather than at the first pin, mid-incident. (Pins hold in memory either way.)
+    pub fn missing_dir(&self) -> Option<String> {
+        let dir = self
+            .path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        (!dir.is_dir()).then(|| {
+            format!(
+                "state file {}: directory {} does not exist: pins will hold in memory only, and not across a restart, until it does",
+                self.path.display(),
+                dir.display()
+            )
+        })
+    }
+
     /// The pins on disk. A missing file is no pins; a corrupt one is logged and ignored, and
     /// so is a pin entry that cannot be read (the others hold). What was corrupt is copied to
     /// `PATH.corrupt` first: the next pin or resume rewrites the file from memory.
@@ -288,6 +305,13 @@ mod tests {
         assert_eq!(file.load(), pins);
         assert_eq!(std::fs::read(&aside).unwrap(), doc.as_bytes());
         let unwritable = StateFile::new(dir.path().join("no/such/dir/s.json"));
+        assert!(unwritable
+            .missing_dir()
+            .is_some_and(|w| w.contains("does not exist")));
+        assert_eq!(
+            StateFile::new(dir.path().join("s.json")).missing_dir(),
+            None
+        );
         assert!(!unwritable.save(&pins));
     }
 

@@ -330,9 +330,13 @@ pub fn serve(mut opts: ServeOptions) -> Result<(), String> {
         .state_file
         .clone()
         .unwrap_or_else(|| StateFile::beside(&opts.config));
+    let state_file = StateFile::new(state_path);
+    if let Some(warning) = state_file.missing_dir() {
+        log::warn!("{warning}");
+    }
     let state = State::start(
         &opts.config,
-        StateFile::new(state_path),
+        state_file,
         Audit::open(opts.audit_log.clone())?,
     )?;
 
