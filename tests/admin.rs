@@ -734,6 +734,38 @@ fn a_corrupt_state_file_is_ignored() {
     assert!(v.to_string().contains("bookings"), "{saved}");
 }
 
+/// A state file that cannot be written (its directory missing: a `--state` typo, an unmounted
+/// volume) is said at start-up; a pin then still holds, in memory, and its failed write is
+/// logged and counted (SPEC §5).
+#[test]
+fn a_state_file_that_cannot_be_written_is_said_and_the_pin_holds() {
+    let legacy = Backend::echo("legacy");
+    let new = Backend::echo("new");
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("no-such-dir/state.json");
+    let proxy = Proxy::start_with(
+        &routing(&legacy, &new),
+        &["--state", state.to_str().unwrap()],
+        &[],
+    );
+    wait_for("the start-up warning", Duration::from_secs(5), || {
+        proxy.log_text().lines().any(|l| {
+            l.contains("WARN") && l.contains("no-such-dir") && l.contains("does not exist")
+        })
+    });
+    assert_eq!(
+        post(&proxy.admin_url("/routes/bookings/rollback"), None).status,
+        200
+    );
+    assert_eq!(
+        served_by(&proxy, "/bookings/1"),
+        "legacy",
+        "pinned in memory"
+    );
+    proxy.wait_metric("strangler_state_file_write_errors_total", 1.0);
+    assert!(!state.exists());
+}
+
 #[test]
 fn a_stored_pin_of_a_route_not_in_the_file_is_lifted_and_audited() {
     let (_legacy, _new, dir) = with_state_file(
