@@ -154,6 +154,17 @@ impl ProxyError {
         Bytes::from(v.to_string())
     }
 
+    /// The response header of this error's answer with a JSON body of `body_len` bytes, before
+    /// the three stamps every response carries: what `proxy::Strangler::answer` writes and
+    /// [`ProxyError::h1_answer`] serialises.
+    pub fn response_header(&self, body_len: usize) -> pingora_error::Result<ResponseHeader> {
+        let mut resp = ResponseHeader::build(self.status, Some(9))?;
+        resp.insert_header(header::CONTENT_TYPE, "application/json")?;
+        resp.insert_header(header::CONTENT_LENGTH, body_len.to_string())?;
+        resp.insert_header(header::CACHE_CONTROL, "no-store")?;
+        Ok(resp)
+    }
+
     /// The whole HTTP/1.1 answer to a request whose header Pingora's parser refused, for the
     /// client's connection as is (no hook ran, there is no session to write it through): what
     /// `proxy::Strangler::answer` writes for a request refused before routing — the JSON body,
@@ -167,10 +178,7 @@ impl ProxyError {
         use crate::router::{DEFAULT_ROUTE, NO_BACKEND};
         let id = request_id.to_str().unwrap_or("-");
         let body = self.body(None, DEFAULT_ROUTE, NO_BACKEND, id);
-        let mut resp = ResponseHeader::build(self.status, Some(9))?;
-        resp.insert_header(header::CONTENT_TYPE, "application/json")?;
-        resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
-        resp.insert_header(header::CACHE_CONTROL, "no-store")?;
+        let mut resp = self.response_header(body.len())?;
         resp.insert_header(forwarding::WIRE_REQUEST_ID, request_id)?;
         resp.insert_header(forwarding::WIRE_STRANGLER_ROUTE, DEFAULT_ROUTE)?;
         resp.insert_header(forwarding::WIRE_STRANGLER_BACKEND, NO_BACKEND)?;

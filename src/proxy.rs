@@ -220,10 +220,7 @@ impl Strangler {
             ctx.backend_name(),
             ctx.request_id.to_str().unwrap_or("-"),
         );
-        let mut resp = ResponseHeader::build(err.status, Some(6))?;
-        resp.insert_header(header::CONTENT_TYPE, "application/json")?;
-        resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
-        resp.insert_header(header::CACHE_CONTROL, "no-store")?;
+        let mut resp = err.response_header(body.len())?;
         self.stamp(&mut resp, ctx)?;
         // A malformed request leaves the connection in doubt: close it after answering.
         session.set_keepalive(None);
