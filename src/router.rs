@@ -4,6 +4,7 @@
 //! (pins, counters and metrics live in `state.rs`, so a table can be rebuilt at any time), except
 //! the backends' resolved addresses, which the DNS refresh replaces in place (`dns.rs`).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -339,15 +340,10 @@ impl RoutingTable {
         for r in file.routes.iter().filter(|r| r.name.is_none()) {
             *unnamed_paths.entry(r.path.as_str()).or_default() += 1;
         }
-        let default_names: Vec<Option<String>> = file
+        let path_shared: Vec<bool> = file
             .routes
             .iter()
-            .map(|r| {
-                let shared = unnamed_paths.get(r.path.as_str()).is_some_and(|&n| n > 1);
-                r.name
-                    .is_none()
-                    .then(|| default_name(&r.path, r.methods.as_deref(), shared))
-            })
+            .map(|r| unnamed_paths.get(r.path.as_str()).is_some_and(|&n| n > 1))
             .collect();
 
         let mut routes = Vec::with_capacity(file.routes.len());
@@ -366,10 +362,9 @@ impl RoutingTable {
                 path_ok = false;
                 Vec::new()
             });
-            let name: Arc<str> = match (&spec.name, &default_names[i]) {
-                (Some(n), _) => n.as_str().into(),
-                (None, Some(d)) => d.as_str().into(),
-                (None, None) => spec.path.as_str().into(),
+            let name: Arc<str> = match &spec.name {
+                Some(n) => n.as_str().into(),
+                None => default_name(&spec.path, spec.methods.as_deref(), path_shared[i]).into(),
             };
             let name_at = if spec.name.is_some() {
                 at("name")
@@ -662,13 +657,13 @@ impl RoutingTable {
 /// `GET,HEAD /bookings` — so that `/bookings` for GET on one backend and the rest on another
 /// needs no names. The route without `methods` keeps the path. (Two unnamed routes with the
 /// same path and the same methods still share a name, and overlap: both are reported.)
-fn default_name(path: &str, methods: Option<&[String]>, shared: bool) -> String {
+fn default_name<'a>(path: &'a str, methods: Option<&[String]>, shared: bool) -> Cow<'a, str> {
     match methods {
         Some(ms) if shared && !ms.is_empty() => {
             let ms: Vec<String> = ms.iter().map(|m| m.to_ascii_uppercase()).collect();
-            format!("{} {path}", ms.join(","))
+            Cow::Owned(format!("{} {path}", ms.join(",")))
         }
-        _ => path.to_string(),
+        _ => Cow::Borrowed(path),
     }
 }
 
