@@ -95,6 +95,8 @@ pub struct DeadlineStream {
     scan: HeadScan,
     /// The JSON answer written in place of Pingora's bare 400, and how much of it is out.
     answer: Option<(Vec<u8>, usize)>,
+    /// Bytes written since the last flush (see `poll_read`).
+    unflushed: bool,
 }
 
 impl fmt::Debug for DeadlineStream {
@@ -116,6 +118,7 @@ impl DeadlineStream {
             refusals,
             scan: HeadScan::default(),
             answer: None,
+            unflushed: false,
         }
     }
 
@@ -142,6 +145,17 @@ impl AsyncRead for DeadlineStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
+        if this.unflushed {
+            // Pingora flushes a response with a `Content-Length` only at its end, or when its L4
+            // write buffer (1 460 bytes) fills: the header and first bytes of a response whose
+            // backend then pauses would wait with them, and the client would see nothing. A
+            // connection reads whenever it waits (for the request body, or, idle, for the
+            // client to close): what is buffered goes out then. A response that is written
+            // whole, nearly every one, has been flushed by its end already.
+            if Pin::new(&mut this.inner).poll_flush(cx).is_ready() {
+                this.unflushed = false;
+            }
+        }
         let awaiting = this.clock.awaiting_header.load(Ordering::Acquire);
         if !awaiting {
             this.timer = None;
@@ -273,11 +287,17 @@ impl AsyncWrite for DeadlineStream {
         if this.answer.is_some() || this.is_refusal(buf) {
             return this.poll_write_answer(cx, buf);
         }
-        Pin::new(&mut this.inner).poll_write(cx, buf)
+        let written = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.unflushed |= matches!(written, Poll::Ready(Ok(n)) if n > 0);
+        written
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let flushed = Pin::new(&mut self.inner).poll_flush(cx);
+        if flushed.is_ready() {
+            self.unflushed = false;
+        }
+        flushed
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -295,7 +315,9 @@ impl AsyncWrite for DeadlineStream {
             let first = first.map_or(&[][..], |b| &b[..]);
             return self.poll_write(cx, first);
         }
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let written = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.unflushed |= matches!(written, Poll::Ready(Ok(n)) if n > 0);
+        written
     }
 
     fn is_write_vectored(&self) -> bool {

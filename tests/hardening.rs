@@ -1178,6 +1178,51 @@ fn a_backend_that_breaks_off_mid_body_truncates_and_is_counted_as_reset() {
 }
 
 #[test]
+fn a_response_s_first_bytes_reach_the_client_while_its_backend_pauses() {
+    // A header with a Content-Length and ten bytes, then nothing until the test opens the gate
+    // (a report whose first rows are ready, a long poll that sends its header first).
+    let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+    let g = gate.clone();
+    let (baddr, _lines) = raw_backend(move |s, _lines| {
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut w = s;
+        if read_request_head(&mut r).is_some() {
+            let _ = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789");
+            let _ = w.flush();
+            let (open, cv) = &*g;
+            let _open = cv.wait_while(open.lock().unwrap(), |open| !*open).unwrap();
+            let _ = w.write_all(&[b'z'; 90]);
+        }
+    });
+    let proxy = Proxy::start(&one_backend(&format!("http://{baddr}")));
+    let mut s = TcpStream::connect(addr_of(&proxy)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /report HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("0123456789") {
+        match read_some(&mut s, &mut buf) {
+            Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
+            other => panic!(
+                "the header and first bytes were held back ({other:?}): {:?}",
+                String::from_utf8_lossy(&got)
+            ),
+        }
+    }
+    *gate.0.lock().unwrap() = true;
+    gate.1.notify_all();
+    while !got.ends_with(&[b'z'; 90]) {
+        let n = read_some(&mut s, &mut buf).unwrap();
+        assert!(n > 0, "closed early: {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert_eq!(got.len() - text.find("\r\n\r\n").unwrap() - 4, 100);
+}
+
+#[test]
 fn a_backend_that_closes_every_connection_after_answering_costs_no_request() {
     // Answers one request per connection, without `Connection: close`, then closes.
     let served = Arc::new(AtomicUsize::new(0));
