@@ -160,8 +160,8 @@ pub struct RequestCtx {
     tunnel_closed: bool,
     /// The outcome has been counted in the rollback window.
     judged: bool,
-    /// ... and counted as a success (at its response header).
-    judged_ok: bool,
+    /// ... as a success (at its response header), counted there.
+    judged_ok: Option<rollback::Counted>,
     upstream_error: Option<UpstreamErrorKind>,
     /// Status of a response the proxy wrote itself.
     proxy_status: Option<u16>,
@@ -381,7 +381,7 @@ impl ProxyHttp for Strangler {
             client_stalled: false,
             tunnel_closed: false,
             judged: false,
-            judged_ok: false,
+            judged_ok: None,
             response_done: false,
             upstream_error: None,
             proxy_status: None,
@@ -1043,7 +1043,7 @@ impl Strangler {
     fn judge_target(&self, ctx: &mut RequestCtx, failed: bool) {
         // Judged once; but a success judged at its header that fails afterwards becomes a
         // failure (the request stays counted once).
-        let late_failure = ctx.judged && ctx.judged_ok && failed;
+        let late_failure = ctx.judged && ctx.judged_ok.is_some() && failed;
         if ctx.judged && !late_failure {
             return;
         }
@@ -1061,17 +1061,15 @@ impl Strangler {
         let failed = failed || ctx.failed_over;
         let now = Instant::now();
         let control = &live.routes[i].control;
-        let generation = ctx.to_generation;
-        if late_failure {
-            control
-                .to_window
-                .fail_counted_in(generation, now, rule.window);
+        if let Some(counted) = ctx.judged_ok.take() {
+            control.to_window.fail_counted(counted);
         } else {
-            control
-                .to_window
-                .record_in(generation, now, rule.window, failed);
+            let counted =
+                control
+                    .to_window
+                    .record_in(ctx.to_generation, now, rule.window, failed);
+            ctx.judged_ok = counted.filter(|_| !failed);
         }
-        ctx.judged_ok = !failed;
         // Judged on every request, not only on failures: failures first and successes after can
         // meet the rule when the request that reaches `min_requests` is a success.
         if !control.is_pinned() {

@@ -12,6 +12,13 @@ use std::time::{Duration, Instant};
 
 const SLOTS: usize = 20;
 
+/// Where [`Window::record_in`] counted a request: its generation and its slot's epoch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Counted {
+    generation: u64,
+    epoch: u64,
+}
+
 /// Requests and failures, packed in one u64 per slot together with the slot's epoch so that a
 /// recycle and an increment never tear: high 24 bits epoch, then 20 bits requests, 20 failures.
 /// A slot that reaches 2^20 - 1 requests stops counting (see `record`).
@@ -71,23 +78,47 @@ impl Window {
     }
 
     /// [`Window::record`] for a request sent in `generation`: nothing if the window has been
-    /// cleared since.
-    pub fn record_in(&self, generation: u64, now: Instant, window: Duration, failed: bool) {
-        if generation == self.generation() {
-            self.record(now, window, failed);
+    /// cleared since. Says where the request was counted, for [`Window::fail_counted`].
+    pub fn record_in(
+        &self,
+        generation: u64,
+        now: Instant,
+        window: Duration,
+        failed: bool,
+    ) -> Option<Counted> {
+        if generation != self.generation() {
+            return None;
         }
+        let epoch = self.add(now, window, 1, u64::from(failed))?;
+        Some(Counted { generation, epoch })
     }
 
     /// Turns a request already counted as a success into a failure: its backend broke off or
-    /// stalled after the response header that judged it. Nothing if the window has been
-    /// cleared since the request was sent (in `generation`).
-    pub fn fail_counted_in(&self, generation: u64, now: Instant, window: Duration) {
-        if generation == self.generation() {
-            self.add(now, window, 0, 1);
+    /// stalled after the response header that judged it. Only while that success is still in
+    /// the window: a response that outlasted it was sent before the window began, and is no
+    /// longer one of the requests whose share is judged. Nothing after a clear either.
+    pub fn fail_counted(&self, counted: Counted) {
+        if counted.generation != self.generation() {
+            return;
+        }
+        let slot = &self.slots[counted.epoch as usize % SLOTS];
+        let mut cur = slot.load(Relaxed);
+        loop {
+            let (e, r, f) = unpack(cur);
+            if e != counted.epoch || f >= r {
+                // Recycled for a later step: the success has left the window.
+                return;
+            }
+            match slot.compare_exchange_weak(cur, pack(e, r, f + 1), Relaxed, Relaxed) {
+                Ok(_) => return,
+                Err(actual) => cur = actual,
+            }
         }
     }
 
-    fn add(&self, now: Instant, window: Duration, requests: u64, failures: u64) {
+    /// Adds to the slot of `now`; returns its epoch, or `None` when the slot was full and did
+    /// not count.
+    fn add(&self, now: Instant, window: Duration, requests: u64, failures: u64) -> Option<u64> {
         let epoch = self.epoch(now, window) & EPOCH_MASK;
         let slot = &self.slots[epoch as usize % SLOTS];
         let mut cur = slot.load(Relaxed);
@@ -98,14 +129,14 @@ impl Window {
                     // A full slot stops counting both: its first 2^20 requests stand for the
                     // rest, so the failure share stays what it was (counting failures alone on
                     // would inflate it and pin a healthy route).
-                    return;
+                    return None;
                 }
                 pack(epoch, r + requests, f + failures)
             } else {
                 pack(epoch, requests, failures)
             };
             match slot.compare_exchange_weak(cur, next, Relaxed, Relaxed) {
-                Ok(_) => return,
+                Ok(_) => return Some(epoch),
                 Err(actual) => cur = actual,
             }
         }
@@ -174,17 +205,49 @@ mod tests {
         let t0 = w.origin;
         let win = Duration::from_secs(60);
         let sent = w.generation();
-        w.record_in(sent, t0, win, false);
+        let counted = w.record_in(sent, t0, win, false).expect("counted");
         w.clear();
         // Sent before the clear, ended after it: neither counted nor turned into a failure.
-        w.record_in(sent, t0, win, true);
-        w.fail_counted_in(sent, t0, win);
+        assert_eq!(w.record_in(sent, t0, win, true), None);
+        w.fail_counted(counted);
         assert_eq!(w.totals(t0, win), (0, 0));
         let now = w.generation();
         assert_ne!(now, sent);
-        w.record_in(now, t0, win, false);
-        w.fail_counted_in(now, t0, win);
+        let counted = w.record_in(now, t0, win, false).expect("counted");
+        w.fail_counted(counted);
         assert_eq!(w.totals(t0, win), (1, 1));
+    }
+
+    #[test]
+    fn a_success_turns_into_a_failure_only_while_it_is_in_the_window() {
+        let w = Window::default();
+        let t0 = w.origin;
+        let win = Duration::from_secs(3);
+        let g = w.generation();
+        // Two long responses judged good at their header, at t0.
+        let long = [
+            w.record_in(g, t0, win, false).expect("counted"),
+            w.record_in(g, t0, win, false).expect("counted"),
+        ];
+        // Still in the window: the first one breaks off.
+        w.fail_counted(long[0]);
+        assert_eq!(w.totals(t0 + Duration::from_secs(1), win), (2, 1));
+        // The second breaks off four seconds later, when both have left the 3 s window: sent
+        // before it, it is not judged in it.
+        let later = t0 + Duration::from_secs(4);
+        w.fail_counted(long[1]);
+        assert_eq!(w.totals(later, win), (0, 0));
+        // Nor does it land on a later request's count when its slot has been recycled (one
+        // slot is 150 ms; 6 s later the ring is round twice).
+        let (a, b) = (
+            w.record_in(g, t0, win, false).expect("counted"),
+            w.record_in(g, t0, win, false).expect("counted"),
+        );
+        let recycled = t0 + Duration::from_secs(6);
+        w.record_in(g, recycled, win, false).expect("counted");
+        w.fail_counted(a);
+        w.fail_counted(b);
+        assert_eq!(w.totals(recycled, win), (1, 0));
     }
 
     #[test]

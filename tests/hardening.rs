@@ -1223,6 +1223,83 @@ fn a_response_s_first_bytes_reach_the_client_while_its_backend_pauses() {
 }
 
 #[test]
+fn a_response_that_outlives_the_rollback_window_is_not_judged_in_it() {
+    // /long: a good header and a little body, then the connection is cut once the test opens
+    // the gate. Anything else: a proper answer.
+    let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+    let g = gate.clone();
+    let (baddr, _lines) = raw_backend(move |s, _lines| {
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut w = s;
+        while let Some(line) = read_request_head(&mut r) {
+            if line.contains("/long") {
+                let _ = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\nxxxxxxxxxx");
+                let _ = w.flush();
+                let (open, cv) = &*g;
+                let _open = cv.wait_while(open.lock().unwrap(), |open| !*open).unwrap();
+                let _ = w.shutdown(Shutdown::Both);
+                return;
+            }
+            let _ = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        }
+    });
+    let legacy = Backend::echo("legacy");
+    let window = Duration::from_secs(1);
+    let proxy = Proxy::start(&format!(
+        "backends:\n  legacy: {{url: '{}'}}\n  new: {{url: 'http://{baddr}'}}\ndefault: legacy\nroutes:\n\
+         \x20 - {{name: stream, path: /stream, to: new, rollback: {{error_rate: 60%, min_requests: 2, window: 1s}}}}\n",
+        legacy.url()
+    ));
+    let addr = addr_of(&proxy);
+    // Two long downloads, judged good at their header.
+    let long: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut s = TcpStream::connect(&addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.write_all(b"GET /stream/long HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !String::from_utf8_lossy(&head).contains("xxxxxxxxxx") {
+                let n = read_some(&mut s, &mut buf).unwrap_or_else(|e| {
+                    panic!("{e}: {}", String::from_utf8_lossy(&head))
+                });
+                assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&head));
+                head.extend_from_slice(&buf[..n]);
+            }
+            s
+        })
+        .collect();
+    // The window passes (nothing to wait on but the clock: the downloads are still running).
+    std::thread::sleep(window + Duration::from_millis(100));
+    // Two quick successes inside the new window.
+    for _ in 0..2 {
+        let r = request("GET", &proxy.url("/stream/ok"), &[], None);
+        assert_eq!((r.status, r.header("x-strangler-backend")), (200, "new"));
+    }
+    // The long downloads break off now: sent before this window, they are not judged in it.
+    *gate.0.lock().unwrap() = true;
+    gate.1.notify_all();
+    for mut s in long {
+        let mut buf = [0u8; 4096];
+        while matches!(read_some(&mut s, &mut buf), Ok(n) if n > 0) {}
+    }
+    wait_for("both cut downloads counted", Duration::from_secs(5), || {
+        proxy.metric(
+            "strangler_upstream_errors_total{route=\"stream\",backend=\"new\",kind=\"reset\"}",
+        ) == 2.0
+    });
+    assert_eq!(
+        proxy.metric("strangler_route_pinned{route=\"stream\"}"),
+        0.0,
+        "pinned by failures of requests sent before the window: {}",
+        proxy.log_text()
+    );
+    let r = request("GET", &proxy.url("/stream/ok"), &[], None);
+    assert_eq!((r.status, r.header("x-strangler-backend")), (200, "new"));
+}
+
+#[test]
 fn a_backend_that_closes_every_connection_after_answering_costs_no_request() {
     // Answers one request per connection, without `Connection: close`, then closes.
     let served = Arc::new(AtomicUsize::new(0));
