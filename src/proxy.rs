@@ -521,6 +521,12 @@ impl ProxyHttp for Strangler {
             )
             .map(Box::new);
         }
+        if !session.is_body_empty() {
+            // A body read waits as long as the backend's wait for the response does: without
+            // this, Pingora's 60 s would cut a client pausing mid-upload before a longer
+            // `timeout` ran out, unanswered, and count it as gone (499).
+            session.set_read_timeout(Some(live.table.backends[backend].timeout));
+        }
         if expects_continue(session.req_header()) && !session.is_body_empty() {
             // The request goes on: its body is wanted. Answered here, as nginx and Envoy do,
             // rather than left to a backend that may never send one: a client that then
@@ -869,12 +875,11 @@ impl ProxyHttp for Strangler {
         // Pingora waits for the response while it relays the request body, and restarts that
         // wait at every chunk the client sends: a read that times out before the body is done
         // means the client went silent for `timeout` (a client that asked for `100 Continue`
-        // had it from the proxy: it owed its body too). Not the backend's failure: no upstream
-        // error, no rollback judgement, no failover, no retry; the client gets a 408.
-        if *e.esource() == ErrorSource::Upstream
-            && *e.etype() == ErrorType::ReadTimedout
-            && !session.is_body_done()
-        {
+        // had it from the proxy: it owed its body too). The client's own read of the body has
+        // the same timeout (`request_filter`), and whichever fires first says the same. Not the
+        // backend's failure: no upstream error, no rollback judgement, no failover, no retry;
+        // the client, still connected, gets a 408.
+        if *e.etype() == ErrorType::ReadTimedout && !session.is_body_done() {
             ctx.client_stalled = true;
             ctx.judged = true;
             e.set_retry(false);
@@ -987,7 +992,7 @@ impl ProxyHttp for Strangler {
         let Some(live) = ctx.live.clone() else {
             return;
         };
-        let client_gone = e.is_some_and(client_went_away);
+        let client_gone = !ctx.client_stalled && e.is_some_and(client_went_away);
         let code: u16 = if client_gone && !ctx.response_done {
             log::info!(
                 "request {} on route {:?}: the client went away ({}): 499",
