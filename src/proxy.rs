@@ -595,6 +595,9 @@ impl ProxyHttp for Strangler {
         // Only the proxy's shadow copies carry it: a client's would pass a real request off as
         // a shadow copy to a service that skips side effects for those.
         up.remove_header(&shadow::X_STRANGLER_SHADOW);
+        // RFC 7239's `Forwarded` says what `X-Forwarded-*` say, and frameworks that read it
+        // prefer it: a client's own would override the proto and host the proxy sets below.
+        up.remove_header(&header::FORWARDED);
         if let Some(length) = forwarding::collapsed_content_length(&up.headers) {
             up.insert_header(header::CONTENT_LENGTH, length)?;
         }

@@ -222,7 +222,7 @@ fn forwarding_headers_and_rewrites() {
             200,
             serde_json::json!({"host": s.headers.get("host"), "xff": s.headers.get("x-forwarded-for"),
             "xfp": s.headers.get("x-forwarded-proto"), "xfh": s.headers.get("x-forwarded-host"), "rid": s.headers.get("x-request-id"),
-            "conn": s.headers.get("x-hop"), "target": s.target}),
+            "conn": s.headers.get("x-hop"), "fwd": s.headers.get("forwarded"), "target": s.target}),
         );
         let port = s.headers.get("x-backend-port").cloned().unwrap_or_default();
         let scheme = if s.headers.contains_key("x-scheme-relative") {
@@ -278,11 +278,16 @@ fn forwarding_headers_and_rewrites() {
             ("X-Backend-Port", &port),
             ("Connection", "x-hop"),
             ("X-Hop", "1"),
+            ("Forwarded", "for=9.9.9.9;proto=https;host=evil.example"),
         ],
         None,
     );
     let v = r.json();
     assert_eq!(v["xff"], "10.1.1.1, 127.0.0.1");
+    assert!(
+        v["fwd"].is_null(),
+        "a client's Forwarded would override the proto and host set here"
+    );
     assert_eq!(v["xfp"], "http");
     assert_eq!(v["xfh"], format!("127.0.0.1:{}", proxy.port));
     assert_eq!(
