@@ -959,7 +959,13 @@ impl ProxyHttp for Strangler {
                 can_reuse_downstream: false,
             };
         }
-        self.judge_target(ctx, err.status >= 500);
+        if *e.esource() == ErrorSource::Downstream {
+            // The client's side failed (a malformed request body): that says nothing of the
+            // backend, neither good nor bad.
+            ctx.judged = true;
+        } else {
+            self.judge_target(ctx, err.status >= 500);
+        }
         let detail = e.etype().as_str();
         if let Err(we) = self.answer(session, ctx, err, Some(detail)).await {
             log::debug!("could not send the error response: {we}");
