@@ -115,10 +115,10 @@ fn families(live: &LiveTable) -> Vec<MetricFamily> {
         } else {
             let to = &*t.backends[r.to].name;
             split.push(gauge(&[("backend", to), ("route", name)], to_share));
-            split.push(gauge(
-                &[("backend", default), ("route", name)],
-                100.0 - to_share,
-            ));
+            // To the millionth of a percent, as a split is read: `100 − 99.99` in floating
+            // point is 0.010000000000005116.
+            let rest = ((100.0 - to_share) * 1e6).round() / 1e6;
+            split.push(gauge(&[("backend", default), ("route", name)], rest));
         }
         in_flight.push(in_flight_gauge(name, l));
     }

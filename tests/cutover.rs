@@ -84,13 +84,13 @@ fn audit_lines(path: &std::path::Path) -> Vec<Value> {
 fn a_sticky_split_keeps_each_client_on_its_side_and_only_ever_grows() {
     let legacy = Backend::echo("legacy");
     let new = Backend::echo("new");
-    let yaml = |percent: u32| {
+    let yaml = |percent: f64| {
         format!(
             "{}routes:\n  - {{name: tours, path: /tours, to: new, split: {percent}, sticky: 'header:X-Client-Id'}}\n",
             base_yaml(&legacy.url(), &new.url())
         )
     };
-    let proxy = Proxy::start(&yaml(10));
+    let proxy = Proxy::start(&yaml(10.0));
     assert_eq!(
         proxy.metric("strangler_route_split_percent{route=\"tours\",backend=\"new\"}"),
         10.0
@@ -128,7 +128,7 @@ fn a_sticky_split_keeps_each_client_on_its_side_and_only_ever_grows() {
     }
 
     // Raising the split only moves clients from legacy to new.
-    proxy.write_config(&yaml(30));
+    proxy.write_config(&yaml(30.0));
     wait_for("split 30 in force", Duration::from_secs(3), || {
         proxy.metric("strangler_route_split_percent{route=\"tours\",backend=\"new\"}") == 30.0
     });
@@ -152,6 +152,15 @@ fn a_sticky_split_keeps_each_client_on_its_side_and_only_ever_grows() {
     assert_eq!(
         proxy.metric("strangler_route_split_percent{route=\"tours\",backend=\"legacy\"}"),
         70.0
+    );
+    // The rest of a split is what the file says, not floating point's `100 − 99.99`.
+    proxy.write_config(&yaml(99.99));
+    wait_for("split 99.99 in force", Duration::from_secs(3), || {
+        proxy.metric("strangler_route_split_percent{route=\"tours\",backend=\"new\"}") == 99.99
+    });
+    assert_eq!(
+        proxy.metric("strangler_route_split_percent{route=\"tours\",backend=\"legacy\"}"),
+        0.01
     );
 }
 
