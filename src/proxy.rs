@@ -564,6 +564,24 @@ impl ProxyHttp for Strangler {
         Ok(Box::new(peer))
     }
 
+    /// Phase: each chunk of the request body on its way to the backend. The body streams; a
+    /// shadowed GET's (a search query) is copied for the shadow request, bounded at 1 MiB.
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()>
+    where
+        RequestCtx: Send + Sync,
+    {
+        if let Some(tap) = &mut ctx.shadow {
+            tap.request_chunk(body.as_ref(), end_of_stream);
+        }
+        Ok(())
+    }
+
     /// Phase: connected, request header about to be sent (once per attempt). Sets the
     /// normalised (and rewritten) path, Host, and the X-Forwarded-* / X-Request-Id headers.
     /// Pingora has already removed the hop-by-hop headers (its standard upstream policy).

@@ -32,6 +32,8 @@ pub const MAX_IN_FLIGHT: usize = 32;
 /// may hold two 1 MiB captures and a socket. Beyond it a shadow is `skipped`.
 pub const MAX_IN_FLIGHT_TOTAL: usize = 256;
 static IN_FLIGHT_TOTAL: AtomicUsize = AtomicUsize::new(0);
+/// `skipped` in [`metrics::SHADOW_RESULTS`].
+const SKIPPED: usize = 3;
 
 static CLIENT: LazyLock<Connector> = LazyLock::new(|| Connector::new(None));
 
@@ -149,9 +151,31 @@ impl Capture {
 pub struct ShadowTap {
     primary: Option<Capture>,
     to_task: Option<oneshot::Sender<Option<Capture>>>,
+    /// The request body of a GET or HEAD that has one (a search API's query), copied for the
+    /// shadow request, which waits for it; dropped past the cap (the copy is then skipped).
+    body: Option<(Vec<u8>, oneshot::Sender<Bytes>)>,
 }
 
 impl ShadowTap {
+    /// A chunk of the client's request body passed to the primary.
+    pub fn request_chunk(&mut self, chunk: Option<&Bytes>, end: bool) {
+        let Some((copy, _)) = &mut self.body else {
+            return;
+        };
+        if let Some(c) = chunk {
+            if copy.len() + c.len() > BODY_CAP {
+                self.body = None;
+                return;
+            }
+            copy.extend_from_slice(c);
+        }
+        if end {
+            if let Some((copy, tx)) = self.body.take() {
+                let _ = tx.send(Bytes::from(copy));
+            }
+        }
+    }
+
     /// The primary's response header arrived.
     pub fn primary_header(&mut self, status: u16, encoding: Option<&HeaderValue>) {
         self.primary = Some(Capture::new(status, encoding));
@@ -296,10 +320,28 @@ pub fn tap(
     let request_id = request_id.to_str().unwrap_or("-").to_string();
     let head = req.method == http::Method::HEAD;
     let (tx, rx) = oneshot::channel();
+    let (body, body_rx) = if has_body(req) {
+        let (body_tx, body_rx) = oneshot::channel();
+        (Some((Vec::new(), body_tx)), Some(body_rx))
+    } else {
+        (None, None)
+    };
 
     tokio::spawn(async move {
         let _slot = slot;
-        let shadow = tokio::time::timeout(deadline, fetch(&peer, up, head)).await;
+        // A body is copied whole before the copy goes out: one the client has not sent within
+        // the shadow's deadline, or over the cap, leaves nothing to compare.
+        let body = match body_rx {
+            None => Bytes::new(),
+            Some(rx) => match tokio::time::timeout(deadline, rx).await {
+                Ok(Ok(body)) => body,
+                _ => {
+                    counters[SKIPPED].inc();
+                    return;
+                }
+            },
+        };
+        let shadow = tokio::time::timeout(deadline, fetch(&peer, up, head, body)).await;
         // A shadow that failed is the shadow backend's error, whatever the primary does: it
         // is not waited for.
         let shadow = match shadow {
@@ -365,12 +407,33 @@ pub fn tap(
     Some(ShadowTap {
         primary: None,
         to_task: Some(tx),
+        body,
     })
 }
 
-async fn fetch(peer: &HttpPeer, req: RequestHeader, head: bool) -> pingora_error::Result<Capture> {
+/// Whether a request says it has a body.
+fn has_body(req: &RequestHeader) -> bool {
+    req.headers.contains_key(header::TRANSFER_ENCODING)
+        || req
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes().iter().any(|b| (b'1'..=b'9').contains(b)))
+}
+
+async fn fetch(
+    peer: &HttpPeer,
+    mut req: RequestHeader,
+    head: bool,
+    body: Bytes,
+) -> pingora_error::Result<Capture> {
+    if !body.is_empty() {
+        req.insert_header(header::CONTENT_LENGTH, body.len())?;
+    }
     let (mut session, _reused) = CLIENT.get_http_session(peer).await?;
     session.write_request_header(Box::new(req)).await?;
+    if !body.is_empty() {
+        session.write_request_body(body, true).await?;
+    }
     session.finish_request_body().await?;
     // Interim answers (100, 103) come before the one compared, each as a header of its own;
     // their count is bounded as on the primary.
@@ -703,6 +766,11 @@ mod tests {
         );
         assert!(cmp(r#"[19.990000000000002]"#, r#"[19.99]"#, &[]).is_some());
         assert!(cmp(r#"[100.00000000000001]"#, r#"[100.0]"#, &[]).is_some());
+    }
+
+    #[test]
+    fn skipped_is_where_its_counter_is() {
+        assert_eq!(metrics::SHADOW_RESULTS[SKIPPED], "skipped");
     }
 
     #[test]

@@ -330,6 +330,44 @@ fn shadow_compares_json_as_values_and_reports_the_first_difference() {
 }
 
 #[test]
+fn a_shadowed_get_with_a_body_sends_the_shadow_the_same_body() {
+    // A search API that takes its query as a GET body: both sides answer with what they got.
+    let answer = Arc::new(|s: &Seen| json(200, serde_json::json!({"query_len": s.body_len})));
+    let legacy = Backend::start(answer.clone());
+    let new = Backend::start(answer);
+    let yaml = format!(
+        "{}routes:\n  - {{name: search, path: /search, to: legacy, shadow: new}}\n",
+        base_yaml(&legacy.url(), &new.url())
+    );
+    let proxy = Proxy::start(&yaml);
+    let shadow = |result: &str| {
+        proxy.metric(&format!(
+            "strangler_shadow_total{{route=\"search\",backend=\"new\",result=\"{result}\"}}"
+        ))
+    };
+    let query = br#"{"query":{"match":{"title":"strangler"}}}"#;
+    let r = request("GET", &proxy.url("/search"), &[], Some(query));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["query_len"], query.len());
+    wait_for("the comparison", Duration::from_secs(5), || {
+        shadow("match") == 1.0
+    });
+    let copy = new.seen().pop().expect("the shadow got a copy");
+    assert_eq!(copy.body_len, query.len());
+    assert_eq!(copy.headers.get("x-strangler-shadow").unwrap(), "1");
+
+    // A body over the comparison's cap is not copied: nothing to compare.
+    let big = vec![b'q'; 2 << 20];
+    let r = request("GET", &proxy.url("/search"), &[], Some(&big));
+    assert_eq!(r.json()["query_len"], big.len());
+    wait_for("the copy skipped", Duration::from_secs(5), || {
+        shadow("skipped") == 1.0
+    });
+    assert_eq!(new.seen().len(), 1, "no copy without its body");
+    assert_eq!((shadow("mismatch"), shadow("error")), (0.0, 0.0));
+}
+
+#[test]
 fn a_slow_shadow_costs_the_client_nothing() {
     let legacy = Backend::echo("legacy");
     let slow = Backend::start(Arc::new(|_s: &Seen| {
