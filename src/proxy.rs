@@ -1096,10 +1096,9 @@ impl Strangler {
         if let Some(counted) = ctx.judged_ok.take() {
             control.to_window.fail_counted(counted);
         } else {
-            let counted =
-                control
-                    .to_window
-                    .record_in(ctx.to_generation, now, rule.window, failed);
+            let counted = control
+                .to_window
+                .record_in(ctx.to_generation, now, rule.window, failed);
             ctx.judged_ok = counted.filter(|_| !failed);
         }
         // Judged on every request, not only on failures: failures first and successes after can

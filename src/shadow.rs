@@ -759,9 +759,16 @@ mod tests {
         assert!(cmp(r#"{"a":1}"#, r#"{"a":"1"}"#, &[]).is_some());
         // Each number read as the double it denotes (correctly rounded): two spellings of one
         // double are the same number, neighbouring doubles are not.
-        assert_eq!(cmp(r#"[1e-300]"#, r#"[1.0000000000000001e-300]"#, &[]), None);
         assert_eq!(
-            cmp(r#"[-2.1035300715365295e-22]"#, r#"[-2.10353007153652954e-22]"#, &[]),
+            cmp(r#"[1e-300]"#, r#"[1.0000000000000001e-300]"#, &[]),
+            None
+        );
+        assert_eq!(
+            cmp(
+                r#"[-2.1035300715365295e-22]"#,
+                r#"[-2.10353007153652954e-22]"#,
+                &[]
+            ),
             None
         );
         assert!(cmp(r#"[19.990000000000002]"#, r#"[19.99]"#, &[]).is_some());

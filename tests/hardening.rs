@@ -1261,9 +1261,8 @@ fn a_response_that_outlives_the_rollback_window_is_not_judged_in_it() {
             let mut head = Vec::new();
             let mut buf = [0u8; 4096];
             while !String::from_utf8_lossy(&head).contains("xxxxxxxxxx") {
-                let n = read_some(&mut s, &mut buf).unwrap_or_else(|e| {
-                    panic!("{e}: {}", String::from_utf8_lossy(&head))
-                });
+                let n = read_some(&mut s, &mut buf)
+                    .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&head)));
                 assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&head));
                 head.extend_from_slice(&buf[..n]);
             }
