@@ -531,7 +531,12 @@ impl ProxyHttp for Strangler {
             // The request goes on: its body is wanted. Answered here, as nginx and Envoy do,
             // rather than left to a backend that may never send one: a client that then
             // withholds its body has stalled (408), and a silent backend is a 504 either way.
+            // Pingora closes a connection answered before its request body is in (a final
+            // answer that cuts an upload short cannot reuse it), and takes the 100 for such an
+            // answer: every upload that asked for one would cost the client its connection.
+            let keepalive = session.get_keepalive();
             session.write_continue_response().await?;
+            session.set_keepalive(keepalive);
         }
         Ok(false)
     }

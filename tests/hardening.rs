@@ -1079,6 +1079,32 @@ fn the_proxy_answers_expect_continue_and_blames_the_side_that_went_silent() {
 }
 
 #[test]
+fn an_upload_that_asked_for_100_continue_keeps_its_connection() {
+    let legacy = Backend::echo("legacy");
+    let proxy = Proxy::start(&one_backend(&legacy.url()));
+    let mut s = TcpStream::connect(addr_of(&proxy)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    s.write_all(b"POST /up HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut r, false).unwrap().status, 100);
+    s.write_all(b"0123456789").unwrap();
+    let answer = read_response(&mut r, false).unwrap();
+    assert_eq!(answer.status, 200);
+    assert_ne!(
+        answer.header("connection"),
+        Some("close"),
+        "the 100 cost the client its connection"
+    );
+    assert!(String::from_utf8_lossy(&answer.body).contains("\"body_len\":10"));
+    // The same connection serves the next request.
+    s.write_all(b"GET /next HTTP/1.1\r\nHost: h\r\n\r\n").unwrap();
+    let answer = read_response(&mut r, false).unwrap();
+    assert_eq!(answer.status, 200);
+    assert!(String::from_utf8_lossy(&answer.body).contains("/next"));
+}
+
+#[test]
 fn a_backend_that_stalls_mid_body_counts_toward_automatic_rollback() {
     // A header and the start of a body, then silence (until the proxy gives up and closes).
     let (baddr, _lines) = raw_backend(|s, lines| {
