@@ -281,6 +281,20 @@ fn header_ends_response(req: &RequestHeader, resp: &ResponseHeader) -> bool {
             .is_some_and(|v| v.as_bytes() == b"0")
 }
 
+/// How long a client still owing part of its request body gets between two reads once its
+/// response is complete (nginx's `lingering_timeout`).
+const LINGER: Duration = Duration::from_secs(5);
+
+/// The response is complete. A backend that answered before it read the whole request body (a
+/// 413 or 401 cutting an upload short) leaves the rest to be read and dropped: a client that
+/// sends no more of it, waiting for the connection to close, is let go after `LINGER`
+/// instead of the backend's `timeout`, and the request ends with the answer it had.
+fn linger(session: &mut Session) {
+    if !session.is_body_done() {
+        session.set_read_timeout(Some(LINGER));
+    }
+}
+
 /// Whether an HTTP/1.1 client asked for `100 Continue` before its body.
 fn expects_continue(req: &RequestHeader) -> bool {
     req.version >= http::Version::HTTP_11
@@ -791,6 +805,9 @@ impl ProxyHttp for Strangler {
             self.judge_target(ctx, resp.status.as_u16() >= 500);
         }
         ctx.response_done = header_ends_response(session.req_header(), resp);
+        if ctx.response_done {
+            linger(session);
+        }
         if crate::server::DRAINING.load(std::sync::atomic::Ordering::Acquire) {
             // Shutting down: this connection closes after the response, and says so.
             session.set_keepalive(None);
@@ -825,7 +842,7 @@ impl ProxyHttp for Strangler {
     /// only copy kept is the shadow comparison's, bounded at 1 MiB.
     fn response_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<Bytes>,
         end_of_stream: bool,
         ctx: &mut RequestCtx,
@@ -833,7 +850,10 @@ impl ProxyHttp for Strangler {
         if let Some(tap) = &mut ctx.shadow {
             tap.primary_chunk(body.as_ref(), end_of_stream);
         }
-        ctx.response_done |= end_of_stream;
+        if end_of_stream && !ctx.response_done {
+            ctx.response_done = true;
+            linger(session);
+        }
         Ok(None)
     }
 

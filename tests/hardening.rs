@@ -1105,6 +1105,46 @@ fn an_upload_that_asked_for_100_continue_keeps_its_connection() {
 }
 
 #[test]
+fn a_client_cut_short_by_an_early_answer_is_let_go_soon() {
+    // Refuses the upload from its head (413, close) without reading the body.
+    let (baddr, _lines) = raw_backend(|s, lines| {
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut w = s;
+        let mut line = String::new();
+        while r.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+            lines.lock().unwrap().push(std::mem::take(&mut line));
+        }
+        let _ = w.write_all(
+            b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        );
+        let _ = w.shutdown(Shutdown::Both);
+    });
+    let proxy = Proxy::start(&one_backend(&format!("http://{baddr}")));
+    // A client that stops sending once it has its final answer, and waits for the close.
+    let mut s = TcpStream::connect(addr_of(&proxy)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    s.write_all(b"POST /big HTTP/1.1\r\nHost: h\r\nContent-Length: 5000000\r\n\r\n")
+        .unwrap();
+    s.write_all(&[b'u'; 1000]).unwrap();
+    let t0 = Instant::now();
+    assert_eq!(read_response(&mut r, false).unwrap().status, 413);
+    let mut buf = [0u8; 1024];
+    while matches!(read_some(&mut r, &mut buf), Ok(1..)) {}
+    let held = t0.elapsed();
+    assert!(
+        held < Duration::from_secs(15),
+        "the answered client was held {held:?} (the linger is 5 s)"
+    );
+    wait_for("the request ended, as answered", Duration::from_secs(3), || {
+        proxy.metric("strangler_requests_in_flight{route=\"default\"}") == 0.0
+            && proxy.metric(
+                "strangler_requests_total{route=\"default\",backend=\"legacy\",method=\"POST\",code=\"413\"}",
+            ) == 1.0
+    });
+}
+
+#[test]
 fn a_backend_that_stalls_mid_body_counts_toward_automatic_rollback() {
     // A header and the start of a body, then silence (until the proxy gives up and closes).
     let (baddr, _lines) = raw_backend(|s, lines| {
