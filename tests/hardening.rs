@@ -1085,8 +1085,10 @@ fn an_upload_that_asked_for_100_continue_keeps_its_connection() {
     let mut s = TcpStream::connect(addr_of(&proxy)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut r = BufReader::new(s.try_clone().unwrap());
-    s.write_all(b"POST /up HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\n")
-        .unwrap();
+    s.write_all(
+        b"POST /up HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\n",
+    )
+    .unwrap();
     assert_eq!(read_response(&mut r, false).unwrap().status, 100);
     s.write_all(b"0123456789").unwrap();
     let answer = read_response(&mut r, false).unwrap();
@@ -1098,7 +1100,8 @@ fn an_upload_that_asked_for_100_continue_keeps_its_connection() {
     );
     assert!(String::from_utf8_lossy(&answer.body).contains("\"body_len\":10"));
     // The same connection serves the next request.
-    s.write_all(b"GET /next HTTP/1.1\r\nHost: h\r\n\r\n").unwrap();
+    s.write_all(b"GET /next HTTP/1.1\r\nHost: h\r\n\r\n")
+        .unwrap();
     let answer = read_response(&mut r, false).unwrap();
     assert_eq!(answer.status, 200);
     assert!(String::from_utf8_lossy(&answer.body).contains("/next"));
@@ -1136,12 +1139,16 @@ fn a_client_cut_short_by_an_early_answer_is_let_go_soon() {
         held < Duration::from_secs(15),
         "the answered client was held {held:?} (the linger is 5 s)"
     );
-    wait_for("the request ended, as answered", Duration::from_secs(3), || {
-        proxy.metric("strangler_requests_in_flight{route=\"default\"}") == 0.0
+    wait_for(
+        "the request ended, as answered",
+        Duration::from_secs(3),
+        || {
+            proxy.metric("strangler_requests_in_flight{route=\"default\"}") == 0.0
             && proxy.metric(
                 "strangler_requests_total{route=\"default\",backend=\"legacy\",method=\"POST\",code=\"413\"}",
             ) == 1.0
-    });
+        },
+    );
 }
 
 #[test]
