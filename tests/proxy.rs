@@ -924,7 +924,7 @@ fn a_file_rewritten_in_place_without_pause_is_still_read() {
         std::thread::spawn(move || {
             let t0 = Instant::now();
             while !stop.load(std::sync::atomic::Ordering::Relaxed)
-                && t0.elapsed() < Duration::from_secs(20)
+                && t0.elapsed() < Duration::from_secs(35)
             {
                 // The writer's pace: it holds the file open 40 ms (a whole table, then a
                 // comment), and reopens it 2 ms after each close.
@@ -937,9 +937,11 @@ fn a_file_rewritten_in_place_without_pause_is_still_read() {
             }
         })
     };
+    // 5 s and a read, normally; far more only on a saturated host, where the reload thread
+    // (nice +10) waits behind everything else (a run beside callgrind took over 15 s).
     wait_for(
         "a version served while the writes go on",
-        Duration::from_secs(15),
+        Duration::from_secs(30),
         || served_by(&proxy, "/a") == "new",
     );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
