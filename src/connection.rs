@@ -42,6 +42,10 @@ use crate::{forwarding, metrics};
 /// How Pingora's answer to a header its parser refused starts (`HttpSession::respond_error`).
 const PINGORA_REFUSAL: &[u8] = b"HTTP/1.1 400 ";
 
+/// How long bytes of a response stay in Pingora's write buffer once the connection waits for
+/// more of it (see `DeadlineStream::poll_read`).
+const FLUSH_DELAY: Duration = Duration::from_millis(2);
+
 /// How long a connection accepted just before shutdown gets to deliver its request header.
 pub const LATE_REQUEST_GRACE: Duration = Duration::from_secs(1);
 
@@ -95,8 +99,10 @@ pub struct DeadlineStream {
     scan: HeadScan,
     /// The JSON answer written in place of Pingora's bare 400, and how much of it is out.
     answer: Option<(Vec<u8>, usize)>,
-    /// Bytes written since the last flush (see `poll_read`).
+    /// Bytes written since the last flush (see `poll_read`), and when they go out if nothing
+    /// else flushes them.
     unflushed: bool,
+    flush_due: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl fmt::Debug for DeadlineStream {
@@ -119,6 +125,7 @@ impl DeadlineStream {
             scan: HeadScan::default(),
             answer: None,
             unflushed: false,
+            flush_due: None,
         }
     }
 
@@ -150,10 +157,18 @@ impl AsyncRead for DeadlineStream {
             // write buffer (1 460 bytes) fills: the header and first bytes of a response whose
             // backend then pauses would wait with them, and the client would see nothing. A
             // connection reads whenever it waits (for the request body, or, idle, for the
-            // client to close): what is buffered goes out then. A response that is written
-            // whole, nearly every one, has been flushed by its end already.
-            if Pin::new(&mut this.inner).poll_flush(cx).is_ready() {
+            // client to close): what is buffered goes out `FLUSH_DELAY` after the wait began,
+            // unless the response's end or a full buffer flushed it first. The delay keeps a
+            // header and a body that a backend writes separately (WSGI servers do) in one
+            // segment; a response written whole, nearly every one, never waits for it.
+            let due = this
+                .flush_due
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(FLUSH_DELAY)));
+            if due.as_mut().poll(cx).is_ready()
+                && Pin::new(&mut this.inner).poll_flush(cx).is_ready()
+            {
                 this.unflushed = false;
+                this.flush_due = None;
             }
         }
         let awaiting = this.clock.awaiting_header.load(Ordering::Acquire);
@@ -296,6 +311,7 @@ impl AsyncWrite for DeadlineStream {
         let flushed = Pin::new(&mut self.inner).poll_flush(cx);
         if flushed.is_ready() {
             self.unflushed = false;
+            self.flush_due = None;
         }
         flushed
     }
