@@ -535,12 +535,6 @@ impl ProxyHttp for Strangler {
             )
             .map(Box::new);
         }
-        if !session.is_body_empty() {
-            // A body read waits as long as the backend's wait for the response does: without
-            // this, Pingora's 60 s would cut a client pausing mid-upload before a longer
-            // `timeout` ran out, unanswered, and count it as gone (499).
-            session.set_read_timeout(Some(live.table.backends[backend].timeout));
-        }
         if expects_continue(session.req_header()) && !session.is_body_empty() {
             // The request goes on: its body is wanted. Answered here, as nginx and Envoy do,
             // rather than left to a backend that may never send one: a client that then
@@ -559,13 +553,22 @@ impl ProxyHttp for Strangler {
     /// timeouts. DNS was resolved when the table was built.
     async fn upstream_peer(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
         let (Some(live), Some(b)) = (&ctx.live, ctx.backend) else {
             return Error::e_explain(ErrorType::InternalError, "no backend chosen");
         };
         let backend = &live.table.backends[b];
+        if !session.is_body_empty() {
+            // A body read waits as long as this backend's wait for the response does: without
+            // this, Pingora's 60 s would cut a client pausing mid-upload before a longer
+            // `timeout` ran out, unanswered, and count it as gone (499).
+            session.set_read_timeout(Some(backend.timeout));
+            if let Some(tap) = &mut ctx.shadow {
+                tap.request_restarts();
+            }
+        }
         if ctx.addr_tries == 0 {
             ctx.addr_turn = backend.addrs.turn();
         }

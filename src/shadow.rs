@@ -49,7 +49,7 @@ pub static X_STRANGLER_SHADOW: HeaderName = HeaderName::from_static("x-strangler
 /// Hop-by-hop and framing headers never copied onto a shadow request.
 /// `X-Forwarded-Host` is set from the client's Host, never copied (an HTTP/1.0 client may send
 /// no Host and its own `X-Forwarded-Host`).
-static NOT_COPIED: [HeaderName; 10] = [
+static NOT_COPIED: [HeaderName; 11] = [
     header::CONNECTION,
     header::TE,
     header::TRANSFER_ENCODING,
@@ -57,6 +57,8 @@ static NOT_COPIED: [HeaderName; 10] = [
     header::CONTENT_LENGTH,
     header::EXPECT,
     header::PROXY_AUTHORIZATION,
+    // Removed from the primary request too (`proxy.rs`): the proxy's `X-Forwarded-*` stand.
+    header::FORWARDED,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     forwarding::X_FORWARDED_HOST,
@@ -157,6 +159,14 @@ pub struct ShadowTap {
 }
 
 impl ShadowTap {
+    /// A new attempt at the primary begins (a retry on a fresh connection, a failover): Pingora
+    /// passes the body read so far through the filter again, so the copy starts over.
+    pub fn request_restarts(&mut self) {
+        if let Some((copy, _)) = &mut self.body {
+            copy.clear();
+        }
+    }
+
     /// A chunk of the client's request body passed to the primary.
     pub fn request_chunk(&mut self, chunk: Option<&Bytes>, end: bool) {
         let Some((copy, _)) = &mut self.body else {

@@ -346,7 +346,8 @@ fn a_shadowed_get_with_a_body_sends_the_shadow_the_same_body() {
         ))
     };
     let query = br#"{"query":{"match":{"title":"strangler"}}}"#;
-    let r = request("GET", &proxy.url("/search"), &[], Some(query));
+    let forwarded = [("Forwarded", "proto=https;host=evil.example")];
+    let r = request("GET", &proxy.url("/search"), &forwarded, Some(query));
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["query_len"], query.len());
     wait_for("the comparison", Duration::from_secs(5), || {
@@ -355,6 +356,9 @@ fn a_shadowed_get_with_a_body_sends_the_shadow_the_same_body() {
     let copy = new.seen().pop().expect("the shadow got a copy");
     assert_eq!(copy.body_len, query.len());
     assert_eq!(copy.headers.get("x-strangler-shadow").unwrap(), "1");
+    // A client's Forwarded reaches neither side: the proxy's X-Forwarded-* stand.
+    assert_eq!(copy.headers.get("forwarded"), None);
+    assert_eq!(legacy.seen().pop().unwrap().headers.get("forwarded"), None);
 
     // A body over the comparison's cap is not copied: nothing to compare.
     let big = vec![b'q'; 2 << 20];
