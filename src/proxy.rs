@@ -930,7 +930,12 @@ impl ProxyHttp for Strangler {
         // the client, still connected, gets a 408.
         if *e.etype() == ErrorType::ReadTimedout && !session.is_body_done() {
             ctx.client_stalled = true;
-            ctx.judged = true;
+            if ctx.failed_over {
+                // `to` failed before the stall, and counts so.
+                self.judge_target(ctx, true);
+            } else {
+                ctx.judged = true;
+            }
             e.set_retry(false);
             return e;
         }
@@ -1005,9 +1010,9 @@ impl ProxyHttp for Strangler {
                 can_reuse_downstream: false,
             };
         }
-        if *e.esource() == ErrorSource::Downstream {
+        if *e.esource() == ErrorSource::Downstream && !ctx.failed_over {
             // The client's side failed (a malformed request body): that says nothing of the
-            // backend, neither good nor bad.
+            // backend, neither good nor bad. (After a failover, `to` has failed already.)
             ctx.judged = true;
         } else {
             self.judge_target(ctx, err.status >= 500);
