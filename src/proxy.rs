@@ -925,7 +925,7 @@ impl ProxyHttp for Strangler {
         // wait at every chunk the client sends: a read that times out before the body is done
         // means the client went silent for `timeout` (a client that asked for `100 Continue`
         // had it from the proxy: it owed its body too). The client's own read of the body has
-        // the same timeout (`request_filter`), and whichever fires first says the same. Not the
+        // the same timeout (`upstream_peer`), and whichever fires first says the same. Not the
         // backend's failure: no upstream error, no rollback judgement, no failover, no retry;
         // the client, still connected, gets a 408.
         if *e.etype() == ErrorType::ReadTimedout && !session.is_body_done() {
