@@ -62,6 +62,24 @@ pub fn ends_tunnel(e: &Error) -> bool {
                 .is_some_and(|io| io.kind() == std::io::ErrorKind::UnexpectedEof))
 }
 
+/// Whether a backend connection broke before any response header came, the way a pooled
+/// connection the backend has since closed breaks: Pingora marks that as safe to retry once on a
+/// fresh connection when the OS reports it, but not when TLS sits between (rustls reports a
+/// close without `close_notify` as an unexpected EOF, which Pingora takes for a TLS failure).
+pub fn closed_before_answer(e: &Error) -> bool {
+    use std::io::ErrorKind::*;
+    *e.esource() == ErrorSource::Upstream
+        && *e.etype() == ErrorType::ReadError
+        && e.root_cause()
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| {
+                matches!(
+                    io.kind(),
+                    UnexpectedEof | ConnectionReset | ConnectionAborted
+                )
+            })
+}
+
 /// An error response the proxy makes itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProxyError {

@@ -952,6 +952,10 @@ impl ProxyHttp for Strangler {
         {
             e.set_retry(false);
         } else {
+            if errors::closed_before_answer(&e) {
+                // A pooled https connection the backend closed: as stale as a plain one.
+                e.retry = pingora_error::RetryType::ReusedOnly;
+            }
             e.retry.decide_reuse(client_reused);
             ctx.stale_retried |= e.retry();
         }

@@ -29,6 +29,7 @@ from urllib.parse import parse_qs, urlsplit
 
 cert, key = sys.argv[1], sys.argv[2]
 out_lock = threading.Lock()
+dropped = set()
 conn_ids = itertools.count(1)
 
 def emit(obj):
@@ -70,6 +71,16 @@ class Handler(BaseHTTPRequestHandler):
         }
         emit(seen)
         url = urlsplit(self.path)
+        served = getattr(tls, "served", 0)
+        tls.served = served + 1
+        if url.path.startswith("/secure/drop/") and served > 0 and url.path not in dropped:
+            # A pooled connection the backend closes under the next request: no answer, and no
+            # TLS close_notify (SSLSocket.shutdown closes the socket under TLS).
+            dropped.add(url.path)
+            emit({"event": "dropped", "path": url.path, "conn": tls.conn_id})
+            tls.shutdown(socket.SHUT_RDWR)
+            self.close_connection = True
+            return
         big = parse_qs(url.query).get("big")
         if big:
             n = int(big[0])
@@ -659,6 +670,42 @@ fn keep_alive_reuses_upstream_tls_connections() {
     proxy.wait_metric(
         "strangler_requests_total{route=\"secure\",backend=\"secure\",method=\"GET\",code=\"200\"}",
         n as f64,
+    );
+}
+
+#[test]
+fn a_pooled_tls_connection_closed_without_close_notify_is_retried() {
+    let pki = Pki::new();
+    let secure = TlsBackend::start(&pki);
+    let legacy = Backend::echo("legacy");
+    let proxy = proxy_to_secure(&pki, &legacy, &localhost(&secure));
+    // Until one of them lands on a pooled connection, which the backend then closes under it.
+    for i in 0..20 {
+        let r = request("GET", &proxy.url(&format!("/secure/warm/{i}")), &[], None);
+        assert_eq!(r.status, 200, "{}", r.body);
+        let path = format!("/secure/drop/{i}");
+        let r = request("GET", &proxy.url(&path), &[], None);
+        assert_eq!(
+            (r.status, r.json()["path"].as_str()),
+            (200, Some(path.as_str())),
+            "a stale pooled https connection failed the request: {}",
+            r.body
+        );
+        if !secure.events("dropped").is_empty() {
+            break;
+        }
+    }
+    assert_eq!(
+        secure.events("dropped").len(),
+        1,
+        "no request met a closed pooled connection"
+    );
+    assert_eq!(
+        proxy.metric(
+            "strangler_upstream_errors_total{route=\"secure\",backend=\"secure\",kind=\"reset\"}"
+        ),
+        0.0,
+        "a retried stale connection is not the backend's failure"
     );
 }
 
