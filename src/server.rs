@@ -262,6 +262,24 @@ impl BackgroundService for Announcer {
 /// (Pingora's connectors would panic on it); no root at all, with an https backend in the
 /// table, is worth a warning (every such backend would answer 502).
 fn check_trust_store(table: &crate::router::RoutingTable) -> Result<(), String> {
+    // Each named path on its own: the loader reports an unreadable one only when the other
+    // yields nothing, so a typo in one of two variables an image sets would pass unseen.
+    for (var, is_dir) in [("SSL_CERT_FILE", false), ("SSL_CERT_DIR", true)] {
+        let Some(path) = std::env::var_os(var) else {
+            continue;
+        };
+        let readable = if is_dir {
+            std::fs::read_dir(&path).map(drop)
+        } else {
+            std::fs::File::open(&path).map(drop)
+        };
+        if let Err(e) = readable {
+            return Err(format!(
+                "cannot load the trusted root certificates ({var}={}): {e}",
+                path.to_string_lossy()
+            ));
+        }
+    }
     let named = ["SSL_CERT_FILE", "SSL_CERT_DIR"]
         .iter()
         .filter_map(|v| std::env::var(v).ok().map(|p| format!("{v}={p}")))

@@ -829,6 +829,23 @@ fn a_trust_store_that_cannot_be_read_is_a_start_up_error() {
             && !err.contains("panicked"),
         "{err}"
     );
+    // One of the two unreadable while the other holds a CA (an image sets both, a mount moved
+    // one): the same, though the loader alone would take the good one and say nothing.
+    let pki = Pki::new();
+    let ca = pki.path("ca.pem");
+    let (code, err) = start_with_trust_store(
+        &yaml,
+        &[
+            ("SSL_CERT_FILE", ca.to_str().unwrap()),
+            ("SSL_CERT_DIR", "/nonexistent/certs"),
+        ],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("cannot load the trusted root certificates")
+            && err.contains("SSL_CERT_DIR=/nonexistent/certs"),
+        "{err}"
+    );
     // Readable but holding no certificate: it starts, and says every https backend will fail.
     let empty = tempfile::tempdir().unwrap();
     let (code, err) = start_with_trust_store(
