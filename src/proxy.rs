@@ -161,7 +161,7 @@ pub struct RequestCtx {
     /// The outcome has been counted in the rollback window.
     judged: bool,
     /// ... as a success (at its response header), counted there.
-    judged_ok: Option<rollback::Counted>,
+    success_counted: Option<rollback::Counted>,
     upstream_error: Option<UpstreamErrorKind>,
     /// Status of a response the proxy wrote itself.
     proxy_status: Option<u16>,
@@ -395,7 +395,7 @@ impl ProxyHttp for Strangler {
             client_stalled: false,
             tunnel_closed: false,
             judged: false,
-            judged_ok: None,
+            success_counted: None,
             response_done: false,
             upstream_error: None,
             proxy_status: None,
@@ -1112,7 +1112,7 @@ impl Strangler {
     fn judge_target(&self, ctx: &mut RequestCtx, failed: bool) {
         // Judged once; but a success judged at its header that fails afterwards becomes a
         // failure (the request stays counted once).
-        let late_failure = ctx.judged && ctx.judged_ok.is_some() && failed;
+        let late_failure = ctx.judged && ctx.success_counted.is_some() && failed;
         if ctx.judged && !late_failure {
             return;
         }
@@ -1130,13 +1130,13 @@ impl Strangler {
         let failed = failed || ctx.failed_over;
         let now = Instant::now();
         let control = &live.routes[i].control;
-        if let Some(counted) = ctx.judged_ok.take() {
+        if let Some(counted) = ctx.success_counted.take() {
             control.to_window.fail_counted(counted);
         } else {
             let counted = control
                 .to_window
                 .record_in(ctx.to_generation, now, rule.window, failed);
-            ctx.judged_ok = counted.filter(|_| !failed);
+            ctx.success_counted = counted.filter(|_| !failed);
         }
         // Judged on every request, not only on failures: failures first and successes after can
         // meet the rule when the request that reaches `min_requests` is a success.
