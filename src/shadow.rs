@@ -32,8 +32,6 @@ pub const MAX_IN_FLIGHT: usize = 32;
 /// may hold two 1 MiB captures and a socket. Beyond it a shadow is `skipped`.
 pub const MAX_IN_FLIGHT_TOTAL: usize = 256;
 static IN_FLIGHT_TOTAL: AtomicUsize = AtomicUsize::new(0);
-/// `skipped` in [`metrics::SHADOW_RESULTS`].
-const SKIPPED: usize = 3;
 
 static CLIENT: LazyLock<Connector> = LazyLock::new(|| Connector::new(None));
 
@@ -339,6 +337,14 @@ pub fn tap(
 
     tokio::spawn(async move {
         let _slot = slot;
+        // Counted through a handle taken when the copy was sent: a reload that removed the
+        // route or its shadow backend meanwhile has deleted the series, and a deleted series'
+        // handle counts where nothing exports it (a lookup by labels now would recreate it).
+        let count = |result: &str| {
+            if let Some(i) = metrics::SHADOW_RESULTS.iter().position(|r| *r == result) {
+                counters[i].inc();
+            }
+        };
         // A body is copied whole before the copy goes out: one the client has not sent within
         // the shadow's deadline, or over the cap, leaves nothing to compare.
         let body = match body_rx {
@@ -346,7 +352,7 @@ pub fn tap(
             Some(rx) => match tokio::time::timeout(deadline, rx).await {
                 Ok(Ok(body)) => body,
                 _ => {
-                    counters[SKIPPED].inc();
+                    count("skipped");
                     return;
                 }
             },
@@ -406,12 +412,7 @@ pub fn tap(
                 }
             }
         };
-        // Counted through a handle taken when the copy was sent: a reload that removed the
-        // route or its shadow backend meanwhile has deleted the series, and a deleted series'
-        // handle counts where nothing exports it (a lookup by labels now would recreate it).
-        if let Some(i) = metrics::SHADOW_RESULTS.iter().position(|r| *r == result) {
-            counters[i].inc();
-        }
+        count(result);
     });
 
     Some(ShadowTap {
@@ -786,8 +787,10 @@ mod tests {
     }
 
     #[test]
-    fn skipped_is_where_its_counter_is() {
-        assert_eq!(metrics::SHADOW_RESULTS[SKIPPED], "skipped");
+    fn every_result_the_task_counts_has_its_counter() {
+        for result in ["match", "mismatch", "error", "skipped"] {
+            assert!(metrics::SHADOW_RESULTS.contains(&result), "{result}");
+        }
     }
 
     #[test]
