@@ -57,9 +57,14 @@ impl UpstreamErrorKind {
 pub fn ends_tunnel(e: &Error) -> bool {
     *e.esource() == ErrorSource::Upstream
         && (*e.etype() == ErrorType::ReadTimedout
-            || e.root_cause()
-                .downcast_ref::<std::io::Error>()
-                .is_some_and(|io| io.kind() == std::io::ErrorKind::UnexpectedEof))
+            || io_kind(e) == Some(std::io::ErrorKind::UnexpectedEof))
+}
+
+/// The kind of the I/O error at the root of `e`, if that is one.
+fn io_kind(e: &Error) -> Option<std::io::ErrorKind> {
+    e.root_cause()
+        .downcast_ref::<std::io::Error>()
+        .map(std::io::Error::kind)
 }
 
 /// Whether a backend connection broke before any response header came, the way a pooled
@@ -70,14 +75,10 @@ pub fn closed_before_answer(e: &Error) -> bool {
     use std::io::ErrorKind::*;
     *e.esource() == ErrorSource::Upstream
         && *e.etype() == ErrorType::ReadError
-        && e.root_cause()
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|io| {
-                matches!(
-                    io.kind(),
-                    UnexpectedEof | ConnectionReset | ConnectionAborted
-                )
-            })
+        && matches!(
+            io_kind(e),
+            Some(UnexpectedEof | ConnectionReset | ConnectionAborted)
+        )
 }
 
 /// An error response the proxy makes itself.
@@ -265,6 +266,38 @@ mod tests {
         let mut down = Error::new(ErrorType::ReadTimedout);
         down.as_down();
         assert!(!ends_tunnel(&down));
+    }
+
+    #[test]
+    fn a_closed_pooled_connection_before_any_answer() {
+        let upstream = |kind, etype| {
+            let io = std::io::Error::new(kind, "read");
+            let mut e = Error::because(etype, "while reading response headers", io);
+            e.as_up();
+            e
+        };
+        use std::io::ErrorKind::*;
+        // TLS without close_notify, and the OS's own resets.
+        for kind in [UnexpectedEof, ConnectionReset, ConnectionAborted] {
+            assert!(closed_before_answer(&upstream(kind, ErrorType::ReadError)));
+        }
+        // Not a closed connection: a TLS failure of another kind, a timeout, a write.
+        assert!(!closed_before_answer(&upstream(
+            InvalidData,
+            ErrorType::ReadError
+        )));
+        assert!(!closed_before_answer(&upstream(
+            TimedOut,
+            ErrorType::ReadTimedout
+        )));
+        assert!(!closed_before_answer(&upstream(
+            ConnectionReset,
+            ErrorType::WriteError
+        )));
+        // The client's side is never the backend's connection.
+        let mut down = upstream(UnexpectedEof, ErrorType::ReadError);
+        down.as_down();
+        assert!(!closed_before_answer(&down));
     }
 
     #[test]
