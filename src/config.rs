@@ -288,7 +288,7 @@ pub fn parse_checked(file: &str, text: impl Into<String>) -> Result<(RoutingFile
         // Each key taken out costs a parse of the whole file (a reload of a 10 000-route file
         // with a typo must not hold the reloader for seconds): a few, not a file full.
         let removable = errors.0.len() <= MAX_KEYS_TAKEN_OUT
-            && errors.0.iter().all(|e| faulty_key(&e.message).is_some());
+            && errors.0.iter().all(|e| fault(&e.message).is_some());
         let without_faulty_keys = removable
             .then(|| without_faulty_keys(file, text))
             .flatten()
@@ -328,6 +328,11 @@ fn faulty_key(message: &str) -> Option<(Vec<&str>, &str)> {
     if let Some(key) = unknown {
         return Some((steps, key));
     }
+    if own.starts_with("missing field") {
+        // Only a route's `rollback` has required keys of its own: it is taken out whole. A
+        // route's or backend's own required key is [`Fault::StandIn`]'s.
+        return (steps.len() == 3 && steps[0] == "routes").then(|| (steps[..2].to_vec(), steps[2]));
+    }
     const WRONG: [&str; 4] = [
         "invalid type",
         "invalid value",
@@ -345,14 +350,81 @@ fn faulty_key(message: &str) -> Option<(Vec<&str>, &str)> {
     (last_key >= 2).then(|| (steps[..at].to_vec(), steps[at]))
 }
 
-/// The file with every faulty key ([`faulty_key`]) taken out, read again. `text` is the file
-/// as `parse_text` read it (without a byte-order mark); the source keeps it whole, so errors
-/// found in what is left point into the file as written (taking keys out moves no other node's
-/// path). Its digest is never shown: the table built from it is only checked, never served.
-/// `None` when something else stands in the way, such as a required key of the wrong type.
+/// What a schema error leaves to set aside before the rest of the file can be checked.
+enum Fault<'a> {
+    /// A key to take out ([`faulty_key`]): the mapping it sits in (as path steps), its name.
+    Key(Vec<&'a str>, &'a str),
+    /// A key written twice: the reader keeps the last, as YAML readers commonly do.
+    Repeated,
+    /// A route or a backend whose own required key is missing or of the wrong type (or which
+    /// is not a mapping at all): what it means is not guessed at, but the routes and backends
+    /// around it are still checked, with a stand-in in its place ([`stand_in`]).
+    StandIn(Part, &'a str),
+}
+
+/// The [`Fault`] behind a schema error (as `schema_errors` words it), if what is left can
+/// still be checked.
+fn fault(message: &str) -> Option<Fault<'_>> {
+    if let Some((steps, key)) = faulty_key(message) {
+        return Some(Fault::Key(steps, key));
+    }
+    let (inner, own) = split_serde_path(message);
+    if own.starts_with("duplicate field") || own.ends_with("is defined twice") {
+        return Some(Fault::Repeated);
+    }
+    if !(own.starts_with("missing field") || own.starts_with("invalid type")) {
+        return None;
+    }
+    let inner = inner?;
+    if let Some(i) = inner
+        .strip_prefix("routes[")
+        .and_then(|r| r.strip_suffix(']'))
+    {
+        return Some(Fault::StandIn(Part::Route, i));
+    }
+    inner
+        .strip_prefix("backends.")
+        .map(|name| Fault::StandIn(Part::Backend, name))
+}
+
+/// A route or a backend that can be checked in place of one whose required keys are faulty,
+/// and that no check can find fault with: a backend at an address that is never resolved; a
+/// route, under the faulty one's name if it has one, on a path of its own to the `default`
+/// backend (or the first one). `None` when the file names no backend to send it to.
+fn stand_in(
+    doc: &serde_yaml::Value,
+    part: Part,
+    at: usize,
+    name: Option<&str>,
+) -> Option<serde_yaml::Value> {
+    use serde_yaml::{Mapping, Value};
+    let mut m = Mapping::new();
+    if matches!(part, Part::Backend) {
+        m.insert("url".into(), "http://stand-in.invalid:1".into());
+        return Some(Value::Mapping(m));
+    }
+    let backends = doc.get("backends")?.as_mapping()?;
+    let to = doc
+        .get("default")
+        .and_then(Value::as_str)
+        .filter(|d| backends.contains_key(*d))
+        .or_else(|| backends.keys().find_map(Value::as_str))?;
+    if let Some(name) = name {
+        m.insert("name".into(), name.into());
+    }
+    m.insert("path".into(), format!("/.stand-in-for-route-{at}").into());
+    m.insert("to".into(), to.into());
+    Some(Value::Mapping(m))
+}
+
+/// The file with every [`Fault`] set aside, read again. `text` is the file as `parse_text`
+/// read it (without a byte-order mark); the source keeps it whole, so errors found in what is
+/// left point into the file as written (setting faults aside moves no other node's path). Its
+/// digest is never shown: the table built from it is only checked, never served. `None` when
+/// something else stands in the way, such as a top-level key of the wrong type.
 fn without_faulty_keys(file: &str, text: String) -> Option<(RoutingFile, Source)> {
     use serde_yaml::Value;
-    let mut doc: Value = serde_yaml::from_str(&text).ok()?;
+    let mut doc = lenient_value(&text)?;
     for _ in 0..=MAX_KEYS_TAKEN_OUT {
         let e = match serde_yaml::from_str::<RoutingFile>(&serde_yaml::to_string(&doc).ok()?) {
             Ok(parsed) => {
@@ -367,18 +439,108 @@ fn without_faulty_keys(file: &str, text: String) -> Option<(RoutingFile, Source)
             Err(e) => e,
         };
         let msg = clean_serde_message(&e.to_string());
-        let (steps, key) = faulty_key(&msg)?;
-        let mut node = &mut doc;
-        for step in steps {
-            node = match node {
-                Value::Mapping(m) => m.get_mut(step)?,
-                Value::Sequence(v) => v.get_mut(step.parse::<usize>().ok()?)?,
-                _ => return None,
-            };
+        match fault(&msg)? {
+            Fault::Key(steps, key) => {
+                let mut node = &mut doc;
+                for step in steps {
+                    node = match node {
+                        Value::Mapping(m) => m.get_mut(step)?,
+                        Value::Sequence(v) => v.get_mut(step.parse::<usize>().ok()?)?,
+                        _ => return None,
+                    };
+                }
+                node.as_mapping_mut()?.remove(key)?;
+            }
+            // The lenient reading has already kept one of them.
+            Fault::Repeated => return None,
+            Fault::StandIn(Part::Route, i) => {
+                let i: usize = i.parse().ok()?;
+                let route = doc.get("routes")?.get(i)?;
+                let name = route.get("name").and_then(Value::as_str);
+                let new = stand_in(&doc, Part::Route, i, name)?;
+                *doc.get_mut("routes")?.get_mut(i)? = new;
+            }
+            Fault::StandIn(part, name) => {
+                let new = stand_in(&doc, part, 0, None)?;
+                *doc.get_mut("backends")?.get_mut(name)? = new;
+            }
         }
-        node.as_mapping_mut()?.remove(key)?;
     }
     None
+}
+
+/// The document as plain YAML, a key written twice keeping its last value (as [`SourceMap`]'s
+/// positions do). serde_yaml's own `Value` refuses a whole document for one repeated key; the
+/// checks that read the file part by part must still see every other part.
+fn lenient_value(text: &str) -> Option<serde_yaml::Value> {
+    use serde::de::{Deserializer, EnumAccess, MapAccess, SeqAccess, VariantAccess, Visitor};
+    use serde_yaml::value::{Tag, TaggedValue};
+    use serde_yaml::{Mapping, Value};
+
+    struct Lenient(Value);
+    impl<'de> Deserialize<'de> for Lenient {
+        fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+            de.deserialize_any(AnyValue).map(Lenient)
+        }
+    }
+    struct AnyValue;
+    impl<'de> Visitor<'de> for AnyValue {
+        type Value = Value;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("any YAML value")
+        }
+        fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+            Ok(Value::Bool(v))
+        }
+        fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+            Ok(Value::Number(v.into()))
+        }
+        fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+            Ok(Value::Number(v.into()))
+        }
+        fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+            Ok(Value::Number(v.into()))
+        }
+        fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+            Ok(Value::String(v.to_owned()))
+        }
+        fn visit_string<E>(self, v: String) -> Result<Value, E> {
+            Ok(Value::String(v))
+        }
+        fn visit_unit<E>(self) -> Result<Value, E> {
+            Ok(Value::Null)
+        }
+        fn visit_none<E>(self) -> Result<Value, E> {
+            Ok(Value::Null)
+        }
+        fn visit_some<D: Deserializer<'de>>(self, de: D) -> Result<Value, D::Error> {
+            de.deserialize_any(AnyValue)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(Lenient(v)) = seq.next_element()? {
+                out.push(v);
+            }
+            Ok(Value::Sequence(out))
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+            let mut out = Mapping::new();
+            while let Some(Lenient(k)) = map.next_key()? {
+                let Lenient(v) = map.next_value()?;
+                out.insert(k, v);
+            }
+            Ok(Value::Mapping(out))
+        }
+        fn visit_enum<A: EnumAccess<'de>>(self, data: A) -> Result<Value, A::Error> {
+            let (tag, variant) = data.variant::<String>()?;
+            let Lenient(value) = variant.newtype_variant()?;
+            Ok(Value::Tagged(Box::new(TaggedValue {
+                tag: Tag::new(tag),
+                value,
+            })))
+        }
+    }
+    serde_yaml::from_str::<Lenient>(text).ok().map(|l| l.0)
 }
 
 /// Parses `text` as the routing file named `file`. The text is kept (to locate errors found
@@ -434,40 +596,41 @@ fn schema_errors(file: &str, text: &str, e: &serde_yaml::Error) -> ConfigErrors 
     } else {
         within(text, pos)
     };
-    // serde_yaml puts a duplicate key (or backend) at the start of its mapping; the source
-    // map keeps the last occurrence of each key, which is the duplicate: point there.
-    let (inner, own) = split_serde_path(&message);
-    let duplicate = backticked(own, "duplicate field `").or_else(|| {
-        own.strip_prefix("backend \"")
-            .and_then(|r| r.split_once("\" is defined twice"))
-            .map(|(name, _)| name)
-    });
-    let pos = match duplicate {
-        Some(key) => {
-            let node = inner.map_or(String::new(), |p| p.replace('[', ".").replace(']', ""));
-            let path = if node.is_empty() {
-                key.to_string()
-            } else {
-                format!("{node}.{key}")
-            };
-            SourceMap::new(text).key_pos(&path)
-        }
-        None => pos,
-    };
+    // serde_yaml puts a key written twice (or a backend defined twice) at the start of its
+    // mapping: the part-by-part reading below knows where the repetition stands.
+    let repeated = matches!(fault(&message), Some(Fault::Repeated));
     let first = ConfigError {
         file: file.to_string(),
         pos,
         message,
     };
     let mut errors = vec![first];
-    // One error per part of the file: serde's first is one of them (a bare `-` route is
-    // "missing field `path`" for serde, "invalid type: unit value" for the part read alone).
+    // Every error of every part of the file: serde's first is one of them, perhaps worded
+    // otherwise (a bare `-` route is "missing field `path`" for serde, "invalid type: unit
+    // value" for the part read alone). That one is left out, once; the part's others stay.
+    let others = other_schema_errors(file, text);
     let first_part = split_serde_path(&errors[0].message).0.map(str::to_owned);
-    for mut more in other_schema_errors(file, text) {
-        let same_part =
-            first_part.is_some() && split_serde_path(&more.message).0 == first_part.as_deref();
-        if !same_part && !errors.iter().any(|e| e.message == more.message) {
-            more.pos = within(text, more.pos);
+    let mut reworded =
+        first_part.is_some() && !others.iter().any(|o| o.message == errors[0].message);
+    let mut met_first = false;
+    for mut more in others {
+        if !met_first && more.message == errors[0].message {
+            met_first = true;
+            // The same fault; where a key is written twice, the part's reading knows which.
+            if repeated {
+                errors[0].pos = more.pos;
+            }
+            continue;
+        }
+        if reworded && split_serde_path(&more.message).0 == first_part.as_deref() {
+            reworded = false;
+            continue;
+        }
+        more.pos = within(text, more.pos);
+        if !errors
+            .iter()
+            .any(|e| e.message == more.message && e.pos == more.pos)
+        {
             errors.push(more);
         }
     }
@@ -524,11 +687,34 @@ const TOP_LEVEL: [&str; 4] = ["backends", "default", "routes", "trusted_proxies"
 /// file without its unknown keys ([`Unread`]).
 fn other_schema_errors(file: &str, text: &str) -> Vec<ConfigError> {
     use serde_yaml::Value;
-    let Ok(Value::Mapping(top)) = serde_yaml::from_str::<Value>(text) else {
+    let Some(Value::Mapping(top)) = lenient_value(text) else {
         return Vec::new(); // a syntax error: serde's one message is all there is
     };
     let map = SourceMap::new(text);
-    let mut out = Vec::new();
+    // Each key written twice, worded as serde words the first it meets.
+    let mut out: Vec<ConfigError> = map
+        .duplicates()
+        .iter()
+        .map(|(mapping, key, pos)| {
+            let shown = match mapping.strip_prefix("routes.") {
+                Some(rest) => match rest.split_once('.') {
+                    Some((i, more)) => format!("routes[{i}].{more}"),
+                    None => format!("routes[{rest}]"),
+                },
+                None => mapping.clone(),
+            };
+            let message = match shown.as_str() {
+                "" => format!("duplicate field `{key}`"),
+                "backends" => format!("backends: backend {key:?} is defined twice"),
+                _ => format!("{shown}: duplicate field `{key}`"),
+            };
+            ConfigError {
+                file: file.to_string(),
+                pos: *pos,
+                message,
+            }
+        })
+        .collect();
     // Every error of one part: the part is re-serialised and parsed alone (so that serde names
     // the field at fault), then the key at fault is taken out and the part read again.
     let check = |value: &Value, path: &str, shown: &str, part: Part| -> Vec<ConfigError> {
@@ -864,6 +1050,45 @@ mod tests {
             assert!(e.message.contains("duplicate field"), "{e}");
             assert_eq!((e.pos.line, e.pos.col), (line, col), "{e}");
         }
+    }
+
+    #[test]
+    fn each_repeated_key_is_reported_where_it_is_repeated() {
+        // The first `url` repeated inside the first of two `legacy` backends; serde stops at
+        // the first repetition, and would put it at the start of its mapping.
+        let text = "backends:\n  legacy:\n    url: http://127.0.0.1:1\n    url: http://127.0.0.1:2\n  legacy:\n    url: http://127.0.0.1:3\ndefault: legacy\ndefault: legacy\nroutes:\n  - {path: /a, to: legacy, to: legacy, bogus: 1}\n  - {path: /b, to: legacy, rollback: {error_rate: 5%, min_requests: 1, window: 1s, window: 2s}}\n";
+        let got: Vec<String> = parse("r.yaml", text)
+            .unwrap_err()
+            .0
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
+        let want = [
+            "r.yaml:4:5: backends.legacy: duplicate field `url`",
+            "r.yaml:5:3: backends: backend \"legacy\" is defined twice",
+            "r.yaml:8:1: duplicate field `default`",
+            "r.yaml:10:28: routes[0]: duplicate field `to`",
+            "r.yaml:10:40: routes[0]: unknown field `bogus`",
+            "r.yaml:11:84: routes[1].rollback: duplicate field `window`",
+        ];
+        crate::config::assert_each_starts_with(&got, &want);
+    }
+
+    #[test]
+    fn every_fault_of_the_part_serde_stopped_in_is_reported() {
+        let text = "backends:\n  legacy:\n    url: http://127.0.0.1:1\n    colour: red\n    timeout: [1]\n    shade: blue\ndefault: legacy\n";
+        let got: Vec<String> = parse("r.yaml", text)
+            .unwrap_err()
+            .0
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
+        let want = [
+            "r.yaml:4:5: backends.legacy: unknown field `colour`",
+            "r.yaml:5:14: backends.legacy.timeout: invalid type: sequence",
+            "r.yaml:6:5: backends.legacy: unknown field `shade`",
+        ];
+        crate::config::assert_each_starts_with(&got, &want);
     }
 
     #[test]

@@ -940,16 +940,49 @@ mod tests {
             "t.yaml:6:20: backend \"nope\" is not defined",
         ];
         crate::config::assert_each_starts_with(&got, &want);
-        // A required one: what the rest of the table would mean without it is not guessed at,
-        // and the key is not reported missing.
+        // A required one: what the route would mean without it is not guessed at, and the key
+        // is not reported missing; the routes around it are still checked.
         for route in [
             "{path: /a, to: [nope], split: 500}",
             "{path: [a], to: nope}",
         ] {
-            let got = checked(&format!("{BASE}routes:\n  - {route}\n"));
-            assert_eq!(got.len(), 1, "{route}: {got:#?}");
+            let got = checked(&format!(
+                "{BASE}routes:\n  - {route}\n  - {{path: /b, to: nope}}\n"
+            ));
+            assert_eq!(got.len(), 2, "{route}: {got:#?}");
             assert!(got[0].contains("invalid type"), "{route}: {got:#?}");
+            assert!(
+                got[1].starts_with("t.yaml:7:20: backend \"nope\""),
+                "{got:#?}"
+            );
         }
+        // Missing: a route's `to`, a backend's `url`, a key of a route's `rollback`. A route to
+        // the backend without its `url` is no error, nor is one named like the route set aside
+        // (a second one is).
+        let got = checked(
+            "backends:\n  legacy: {url: 'http://127.0.0.1:9'}\n  new: {timeout: 5s}\ndefault: legacy\nroutes:\n  \
+             - {name: a, path: /a}\n  - {name: a, path: /b, to: new}\n  \
+             - {path: /c, to: new, split: 200, rollback: {error_rate: 5%, window: 1s}}\n  - {path: /d, to: nope}\n",
+        );
+        let want = [
+            "t.yaml:3:8: backends.new: missing field `url`",
+            "t.yaml:6:5: routes[0]: missing field `to`",
+            "t.yaml:7:12: duplicate route name \"a\"",
+            "t.yaml:8:32: split 200 is outside 0..100",
+            "t.yaml:8:47: routes[2].rollback: missing field `min_requests`",
+            "t.yaml:9:20: backend \"nope\" is not defined",
+        ];
+        crate::config::assert_each_starts_with(&got, &want);
+        // A key written twice: the last one is read, as the source map points there.
+        let got = checked(&format!(
+            "{BASE}routes:\n  - {{path: /a, to: new, to: nope}}\n  - {{path: /b, to: new, split: 200}}\n"
+        ));
+        let want = [
+            "t.yaml:6:25: routes[0]: duplicate field `to`",
+            "t.yaml:6:29: backend \"nope\" is not defined",
+            "t.yaml:7:32: split 200 is outside 0..100",
+        ];
+        crate::config::assert_each_starts_with(&got, &want);
     }
 
     /// Unnamed routes that share a path are named apart by their methods (`default_name`), so

@@ -4,7 +4,7 @@
 //! yaml-rust2's event parser and records the position of every node by its key path
 //! (`routes.3.to`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use yaml_rust2::parser::{Event, Parser};
 
@@ -19,6 +19,10 @@ pub struct Pos {
 #[derive(Debug, Default)]
 pub struct SourceMap {
     nodes: HashMap<String, Pos>,
+    /// Each key written a second (or third…) time in one mapping: the mapping's path, the key,
+    /// and where it stands. The paths above hold the last occurrence, as a reader that lets
+    /// the last win.
+    duplicates: Vec<(String, String, Pos)>,
 }
 
 impl SourceMap {
@@ -31,7 +35,7 @@ impl SourceMap {
         // for a mapping, the key waiting for its value.
         enum Frame {
             Seq(String, usize),
-            Map(String, Option<String>),
+            Map(String, Option<String>, HashSet<String>),
         }
         let mut stack: Vec<Frame> = Vec::new();
         while let Ok((event, mark)) = parser.next_token() {
@@ -50,11 +54,14 @@ impl SourceMap {
                         Some(p)
                     }
                 },
-                Some(Frame::Map(prefix, key)) => match (&event, key.take()) {
+                Some(Frame::Map(prefix, key, seen)) => match (&event, key.take()) {
                     (Event::MappingEnd, _) => None,
                     (_, Some(k)) => Some(join(prefix, &k)),
                     (Event::Scalar(k, ..), None) => {
                         // A key: remember it, and where it stands (for "unknown key" style errors).
+                        if !seen.insert(k.clone()) {
+                            map.duplicates.push((prefix.clone(), k.clone(), pos));
+                        }
                         map.nodes.insert(format!("{}#key", join(prefix, k)), pos);
                         *key = Some(k.clone());
                         None
@@ -81,7 +88,7 @@ impl SourceMap {
                 Event::MappingStart(..) => {
                     let p = node_path.unwrap_or_default();
                     map.nodes.insert(p.clone(), pos);
-                    stack.push(Frame::Map(p, None));
+                    stack.push(Frame::Map(p, None, HashSet::new()));
                 }
                 Event::SequenceEnd | Event::MappingEnd => {
                     stack.pop();
@@ -120,6 +127,12 @@ impl SourceMap {
             .copied()
             .unwrap_or_else(|| self.pos(path))
     }
+
+    /// The keys written more than once in their mapping, in file order: each repetition's
+    /// mapping (`routes.1`), key (`to`) and position.
+    pub fn duplicates(&self) -> &[(String, String, Pos)] {
+        &self.duplicates
+    }
 }
 
 fn join(prefix: &str, key: &str) -> String {
@@ -145,5 +158,28 @@ mod tests {
         assert_eq!(m.pos("routes.0").line, 5);
         // Unknown paths fall back to the nearest ancestor.
         assert_eq!(m.pos("routes.0.nothing"), m.pos("routes.0"));
+        assert!(m.duplicates().is_empty());
+    }
+
+    #[test]
+    fn finds_each_repeated_key_in_its_own_mapping() {
+        // The same key in two mappings that share a path (a backend defined twice) is no
+        // repetition; the second definition's name is one, and so is a key repeated within it.
+        let text = "backends:\n  a:\n    url: x\n  a:\n    url: y\n    url: z\nroutes:\n  - {to: a, to: b, to: c}\n";
+        let map = SourceMap::new(text);
+        let got: Vec<(&str, &str, usize, usize)> = map
+            .duplicates()
+            .iter()
+            .map(|(m, k, pos)| (m.as_str(), k.as_str(), pos.line, pos.col))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("backends", "a", 4, 3),
+                ("backends.a", "url", 6, 5),
+                ("routes.0", "to", 8, 13),
+                ("routes.0", "to", 8, 20),
+            ]
+        );
     }
 }
