@@ -756,6 +756,12 @@ fn parse_url(url: &str) -> Result<ParsedUrl, String> {
     if host.is_empty() {
         return Err(format!("{url:?}: needs a host"));
     }
+    if host.parse::<std::net::IpAddr>().is_err() && !is_host_name(&host) {
+        return Err(format!(
+            "{url:?}: {host:?} is neither an IP address nor a host name (labels of letters, \
+             digits, `-` and `_`, separated by dots)"
+        ));
+    }
     if url.contains('#') {
         return Err(format!("{url:?}: a backend URL has no fragment"));
     }
@@ -792,6 +798,24 @@ fn parse_url(url: &str) -> Result<ParsedUrl, String> {
         port,
         location_prefixes,
     })
+}
+
+/// A DNS name as resolvers take it (RFC 1123 §2.1): dot-separated labels of 1 to 63 letters,
+/// digits and hyphens, none at either end of a label, 253 bytes at most, one final dot allowed.
+/// `_` is let through: container platforms name services with it, and their resolvers answer.
+/// `check` resolves nothing; a name no resolver can answer is refused here, before `run` would.
+fn is_host_name(host: &str) -> bool {
+    let name = host.strip_suffix('.').unwrap_or(host);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
 }
 
 fn parse_sticky(s: &str) -> Result<Sticky, String> {
@@ -1218,6 +1242,13 @@ mod tests {
             ("http://[::1]:70000", "port \"70000\" is not 1..65535"),
             ("http://127.0.0.1:+9002", "port \"+9002\" is not 1..65535"),
             ("http://127.0.0.1:9001#x", "no fragment"),
+            // Names no resolver answers: `check` says so, not `run`'s first lookup.
+            ("http://a..b:80", "is neither an IP address nor a host name"),
+            (
+                "http://-bad-.example:80",
+                "is neither an IP address nor a host name",
+            ),
+            ("http://a$b:80", "is neither an IP address nor a host name"),
         ] {
             let errs = errors(&format!(
                 "backends:\n  legacy: {{url: '{url}'}}\ndefault: legacy\n"
@@ -1228,10 +1259,12 @@ mod tests {
             );
         }
         let t = table(
-            "backends:\n  a: {url: 'http://[::1]:8080'}\n  b: {url: 'https://h'}\ndefault: a\n",
+            "backends:\n  a: {url: 'http://[::1]:8080'}\n  b: {url: 'https://h'}\n  \
+             c: {url: 'http://my_service.internal.:1'}\n  d: {url: 'http://10.0.0.1'}\ndefault: a\n",
         );
         assert_eq!(t.backends[0].port, 8080);
         assert_eq!(t.backends[1].port, 443);
+        assert_eq!(t.backends[2].port, 1);
         // A `host` setting obeys the rule a client's Host does.
         for bad in ["x:99999", "caf\u{e9}.example", "a/b", ""] {
             let errs = errors(&format!(
