@@ -419,6 +419,45 @@ pub fn rewrite_refresh(
     ))
 }
 
+/// A `Link` header (RFC 8288: `<http://backend/…?page=2>; rel="next", <…>; rel="prev"`) with
+/// each target passed through `rewrite_url`; `None` when the rule leaves every one alone. A
+/// target is what stands between `<` and `>` outside a quoted parameter value (`title="a<b"`).
+pub fn rewrite_link(
+    link: &str,
+    mut rewrite_url: impl FnMut(&str) -> Option<String>,
+) -> Option<String> {
+    let bytes = link.as_bytes();
+    let mut out = String::new();
+    let (mut copied, mut changed, mut quoted) = (0, false, false);
+    // Every delimiter is ASCII: a byte index on one is a char boundary.
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\\' if quoted => i += 1, // the escaped byte is skipped with it
+            b'"' => quoted = !quoted,
+            b'<' if !quoted => {
+                let Some(len) = link[i + 1..].find('>') else {
+                    break;
+                };
+                let (start, end) = (i + 1, i + 1 + len);
+                if let Some(new) = rewrite_url(link[start..end].trim()) {
+                    out.push_str(&link[copied..start]);
+                    out.push_str(&new);
+                    copied = end;
+                    changed = true;
+                }
+                i = end; // on past the target: a `"` in it opens no quoted string
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    changed.then(|| {
+        out.push_str(&link[copied..]);
+        out
+    })
+}
+
 /// A `Set-Cookie` without its `Domain` attribute when that domain is one of `hosts`; `None` when
 /// there is nothing to change.
 pub fn strip_cookie_domain(cookie: &str, hosts: &[&str]) -> Option<String> {
@@ -713,6 +752,28 @@ mod tests {
         assert_eq!(rw("0; url=/relative"), None);
         assert_eq!(rw("0; url=http://other/x"), None);
         assert_eq!(rw("30"), None);
+    }
+
+    #[test]
+    fn link_targets() {
+        let b = backend("http://127.0.0.1:9002");
+        let rw = |l| rewrite_link(l, |u| rewrite_location(u, &b, "https", "front.example"));
+        assert_eq!(
+            rw("<http://127.0.0.1:9002/b?page=2>; rel=\"next\", <http://127.0.0.1:9002/b?page=1>; rel=\"prev\""),
+            Some("<https://front.example/b?page=2>; rel=\"next\", <https://front.example/b?page=1>; rel=\"prev\"".into())
+        );
+        // Only the targets at the backend's address; none inside a quoted parameter.
+        assert_eq!(
+            rw("<https://cdn.example/x>; rel=preload, <http://127.0.0.1:9002/y>; title=\"a \\\"<http://127.0.0.1:9002/z>\""),
+            Some("<https://cdn.example/x>; rel=preload, <https://front.example/y>; title=\"a \\\"<http://127.0.0.1:9002/z>\"".into())
+        );
+        assert_eq!(rw("</relative>; rel=next"), None);
+        assert_eq!(rw("<http://127.0.0.1:9002/unclosed"), None);
+        assert_eq!(rw(""), None);
+        assert_eq!(
+            rw("<http://127.0.0.1:9002/caf\u{e9}>; rel=a"),
+            Some("<https://front.example/caf\u{e9}>; rel=a".into())
+        );
     }
 
     #[test]

@@ -728,16 +728,42 @@ impl ProxyHttp for Strangler {
         };
         let backend = &live.table.backends[b];
         // Read as UTF-8, not `to_str` (visible ASCII only): a Location or Set-Cookie carrying
-        // raw UTF-8 (an IRI path) must be rewritten as well, or it leaks the backend.
-        if let Some(loc) = resp
-            .headers
-            .get(header::LOCATION)
-            .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
-        {
+        // raw UTF-8 (an IRI path) must be rewritten as well, or it leaks the backend. The
+        // URL a `Content-Location` names follows the same rule.
+        for (name, spelling) in [
+            (header::LOCATION, "Location"),
+            (header::CONTENT_LOCATION, "Content-Location"),
+        ] {
+            if let Some(loc) = resp
+                .headers
+                .get(&name)
+                .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
+            {
+                let host = client_authority(session, ctx);
+                if let Some(new) = client_url(live, ctx, backend, &host, loc) {
+                    // By its usual spelling: the case-preserving map sends the name as given.
+                    resp.insert_header(spelling, new)?;
+                }
+            }
+        }
+        // And the targets of a `Link` (pagination: `<http://backend/…?page=2>; rel="next"`).
+        if resp.headers.contains_key(header::LINK) {
             let host = client_authority(session, ctx);
-            if let Some(new) = client_url(live, ctx, backend, &host, loc) {
-                // By its usual spelling: the case-preserving header map sends the name as given.
-                resp.insert_header("Location", new)?;
+            let links: Vec<HeaderValue> =
+                resp.headers.get_all(header::LINK).iter().cloned().collect();
+            let rewritten: Vec<Option<String>> = links
+                .iter()
+                .map(|l| {
+                    let l = std::str::from_utf8(l.as_bytes()).ok()?;
+                    forwarding::rewrite_link(l, |url| client_url(live, ctx, backend, &host, url))
+                })
+                .collect();
+            if rewritten.iter().any(Option::is_some) {
+                resp.remove_header(&header::LINK);
+                for (old, new) in links.into_iter().zip(rewritten) {
+                    let value = new.and_then(|n| HeaderValue::try_from(n).ok());
+                    resp.append_header("Link", value.unwrap_or(old))?;
+                }
             }
         }
         if let Some(refresh) = resp

@@ -253,6 +253,20 @@ fn forwarding_headers_and_rewrites() {
                 .parse()
                 .unwrap(),
         );
+        r.headers_mut().insert(
+            "content-location",
+            format!("http://127.0.0.1:{port}/x/1").parse().unwrap(),
+        );
+        r.headers_mut().append(
+            "link",
+            format!("<http://127.0.0.1:{port}/x?page=2>; rel=\"next\", </x?page=0>; rel=\"first\"")
+                .parse()
+                .unwrap(),
+        );
+        r.headers_mut().append(
+            "link",
+            "<https://cdn.example/app.js>; rel=preload".parse().unwrap(),
+        );
         r.headers_mut().append(
             "set-cookie",
             "sid=1; Path=/; Domain=127.0.0.1; HttpOnly".parse().unwrap(),
@@ -319,6 +333,31 @@ fn forwarding_headers_and_rewrites() {
         r.header("refresh"),
         format!("5; url=http://127.0.0.1:{}/later", proxy.port),
         "Refresh is rewritten as Location is"
+    );
+    assert_eq!(
+        r.header("content-location"),
+        format!("http://127.0.0.1:{}/x/1", proxy.port),
+        "so is Content-Location"
+    );
+    // Read raw: the reply's header map keeps one line per name.
+    let raw_reply = raw(
+        &format!("127.0.0.1:{}", proxy.port),
+        format!(
+            "GET /x HTTP/1.1\r\nHost: front\r\nX-Backend-Port: {port}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    let links: Vec<&str> = raw_reply
+        .lines()
+        .filter_map(|l| l.strip_prefix("Link: "))
+        .collect();
+    assert_eq!(
+        links,
+        [
+            "<http://front/x?page=2>; rel=\"next\", </x?page=0>; rel=\"first\"",
+            "<https://cdn.example/app.js>; rel=preload",
+        ],
+        "and a Link's targets at a backend's address, each line kept: {raw_reply}"
     );
     for (port, extra) in [
         (&new_port, None),
