@@ -559,10 +559,9 @@ fn first_difference(a: &Value, b: &Value, at: String) -> Option<Difference> {
     };
     match (a, b) {
         (Value::Object(x), Value::Object(y)) => {
-            let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
-            keys.sort();
-            keys.dedup();
-            for k in keys {
+            // In document order: the primary's members, then those only the shadow has.
+            let only_shadow = y.keys().filter(|k| !x.contains_key(*k));
+            for k in x.keys().chain(only_shadow) {
                 let here = format!("{at}/{}", k.replace('~', "~0").replace('/', "~1"));
                 match (x.get(k), y.get(k)) {
                     (Some(va), Some(vb)) => {
@@ -621,7 +620,8 @@ fn remove_pointer(v: &mut Value, ptr: &str) {
     let key = last.replace("~1", "/").replace("~0", "~");
     match v.pointer_mut(parent) {
         Some(Value::Object(m)) => {
-            m.remove(&key);
+            // Keeping the others in document order, which the first difference follows.
+            m.shift_remove(&key);
         }
         Some(Value::Array(a)) => {
             // Blanked, not removed: the elements after it keep their indexes, so a difference
@@ -742,6 +742,24 @@ mod tests {
         );
         let d = cmp(r#"[1,2]"#, r#"[1,2,3]"#, &[]).unwrap();
         assert_eq!(d.pointer, "/2");
+        // The first difference in the primary's document order, not the alphabet's; then
+        // what only the shadow has. An ignored member takes no other out of order.
+        let d = cmp(
+            r#"{"name":"Alice","id":5,"list":[1,2,3]}"#,
+            r#"{"id":5,"list":[1,2,4],"name":"Bob"}"#,
+            &[],
+        )
+        .unwrap();
+        assert_eq!(d.pointer, "/name");
+        let d = cmp(r#"{"z":1,"y":2}"#, r#"{"b":0,"z":1,"y":2,"a":0}"#, &[]).unwrap();
+        assert_eq!(d.pointer, "/b");
+        let d = cmp(
+            r#"{"t":0,"c":1,"b":1,"a":1}"#,
+            r#"{"t":1,"c":2,"b":2,"a":2}"#,
+            &["/t"],
+        )
+        .unwrap();
+        assert_eq!(d.pointer, "/c");
         // An ignored array element: the others keep their pointers.
         let d = cmp(r#"{"arr":[1,2,3,4]}"#, r#"{"arr":[1,9,3,5]}"#, &["/arr/1"]).unwrap();
         assert_eq!(
