@@ -32,6 +32,11 @@ fn respond(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Ve
         .unwrap_or_default()
 }
 
+/// On `GET /routes`: the routes per state, "12 routes: 5 new, 2 canary, 1 shadow, 3 legacy,
+/// 1 rolled_back".
+pub const X_STRANGLER_TOTALS: http::HeaderName =
+    http::HeaderName::from_static("x-strangler-totals");
+
 fn json_response(status: StatusCode, v: Value) -> Response<Vec<u8>> {
     let mut body = serde_json::to_vec_pretty(&v).unwrap_or_default();
     body.push(b'\n');
@@ -228,10 +233,14 @@ impl Admin {
                 let unmatched = query
                     .split('&')
                     .any(|p| p == "default=1" || p == "default=true");
-                json_response(
-                    StatusCode::OK,
-                    routes_json(&self.state.snapshot(), unmatched),
-                )
+                let live = self.state.snapshot();
+                let mut response = json_response(StatusCode::OK, routes_json(&live, unmatched));
+                // SPEC §5 has `GET /routes` show the states "with totals"; its document is the
+                // array §7 fixes, so the totals go in a header, worded as `check` words them.
+                if let Ok(totals) = http::HeaderValue::try_from(live.summary()) {
+                    response.headers_mut().insert(X_STRANGLER_TOTALS, totals);
+                }
+                response
             }
             ("/rollback", _) => {
                 let n = self.state.pin_all("POST /rollback");

@@ -149,6 +149,15 @@ pub struct LiveTable {
 }
 
 impl LiveTable {
+    /// "12 routes: 5 new, 2 canary, 1 shadow, 3 legacy, 1 rolled_back", pins as they stand.
+    pub fn summary(&self) -> String {
+        self.table.summary(|r| {
+            self.table
+                .route_index(&r.name)
+                .is_some_and(|i| self.routes[i].control.is_pinned())
+        })
+    }
+
     /// The live handles of route `i`, or of the unmatched pseudo-route.
     pub fn route_live(&self, i: Option<usize>) -> &RouteLive {
         match i {
@@ -510,11 +519,7 @@ impl State {
             self.audit
                 .record(name, before.as_ref(), after.as_ref(), trigger, &sha);
         }
-        let summary = live.table.summary(|r| {
-            live.table
-                .route_index(&r.name)
-                .is_some_and(|i| live.routes[i].control.is_pinned())
-        });
+        let summary = live.summary();
         drop(live);
         // Freed (when no request holds it) after `publish` is let go: pins wait for no free.
         drop(_publish);

@@ -297,6 +297,12 @@ fn a_manual_rollback_holds_across_reload_and_restart_until_resumed() {
         proxy.metric("strangler_route_state{route=\"bookings\",state=\"rolled_back\"}"),
         1.0
     );
+    // The totals `check` prints, in a header beside the array.
+    let r = request("GET", &proxy.admin_url("/routes"), &[], None);
+    assert_eq!(
+        r.header("x-strangler-totals"),
+        "2 routes: 1 new, 0 canary, 0 shadow, 0 legacy, 1 rolled_back"
+    );
     let b = route(&proxy, "bookings");
     assert_eq!(b["state"], "rolled_back");
     assert_eq!(b["pinned"]["reason"], "manual");
