@@ -539,10 +539,16 @@ pub fn compare_bodies(p: &[u8], s: &[u8], ignore: &[String]) -> Option<Differenc
                 .zip(s)
                 .position(|(x, y)| x != y)
                 .unwrap_or(p.len().min(s.len()));
+            // What each has from there; "(end)" for the one that has ended, as "(absent)"
+            // says it of a JSON member.
+            let from = |b: &[u8]| match &b[at..] {
+                [] => "(end)".to_string(),
+                rest => String::from_utf8_lossy(&rest[..rest.len().min(64)]).into_owned(),
+            };
             Some(Difference {
                 pointer: format!("body (byte {at})"),
-                primary: String::from_utf8_lossy(&p[at..p.len().min(at + 64)]).into_owned(),
-                shadow: String::from_utf8_lossy(&s[at..s.len().min(at + 64)]).into_owned(),
+                primary: from(p),
+                shadow: from(s),
             })
         }
     }
@@ -818,6 +824,11 @@ mod tests {
             .unwrap()
             .pointer
             .contains("byte 3"));
+        let d = cmp("hello", "hello, world", &[]).unwrap();
+        assert_eq!(
+            (d.pointer.as_str(), d.primary.as_str(), d.shadow.as_str()),
+            ("body (byte 5)", "(end)", ", world")
+        );
     }
 
     #[test]
