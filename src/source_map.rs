@@ -38,10 +38,21 @@ impl SourceMap {
             Map(String, Option<String>, HashSet<String>),
         }
         let mut stack: Vec<Frame> = Vec::new();
+        // An empty value at the end of the file (`window:` on the last line) is placed at the
+        // end of the stream, past the last line: editors and CI annotations need one that
+        // exists, so it is put at the start of the last line.
+        let lines = text.lines().count().max(1);
         while let Ok((event, mark)) = parser.next_token() {
-            let pos = Pos {
-                line: mark.line(),
-                col: mark.col() + 1,
+            let pos = if mark.line() > lines {
+                Pos {
+                    line: lines,
+                    col: 1,
+                }
+            } else {
+                Pos {
+                    line: mark.line(),
+                    col: mark.col() + 1,
+                }
             };
             // The path of the node this event starts, if it is a node and not a mapping key.
             let node_path = match stack.last_mut() {
@@ -159,6 +170,9 @@ mod tests {
         // Unknown paths fall back to the nearest ancestor.
         assert_eq!(m.pos("routes.0.nothing"), m.pos("routes.0"));
         assert!(m.duplicates().is_empty());
+        // An empty value on the last line is on a line that exists.
+        let m = SourceMap::new("a:\n  b: 1\n  c: \n");
+        assert_eq!(m.pos("a.c"), Pos { line: 3, col: 1 });
     }
 
     #[test]

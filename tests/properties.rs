@@ -408,3 +408,77 @@ proptest! {
         prop_assert!(goes_to_target(BUCKETS - 1, threshold(100.0)));
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Broken files
+// ---------------------------------------------------------------------------------------------
+
+/// The sample file, broken by a few line edits: a line taken out, written twice, indented,
+/// or its value replaced by one of the kind a hurried edit leaves.
+fn broken_sample() -> impl Strategy<Value = String> {
+    const VALUES: [&str; 10] = [
+        "",
+        "[1]",
+        "nope",
+        "-5",
+        "{}",
+        "200",
+        "/x/{id}",
+        "http://a..b",
+        "5 parsecs",
+        "{a: 1, a: 2}",
+    ];
+    let edits = prop::collection::vec(
+        (0..4u8, any::<prop::sample::Index>(), 0..VALUES.len()),
+        1..6,
+    );
+    edits.prop_map(|edits| {
+        let mut lines: Vec<String> = include_str!("../routing.yaml")
+            .lines()
+            .map(String::from)
+            .collect();
+        for (op, at, value) in edits {
+            let i = at.index(lines.len());
+            match op {
+                0 => {
+                    lines.remove(i);
+                }
+                1 => lines.insert(i, lines[i].clone()),
+                2 => {
+                    if let Some((key, _)) = lines[i].split_once(": ") {
+                        lines[i] = format!("{key}: {}", VALUES[value]);
+                    }
+                }
+                _ => lines[i] = format!("  {}", lines[i]),
+            }
+        }
+        lines.join("\n") + "\n"
+    })
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// A broken file is refused with errors that point into it, never a panic; `check` lists
+    /// at least what the schema pass alone finds (setting faults aside to check the rest of the
+    /// file loses none of them).
+    #[test]
+    fn a_broken_file_gets_errors_that_point_into_it(text in broken_sample()) {
+        use strangler::config::{parse, parse_checked};
+        let lines = text.lines().count().max(1);
+        let checked = RoutingTable::build_checked(parse_checked("r.yaml", text.clone()));
+        let Err(errors) = checked else { return Ok(()) };
+        prop_assert!(!errors.0.is_empty());
+        for e in &errors.0 {
+            prop_assert!((1..=lines).contains(&e.pos.line) && e.pos.col >= 1, "{} in\n{}", e, text);
+        }
+        if let Err(schema) = parse("r.yaml", text.clone()) {
+            for e in &schema.0 {
+                prop_assert!(
+                    errors.0.iter().any(|c| c.message == e.message),
+                    "{} missing from {} in\n{}", e, errors, text
+                );
+            }
+        }
+    }
+}
