@@ -143,6 +143,51 @@ pub fn collapsed_content_length(headers: &HeaderMap) -> Option<HeaderValue> {
     HeaderValue::from_str(value).ok()
 }
 
+/// `Keep-Alive` and the pre-standard `Proxy-Connection`: hop-by-hop (RFC 9110 §7.6.1), though
+/// not in `http`'s list of standard names.
+pub static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+pub static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Which of the fields the proxy acts on a backend's response holds, found in one pass over its
+/// names: most responses hold none of them, and a lookup for each costs more than the pass.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ResponseFields {
+    /// `Connection`, `Keep-Alive`, `Proxy-Connection`, `Proxy-Authenticate`, `TE`, `Upgrade`.
+    pub hop_by_hop: bool,
+    /// `Location`, `Content-Location`, `Refresh`, `Link`: URLs that may name a backend.
+    pub urls: bool,
+    pub set_cookie: bool,
+}
+
+impl ResponseFields {
+    pub fn of(headers: &HeaderMap) -> Self {
+        use http::header::{
+            CONNECTION, CONTENT_LOCATION, LINK, LOCATION, PROXY_AUTHENTICATE, REFRESH, SET_COOKIE,
+            TE, UPGRADE,
+        };
+        let mut found = Self::default();
+        for name in headers.keys() {
+            if [
+                &CONNECTION,
+                &UPGRADE,
+                &PROXY_AUTHENTICATE,
+                &TE,
+                &KEEP_ALIVE,
+                &PROXY_CONNECTION,
+            ]
+            .contains(&name)
+            {
+                found.hop_by_hop = true;
+            } else if [&LOCATION, &CONTENT_LOCATION, &REFRESH, &LINK].contains(&name) {
+                found.urls = true;
+            } else if name == SET_COOKIE {
+                found.set_cookie = true;
+            }
+        }
+        found
+    }
+}
+
 /// The headers a message's `Connection` names as hop-by-hop (RFC 9110 §7.6.1), to be removed
 /// before it is forwarded. The usual `keep-alive` / `close` tokens name no header to look for,
 /// and the framing headers are never taken this way (Pingora frames the message itself).
@@ -752,6 +797,39 @@ mod tests {
         assert_eq!(rw("0; url=/relative"), None);
         assert_eq!(rw("0; url=http://other/x"), None);
         assert_eq!(rw("30"), None);
+    }
+
+    #[test]
+    fn response_fields_are_found_in_one_pass() {
+        let of = |names: &[&str]| {
+            let mut h = HeaderMap::new();
+            for n in names {
+                h.append(
+                    HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                    HeaderValue::from_static("x"),
+                );
+            }
+            ResponseFields::of(&h)
+        };
+        assert_eq!(
+            of(&["Content-Type", "Content-Length", "Date", "Server"]),
+            ResponseFields::default()
+        );
+        for hop in [
+            "Connection",
+            "Keep-Alive",
+            "proxy-connection",
+            "Proxy-Authenticate",
+            "TE",
+            "Upgrade",
+        ] {
+            assert!(of(&["Date", hop]).hop_by_hop, "{hop}");
+        }
+        for url in ["Location", "content-location", "Refresh", "Link"] {
+            let f = of(&[url, "Date"]);
+            assert!(f.urls && !f.hop_by_hop && !f.set_cookie, "{url}");
+        }
+        assert!(of(&["Set-Cookie", "set-cookie"]).set_cookie);
     }
 
     #[test]

@@ -39,8 +39,6 @@ use crate::forwarding::{
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static ACRM: HeaderName = HeaderName::from_static("access-control-request-method");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// How long one write to a client may wait for it to read (nginx's `send_timeout`, 60 s).
 pub const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -690,43 +688,23 @@ impl ProxyHttp for Strangler {
                 .into_up());
             }
         }
-        // Hop-by-hop fields (RFC 9110 §7.6.1) end here, a 101's included: of its `Connection`
-        // only `Upgrade` goes on, the switch the client asked for.
-        let switching = resp.status == http::StatusCode::SWITCHING_PROTOCOLS;
-        let nominated = forwarding::connection_nominated(&resp.headers);
-        let others = nominated.iter().any(|n| n != header::UPGRADE);
-        for n in nominated {
-            if !(switching && n == header::UPGRADE) {
-                resp.remove_header(&n);
-            }
-        }
-        resp.remove_header(&KEEP_ALIVE);
-        resp.remove_header(&PROXY_CONNECTION);
-        // Hop-by-hop too: a proxy's authentication challenge is meant for the next client of
-        // the chain only; `TE` is a request field, meaningless in an answer.
-        resp.remove_header(&header::PROXY_AUTHENTICATE);
-        resp.remove_header(&header::TE);
         // A list of equal lengths, which Pingora accepts, goes on as one value (RFC 9110
         // §8.6): Node's and Go's HTTP clients refuse the list.
         if let Some(length) = forwarding::collapsed_content_length(&resp.headers) {
             resp.insert_header(header::CONTENT_LENGTH, length)?;
         }
-        if switching {
-            if others {
-                resp.insert_header(header::CONNECTION, "Upgrade")?;
-            }
-        } else {
-            // An `Upgrade` offer outside a 101 is this hop's business.
-            resp.remove_header(&header::UPGRADE);
-            if resp.status.is_informational() {
-                // Pingora writes the final answer's `Connection` itself, not an interim one's.
-                resp.remove_header(&header::CONNECTION);
-            }
+        let fields = forwarding::ResponseFields::of(&resp.headers);
+        if fields.hop_by_hop {
+            strip_hop_by_hop(resp)?;
         }
         let (Some(live), Some(b)) = (&ctx.live, ctx.backend) else {
             return Ok(());
         };
         let backend = &live.table.backends[b];
+        if !fields.urls && !fields.set_cookie {
+            tap_primary(resp, ctx);
+            return Ok(());
+        }
         // Read as UTF-8, not `to_str` (visible ASCII only): a Location or Set-Cookie carrying
         // raw UTF-8 (an IRI path) must be rewritten as well, or it leaks the backend. The
         // URL a `Content-Location` names follows the same rule.
@@ -779,7 +757,7 @@ impl ProxyHttp for Strangler {
                 resp.insert_header("Refresh", new)?;
             }
         }
-        if resp.headers.contains_key(header::SET_COOKIE) {
+        if fields.set_cookie {
             let mut hosts = vec![backend.host.as_str()];
             if let Some(h) = &backend.host_header {
                 hosts.push(h.split(':').next().unwrap_or(h));
@@ -813,12 +791,7 @@ impl ProxyHttp for Strangler {
                 }
             }
         }
-        if let Some(tap) = &mut ctx.shadow {
-            tap.primary_header(
-                resp.status.as_u16(),
-                resp.headers.get(header::CONTENT_ENCODING),
-            );
-        }
+        tap_primary(resp, ctx);
         Ok(())
     }
 
@@ -1126,6 +1099,48 @@ impl ProxyHttp for Strangler {
             let failed = ctx.failed_over || ctx.upstream_error.is_some() || code >= 500;
             self.judge_target(ctx, failed);
         }
+    }
+}
+
+/// Hop-by-hop fields (RFC 9110 §7.6.1) of a backend's response end here, a 101's included: of
+/// its `Connection` only `Upgrade` goes on, the switch the client asked for.
+fn strip_hop_by_hop(resp: &mut ResponseHeader) -> Result<()> {
+    let switching = resp.status == http::StatusCode::SWITCHING_PROTOCOLS;
+    let nominated = forwarding::connection_nominated(&resp.headers);
+    let others = nominated.iter().any(|n| n != header::UPGRADE);
+    for n in nominated {
+        if !(switching && n == header::UPGRADE) {
+            resp.remove_header(&n);
+        }
+    }
+    resp.remove_header(&forwarding::KEEP_ALIVE);
+    resp.remove_header(&forwarding::PROXY_CONNECTION);
+    // Hop-by-hop too: a proxy's authentication challenge is meant for the next client of the
+    // chain only; `TE` is a request field, meaningless in an answer.
+    resp.remove_header(&header::PROXY_AUTHENTICATE);
+    resp.remove_header(&header::TE);
+    if switching {
+        if others {
+            resp.insert_header(header::CONNECTION, "Upgrade")?;
+        }
+    } else {
+        // An `Upgrade` offer outside a 101 is this hop's business.
+        resp.remove_header(&header::UPGRADE);
+        if resp.status.is_informational() {
+            // Pingora writes the final answer's `Connection` itself, not an interim one's.
+            resp.remove_header(&header::CONNECTION);
+        }
+    }
+    Ok(())
+}
+
+/// The primary's status and coding, for the shadow comparison of this request if it has one.
+fn tap_primary(resp: &ResponseHeader, ctx: &mut RequestCtx) {
+    if let Some(tap) = &mut ctx.shadow {
+        tap.primary_header(
+            resp.status.as_u16(),
+            resp.headers.get(header::CONTENT_ENCODING),
+        );
     }
 }
 
