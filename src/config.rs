@@ -2,7 +2,7 @@
 //! refused, and the errors that point at `FILE:LINE:COL`. This module only reads; turning the
 //! file into the table that requests use (and every cross-field check) is `router.rs`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::Path;
 use std::sync::OnceLock;
@@ -365,10 +365,27 @@ enum Fault<'a> {
 /// The [`Fault`] behind a schema error (as `schema_errors` words it), if what is left can
 /// still be checked.
 fn fault(message: &str) -> Option<Fault<'_>> {
+    let (inner, own) = split_serde_path(message);
+    // A required key of the wrong type: the stand-in at once (taking the key out first would
+    // cost a reading of the file more, and [`MAX_KEYS_TAKEN_OUT`] counts faults, not readings).
+    if own.starts_with("invalid type") {
+        let inner = inner.unwrap_or("");
+        if let Some(i) = inner
+            .strip_prefix("routes[")
+            .and_then(|r| r.strip_suffix("].to").or_else(|| r.strip_suffix("].path")))
+        {
+            return Some(Fault::StandIn(Part::Route, i));
+        }
+        if let Some(name) = inner
+            .strip_prefix("backends.")
+            .and_then(|r| r.strip_suffix(".url"))
+        {
+            return Some(Fault::StandIn(Part::Backend, name));
+        }
+    }
     if let Some((steps, key)) = faulty_key(message) {
         return Some(Fault::Key(steps, key));
     }
-    let (inner, own) = split_serde_path(message);
     if own.starts_with("duplicate field") || own.ends_with("is defined twice") {
         return Some(Fault::Repeated);
     }
@@ -591,10 +608,11 @@ fn schema_errors(file: &str, text: &str, e: &serde_yaml::Error) -> ConfigErrors 
         })
         .unwrap_or(Pos { line: 1, col: 1 });
     let message = clean_serde_message(&e.to_string());
+    let lines = line_count(text);
     let pos = if message.contains("more than one document") {
         second_document(text).unwrap_or(pos)
     } else {
-        within(text, pos)
+        within(lines, pos)
     };
     // serde_yaml puts a key written twice (or a backend defined twice) at the start of its
     // mapping: the part-by-part reading below knows where the repetition stands.
@@ -608,10 +626,27 @@ fn schema_errors(file: &str, text: &str, e: &serde_yaml::Error) -> ConfigErrors 
     // Every error of every part of the file: serde's first is one of them, perhaps worded
     // otherwise (a bare `-` route is "missing field `path`" for serde, "invalid type: unit
     // value" for the part read alone). That one is left out, once; the part's others stay.
-    let others = other_schema_errors(file, text);
+    // Unless serde stopped in the first of two copies of a mapping (a backend defined twice):
+    // the part-by-part reading sees the last, whose errors are others.
+    let map = SourceMap::new(text);
+    let others = other_schema_errors(file, text, &map);
     let first_part = split_serde_path(&errors[0].message).0.map(str::to_owned);
-    let mut reworded =
-        first_part.is_some() && !others.iter().any(|o| o.message == errors[0].message);
+    let in_repeated = first_part.as_deref().is_some_and(|part| {
+        let node = part.replace('[', ".").replace(']', "");
+        map.duplicates().iter().any(|(mapping, key, _)| {
+            let repeated = if mapping.is_empty() {
+                key.clone()
+            } else {
+                format!("{mapping}.{key}")
+            };
+            node == repeated || node.starts_with(&format!("{repeated}."))
+        })
+    });
+    let mut reworded = first_part.is_some()
+        && !in_repeated
+        && !others.iter().any(|o| o.message == errors[0].message);
+    let mut seen: HashSet<(String, Pos)> =
+        HashSet::from([(errors[0].message.clone(), errors[0].pos)]);
     let mut met_first = false;
     for mut more in others {
         if !met_first && more.message == errors[0].message {
@@ -626,11 +661,8 @@ fn schema_errors(file: &str, text: &str, e: &serde_yaml::Error) -> ConfigErrors 
             reworded = false;
             continue;
         }
-        more.pos = within(text, more.pos);
-        if !errors
-            .iter()
-            .any(|e| e.message == more.message && e.pos == more.pos)
-        {
+        more.pos = within(lines, more.pos);
+        if seen.insert((more.message.clone(), more.pos)) {
             errors.push(more);
         }
     }
@@ -638,12 +670,11 @@ fn schema_errors(file: &str, text: &str, e: &serde_yaml::Error) -> ConfigErrors 
     ConfigErrors(errors)
 }
 
-/// `pos` if it is in `text`; else the start of its last line. serde_yaml places what it found
-/// missing at the end of the stream, which is past the last line of a file ending in a newline
-/// (a file of comments only, a route left as a bare `-`): editors and CI annotations need a
-/// line that exists.
-fn within(text: &str, pos: Pos) -> Pos {
-    let lines = text.lines().count().max(1);
+/// `pos` if it is on one of the file's `lines`; else the start of its last line. serde_yaml
+/// places what it found missing at the end of the stream, which is past the last line of a file
+/// ending in a newline (a file of comments only, a route left as a bare `-`): editors and CI
+/// annotations need a line that exists.
+fn within(lines: usize, pos: Pos) -> Pos {
     if pos.line > lines {
         Pos {
             line: lines,
@@ -652,6 +683,19 @@ fn within(text: &str, pos: Pos) -> Pos {
     } else {
         pos
     }
+}
+
+/// The lines of `text` as YAML counts them (§5.4: a line ends at LF, CRLF or a lone CR; a
+/// last line without a break counts too).
+fn line_count(text: &str) -> usize {
+    let bytes = text.as_bytes();
+    let breaks = bytes
+        .iter()
+        .enumerate()
+        .filter(|&(i, &b)| b == b'\n' || (b == b'\r' && bytes.get(i + 1) != Some(&b'\n')))
+        .count();
+    let unterminated = !matches!(bytes.last(), None | Some(b'\n' | b'\r'));
+    (breaks + usize::from(unterminated)).max(1)
 }
 
 /// Where a second YAML document starts: the `---` after the first document's content (or the
@@ -685,12 +729,11 @@ const TOP_LEVEL: [&str; 4] = ["backends", "default", "routes", "trusted_proxies"
 /// its own: every top-level key, every backend, every route. Only on the error path; the
 /// semantic checks (undefined backends, conflicts, …) run once the schema holds, or on the
 /// file without its unknown keys ([`Unread`]).
-fn other_schema_errors(file: &str, text: &str) -> Vec<ConfigError> {
+fn other_schema_errors(file: &str, text: &str, map: &SourceMap) -> Vec<ConfigError> {
     use serde_yaml::Value;
     let Some(Value::Mapping(top)) = lenient_value(text) else {
         return Vec::new(); // a syntax error: serde's one message is all there is
     };
-    let map = SourceMap::new(text);
     // Each key written twice, worded as serde words the first it meets.
     let mut out: Vec<ConfigError> = map
         .duplicates()
@@ -1072,6 +1115,19 @@ mod tests {
             "r.yaml:11:84: routes[1].rollback: duplicate field `window`",
         ];
         crate::config::assert_each_starts_with(&got, &want);
+    }
+
+    #[test]
+    fn lines_end_as_yaml_ends_them() {
+        assert_eq!(line_count(""), 1);
+        assert_eq!(line_count("a"), 1);
+        assert_eq!(line_count("a\n"), 1);
+        assert_eq!(line_count("a\r\nb\r\n"), 2);
+        assert_eq!(line_count("a\rb\rc"), 3);
+        // A file saved with lone CRs (classic Mac OS): errors on the lines they are on.
+        let text = "backends:\r  legacy:\r    url: http://127.0.0.1:1\r    colour: red\rdefault: legacy\r";
+        let err = parse("r.yaml", text).unwrap_err();
+        assert!(err.to_string().starts_with("r.yaml:4:5: "), "{err}");
     }
 
     #[test]

@@ -756,6 +756,9 @@ fn parse_url(url: &str) -> Result<ParsedUrl, String> {
     if host.is_empty() {
         return Err(format!("{url:?}: needs a host"));
     }
+    if auth.host().starts_with('[') && host.parse::<std::net::Ipv6Addr>().is_err() {
+        return Err(format!("{url:?}: [{host}] is not an IPv6 address"));
+    }
     if host.parse::<std::net::IpAddr>().is_err() && !is_host_name(&host) {
         return Err(format!(
             "{url:?}: {host:?} is neither an IP address nor a host name (labels of letters, \
@@ -995,6 +998,31 @@ mod tests {
             "t.yaml:8:32: split 200 is outside 0..100",
             "t.yaml:8:47: routes[2].rollback: missing field `min_requests`",
             "t.yaml:9:20: backend \"nope\" is not defined",
+        ];
+        crate::config::assert_each_starts_with(&got, &want);
+        // Required keys of the wrong type, more than the faults taken out one by one would
+        // allow: each route is stood in for at once, and the rest is still checked.
+        let mut routes: String = (0..12)
+            .map(|i| format!("  - {{path: /r{i}, to: [legacy]}}\n"))
+            .collect();
+        routes.push_str("  - {path: /d, to: nowhere}\n");
+        let got = checked(&format!("{BASE}routes:\n{routes}"));
+        assert_eq!(got.len(), 13, "{got:#?}");
+        assert!(
+            got[12].starts_with("t.yaml:18:20: backend \"nowhere\""),
+            "{got:#?}"
+        );
+        // The faults of both copies of a mapping written twice.
+        let got = checked(
+            "backends:\n  legacy: {url: 'http://127.0.0.1:9', colour: red}\n  legacy: {url: 'http://127.0.0.1:9', shade: blue}\n\
+             default: legacy\nroutes:\n  - {path: /a, to: legacy, rollback: {window: 1s}, rollback: {error_rate: 5%, window: 1s}}\n",
+        );
+        let want = [
+            "t.yaml:2:39: backends.legacy: unknown field `colour`",
+            "t.yaml:3:3: backends: backend \"legacy\" is defined twice",
+            "t.yaml:3:39: backends.legacy: unknown field `shade`",
+            "t.yaml:6:52: routes[0]: duplicate field `rollback`",
+            "t.yaml:6:62: routes[0].rollback: missing field `min_requests`",
         ];
         crate::config::assert_each_starts_with(&got, &want);
         // A key written twice: the last one is read, as the source map points there.
@@ -1249,6 +1277,7 @@ mod tests {
                 "is neither an IP address nor a host name",
             ),
             ("http://a$b:80", "is neither an IP address nor a host name"),
+            ("http://[example.com]:80", "is not an IPv6 address"),
         ] {
             let errs = errors(&format!(
                 "backends:\n  legacy: {{url: '{url}'}}\ndefault: legacy\n"

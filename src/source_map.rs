@@ -7,9 +7,10 @@
 use std::collections::{HashMap, HashSet};
 
 use yaml_rust2::parser::{Event, Parser};
+use yaml_rust2::scanner::TScalarStyle;
 
 /// A 1-based line and column.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Pos {
     pub line: usize,
     pub col: usize,
@@ -38,22 +39,23 @@ impl SourceMap {
             Map(String, Option<String>, HashSet<String>),
         }
         let mut stack: Vec<Frame> = Vec::new();
-        // An empty value at the end of the file (`window:` on the last line) is placed at the
-        // end of the stream, past the last line: editors and CI annotations need one that
-        // exists, so it is put at the start of the last line.
-        let lines = text.lines().count().max(1);
+        // An empty value (`window:` with nothing after it) is placed where the parser found
+        // out it was empty: at the next key, or at the end of the stream, past the last line.
+        // Editors and CI annotations need the line it was written on: where the event before
+        // it stands (its key, or the list it is an item of).
+        let end = text.chars().count();
+        let mut last = Pos { line: 1, col: 1 };
         while let Ok((event, mark)) = parser.next_token() {
-            let pos = if mark.line() > lines {
-                Pos {
-                    line: lines,
-                    col: 1,
-                }
+            let empty = matches!(&event, Event::Scalar(v, TScalarStyle::Plain, ..) if v.is_empty());
+            let pos = if empty || mark.index() >= end {
+                last
             } else {
                 Pos {
                     line: mark.line(),
                     col: mark.col() + 1,
                 }
             };
+            last = pos;
             // The path of the node this event starts, if it is a node and not a mapping key.
             let node_path = match stack.last_mut() {
                 None => Some(String::new()),
@@ -170,9 +172,18 @@ mod tests {
         // Unknown paths fall back to the nearest ancestor.
         assert_eq!(m.pos("routes.0.nothing"), m.pos("routes.0"));
         assert!(m.duplicates().is_empty());
-        // An empty value on the last line is on a line that exists.
-        let m = SourceMap::new("a:\n  b: 1\n  c: \n");
-        assert_eq!(m.pos("a.c"), Pos { line: 3, col: 1 });
+        // An empty value is where its key is, at the end of the file (comments after it) or
+        // not; lines end as YAML ends them, a lone CR included.
+        for text in [
+            "a:\n  b: 1\n  c: \n",
+            "a:\n  b: 1\n  c:\n\n# end\n",
+            "a:\n  b: 1\n  c:\nd: 2\n",
+            "a:\r  b: 1\r  c:\r",
+        ] {
+            let m = SourceMap::new(text);
+            assert_eq!(m.pos("a.c"), Pos { line: 3, col: 3 }, "{text:?}");
+            assert_eq!(m.pos("a.b"), Pos { line: 2, col: 6 }, "{text:?}");
+        }
     }
 
     #[test]
