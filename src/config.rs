@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::source_map::{Pos, SourceMap};
+use crate::source_map::{join, line_count, Pos, SourceMap};
 
 /// The whole file.
 #[derive(Debug, Deserialize)]
@@ -634,12 +634,15 @@ fn schema_errors(file: &str, text: &str, e: &serde_yaml::Error) -> ConfigErrors 
     let in_repeated = first_part.as_deref().is_some_and(|part| {
         let node = part.replace('[', ".").replace(']', "");
         map.duplicates().iter().any(|(mapping, key, _)| {
-            let repeated = if mapping.is_empty() {
-                key.clone()
-            } else {
-                format!("{mapping}.{key}")
-            };
-            node == repeated || node.starts_with(&format!("{repeated}."))
+            let repeated = join(mapping, key);
+            match node.strip_prefix(&repeated) {
+                Some("") => true,
+                // A backend's name may hold dots: below `backends.NAME`, only its own keys.
+                Some(rest) => rest
+                    .strip_prefix('.')
+                    .is_some_and(|field| mapping != "backends" || BACKEND_KEYS.contains(&field)),
+                None => false,
+            }
         })
     });
     let mut reworded = first_part.is_some()
@@ -649,7 +652,8 @@ fn schema_errors(file: &str, text: &str, e: &serde_yaml::Error) -> ConfigErrors 
         HashSet::from([(errors[0].message.clone(), errors[0].pos)]);
     let mut met_first = false;
     for mut more in others {
-        if !met_first && more.message == errors[0].message {
+        // The same message from the last copy of a repeated mapping is that copy's own.
+        if !met_first && (repeated || !in_repeated) && more.message == errors[0].message {
             met_first = true;
             // The same fault; where a key is written twice, the part's reading knows which.
             if repeated {
@@ -685,19 +689,6 @@ fn within(lines: usize, pos: Pos) -> Pos {
     }
 }
 
-/// The lines of `text` as YAML counts them (§5.4: a line ends at LF, CRLF or a lone CR; a
-/// last line without a break counts too).
-fn line_count(text: &str) -> usize {
-    let bytes = text.as_bytes();
-    let breaks = bytes
-        .iter()
-        .enumerate()
-        .filter(|&(i, &b)| b == b'\n' || (b == b'\r' && bytes.get(i + 1) != Some(&b'\n')))
-        .count();
-    let unterminated = !matches!(bytes.last(), None | Some(b'\n' | b'\r'));
-    (breaks + usize::from(unterminated)).max(1)
-}
-
 /// Where a second YAML document starts: the `---` after the first document's content (or the
 /// second `---`), which serde_yaml reports at 1:1.
 fn second_document(text: &str) -> Option<Pos> {
@@ -719,6 +710,16 @@ fn second_document(text: &str) -> Option<Pos> {
     }
     None
 }
+
+/// The keys of a backend, as `BackendSpec` names them (`tests::backend_keys` checks the list
+/// against serde's own).
+const BACKEND_KEYS: [&str; 5] = [
+    "url",
+    "trailing_slash",
+    "host",
+    "connect_timeout",
+    "timeout",
+];
 
 /// The keys of the file's top level, as `RoutingFile` names them (`tests::top_level_keys`
 /// checks the list against serde's own).
@@ -1125,9 +1126,42 @@ mod tests {
         assert_eq!(line_count("a\r\nb\r\n"), 2);
         assert_eq!(line_count("a\rb\rc"), 3);
         // A file saved with lone CRs (classic Mac OS): errors on the lines they are on.
-        let text = "backends:\r  legacy:\r    url: http://127.0.0.1:1\r    colour: red\rdefault: legacy\r";
+        let text =
+            "backends:\r  legacy:\r    url: http://127.0.0.1:1\r    colour: red\rdefault: legacy\r";
         let err = parse("r.yaml", text).unwrap_err();
         assert!(err.to_string().starts_with("r.yaml:4:5: "), "{err}");
+    }
+
+    #[test]
+    fn the_faults_of_both_copies_of_a_mapping_are_reported() {
+        // The same fault in both copies of a backend: both; a backend whose name holds the
+        // name of a repeated one and a dot is no part of it (its fault once).
+        for (text, want) in [
+            (
+                "backends:\n  legacy: {url: 'http://h:9', colour: red}\n  legacy: {url: 'http://h:9', colour: red}\ndefault: legacy\n",
+                &[
+                    "r.yaml:2:31: backends.legacy: unknown field `colour`",
+                    "r.yaml:3:3: backends: backend \"legacy\" is defined twice",
+                    "r.yaml:3:31: backends.legacy: unknown field `colour`",
+                ][..],
+            ),
+            (
+                "backends:\n  api.v2:\n  api: {url: 'http://h:9'}\n  api: {url: 'http://h:9'}\ndefault: api\n",
+                &[
+                    "r.yaml:2:10: backends.api.v2: missing field `url`",
+                    "r.yaml:4:3: backends: backend \"api\" is defined twice",
+                ][..],
+            ),
+        ] {
+            let got: Vec<String> = parse("r.yaml", text)
+                .unwrap_err()
+                .0
+                .iter()
+                .map(|e| e.to_string())
+                .collect();
+            assert_eq!(got.len(), want.len(), "{got:#?}");
+            crate::config::assert_each_starts_with(&got, want);
+        }
     }
 
     #[test]
@@ -1266,6 +1300,13 @@ mod tests {
             let got: Vec<String> = err.0.iter().map(|e| e.to_string()).collect();
             assert_eq!(got, want, "{text}");
         }
+    }
+
+    #[test]
+    fn backend_keys() {
+        let err = parse("r.yaml", "backends: {a: {url: 'http://h:1', nope: 1}}\n").unwrap_err();
+        let expected = BACKEND_KEYS.map(|k| format!("`{k}`")).join(", ");
+        assert!(err.0[0].message.ends_with(&expected), "{err}");
     }
 
     #[test]

@@ -41,14 +41,24 @@ impl SourceMap {
         let mut stack: Vec<Frame> = Vec::new();
         // An empty value (`window:` with nothing after it) is placed where the parser found
         // out it was empty: at the next key, or at the end of the stream, past the last line.
-        // Editors and CI annotations need the line it was written on: where the event before
-        // it stands (its key, or the list it is an item of).
-        let end = text.chars().count();
+        // Editors and CI annotations need the line it was written on. A mapping's is where its
+        // key stands, a list's first item where the list starts (the events before them); a
+        // later item's is left at the next one, or at the start of the last line.
+        let lines = line_count(text);
         let mut last = Pos { line: 1, col: 1 };
         while let Ok((event, mark)) = parser.next_token() {
             let empty = matches!(&event, Event::Scalar(v, TScalarStyle::Plain, ..) if v.is_empty());
-            let pos = if empty || mark.index() >= end {
+            let placed_by_last = matches!(
+                stack.last(),
+                Some(Frame::Map(_, Some(_), _) | Frame::Seq(_, 0))
+            );
+            let pos = if empty && placed_by_last {
                 last
+            } else if mark.line() > lines {
+                Pos {
+                    line: lines,
+                    col: 1,
+                }
             } else {
                 Pos {
                     line: mark.line(),
@@ -148,7 +158,21 @@ impl SourceMap {
     }
 }
 
-fn join(prefix: &str, key: &str) -> String {
+/// The lines of `text` as YAML counts them (§5.4: a line ends at LF, CRLF or a lone CR; a
+/// last line without a break counts too).
+pub fn line_count(text: &str) -> usize {
+    let bytes = text.as_bytes();
+    let breaks = bytes
+        .iter()
+        .enumerate()
+        .filter(|&(i, &b)| b == b'\n' || (b == b'\r' && bytes.get(i + 1) != Some(&b'\n')))
+        .count();
+    let unterminated = !matches!(bytes.last(), None | Some(b'\n' | b'\r'));
+    (breaks + usize::from(unterminated)).max(1)
+}
+
+/// `mapping.key`, or `key` at the top.
+pub fn join(prefix: &str, key: &str) -> String {
     if prefix.is_empty() {
         key.to_string()
     } else {
@@ -184,6 +208,13 @@ mod tests {
             assert_eq!(m.pos("a.c"), Pos { line: 3, col: 3 }, "{text:?}");
             assert_eq!(m.pos("a.b"), Pos { line: 2, col: 6 }, "{text:?}");
         }
+        // An empty list item: the first where the list starts, the last on the last line.
+        let m = SourceMap::new("l:\n  -\n  - {a: 1}\n  -\n");
+        assert_eq!(m.pos("l.0").line, 2);
+        assert_eq!(m.pos("l.2").line, 4);
+        // Characters past a block scalar's first 16 count once, whatever their width.
+        let m = SourceMap::new(&format!("a: |\n  {}\nb: 1\n", "\u{e9}".repeat(30)));
+        assert_eq!(m.pos("b"), Pos { line: 3, col: 4 });
     }
 
     #[test]
