@@ -1096,17 +1096,18 @@ mod tests {
         }
     }
 
+    /// Each error `parse` gives `text` (which it must refuse), as printed.
+    fn refused(text: &str) -> Vec<String> {
+        let err = parse("r.yaml", text).unwrap_err();
+        err.0.iter().map(|e| e.to_string()).collect()
+    }
+
     #[test]
     fn each_repeated_key_is_reported_where_it_is_repeated() {
         // The first `url` repeated inside the first of two `legacy` backends; serde stops at
         // the first repetition, and would put it at the start of its mapping.
         let text = "backends:\n  legacy:\n    url: http://127.0.0.1:1\n    url: http://127.0.0.1:2\n  legacy:\n    url: http://127.0.0.1:3\ndefault: legacy\ndefault: legacy\nroutes:\n  - {path: /a, to: legacy, to: legacy, bogus: 1}\n  - {path: /b, to: legacy, rollback: {error_rate: 5%, min_requests: 1, window: 1s, window: 2s}}\n";
-        let got: Vec<String> = parse("r.yaml", text)
-            .unwrap_err()
-            .0
-            .iter()
-            .map(|e| e.to_string())
-            .collect();
+        let got = refused(text);
         let want = [
             "r.yaml:4:5: backends.legacy: duplicate field `url`",
             "r.yaml:5:3: backends: backend \"legacy\" is defined twice",
@@ -1153,12 +1154,7 @@ mod tests {
                 ][..],
             ),
         ] {
-            let got: Vec<String> = parse("r.yaml", text)
-                .unwrap_err()
-                .0
-                .iter()
-                .map(|e| e.to_string())
-                .collect();
+            let got = refused(text);
             assert_eq!(got.len(), want.len(), "{got:#?}");
             crate::config::assert_each_starts_with(&got, want);
         }
@@ -1167,12 +1163,7 @@ mod tests {
     #[test]
     fn every_fault_of_the_part_serde_stopped_in_is_reported() {
         let text = "backends:\n  legacy:\n    url: http://127.0.0.1:1\n    colour: red\n    timeout: [1]\n    shade: blue\ndefault: legacy\n";
-        let got: Vec<String> = parse("r.yaml", text)
-            .unwrap_err()
-            .0
-            .iter()
-            .map(|e| e.to_string())
-            .collect();
+        let got = refused(text);
         let want = [
             "r.yaml:4:5: backends.legacy: unknown field `colour`",
             "r.yaml:5:14: backends.legacy.timeout: invalid type: sequence",
@@ -1241,8 +1232,7 @@ mod tests {
     #[test]
     fn every_schema_error_is_reported() {
         let text = "backends:\n  legacy:\n    url: http://127.0.0.1:1\n    colour: red\n  new:\n    url: http://127.0.0.1:2\n    timeout: [1]\ndefault: legacy\nroutes:\n  - path: /x\n    to: nope\n    bogus: 1\n  - path: /y\n    to: legacy\n    split: [1]\n    rollback: {error_rate: 5, min_requests: 1, window: 1s, extra: 2}\nextra_top: 1\n";
-        let err = parse("r.yaml", text).unwrap_err();
-        let got: Vec<String> = err.0.iter().map(|e| e.to_string()).collect();
+        let got = refused(text);
         let want = [
             "r.yaml:4:5: backends.legacy: unknown field `colour`",
             "r.yaml:7:14: backends.new.timeout: invalid type: sequence, expected a string",
@@ -1260,8 +1250,7 @@ mod tests {
             "backends:\n  legacy:\n    url: http://127.0.0.1:1\n  new:\n    url: [a]\ndefault: legacy\n",
             "backends:\n  legacy: {url: 'http://127.0.0.1:1'}\ndefault: legacy\nroutes:\n  - {path: /a, to: [legacy]}\n",
         ] {
-            let err = parse("r.yaml", text).unwrap_err();
-            let got: Vec<String> = err.0.iter().map(|e| e.to_string()).collect();
+            let got = refused(text);
             assert_eq!(got.len(), 1, "{got:#?}");
             assert!(got[0].contains("invalid type: sequence"), "{got:#?}");
         }
@@ -1296,8 +1285,7 @@ mod tests {
                 ],
             ),
         ] {
-            let err = parse("r.yaml", text).unwrap_err();
-            let got: Vec<String> = err.0.iter().map(|e| e.to_string()).collect();
+            let got = refused(text);
             assert_eq!(got, want, "{text}");
         }
     }
