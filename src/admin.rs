@@ -60,6 +60,22 @@ fn with_headers(
     response
 }
 
+/// 503 from a process that has handed its listeners to a new one (`run --upgrade`): the
+/// connection is closed, so that the retry connects again and may reach the new process.
+fn handing_over() -> Response<Vec<u8>> {
+    with_headers(
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "handing_over",
+            "this process is handing over to a new one; retry (the new one answers)".into(),
+        ),
+        &[
+            (http::header::RETRY_AFTER, "1"),
+            (http::header::CONNECTION, "close"),
+        ],
+    )
+}
+
 /// Constant-time comparison, so a token cannot be guessed byte by byte from response times.
 fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -199,6 +215,12 @@ impl Admin {
             if !get {
                 return not_allowed(method, "GET, HEAD");
             }
+            if path != "/healthz" && crate::pins::handed_over() {
+                // The new process answers for the routes and counts from now on: a scrape
+                // landing here would read counters that go back and forth between the two
+                // processes (each step down a counter reset for `rate()`).
+                return handing_over();
+            }
         } else if !post_endpoint {
             return error(
                 StatusCode::NOT_FOUND,
@@ -210,17 +232,7 @@ impl Admin {
         } else if crate::pins::handed_over() {
             // During `run --upgrade` both processes accept on the admin socket for a few
             // seconds; a change taken here would never reach the process that serves now.
-            return with_headers(
-                error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "handing_over",
-                    "this process is handing over to a new one; retry (the new one answers)".into(),
-                ),
-                &[
-                    (http::header::RETRY_AFTER, "1"),
-                    (http::header::CONNECTION, "close"),
-                ],
-            );
+            return handing_over();
         }
         match (path, action) {
             ("/metrics", _) => respond(

@@ -132,7 +132,13 @@ fn check_distinct(addrs: &[(String, SocketAddr)]) -> Result<(), String> {
 }
 
 /// SIGTERM and SIGINT drain; SIGQUIT hands over to an upgraded process.
-struct Signals;
+struct Signals {
+    /// Where a process started with `--upgrade` waits for the listeners (`--upgrade-sock`):
+    /// a SIGQUIT with nobody waiting there is refused. Pingora's hand-over would try for a
+    /// few seconds, stop listening and exit 0: the service down, and a supervisor's
+    /// `Restart=on-failure` none the wiser (a stray Ctrl-\ in a terminal sends SIGQUIT too).
+    upgrade_sock: Option<PathBuf>,
+}
 
 #[async_trait]
 impl ShutdownSignalWatch for Signals {
@@ -146,15 +152,36 @@ impl ShutdownSignalWatch for Signals {
             log::error!("cannot install signal handlers; SIGTERM will kill without draining");
             return std::future::pending().await;
         };
-        let name = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-            _ = quit.recv() => "SIGQUIT",
+        let name = loop {
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+                _ = quit.recv() => "SIGQUIT",
+            };
+            match &self.upgrade_sock {
+                // Pingora's new process binds the socket while it waits, and removes it once
+                // it has the listeners or gives up.
+                Some(sock) if name == "SIGQUIT" && !sock.exists() => log::error!(
+                    "SIGQUIT, but no new process waits for the listeners at {} (start \
+                     `strangler run --upgrade` with the same --upgrade-sock first): ignored, \
+                     serving on",
+                    sock.display()
+                ),
+                _ => break name,
+            }
         };
         DRAINING.store(true, Ordering::Release);
         if name == "SIGQUIT" {
             log::info!("SIGQUIT: handing listeners to the new process, then draining");
             crate::pins::hand_over();
+            // The new process reads the pins from the state file once it has the listeners:
+            // an automatic pin still on its way there goes first (a second at most).
+            let deadline = std::time::Instant::now() + Duration::from_secs(1);
+            while crate::state::PINS_BEING_SAVED.load(Ordering::Acquire) > 0
+                && std::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
             return ShutdownSignal::GracefulUpgrade;
         }
         log::info!("{name}: draining in-flight requests");
@@ -380,7 +407,11 @@ pub fn serve(mut opts: ServeOptions) -> Result<(), String> {
         ..Opt::default()
     };
     let mut server = Server::new_with_opt_and_conf(opt, conf);
+    // With `--upgrade`, this waits for the old process to hand its listeners over (SIGQUIT).
     server.bootstrap();
+    if opts.upgrade {
+        state.adopt_pins();
+    }
 
     let mut app = pingora_proxy::http_proxy(
         &server.configuration,
@@ -465,7 +496,9 @@ pub fn serve(mut opts: ServeOptions) -> Result<(), String> {
         },
     ));
     server.run(RunArgs {
-        shutdown_signal: Box::new(Signals),
+        shutdown_signal: Box::new(Signals {
+            upgrade_sock: Some(opts.upgrade_sock.clone()),
+        }),
     });
     Ok(())
 }
@@ -485,7 +518,7 @@ pub fn serve_demo_services(services: Vec<(String, String)>) -> Result<(), String
         server.add_service(crate::demo::service(name, addr));
     }
     server.run(RunArgs {
-        shutdown_signal: Box::new(Signals),
+        shutdown_signal: Box::new(Signals { upgrade_sock: None }),
     });
     Ok(())
 }

@@ -359,6 +359,31 @@ impl State {
         Ok(state)
     }
 
+    /// After `run --upgrade` took the listeners over: the pins as the process it replaces left
+    /// them. That one answered rollbacks and resumes until it handed over, after this one
+    /// read the state file at its start; nothing has been served or changed here yet, so the
+    /// file is the truth. (The old process waits, at SIGQUIT, for a pin it is still saving.)
+    pub fn adopt_pins(&self) {
+        let _publish = self.publish.lock();
+        let saved = self.state_file.load();
+        let live = self.snapshot();
+        for r in &live.routes {
+            let now = saved.get(&*r.control.name);
+            if now.is_some() != r.control.is_pinned() {
+                log::warn!(
+                    "route {:?} {} by the process this one replaces, before it handed over",
+                    r.control.name,
+                    if now.is_some() {
+                        "was pinned to default"
+                    } else {
+                        "was resumed"
+                    },
+                );
+            }
+            r.control.pin.store(now.cloned().map(Arc::new));
+        }
+    }
+
     /// The table in force. Take it once per request and keep it to the end.
     pub fn snapshot(&self) -> Arc<LiveTable> {
         self.live.load_full()

@@ -55,7 +55,7 @@ fn a_binary_upgrade_under_load_fails_no_request() {
     std::fs::write(
         dir.path().join("routing.yaml"),
         format!(
-            "{}routes:\n  - {{name: bookings, path: /bookings, to: new}}\n",
+            "{}routes:\n  - {{name: bookings, path: /bookings, to: new}}\n  - {{name: tours, path: /tours, to: new}}\n",
             base_yaml(&legacy.url(), &new_backend.url())
         ),
     )
@@ -80,6 +80,16 @@ fn a_binary_upgrade_under_load_fails_no_request() {
         Duration::from_secs(10),
         || sock.exists(),
     );
+    // A rollback after the new process read the state file and before the hand-over: only
+    // the old one answers the admin API then. The new one takes the pins as the old one left
+    // them when it takes over.
+    let r = request(
+        "POST",
+        &format!("http://127.0.0.1:{admin}/routes/tours/rollback"),
+        &[],
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
     unsafe_kill(old.0.id(), "QUIT");
     let before = load.ok();
     // A rollback during the hand-over, while both processes accept on the admin socket: the
@@ -136,12 +146,58 @@ fn a_binary_upgrade_under_load_fails_no_request() {
         "legacy",
         "the serving process is pinned"
     );
+    let r = request(
+        "GET",
+        &format!("http://127.0.0.1:{port}/tours/1"),
+        &[],
+        None,
+    );
+    assert_eq!(
+        r.header("x-strangler-backend"),
+        "legacy",
+        "a pin the old process took before handing over holds in the new one\n{log}"
+    );
     let state = std::fs::read_to_string(dir.path().join(".strangler-state.json")).unwrap();
     assert!(
         state.contains("\"bookings\""),
         "the pin is in the state file: {state}"
     );
     eprintln!("upgrade under load: {ok} requests, 0 failed");
+}
+
+#[test]
+fn a_sigquit_with_no_new_process_waiting_is_refused() {
+    let legacy = Backend::echo("legacy");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("routing.yaml"), one_backend(&legacy.url())).unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let mut proxy = spawn_on(dir.path(), port, admin, false);
+    let health = format!("http://127.0.0.1:{admin}/healthz");
+    wait_for("the proxy", Duration::from_secs(15), || {
+        get(&health).0 == 200 && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    // Pingora would try to hand the listeners over for a few seconds, stop listening, and
+    // exit 0: the service down for a stray Ctrl-\.
+    unsafe_kill(proxy.0.id(), "QUIT");
+    let log = dir.path().join("strangler.log");
+    wait_for("the refusal in the log", Duration::from_secs(5), || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("no new process waits"))
+    });
+    let url = format!("http://127.0.0.1:{port}/x");
+    for _ in 0..3 {
+        assert_eq!(get(&url).0, 200);
+    }
+    assert!(
+        matches!(proxy.0.try_wait(), Ok(None)),
+        "the proxy serves on\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    // And SIGTERM still drains and exits 0.
+    unsafe_kill(proxy.0.id(), "TERM");
+    wait_for("the proxy to exit", Duration::from_secs(10), || {
+        matches!(proxy.0.try_wait(), Ok(Some(_)))
+    });
+    assert!(proxy.0.wait().unwrap().success());
 }
 
 #[test]
