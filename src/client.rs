@@ -371,9 +371,13 @@ pub fn rollback(a: &RollbackArgs) -> ExitCode {
             },
         ),
         _ => fan_out(&a.client, "POST", "/rollback", |v| {
+            // `pinned` counts the routes this call pinned; some may have been pinned before.
+            let routes = v["routes"].as_array().map_or(&[][..], Vec::as_slice);
+            let now = routes.iter().filter(|r| !r["pinned"].is_null()).count();
             format!(
-                "pinned {} route(s) to default",
-                v["pinned"].as_u64().unwrap_or(0)
+                "pinned {} route(s) to default; {now} of {} pinned now",
+                v["pinned"].as_u64().unwrap_or(0),
+                routes.len()
             )
         }),
     }

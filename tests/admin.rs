@@ -588,6 +588,19 @@ fn the_cli_lists_rolls_back_and_resumes_on_every_replica() {
             "one line for the replica on port {p}:\n{out}"
         );
     }
+    // Each line says what the call did and where the replica stands: again, nothing changes.
+    assert_eq!(
+        out.matches("pinned 2 route(s) to default; 2 of 2 pinned now")
+            .count(),
+        2,
+        "{out}"
+    );
+    let (code, out, err) = strangler(&["rollback", "--all", "--admin", &a1]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("pinned 0 route(s) to default; 2 of 2 pinned now"),
+        "{out}"
+    );
     for proxy in [&one, &two] {
         for name in ["bookings", "tours"] {
             assert_eq!(
