@@ -609,10 +609,15 @@ fn schema_errors(file: &str, text: &str, e: &serde_yaml::Error) -> ConfigErrors 
         .unwrap_or(Pos { line: 1, col: 1 });
     let message = clean_serde_message(&e.to_string());
     let lines = line_count(text);
-    let pos = if message.contains("more than one document") {
-        second_document(text).unwrap_or(pos)
+    let (pos, message) = if message.contains("more than one document") {
+        (second_document(text).unwrap_or(pos), message)
+    } else if let Some(at) = syntax
+        .as_ref()
+        .and_then(|e| unfinished(&e.to_string(), lines))
+    {
+        at
     } else {
-        within(lines, pos)
+        (within(lines, pos), message)
     };
     // serde_yaml puts a key written twice (or a backend defined twice) at the start of its
     // mapping: the part-by-part reading below knows where the repetition stands.
@@ -672,6 +677,37 @@ fn schema_errors(file: &str, text: &str, e: &serde_yaml::Error) -> ConfigErrors 
     }
     errors.sort_by_key(|e| (e.pos.line, e.pos.col));
     ConfigErrors(errors)
+}
+
+/// A syntax error found at the end of the file, inside something left open (`[`, `{`, a
+/// quote): reported where that begins, which is what needs closing, instead of past the last
+/// line. libyaml words it `PROBLEM at line L column C, while CONTEXT at line L2 column C2`.
+fn unfinished(raw: &str, lines: usize) -> Option<(Pos, String)> {
+    fn mark(s: &str) -> Option<(&str, Pos)> {
+        let (before, at) = s.rsplit_once(" at line ")?;
+        let (line, col) = at.split_once(" column ")?;
+        Some((
+            before,
+            Pos {
+                line: line.parse().ok()?,
+                col: col.parse().ok()?,
+            },
+        ))
+    }
+    let (problem, context) = raw.split_once(", while ")?;
+    let (problem, found) = mark(problem)?;
+    let (context, start) = mark(context)?;
+    let end = if problem.contains("end of stream") {
+        ""
+    } else {
+        " before the end of the file"
+    };
+    (found.line > lines).then(|| {
+        (
+            start,
+            format!("{problem}{end}, while {context} that starts here"),
+        )
+    })
 }
 
 /// `pos` if it is on one of the file's `lines`; else the start of its last line. serde_yaml
@@ -1265,6 +1301,22 @@ mod tests {
         let e = &err.0[0];
         assert_eq!((e.pos.line, e.pos.col), (8, 4), "{e}");
         assert!(!e.message.contains("missing field"), "{e}");
+    }
+
+    #[test]
+    fn something_left_open_is_reported_where_it_begins() {
+        for (text, want) in [
+            (
+                "backends:\n  legacy: {url: 'http://h:1'}\ndefault: legacy\nroutes: [\n  {path: /a, to: legacy},\n  {path: /b, to: legacy}\n\n",
+                "r.yaml:4:9: did not find expected ',' or ']' before the end of the file, while parsing a flow sequence that starts here",
+            ),
+            (
+                "backends:\n  legacy: {url: \"http://h:1}\ndefault: legacy\n",
+                "r.yaml:2:17: found unexpected end of stream, while scanning a quoted scalar that starts here",
+            ),
+        ] {
+            assert_eq!(refused(text), [want]);
+        }
     }
 
     #[test]
