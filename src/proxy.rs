@@ -165,6 +165,11 @@ pub struct RequestCtx {
     proxy_status: Option<u16>,
     /// Interim (1xx) responses the backend has sent so far (at most `MAX_INTERIM`).
     interim: u8,
+    /// The proxy answered the client's `Expect: 100-continue` itself.
+    sent_continue: bool,
+    /// The client closed its connection while the proxy was still trying backends (found
+    /// when an attempt failed): the request ends there, as a 499.
+    client_left: bool,
     /// The whole response has been handed to the client's connection (its last body chunk,
     /// or a header that ends it). A client that goes away after this is not a 499: it may
     /// simply stop sending a body the backend already answered without reading.
@@ -398,6 +403,8 @@ impl ProxyHttp for Strangler {
             upstream_error: None,
             proxy_status: None,
             interim: 0,
+            sent_continue: false,
+            client_left: false,
             client_host: None,
             _in_flight: None,
             shadow: None,
@@ -543,6 +550,7 @@ impl ProxyHttp for Strangler {
             let keepalive = session.get_keepalive();
             session.write_continue_response().await?;
             session.set_keepalive(keepalive);
+            ctx.sent_continue = true;
         }
         Ok(false)
     }
@@ -817,10 +825,9 @@ impl ProxyHttp for Strangler {
             .get_keepalive()
             .is_some_and(|secs| secs == 0 || secs > self.keepalive_secs)
         {
-            // Pingora waits forever for an HTTP/1.1 client's next request (or as long as the
-            // client's own `Keep-Alive: timeout=` asks): an idle connection is closed after
-            // `--keepalive-timeout`, as nginx's `keepalive_timeout` does, so idle clients
-            // cannot hold every descriptor.
+            // Pingora waits forever for an HTTP/1.1 client's next request: an idle connection
+            // is closed after `--keepalive-timeout`, as nginx's `keepalive_timeout` does, so
+            // idle clients cannot hold every descriptor.
             session.set_keepalive(Some(self.keepalive_secs));
         }
         if resp.version < http::Version::HTTP_11 {
@@ -864,7 +871,7 @@ impl ProxyHttp for Strangler {
     /// `failover`, it is retried once on `default`. Otherwise the error is final.
     fn fail_to_connect(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         _peer: &HttpPeer,
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
@@ -880,7 +887,7 @@ impl ProxyHttp for Strangler {
             }
         }
         ctx.upstream_error = Some(UpstreamErrorKind::Connect);
-        let retry = self.fail_over(ctx);
+        let retry = self.fail_over(session, ctx);
         e.set_retry(retry);
         e
     }
@@ -947,7 +954,7 @@ impl ProxyHttp for Strangler {
         if !idempotent
             || session.as_ref().retry_buffer_truncated()
             || ctx.stale_retried
-            || session.response_written().is_some()
+            || backend_answer_begun(session, ctx)
         {
             e.set_retry(false);
         } else {
@@ -975,9 +982,9 @@ impl ProxyHttp for Strangler {
         if !retrying
             && kind == Some(UpstreamErrorKind::Timeout)
             && get_or_head
-            && session.response_written().is_none()
+            && !backend_answer_begun(session, ctx)
             && !session.as_ref().retry_buffer_truncated()
-            && self.fail_over(ctx)
+            && self.fail_over(session, ctx)
         {
             e.set_retry(true);
         }
@@ -1013,6 +1020,7 @@ impl ProxyHttp for Strangler {
                 can_reuse_downstream: false,
             };
         }
+        ctx.client_left |= client_closed(session);
         if *e.esource() == ErrorSource::Downstream && !ctx.failed_over {
             // The client's side failed (a malformed request body): that says nothing of the
             // backend, neither good nor bad. (After a failover, `to` has failed already.)
@@ -1021,7 +1029,9 @@ impl ProxyHttp for Strangler {
             self.judge_target(ctx, err.status >= 500);
         }
         let detail = e.etype().as_str();
-        if let Err(we) = self.answer(session, ctx, err, Some(detail)).await {
+        if ctx.client_left {
+            // Nobody to answer: counted as a 499 (`logging`).
+        } else if let Err(we) = self.answer(session, ctx, err, Some(detail)).await {
             log::debug!("could not send the error response: {we}");
         }
         FailToProxy {
@@ -1055,7 +1065,8 @@ impl ProxyHttp for Strangler {
         let Some(live) = ctx.live.clone() else {
             return;
         };
-        let client_gone = !ctx.client_stalled && e.is_some_and(client_went_away);
+        let client_gone =
+            ctx.client_left || (!ctx.client_stalled && e.is_some_and(client_went_away));
         let code: u16 = if client_gone && !ctx.response_done {
             log::info!(
                 "request {} on route {:?}: the client went away ({}): 499",
@@ -1203,13 +1214,20 @@ impl Strangler {
 
     /// Switches the request to `default` for one retry if its route allows failover and it has
     /// not failed over yet. Returns whether a retry should happen.
-    fn fail_over(&self, ctx: &mut RequestCtx) -> bool {
+    fn fail_over(&self, session: &Session, ctx: &mut RequestCtx) -> bool {
         let (Some(live), Some(i), Some(b)) = (&ctx.live, ctx.route, ctx.backend) else {
             return false;
         };
         let route = &live.table.routes[i];
         let default = live.table.default;
         if !route.failover || ctx.failed_over || b == default {
+            return false;
+        }
+        // Pingora does not watch the client while it connects: one that left during a slow
+        // connect would have its request (a POST too) started again where nobody reads the
+        // answer.
+        if client_closed(session) {
+            ctx.client_left = true;
             return false;
         }
         if !ctx.route_retired() {
@@ -1245,6 +1263,40 @@ impl Strangler {
         ctx.addr_tries = 0;
         true
     }
+}
+
+/// Whether the backend's answer has begun to reach the client: a response header written
+/// other than the proxy's own `100 Continue` (which asked the client for its body, and says
+/// nothing of the backend's answer). Once it has, a retry would relay the backend's again.
+fn backend_answer_begun(session: &Session, ctx: &RequestCtx) -> bool {
+    session.response_written().is_some_and(|r| {
+        !(ctx.sent_continue && ctx.interim == 0 && r.status == http::StatusCode::CONTINUE)
+    })
+}
+
+/// Whether the client has closed (or reset) its connection: a one-byte peek at its socket
+/// reads end-of-file. Bytes waiting (a body, a pipelined request) or none yet: still there.
+fn client_closed(session: &Session) -> bool {
+    let Some(stream) = session.as_downstream().stream() else {
+        return false;
+    };
+    let mut byte = 0u8;
+    // SAFETY: a one-byte peek into a local buffer, on the socket of this session's client
+    // (`id` is its descriptor), which the session keeps open; MSG_DONTWAIT never blocks.
+    let n = unsafe {
+        libc::recv(
+            stream.id(),
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n == 0
+        || (n < 0
+            && matches!(
+                std::io::Error::last_os_error().raw_os_error(),
+                Some(libc::ECONNRESET | libc::EPIPE | libc::ENOTCONN)
+            ))
 }
 
 /// The client's side of the request broke off: it closed, reset, or stopped reading or

@@ -990,6 +990,17 @@ fn failover_after_a_timeout_replays_only_whole_reads() {
         r.body
     );
     assert_eq!(failovers(), 2.0);
+    // The proxy's own `100 Continue` to a GET that asked for one is no byte of the backend's.
+    let answer = raw(
+        &format!("127.0.0.1:{}", proxy.port),
+        b"GET /departures/5 HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+    );
+    assert!(
+        answer.starts_with("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200")
+            && answer.contains("X-Strangler-Backend: legacy"),
+        "{answer}"
+    );
+    assert_eq!(failovers(), 3.0);
     let seen: Vec<(String, usize)> = legacy
         .seen()
         .iter()
@@ -999,9 +1010,60 @@ fn failover_after_a_timeout_replays_only_whole_reads() {
         seen,
         [
             ("/departures/1".to_string(), 0),
-            ("/departures/2".to_string(), 1000)
+            ("/departures/2".to_string(), 1000),
+            ("/departures/5".to_string(), 5)
         ]
     );
+}
+
+#[test]
+fn a_client_that_left_during_a_slow_connect_is_not_failed_over() {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    // `new` never completes a connection: its accept queue is full (a backlog of 0, one
+    // connection queued and never accepted), so the kernel drops the proxy's SYNs.
+    let blackhole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = blackhole.local_addr().unwrap();
+    // SAFETY: listen(2) on a socket this test owns and keeps open.
+    assert_eq!(unsafe { libc::listen(blackhole.as_raw_fd(), 0) }, 0);
+    let _queued: Vec<_> = (0..3)
+        .filter_map(|_| {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)).ok()
+        })
+        .collect();
+    let legacy = Backend::echo("legacy");
+    let yaml = format!(
+        "backends:\n  legacy: {{url: '{}'}}\n  new: {{url: 'http://{addr}', connect_timeout: 1s}}\n\
+         default: legacy\nroutes:\n\
+         \x20 - {{name: departures, path: /departures, to: new, failover: true}}\n",
+        legacy.url()
+    );
+    let proxy = Proxy::start(&yaml);
+    // A POST whose client leaves at once: at the connect timeout there is nobody to answer,
+    // and its request must not be started again on `default`.
+    {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+        c.write_all(b"POST /departures/1 HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+            .unwrap();
+    }
+    let gone = "strangler_requests_total{route=\"departures\",backend=\"new\",method=\"POST\",code=\"499\"}";
+    wait_for(
+        "the request counted as a 499",
+        Duration::from_secs(10),
+        || proxy.metric(gone) == 1.0,
+    );
+    assert!(legacy.seen().is_empty(), "{:?}", legacy.seen());
+    let failovers = "strangler_failovers_total{route=\"departures\",from=\"new\",to=\"legacy\"}";
+    assert_eq!(proxy.metric(failovers), 0.0);
+    // A client that waits is failed over as before.
+    let r = request("GET", &proxy.url("/departures/2"), &[], None);
+    assert_eq!(
+        (r.status, r.header("x-strangler-backend")),
+        (200, "legacy"),
+        "{}",
+        r.body
+    );
+    assert_eq!(proxy.metric(failovers), 1.0);
 }
 
 // ---------------------------------------------------------------------------------------------
