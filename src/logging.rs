@@ -46,7 +46,64 @@ pub fn init(format: LogFormat) {
             });
         }
     }
-    let _ = b.try_init();
+    let logger = b.build();
+    let max = logger.filter();
+    if log::set_boxed_logger(Box::new(Reclassified(logger))).is_ok() {
+        log::set_max_level(max);
+    }
+}
+
+/// Pingora logs two routine events at error, which alert rules on error lines would page on:
+/// a new process (`run --upgrade`) waiting for the old one's listeners, as it does until
+/// SIGQUIT (info here), and a pooled backend connection its idle watcher still held, given up
+/// for a fresh one (debug here). Every other record goes through as it is.
+struct Reclassified(env_logger::Logger);
+
+impl Reclassified {
+    fn level_of(r: &log::Record) -> Option<log::Level> {
+        if r.level() != log::Level::Error {
+            return None;
+        }
+        let target = r.target();
+        if target.starts_with("pingora_core::server::transfer_fd") {
+            let msg = r.args().to_string();
+            return msg
+                .starts_with("No incoming socket transfer")
+                .then_some(log::Level::Info);
+        }
+        if target.starts_with("pingora_core::connectors") {
+            let msg = r.args().to_string();
+            return (msg == "failed to acquire reusable stream").then_some(log::Level::Debug);
+        }
+        None
+    }
+}
+
+impl log::Log for Reclassified {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        self.0.enabled(m)
+    }
+
+    fn log(&self, r: &log::Record) {
+        match Self::level_of(r) {
+            None => self.0.log(r),
+            Some(level) => self.0.log(
+                &log::Record::builder()
+                    .level(level)
+                    .target(r.target())
+                    .args(*r.args())
+                    .module_path(r.module_path())
+                    .file(r.file())
+                    .line(r.line())
+                    .key_values(r.key_values())
+                    .build(),
+            ),
+        }
+    }
+
+    fn flush(&self) {
+        self.0.flush()
+    }
 }
 
 /// An event's structured fields (`log::warn!(route = …, …; "…")`), in the order written.
@@ -136,7 +193,44 @@ fn one_line(msg: String) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{json_line, one_line, Fields};
+    use super::{json_line, one_line, Fields, Reclassified};
+
+    #[test]
+    fn pingora_s_routine_error_lines_are_not_errors() {
+        let level = |target: &str, args: std::fmt::Arguments| {
+            Reclassified::level_of(
+                &log::Record::builder()
+                    .level(log::Level::Error)
+                    .target(target)
+                    .args(args)
+                    .build(),
+            )
+        };
+        let wait = std::time::Duration::from_secs(1);
+        assert_eq!(
+            level(
+                "pingora_core::server::transfer_fd",
+                format_args!("No incoming socket transfer, sleep {wait:?} and try again")
+            ),
+            Some(log::Level::Info)
+        );
+        assert_eq!(
+            level(
+                "pingora_core::connectors",
+                format_args!("failed to acquire reusable stream")
+            ),
+            Some(log::Level::Debug)
+        );
+        // Anything else, of those targets too, stays an error.
+        assert_eq!(
+            level(
+                "pingora_core::server::transfer_fd",
+                format_args!("Error accepting socket transfer: EBADF")
+            ),
+            None
+        );
+        assert_eq!(level("strangler::proxy", format_args!("failed")), None);
+    }
 
     #[test]
     fn audit_records_are_top_level_fields_in_json_lines() {
