@@ -256,6 +256,11 @@ impl Admin {
             }
             ("/rollback", _) => {
                 let n = self.state.pin_all("POST /rollback");
+                if crate::pins::handed_over() {
+                    // Handed over while the change was made: it may not have reached the state
+                    // file the new process reads. Said so, the CLI sends it there.
+                    return handing_over();
+                }
                 json_response(
                     StatusCode::OK,
                     json!({"pinned": n, "routes": routes_json(&self.state.snapshot(), false)}),
@@ -280,6 +285,8 @@ impl Admin {
                     self.state.resume(&name)
                 };
                 match result {
+                    // As for `POST /rollback`: the new process may not have it.
+                    Ok(_) if crate::pins::handed_over() => handing_over(),
                     Ok(changed) => {
                         let live = self.state.snapshot();
                         let route = routes_json(&live, false)

@@ -20,8 +20,14 @@ use crate::metrics;
 /// process that now serves).
 static HANDED_OVER: AtomicBool = AtomicBool::new(false);
 
+/// Held while the state file is written, and while [`hand_over`] sets its flag: a write under
+/// way when the hand-over begins is finished first (the new process reads the file once it has
+/// the listeners); one that starts after it is refused.
+static SAVING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// This process no longer owns the state file (see [`HANDED_OVER`]).
 pub fn hand_over() {
+    let _saving = SAVING.lock().unwrap_or_else(|e| e.into_inner());
     HANDED_OVER.store(true, Ordering::Release);
 }
 
@@ -128,15 +134,22 @@ impl StateFile {
     /// so is a pin entry that cannot be read (the others hold). What was corrupt is copied to
     /// `PATH.corrupt` first: the next pin or resume rewrites the file from memory.
     pub fn load(&self) -> BTreeMap<String, Pin> {
-        self.read(true)
+        self.read(true).unwrap_or_default()
     }
 
     /// As [`StateFile::load`], leaving no copy behind (`strangler check` only reads).
     pub fn peek(&self) -> BTreeMap<String, Pin> {
-        self.read(false)
+        self.read(false).unwrap_or_default()
     }
 
-    fn read(&self, set_aside: bool) -> BTreeMap<String, Pin> {
+    /// As [`StateFile::load`], but `None` (logged) for a file that cannot be read or parsed,
+    /// rather than no pins: the pins read before stay (a hand-over reads the file again).
+    pub fn reload(&self) -> Option<BTreeMap<String, Pin>> {
+        self.read(true)
+    }
+
+    /// The pins on disk; `None` for a file that exists but cannot be read or parsed.
+    fn read(&self, set_aside: bool) -> Option<BTreeMap<String, Pin>> {
         /// The file with each pin left unread, so that one bad entry costs only itself.
         #[derive(Deserialize)]
         struct RawDoc {
@@ -146,21 +159,21 @@ impl StateFile {
         }
         let bytes = match std::fs::read(&self.path) {
             Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return BTreeMap::new(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Some(BTreeMap::new()),
             Err(e) => {
                 metrics::STATE_FILE_READ_ERRORS.inc();
                 log::error!(
                     "cannot read state file {}, ignoring it: {e}",
                     self.path.display()
                 );
-                return BTreeMap::new();
+                return None;
             }
         };
         let raw = match serde_json::from_slice::<RawDoc>(&bytes) {
             Ok(raw) => raw,
             Err(e) => {
                 self.corrupt(&bytes, set_aside, &format!("{e}; pins start empty"));
-                return BTreeMap::new();
+                return None;
             }
         };
         let mut pins = BTreeMap::new();
@@ -181,7 +194,7 @@ impl StateFile {
             );
             self.corrupt(&bytes, set_aside, &what);
         }
-        pins
+        Some(pins)
     }
 
     /// Logs and counts a corrupt file, copied aside first if `set_aside`.
@@ -207,6 +220,7 @@ impl StateFile {
     /// Writes `pins` atomically. Failure is logged and counted; the caller keeps its pins.
     /// After a hand-over the file is the new process's: nothing is written.
     pub fn save(&self, pins: &BTreeMap<String, Pin>) -> bool {
+        let _saving = SAVING.lock().unwrap_or_else(|e| e.into_inner());
         if handed_over() {
             log::warn!(
                 "state file {} not written: this process has handed over to a new one, which owns it",

@@ -881,7 +881,7 @@ impl ProxyHttp for Strangler {
         record_upstream_error(ctx, UpstreamErrorKind::Connect);
         ctx.addr_tries += 1;
         if let (Some(live), Some(b)) = (&ctx.live, ctx.backend) {
-            if ctx.addr_tries < live.table.backends[b].addrs.tries() {
+            if ctx.addr_tries < live.table.backends[b].addrs.tries() && !client_closed(session) {
                 e.set_retry(true);
                 return e;
             }
@@ -1045,7 +1045,7 @@ impl ProxyHttp for Strangler {
     fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, e: &Error) -> bool {
         // A client that went away is not an error of the proxy (nginx logs it at info, as
         // `logging` does here; the request counts as a 499).
-        ctx.tunnel_closed || client_went_away(e)
+        ctx.tunnel_closed || ctx.client_left || client_went_away(e)
     }
 
     /// Phase: the request is over (answered, failed, or abandoned). Counts it: requests, latency,
@@ -1274,29 +1274,22 @@ fn backend_answer_begun(session: &Session, ctx: &RequestCtx) -> bool {
     })
 }
 
-/// Whether the client has closed (or reset) its connection: a one-byte peek at its socket
-/// reads end-of-file. Bytes waiting (a body, a pipelined request) or none yet: still there.
+/// Whether the client has closed (or reset) its connection: its socket polls as hung up
+/// (`POLLRDHUP`: its end-of-file has arrived, even behind body bytes not read yet) or in error.
+/// Nothing is read, and a pending error is left where it is.
 fn client_closed(session: &Session) -> bool {
     let Some(stream) = session.as_downstream().stream() else {
         return false;
     };
-    let mut byte = 0u8;
-    // SAFETY: a one-byte peek into a local buffer, on the socket of this session's client
-    // (`id` is its descriptor), which the session keeps open; MSG_DONTWAIT never blocks.
-    let n = unsafe {
-        libc::recv(
-            stream.id(),
-            (&mut byte as *mut u8).cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
+    let mut fd = libc::pollfd {
+        fd: stream.id(),
+        events: libc::POLLRDHUP,
+        revents: 0,
     };
-    n == 0
-        || (n < 0
-            && matches!(
-                std::io::Error::last_os_error().raw_os_error(),
-                Some(libc::ECONNRESET | libc::EPIPE | libc::ENOTCONN)
-            ))
+    // SAFETY: one pollfd on the stack, for the socket of this session's client (`id` is its
+    // descriptor), which the session keeps open; a timeout of 0 never blocks.
+    let ready = unsafe { libc::poll(&mut fd, 1, 0) };
+    ready > 0 && fd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
 }
 
 /// The client's side of the request broke off: it closed, reset, or stopped reading or

@@ -159,9 +159,7 @@ impl ShutdownSignalWatch for Signals {
                 _ = quit.recv() => "SIGQUIT",
             };
             match &self.upgrade_sock {
-                // Pingora's new process binds the socket while it waits, and removes it once
-                // it has the listeners or gives up.
-                Some(sock) if name == "SIGQUIT" && !sock.exists() => log::error!(
+                Some(sock) if name == "SIGQUIT" && !successor_waits(sock).await => log::error!(
                     "SIGQUIT, but no new process waits for the listeners at {} (start \
                      `strangler run --upgrade` with the same --upgrade-sock first): ignored, \
                      serving on",
@@ -173,19 +171,47 @@ impl ShutdownSignalWatch for Signals {
         DRAINING.store(true, Ordering::Release);
         if name == "SIGQUIT" {
             log::info!("SIGQUIT: handing listeners to the new process, then draining");
-            crate::pins::hand_over();
             // The new process reads the pins from the state file once it has the listeners:
-            // an automatic pin still on its way there goes first (a second at most).
+            // an automatic pin still on its way there goes first (a second at most). Then the
+            // file is the new process's: a write under way finishes, later ones are refused.
             let deadline = std::time::Instant::now() + Duration::from_secs(1);
             while crate::state::PINS_BEING_SAVED.load(Ordering::Acquire) > 0
                 && std::time::Instant::now() < deadline
             {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
+            crate::pins::hand_over();
             return ShutdownSignal::GracefulUpgrade;
         }
         log::info!("{name}: draining in-flight requests");
         ShutdownSignal::GracefulTerminate
+    }
+}
+
+/// Whether a process started with `--upgrade` waits for the listeners at `sock`: a listening
+/// Unix socket bound to that path (`/proc/net/unix`; a connection to it would be taken for the
+/// hand-over itself). It may still be loading its table: up to 5 s are given for it to bind,
+/// as long as Pingora's own hand-over would have tried. Where `/proc` cannot be read, the
+/// socket file's presence is taken for it (Pingora removes the file once done or given up).
+async fn successor_waits(sock: &std::path::Path) -> bool {
+    let absolute = std::path::absolute(sock).unwrap_or_else(|_| sock.to_path_buf());
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let listening = match std::fs::read_to_string("/proc/net/unix") {
+            Ok(table) => table.lines().skip(1).any(|line| {
+                // Num RefCount Protocol Flags Type St Inode Path; flag 0x10000 = listening.
+                let f: Vec<&str> = line.split_whitespace().collect();
+                f.len() >= 8
+                    && u32::from_str_radix(f[3], 16).is_ok_and(|flags| flags & 0x10000 != 0)
+                    && (std::path::Path::new(f[7]) == sock
+                        || std::path::Path::new(f[7]) == absolute)
+            }),
+            Err(_) => sock.exists(),
+        };
+        if listening || std::time::Instant::now() >= deadline {
+            return listening;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

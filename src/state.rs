@@ -365,7 +365,11 @@ impl State {
     /// file is the truth. (The old process waits, at SIGQUIT, for a pin it is still saving.)
     pub fn adopt_pins(&self) {
         let _publish = self.publish.lock();
-        let saved = self.state_file.load();
+        // A file that cannot be read now (it was at start) changes nothing: the pins read then
+        // hold.
+        let Some(saved) = self.state_file.reload() else {
+            return;
+        };
         let live = self.snapshot();
         for r in &live.routes {
             let now = saved.get(&*r.control.name);
@@ -632,11 +636,12 @@ impl State {
     /// wait on the disk, are written by a thread of their own so that no worker thread, and no
     /// connection on it, waits for an fsync or for a manual pin holding the lock.
     pub fn auto_pin(self: &Arc<Self>, live: &LiveTable, i: usize, why: &str) {
+        // Counted before the pin exists: a hand-over (SIGQUIT) waits for the count to fall.
+        let saving = SavingPin::start();
         if !self.pin_unrecorded(live, i, why) {
             return;
         }
         let state = self.clone();
-        let saving = SavingPin::start();
         let persist = move || {
             let _saving = saving;
             let _publish = state.publish.lock();

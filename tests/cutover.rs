@@ -1052,6 +1052,27 @@ fn a_client_that_left_during_a_slow_connect_is_not_failed_over() {
         Duration::from_secs(10),
         || proxy.metric(gone) == 1.0,
     );
+    // One whose body the proxy has not read yet when the client leaves: its end-of-file
+    // waits behind those bytes.
+    {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+        c.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+        let body = vec![b'x'; 100 << 10];
+        c.write_all(
+            format!(
+                "POST /departures/3 HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        c.write_all(&body).unwrap();
+    }
+    wait_for(
+        "the second counted as a 499",
+        Duration::from_secs(10),
+        || proxy.metric(gone) == 2.0,
+    );
     assert!(legacy.seen().is_empty(), "{:?}", legacy.seen());
     let failovers = "strangler_failovers_total{route=\"departures\",from=\"new\",to=\"legacy\"}";
     assert_eq!(proxy.metric(failovers), 0.0);

@@ -177,10 +177,13 @@ fn a_sigquit_with_no_new_process_waiting_is_refused() {
         get(&health).0 == 200 && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     });
     // Pingora would try to hand the listeners over for a few seconds, stop listening, and
-    // exit 0: the service down for a stray Ctrl-\.
+    // exit 0: the service down for a stray Ctrl-\. A socket file left by a new process that
+    // was killed while it waited is no new process waiting.
+    drop(std::os::unix::net::UnixListener::bind(dir.path().join("upgrade.sock")).unwrap());
+    assert!(dir.path().join("upgrade.sock").exists());
     unsafe_kill(proxy.0.id(), "QUIT");
     let log = dir.path().join("strangler.log");
-    wait_for("the refusal in the log", Duration::from_secs(5), || {
+    wait_for("the refusal in the log", Duration::from_secs(15), || {
         std::fs::read_to_string(&log).is_ok_and(|l| l.contains("no new process waits"))
     });
     let url = format!("http://127.0.0.1:{port}/x");
