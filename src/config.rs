@@ -330,7 +330,8 @@ fn faulty_key(message: &str) -> Option<(Vec<&str>, &str)> {
     }
     if own.starts_with("missing field") {
         // Only a route's `rollback` has required keys of its own: it is taken out whole. A
-        // route's or backend's own required key is [`Fault::StandIn`]'s.
+        // route's or backend's own required key is [`Fault::RouteStandIn`]'s or
+        // [`Fault::BackendStandIn`]'s.
         return (steps.len() == 3 && steps[0] == "routes").then(|| (steps[..2].to_vec(), steps[2]));
     }
     const WRONG: [&str; 4] = [
@@ -356,10 +357,12 @@ enum Fault<'a> {
     Key(Vec<&'a str>, &'a str),
     /// A key written twice: the reader keeps the last, as YAML readers commonly do.
     Repeated,
-    /// A route or a backend whose own required key is missing or of the wrong type (or which
-    /// is not a mapping at all): what it means is not guessed at, but the routes and backends
-    /// around it are still checked, with a stand-in in its place ([`stand_in`]).
-    StandIn(Part, &'a str),
+    /// A route (its index) or a backend (its name) whose own required key is missing or of
+    /// the wrong type, or which is not a mapping at all: what it means is not guessed at, but
+    /// the routes and backends around it are still checked, with a stand-in in its place
+    /// ([`route_stand_in`], [`backend_stand_in`]).
+    RouteStandIn(&'a str),
+    BackendStandIn(&'a str),
 }
 
 /// The [`Fault`] behind a schema error (as `schema_errors` words it), if what is left can
@@ -374,13 +377,13 @@ fn fault(message: &str) -> Option<Fault<'_>> {
             .strip_prefix("routes[")
             .and_then(|r| r.strip_suffix("].to").or_else(|| r.strip_suffix("].path")))
         {
-            return Some(Fault::StandIn(Part::Route, i));
+            return Some(Fault::RouteStandIn(i));
         }
         if let Some(name) = inner
             .strip_prefix("backends.")
             .and_then(|r| r.strip_suffix(".url"))
         {
-            return Some(Fault::StandIn(Part::Backend, name));
+            return Some(Fault::BackendStandIn(name));
         }
     }
     if let Some((steps, key)) = faulty_key(message) {
@@ -397,41 +400,42 @@ fn fault(message: &str) -> Option<Fault<'_>> {
         .strip_prefix("routes[")
         .and_then(|r| r.strip_suffix(']'))
     {
-        return Some(Fault::StandIn(Part::Route, i));
+        return Some(Fault::RouteStandIn(i));
     }
-    inner
-        .strip_prefix("backends.")
-        .map(|name| Fault::StandIn(Part::Backend, name))
+    inner.strip_prefix("backends.").map(Fault::BackendStandIn)
 }
 
-/// A route or a backend that can be checked in place of one whose required keys are faulty,
-/// and that no check can find fault with: a backend at an address that is never resolved; a
-/// route, under the faulty one's name if it has one, on a path of its own to the `default`
-/// backend (or the first one). `None` when the file names no backend to send it to.
-fn stand_in(
-    doc: &serde_yaml::Value,
-    part: Part,
-    at: usize,
-    name: Option<&str>,
-) -> Option<serde_yaml::Value> {
+/// A route that can be checked in place of route `at`, whose required keys are faulty, and
+/// that no check can find fault with: under that route's name if it has one, on a path of its
+/// own, to the `default` backend (or the first one). `None` when the file names no backend.
+fn route_stand_in(doc: &serde_yaml::Value, at: usize) -> Option<serde_yaml::Value> {
     use serde_yaml::{Mapping, Value};
-    let mut m = Mapping::new();
-    if matches!(part, Part::Backend) {
-        m.insert("url".into(), "http://stand-in.invalid:1".into());
-        return Some(Value::Mapping(m));
-    }
     let backends = doc.get("backends")?.as_mapping()?;
     let to = doc
         .get("default")
         .and_then(Value::as_str)
         .filter(|d| backends.contains_key(*d))
         .or_else(|| backends.keys().find_map(Value::as_str))?;
-    if let Some(name) = name {
+    let mut m = Mapping::new();
+    if let Some(name) = doc
+        .get("routes")?
+        .get(at)?
+        .get("name")
+        .and_then(Value::as_str)
+    {
         m.insert("name".into(), name.into());
     }
     m.insert("path".into(), format!("/.stand-in-for-route-{at}").into());
     m.insert("to".into(), to.into());
     Some(Value::Mapping(m))
+}
+
+/// A backend in place of one whose `url` is faulty: at an address never resolved (`check`
+/// resolves nothing), so that the routes sent to it are still checked.
+fn backend_stand_in() -> serde_yaml::Value {
+    let mut m = serde_yaml::Mapping::new();
+    m.insert("url".into(), "http://stand-in.invalid:1".into());
+    serde_yaml::Value::Mapping(m)
 }
 
 /// The file with every [`Fault`] set aside, read again. `text` is the file as `parse_text`
@@ -468,18 +472,15 @@ fn without_faulty_keys(file: &str, text: String) -> Option<(RoutingFile, Source)
                 }
                 node.as_mapping_mut()?.remove(key)?;
             }
-            // The lenient reading has already kept one of them.
+            // The lenient reading keeps one of each repeated key: no reading of it has any.
             Fault::Repeated => return None,
-            Fault::StandIn(Part::Route, i) => {
+            Fault::RouteStandIn(i) => {
                 let i: usize = i.parse().ok()?;
-                let route = doc.get("routes")?.get(i)?;
-                let name = route.get("name").and_then(Value::as_str);
-                let new = stand_in(&doc, Part::Route, i, name)?;
+                let new = route_stand_in(&doc, i)?;
                 *doc.get_mut("routes")?.get_mut(i)? = new;
             }
-            Fault::StandIn(part, name) => {
-                let new = stand_in(&doc, part, 0, None)?;
-                *doc.get_mut("backends")?.get_mut(name)? = new;
+            Fault::BackendStandIn(name) => {
+                *doc.get_mut("backends")?.get_mut(name)? = backend_stand_in();
             }
         }
     }
