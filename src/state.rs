@@ -1054,5 +1054,22 @@ mod tests {
         assert!(replaced.upgrade().is_some(), "not freed by the request");
         assert_eq!(state.reap_retired(), 0);
         assert!(replaced.upgrade().is_none(), "freed by the reaper");
+
+        // After a hand-over (`run --upgrade`) the state file is the truth: the pins and
+        // resumes the replaced process made before it handed over are taken; a file that
+        // cannot be read then lifts nothing.
+        let file = dir.path().join("state.json");
+        assert_eq!(state.pin("s", PinReason::Manual, "test"), Ok(true));
+        let with_s = std::fs::read(&file).unwrap();
+        std::fs::write(&file, br#"{"version": 1, "pins": {}}"#).unwrap();
+        state.adopt_pins();
+        assert!(!state.is_pinned("s"), "resumed by the other process");
+        std::fs::write(&file, &with_s).unwrap();
+        state.adopt_pins();
+        assert!(state.is_pinned("s"), "pinned by the other process");
+        std::fs::remove_file(&file).unwrap();
+        std::fs::create_dir(&file).unwrap();
+        state.adopt_pins();
+        assert!(state.is_pinned("s"), "an unreadable file lifts nothing");
     }
 }
