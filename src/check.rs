@@ -153,6 +153,8 @@ pub enum Answered {
     Pingora { why: String },
     /// strangler's own refusal (SPEC §4), a JSON error: `"STATUS CODE: message"`.
     Strangler(String),
+    /// Not a request at all: what was given cannot be written as one request head.
+    Unsendable(String),
 }
 
 impl std::fmt::Display for Answered {
@@ -165,6 +167,7 @@ impl std::fmt::Display for Answered {
                 )
             }
             Answered::Strangler(e) => write!(f, "answered by strangler: {e}"),
+            Answered::Unsendable(why) => write!(f, "not a request: {why}"),
         }
     }
 }
@@ -184,6 +187,14 @@ pub fn pingora_reads(
     headers: &HeaderMap,
 ) -> Result<RequestHeader, Answered> {
     use pingora_core::protocols::http::ServerSession;
+
+    // Written into a request line, a line feed would end it there (a bare CR is a byte the
+    // parser refuses, as the proxy's does: that one is explained).
+    if method.contains('\n') || target.contains(&b'\n') {
+        return Err(Answered::Unsendable(
+            "a line feed in the method or target would end the request line there".to_string(),
+        ));
+    }
 
     let mut wire = Vec::with_capacity(method.len() + target.len() + 64);
     wire.extend_from_slice(method.as_bytes());
@@ -281,6 +292,10 @@ pub fn decide(
     }
     if let Some(why) = crate::forwarding::method_refusal(&req.method) {
         return Err(Answered::Strangler(format!("400 bad_request: {why}")));
+    }
+    if !path::written_as_path(target) {
+        let e = path::PathError::NotOriginForm;
+        return Err(Answered::Strangler(format!("400 bad_request: {e}")));
     }
     let normal = path::normalize_target(raw, method == "OPTIONS")
         .map_err(|e| Answered::Strangler(format!("400 bad_request: {e}")))?;
@@ -542,17 +557,26 @@ pub fn explain(a: &ExplainArgs) -> ExitCode {
     outln!("  upstream: {method} {} HTTP/1.1", d.upstream_target);
     match (&backend.host_header, headers.get(http::header::HOST)) {
         (Some(h), _) => outln!("  Host:     {h} (set by backend `host`)"),
+        (None, Some(h)) if h.is_empty() => outln!("  Host:     empty (the client's, kept)"),
         (None, Some(h)) => outln!("  Host:     {} (the client's)", h.to_str().unwrap_or("?")),
-        (None, None) => outln!("  Host:     the client's Host, kept"),
+        (None, None) => outln!(
+            "  Host:     the client's Host, kept (none given here; an HTTP/1.1 request without one is answered 400)"
+        ),
     }
     ExitCode::SUCCESS
 }
 
-/// A target as given, its bytes that are not UTF-8 written `\xNN`.
+/// A target as given, its bytes that are not UTF-8 and its control characters written `\xNN`.
 fn shown(target: &[u8]) -> String {
     let mut s = String::with_capacity(target.len());
     for chunk in target.utf8_chunks() {
-        s.push_str(chunk.valid());
+        for c in chunk.valid().chars() {
+            if c.is_ascii_control() {
+                s.push_str(&format!("\\x{:02X}", c as u32));
+            } else {
+                s.push(c);
+            }
+        }
         for b in chunk.invalid() {
             s.push_str(&format!("\\x{b:02X}"));
         }
@@ -740,6 +764,27 @@ mod tests {
                 "{connect:?}"
             );
         }
+        // A target written as a fragment reaches the hooks as `/`; it is not origin-form.
+        assert!(matches!(
+            goes(b"#x", &[]),
+            Err(Answered::Strangler(e)) if e == "400 bad_request: request target must be an absolute path (origin-form)"
+        ));
+        // A line feed would end the request line: what follows it is no part of this request.
+        // A bare CR is refused by the parser, as the proxy's refuses it.
+        assert!(matches!(
+            goes(b"/a\rb", &[]),
+            Err(Answered::Strangler(e)) if e.starts_with("400 bad_request")
+        ));
+        for target in [
+            &b"/users/9 HTTP/1.1\r\nX-Client-Id: z\r\n\r\nGET /bookings"[..],
+            b"/a\nb",
+        ] {
+            assert!(
+                matches!(goes(target, &[]), Err(Answered::Unsendable(_))),
+                "{:?}",
+                goes(target, &[])
+            );
+        }
         let e = goes(b"/bookings/a`b", &[]).unwrap_err().to_string();
         assert!(
             e.starts_with("answered by strangler: 400 bad_request: the request is malformed (Pingora's HTTP/1 parser refuses the head, before routing: "),
@@ -750,6 +795,7 @@ mod tests {
     #[test]
     fn explain_shows_bytes_that_are_not_utf8_and_says_what_pingora_changed() {
         assert_eq!(shown(b"/a\xe9b/caf\xc3\xa9"), "/a\\xE9b/caf\u{e9}");
+        assert_eq!(shown(b"/a\rb\n\x7f"), "/a\\x0Db\\x0A\\x7F");
         assert_eq!(
             received_note(b"/bookings#x", "/bookings"),
             "as Pingora hands it on: the #fragment dropped"

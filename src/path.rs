@@ -102,6 +102,13 @@ impl NormalPath {
     }
 }
 
+/// Whether a request target, as the client wrote it on the request line, begins as
+/// origin-form (`/…`) or `*` must. Asked of the written bytes because Pingora drops a
+/// `#fragment` before the proxy sees the target: `GET #x` would reach it as `/`.
+pub fn written_as_path(target: &[u8]) -> bool {
+    matches!(target.first(), Some(b'/' | b'*'))
+}
+
 /// The request target as the proxy reads it, raw from the request line: `OPTIONS *` has no
 /// path to match (`None`: it goes to `default`); any other target is normalised, and one that
 /// is not UTF-8 is refused as a forbidden byte. The proxy and `explain` both start here.
@@ -278,6 +285,16 @@ mod tests {
             assert_eq!(&p, path, "path of {target}");
             assert_eq!(s, segs.to_vec(), "segments of {target}");
             assert_eq!(q.as_deref(), *query, "query of {target}");
+        }
+    }
+
+    #[test]
+    fn only_a_path_or_an_asterisk_is_written_as_a_target() {
+        for t in [&b"/"[..], b"/a#b", b"*"] {
+            assert!(written_as_path(t), "{t:?}");
+        }
+        for t in [&b""[..], b"#x", b"?q", b"a/b", b"http://h/", b" /a"] {
+            assert!(!written_as_path(t), "{t:?}");
         }
     }
 

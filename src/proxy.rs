@@ -360,6 +360,14 @@ fn client_authority<'a>(session: &Session, ctx: &'a RequestCtx) -> std::borrow::
     }
 }
 
+/// The request target as the client wrote it, from the first space of its request line on
+/// (`raw_path` is Pingora's reading of it).
+fn written_target(session: &Session) -> Option<bytes::Bytes> {
+    let head = session.as_downstream().as_http1()?.get_headers_raw_bytes();
+    let sp = memchr::memchr(b' ', &head)?;
+    Some(head.slice(sp + 1..))
+}
+
 /// The client's TCP address. An IPv4 client of a dual-stack listener (`[::]:8080`) arrives as
 /// `::ffff:a.b.c.d`; it is taken as the IPv4 address it is, so `trusted_proxies`, split buckets
 /// and `X-Forwarded-For` see one client the same way on every listener.
@@ -468,6 +476,13 @@ impl ProxyHttp for Strangler {
                 .await?;
             return Ok(true);
         }
+        if !written_target(session).is_none_or(|t| path::written_as_path(&t)) {
+            let detail = path::PathError::NotOriginForm.to_string();
+            self.answer(session, ctx, errors::BAD_REQUEST, Some(&detail))
+                .await?;
+            return Ok(true);
+        }
+        let req = session.req_header();
         let raw = req.raw_path();
         let normal = match path::normalize_target(raw, req.method == http::Method::OPTIONS) {
             Ok(p) => p,
@@ -633,9 +648,10 @@ impl ProxyHttp for Strangler {
         }
         if let Some(h) = &backend.host_header {
             up.insert_header(header::HOST, h.as_str())?;
-        } else if ctx.client_host.is_none() {
-            // HTTP/1.0 without a Host (or an empty one): the upstream request is HTTP/1.1,
-            // which needs one (RFC 9112 §3.2); the backend's own address, as nginx sends.
+        } else if !up.headers.contains_key(header::HOST) {
+            // HTTP/1.0 without a Host: the upstream request is HTTP/1.1, which needs one
+            // (RFC 9112 §3.2); the backend's own address, as nginx sends. An empty Host (which
+            // that section allows for a target without an authority) is the client's: kept.
             up.insert_header(header::HOST, backend.authority())?;
         }
         // Only the proxy's shadow copies carry it: a client's would pass a real request off as

@@ -177,6 +177,9 @@ fn refused_targets_are_400_json_and_sent_nowhere() {
         // Raw: Pingora percent-encodes them before the request filter sees `%01`, `%7F`.
         "/a\u{1}b",
         "/a\u{7f}b",
+        // Not origin-form, though Pingora drops the fragment and hands the hooks `/`.
+        "#x",
+        "?q=1",
     ] {
         let answer = raw(
             &addr,
@@ -468,6 +471,28 @@ fn hop_by_hop_answers_a_forged_shadow_mark_and_invalid_hosts() {
     assert!(
         answer.contains(&format!("http://{addr}/next\r\n")),
         "{answer}"
+    );
+    // That request reached the backend with the backend's own address as its Host (the
+    // upstream request is HTTP/1.1); an empty Host (RFC 9112 §3.2) is the client's, kept. With
+    // neither is there a host to report: a client's X-Forwarded-Host is not passed on.
+    let host_seen = |request: &[u8]| {
+        let n = legacy.seen().len();
+        let answer = raw(&addr, request);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let seen = legacy.seen();
+        assert_eq!(seen.len(), n + 1);
+        let h = &seen[n].headers;
+        (h.get("host").cloned(), h.get("x-forwarded-host").cloned())
+    };
+    assert_eq!(
+        host_seen(b"GET /x HTTP/1.0\r\nX-Forwarded-Host: forged\r\n\r\n"),
+        (Some(legacy.addr.to_string()), None)
+    );
+    assert_eq!(
+        host_seen(
+            b"GET /x HTTP/1.1\r\nHost: \r\nX-Forwarded-Host: forged\r\nConnection: close\r\n\r\n"
+        ),
+        (Some(String::new()), None)
     );
 }
 
