@@ -151,6 +151,8 @@ pub struct RequestCtx {
     /// addresses it could not connect to (`dns.rs`).
     addr_turn: usize,
     addr_tries: usize,
+    /// The address of the last attempt, for the error log (`request_summary`).
+    peer: Option<std::net::SocketAddr>,
     /// The backend's `timeout` ran out while the client's request body was still coming: the
     /// client stalled, and the request is answered 408, not blamed on the backend.
     client_stalled: bool,
@@ -403,6 +405,7 @@ impl ProxyHttp for Strangler {
             stale_retried: false,
             addr_turn: 0,
             addr_tries: 0,
+            peer: None,
             client_stalled: false,
             tunnel_closed: false,
             judged: false,
@@ -596,6 +599,7 @@ impl ProxyHttp for Strangler {
         let Some(addr) = backend.addrs.pick(ctx.addr_turn, ctx.addr_tries) else {
             return Error::e_explain(ErrorType::ConnectNoRoute, "backend address unresolved");
         };
+        ctx.peer = Some(addr);
         let mut peer = HttpPeer::new(addr, backend.tls, backend.sni.clone());
         let o = &mut peer.options;
         o.connection_timeout = Some(backend.connect_timeout);
@@ -1054,6 +1058,28 @@ impl ProxyHttp for Strangler {
             error_code: err.status,
             can_reuse_downstream: false,
         }
+    }
+
+    /// Pingora's error log lines about a request ("Fail to proxy: …", "Fail to connect …")
+    /// end with this: Pingora's own summary (method, path, Host), then what ties the line to
+    /// the rest — the request id the client's error body and `X-Request-Id` carry, the route,
+    /// and the backend with the address of the last attempt (a name may have several).
+    fn request_summary(&self, session: &Session, ctx: &RequestCtx) -> String {
+        use std::fmt::Write;
+        let mut s = session.as_downstream().request_summary();
+        let _ = write!(
+            s,
+            ", request_id: {}, route: {}",
+            ctx.request_id.to_str().unwrap_or("-"),
+            ctx.route_name()
+        );
+        if let (Some(live), Some(b)) = (&ctx.live, ctx.backend) {
+            let _ = write!(s, ", backend: {}", live.table.backends[b].name);
+            if let Some(a) = ctx.peer {
+                let _ = write!(s, " at {a}");
+            }
+        }
+        s
     }
 
     /// Pingora logs a request that ended in an error at level error; a tunnel that ended as

@@ -880,10 +880,16 @@ fn foreign_targets_connect_and_host_errors_are_refused_and_sent_nowhere() {
 
 #[test]
 fn a_refusing_backend_is_502_at_once() {
-    let proxy = Proxy::start(&one_backend(&format!("http://127.0.0.1:{}", dead_port())));
-    for _ in 0..3 {
+    let port = dead_port();
+    let proxy = Proxy::start(&one_backend(&format!("http://127.0.0.1:{port}")));
+    for n in 0..3 {
         let t0 = Instant::now();
-        let r = request("GET", &proxy.url("/x"), &[], None);
+        let r = request(
+            "GET",
+            &proxy.url("/x"),
+            &[("X-Request-Id", &format!("refused-{n}"))],
+            None,
+        );
         let took = t0.elapsed();
         assert_eq!(r.status, 502, "{}", r.body);
         assert_eq!(r.json()["error"], "bad_gateway");
@@ -894,6 +900,17 @@ fn a_refusing_backend_is_502_at_once() {
             "strangler_upstream_errors_total{route=\"default\",backend=\"legacy\",kind=\"connect\"}",
         ) == 3.0
     });
+    // Pingora's error line names the request the client was told about, and where it went.
+    wait_for(
+        "the failure logged with its request",
+        Duration::from_secs(2),
+        || {
+            proxy.log_text().lines().any(|l| {
+                l.contains("request_id: refused-2, route: default")
+                    && l.contains(&format!("backend: legacy at 127.0.0.1:{port}"))
+            })
+        },
+    );
 }
 
 #[test]
