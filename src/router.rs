@@ -54,10 +54,13 @@ pub struct Backend {
 }
 
 impl Backend {
-    /// `host:port` of `url`: the `Host` sent when neither the backend's `host` setting nor the
-    /// client names one (an HTTP/1.0 client may send none).
+    /// `host[:port]` of `url`, the scheme's default port left out (as a client writes a Host):
+    /// the `Host` sent when neither the backend's `host` setting nor the client names one (an
+    /// HTTP/1.0 client may send none).
     pub fn authority(&self) -> &str {
-        self.url.split_once("://").map_or("", |(_, a)| a)
+        let a = self.url.split_once("://").map_or("", |(_, a)| a);
+        a.strip_suffix(if self.tls { ":443" } else { ":80" })
+            .unwrap_or(a)
     }
 }
 
@@ -1201,11 +1204,11 @@ mod tests {
 
     #[test]
     fn a_backends_authority_is_its_urls_host_and_port() {
-        let t = table("backends:\n  a: {url: 'http://127.0.0.1:9001'}\n  b: {url: 'https://API.example'}\n  c: {url: 'http://[::1]:8080/'}\ndefault: a\n");
+        let t = table("backends:\n  a: {url: 'http://127.0.0.1:9001'}\n  b: {url: 'https://API.example'}\n  c: {url: 'http://[::1]:8080/'}\n  d: {url: 'http://h:80'}\n  e: {url: 'https://[::1]:443'}\n  f: {url: 'http://h:443'}\ndefault: a\n");
         let authorities: Vec<&str> = t.backends.iter().map(Backend::authority).collect();
         assert_eq!(
             authorities,
-            ["127.0.0.1:9001", "api.example:443", "[::1]:8080"]
+            ["127.0.0.1:9001", "api.example", "[::1]:8080", "h", "[::1]", "h:443"]
         );
     }
 

@@ -294,11 +294,11 @@ pub fn tap(
             up.append_header(name.clone(), value.clone()).ok()?;
         }
     }
-    // As on the primary request: the backend's `host`, else the client's, else the backend's
-    // own address (an HTTP/1.0 client may send none).
+    // As on the primary request: the backend's `host`, else the client's (even an empty
+    // one), else the backend's own address (an HTTP/1.0 client may send none).
     if let Some(h) = &backend.host_header {
         up.insert_header(header::HOST, h.as_str()).ok()?;
-    } else if client.host.is_none() {
+    } else if !up.headers.contains_key(header::HOST) {
         up.insert_header(header::HOST, backend.authority()).ok()?;
     }
     if let Some(ip) = client.ip {
