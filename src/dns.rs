@@ -4,12 +4,18 @@
 //! behind a cloud load balancer (several addresses, rotating) keeps working when one of them
 //! goes away. DNS never runs on the request path: a table is resolved before it is swapped in,
 //! and a refresh replaces a backend's list in place.
+//!
+//! An address that refused a connection (or let it time out) is passed over for [`EJECT`]
+//! while the backend has others, as nginx's `max_fails=1 fail_timeout=10s` does: without
+//! that, a dead address behind a name costs every n-th request a failed attempt (a whole
+//! `connect_timeout` for one that drops packets). When every address is passed over, they are
+//! all tried as if none were.
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
@@ -22,11 +28,18 @@ pub const REFRESH: Duration = Duration::from_secs(5);
 /// connect timeouts add up, and a client waits for all of them.
 pub const MAX_TRIES: usize = 4;
 
+/// How long an address that could not be connected to is passed over (nginx's default
+/// `fail_timeout`).
+pub const EJECT: Duration = Duration::from_secs(10);
+
 /// The addresses of one backend, in the resolver's order, replaceable while requests use them.
 pub struct Addresses {
     list: ArcSwap<Vec<SocketAddr>>,
     /// Round robin: the next request's first address.
     turn: AtomicUsize,
+    /// Addresses passed over until the instant given (empty, one atomic load, while every
+    /// address answers).
+    ejected: ArcSwap<Vec<(SocketAddr, Instant)>>,
 }
 
 impl Addresses {
@@ -34,6 +47,7 @@ impl Addresses {
         Addresses {
             list: ArcSwap::from_pointee(list),
             turn: AtomicUsize::new(0),
+            ejected: ArcSwap::from_pointee(Vec::new()),
         }
     }
 
@@ -47,10 +61,58 @@ impl Addresses {
         self.turn.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// The address for attempt `tries` (0 first) of a request that started at `turn`.
-    pub fn pick(&self, turn: usize, tries: usize) -> Option<SocketAddr> {
+    /// The address at position `at` of the round robin (positions count on past the end).
+    pub fn pick(&self, at: usize) -> Option<SocketAddr> {
         let list = self.list.load();
-        (!list.is_empty()).then(|| list[turn.wrapping_add(tries) % list.len()])
+        (!list.is_empty()).then(|| list[at % list.len()])
+    }
+
+    /// The position of the next address to try, from `from` on and before `end`: the first
+    /// one not passed over, or `from` when each of them is (they are all tried then).
+    pub fn next_up(&self, from: usize, end: usize) -> usize {
+        let ejected = self.ejected.load();
+        if ejected.is_empty() {
+            return from;
+        }
+        let now = Instant::now();
+        if ejected.iter().all(|&(_, until)| until <= now) {
+            self.ejected.store(Arc::new(Vec::new()));
+            return from;
+        }
+        let list = self.list.load();
+        if list.is_empty() {
+            return from;
+        }
+        let passed_over = |a: SocketAddr| ejected.iter().any(|&(e, until)| e == a && until > now);
+        (from..end)
+            .find(|&at| !passed_over(list[at % list.len()]))
+            .unwrap_or(from)
+    }
+
+    /// Passes `addr` over for [`EJECT`] after a failed connection, when the backend has
+    /// another address to send requests to. Returns whether it was not passed over already.
+    pub fn eject(&self, addr: SocketAddr) -> bool {
+        if self.list.load().len() < 2 {
+            return false;
+        }
+        let now = Instant::now();
+        let mut newly = true;
+        self.ejected.rcu(|old| {
+            newly = !old.iter().any(|&(a, until)| a == addr && until > now);
+            let mut v: Vec<_> = old
+                .iter()
+                .filter(|&&(a, until)| a != addr && until > now)
+                .copied()
+                .collect();
+            v.push((addr, now + EJECT));
+            v
+        });
+        newly
+    }
+
+    /// How many addresses there are.
+    pub fn count(&self) -> usize {
+        self.list.load().len()
     }
 
     /// How many addresses a request may try.
@@ -169,9 +231,7 @@ mod tests {
     #[test]
     fn requests_take_turns_and_retries_move_to_the_next_address() {
         let addrs = Addresses::new(vec![a("10.0.0.1:80"), a("10.0.0.2:80"), a("10.0.0.3:80")]);
-        let firsts: Vec<_> = (0..4)
-            .map(|_| addrs.pick(addrs.turn(), 0).unwrap())
-            .collect();
+        let firsts: Vec<_> = (0..4).map(|_| addrs.pick(addrs.turn()).unwrap()).collect();
         assert_eq!(
             firsts,
             [
@@ -183,15 +243,38 @@ mod tests {
         );
         let turn = 2;
         let tried: Vec<_> = (0..addrs.tries())
-            .map(|t| addrs.pick(turn, t).unwrap())
+            .map(|t| addrs.pick(turn + t).unwrap())
             .collect();
         assert_eq!(
             tried,
             [a("10.0.0.3:80"), a("10.0.0.1:80"), a("10.0.0.2:80")]
         );
-        assert_eq!(Addresses::default().pick(0, 0), None);
+        assert_eq!(Addresses::default().pick(0), None);
         let many = Addresses::new((1..=9).map(|i| a(&format!("10.0.0.{i}:80"))).collect());
         assert_eq!(many.tries(), MAX_TRIES);
+    }
+
+    #[test]
+    fn an_address_that_failed_is_passed_over_while_another_answers() {
+        let addrs = Addresses::new(vec![a("10.0.0.1:80"), a("10.0.0.2:80"), a("10.0.0.3:80")]);
+        assert_eq!(addrs.next_up(0, 3), 0);
+        assert!(addrs.eject(a("10.0.0.1:80")));
+        assert!(!addrs.eject(a("10.0.0.1:80")), "already passed over");
+        // Every request starts on an address that answers; a retry moves on past the one
+        // that just failed, never back to an earlier position.
+        assert_eq!(addrs.next_up(0, 3), 1);
+        assert_eq!(addrs.next_up(3, 6), 4);
+        assert_eq!(addrs.next_up(2, 3), 2);
+        assert!(addrs.eject(a("10.0.0.2:80")));
+        assert_eq!(addrs.next_up(0, 3), 2);
+        assert_eq!(addrs.next_up(1, 3), 2);
+        // All passed over: tried in turn all the same.
+        assert!(addrs.eject(a("10.0.0.3:80")));
+        assert_eq!(addrs.next_up(1, 4), 1);
+        // The only address of a backend is never passed over: there is no other to take.
+        let one = Addresses::new(vec![a("10.0.0.9:80")]);
+        assert!(!one.eject(a("10.0.0.9:80")));
+        assert_eq!(one.next_up(5, 6), 5);
     }
 
     #[test]

@@ -22,6 +22,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::connection::DeadlineStream;
+use crate::dns;
 use crate::errors::{self, ProxyError, UpstreamErrorKind};
 use crate::forwarding;
 use crate::metrics;
@@ -147,9 +148,10 @@ pub struct RequestCtx {
     failed_over: bool,
     /// Retried once already because a reused connection closed under it.
     stale_retried: bool,
-    /// Where this request starts in its backend's address list, and how many of the
-    /// addresses it could not connect to (`dns.rs`).
-    addr_turn: usize,
+    /// Where this request started in its backend's round robin of addresses, where its
+    /// current attempt is, and how many of the addresses it could not connect to (`dns.rs`).
+    addr_start: usize,
+    addr_at: usize,
     addr_tries: usize,
     /// The address of the last attempt, for the error log (`request_summary`).
     peer: Option<std::net::SocketAddr>,
@@ -403,7 +405,8 @@ impl ProxyHttp for Strangler {
             to_generation: 0,
             failed_over: false,
             stale_retried: false,
-            addr_turn: 0,
+            addr_start: 0,
+            addr_at: 0,
             addr_tries: 0,
             peer: None,
             client_stalled: false,
@@ -594,9 +597,11 @@ impl ProxyHttp for Strangler {
             }
         }
         if ctx.addr_tries == 0 {
-            ctx.addr_turn = backend.addrs.turn();
+            let turn = backend.addrs.turn();
+            ctx.addr_start = turn;
+            ctx.addr_at = backend.addrs.next_up(turn, turn + backend.addrs.count());
         }
-        let Some(addr) = backend.addrs.pick(ctx.addr_turn, ctx.addr_tries) else {
+        let Some(addr) = backend.addrs.pick(ctx.addr_at) else {
             return Error::e_explain(ErrorType::ConnectNoRoute, "backend address unresolved");
         };
         ctx.peer = Some(addr);
@@ -901,7 +906,20 @@ impl ProxyHttp for Strangler {
         record_upstream_error(ctx, UpstreamErrorKind::Connect);
         ctx.addr_tries += 1;
         if let (Some(live), Some(b)) = (&ctx.live, ctx.backend) {
-            if ctx.addr_tries < live.table.backends[b].addrs.tries() && !client_closed(session) {
+            let backend = &live.table.backends[b];
+            let addrs = &backend.addrs;
+            if let Some(addr) = ctx.peer.filter(|&a| addrs.eject(a)) {
+                log::warn!(
+                    backend = &*backend.name,
+                    address = addr.to_string();
+                    "backend {:?}: cannot connect to {addr} ({}); its other addresses take its requests for {} s",
+                    backend.name,
+                    e.etype().as_str(),
+                    dns::EJECT.as_secs()
+                );
+            }
+            if ctx.addr_tries < addrs.tries() && !client_closed(session) {
+                ctx.addr_at = addrs.next_up(ctx.addr_at + 1, ctx.addr_start + addrs.count());
                 e.set_retry(true);
                 return e;
             }

@@ -577,26 +577,48 @@ impl RoutingTable {
     }
 
     /// Resolves every backend's address. Done once per build so that DNS never runs on the
-    /// request path; a name that does not resolve fails the build like any other error.
-    pub fn resolve(&mut self, source: &Source) -> Result<(), ConfigErrors> {
+    /// request path. A name that does not resolve fails the build like any other error, unless
+    /// the table `in_force` serves the same host and port: its addresses are kept then, as the
+    /// DNS refresh keeps them (a DNS outage must not block an edit such as a rollback to
+    /// `default`). Returns a line to log for each name kept that way.
+    pub fn resolve(
+        &mut self,
+        source: &Source,
+        in_force: Option<&RoutingTable>,
+    ) -> Result<Vec<String>, ConfigErrors> {
         let mut failed = Vec::new();
+        let mut kept = Vec::new();
         for b in &mut self.backends {
             let why = match crate::dns::resolve(&b.host, b.port) {
                 Ok(list) => {
                     b.addrs = crate::dns::Addresses::new(list);
-                    None
+                    continue;
                 }
-                Err(e) => Some(e),
+                Err(e) => e,
             };
-            if let Some(why) = why {
-                failed.push(source.error_at(
+            let known = in_force
+                .and_then(|t| {
+                    t.backends
+                        .iter()
+                        .find(|k| k.host == b.host && k.port == b.port)
+                })
+                .filter(|k| k.addrs.count() > 0);
+            match known {
+                Some(k) => {
+                    b.addrs = k.addrs.clone();
+                    kept.push(format!(
+                        "backend {:?}: cannot resolve {} ({why}); keeping the addresses in use: {:?}",
+                        b.name, b.host, b.addrs
+                    ));
+                }
+                None => failed.push(source.error_at(
                     &format!("backends.{}.url", b.name),
                     format!("cannot resolve backend {:?} ({}): {why}", b.name, b.url),
-                ));
+                )),
             }
         }
         if failed.is_empty() {
-            Ok(())
+            Ok(kept)
         } else {
             Err(ConfigErrors(failed))
         }
@@ -1140,13 +1162,37 @@ mod tests {
         let (f, s) = parse("t.yaml", "backends:\n  legacy: {url: http://127.0.0.1:1}\n  new:\n    url: http://no-such-host.invalid:80\ndefault: legacy\n").unwrap();
         let err = RoutingTable::build(f, &s)
             .unwrap()
-            .resolve(&s)
+            .resolve(&s, None)
             .unwrap_err()
             .to_string();
         assert!(
             err.starts_with("t.yaml:4:10: cannot resolve backend \"new\""),
             "{err}"
         );
+        // A reload while the name does not resolve keeps the addresses the table in force has
+        // for the same host and port, under whatever name.
+        let text = "backends:\n  legacy: {url: http://127.0.0.1:1}\n  new:\n    url: http://no-such-host.invalid:80\ndefault: legacy\n";
+        let (f, s) = parse("t.yaml", text).unwrap();
+        let in_force = RoutingTable::build(f, &s).unwrap();
+        let known: std::net::SocketAddr = "10.0.0.7:80".parse().unwrap();
+        in_force.backends[1].addrs.replace(vec![known]);
+        let (f, s) = parse(
+            "t.yaml",
+            text.replace("  new:", "  renamed:")
+                .replace("legacy", "old"),
+        )
+        .unwrap();
+        let mut next = RoutingTable::build(f, &s).unwrap();
+        let kept = next.resolve(&s, Some(&in_force)).unwrap();
+        assert_eq!(kept.len(), 1, "{kept:?}");
+        assert!(kept[0].starts_with("backend \"renamed\": cannot resolve no-such-host.invalid"));
+        assert_eq!(next.backends[1].addrs.load().as_ref(), &[known]);
+        // Another port is another service: not kept.
+        let (f, s) = parse("t.yaml", text.replace(":80", ":81")).unwrap();
+        assert!(RoutingTable::build(f, &s)
+            .unwrap()
+            .resolve(&s, Some(&in_force))
+            .is_err());
     }
 
     #[test]
@@ -1208,7 +1254,14 @@ mod tests {
         let authorities: Vec<&str> = t.backends.iter().map(Backend::authority).collect();
         assert_eq!(
             authorities,
-            ["127.0.0.1:9001", "api.example", "[::1]:8080", "h", "[::1]", "h:443"]
+            [
+                "127.0.0.1:9001",
+                "api.example",
+                "[::1]:8080",
+                "h",
+                "[::1]",
+                "h:443"
+            ]
         );
     }
 

@@ -278,7 +278,10 @@ pub fn tap(
             .inc();
         return None;
     };
-    let addr = backend.addrs.pick(backend.addrs.turn(), 0)?;
+    let turn = backend.addrs.turn();
+    let addr = backend
+        .addrs
+        .pick(backend.addrs.next_up(turn, turn + backend.addrs.count()))?;
     let counters = metrics::SHADOW_RESULTS
         .map(|r| metrics::SHADOW.with_label_values(&[labels[0], labels[1], r]));
 

@@ -284,7 +284,7 @@ impl State {
         metrics::register_all();
         let t0 = Instant::now();
         let mut parsed = Duration::ZERO;
-        let table = load_table(config, None, t0, &mut parsed).map_err(|e| {
+        let table = load_table(config, None, t0, &mut parsed, None).map_err(|e| {
             metrics::CONFIG_RELOADS.with_label_values(&["error"]).inc();
             e.message
         })?;
@@ -433,7 +433,14 @@ impl State {
         t0: Instant,
     ) -> Result<(), LoadError> {
         let mut t_parsed = Duration::ZERO;
-        let table = match load_table(&self.config, bytes, t0, &mut t_parsed) {
+        let in_force = self.snapshot();
+        let table = match load_table(
+            &self.config,
+            bytes,
+            t0,
+            &mut t_parsed,
+            Some(&in_force.table),
+        ) {
             Ok(t) => t,
             Err(e) => {
                 metrics::CONFIG_RELOADS.with_label_values(&["error"]).inc();
@@ -831,11 +838,14 @@ impl From<String> for LoadError {
 /// Reads `config` (unless given its bytes, read from `t0` on), parses, validates and resolves
 /// it. `parsed` is set to the time from `t0` to the end of the YAML parse (the rest is
 /// validation and DNS).
+/// Reads, parses, validates and resolves `config` (`bytes`, when already read). A name that
+/// does not resolve keeps the addresses `in_force` has for it (`RoutingTable::resolve`).
 fn load_table(
     config: &Path,
     bytes: Option<Vec<u8>>,
     t0: Instant,
     parsed: &mut Duration,
+    in_force: Option<&RoutingTable>,
 ) -> Result<RoutingTable, LoadError> {
     let read = match bytes {
         Some(bytes) => config::bytes_checked(config, bytes),
@@ -854,10 +864,13 @@ fn load_table(
         }
     };
     let mut table = RoutingTable::build(file, &source).map_err(|e| e.to_string())?;
-    table.resolve(&source).map_err(|e| LoadError {
+    let kept = table.resolve(&source, in_force).map_err(|e| LoadError {
         message: e.to_string(),
         unresolved: true,
     })?;
+    for line in kept {
+        log::warn!("{line}");
+    }
     Ok(table)
 }
 

@@ -1809,10 +1809,21 @@ fn a_backend_name_with_several_addresses_uses_them_all_and_follows_dns() {
         assert_eq!(r.status, 200, "{}", r.body);
         assert_eq!(service(&r), "b");
     }
-    assert!(
+    // The dead address was tried once, then passed over while the other one answers.
+    assert_eq!(
         proxy.metric(
             "strangler_upstream_errors_total{route=\"default\",backend=\"legacy\",kind=\"connect\"}"
-        ) >= 1.0
+        ),
+        1.0
+    );
+    wait_for(
+        "the address passed over logged",
+        Duration::from_secs(5),
+        || {
+            proxy
+                .log_text()
+                .contains(&format!("cannot connect to 127.0.0.2:{port}"))
+        },
     );
 
     // The name moves: the proxy follows within the refresh period, without a reload.
@@ -1826,6 +1837,25 @@ fn a_backend_name_with_several_addresses_uses_them_all_and_follows_dns() {
     assert_eq!(
         proxy.metric("strangler_config_reloads_total{result=\"success\"}"),
         1.0
+    );
+
+    // The name stops resolving: an edit of the file (a rollback, say) is still taken, and the
+    // addresses in use are kept.
+    std::fs::write(&hosts, "").unwrap();
+    proxy.write_config(&format!(
+        "backends:\n  legacy: {{url: 'http://multi.test:{port}'}}\ndefault: legacy\nroutes:\n  - {{name: r, path: /r, to: legacy}}\n"
+    ));
+    wait_for("the edit to serve", Duration::from_secs(10), || {
+        let r = request("GET", &proxy.url("/r"), &[], None);
+        r.header("x-strangler-route") == "r" && service(&r) == "c"
+    });
+    assert!(
+        proxy.log_text().contains("cannot resolve multi.test (")
+            && proxy
+                .log_text()
+                .contains("keeping the addresses in use: [127.0.0.4:"),
+        "{}",
+        proxy.log_text()
     );
     drop((b, c));
 }
