@@ -61,47 +61,66 @@ impl Addresses {
         self.turn.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// The address at position `at` of the round robin (positions count on past the end).
-    pub fn pick(&self, at: usize) -> Option<SocketAddr> {
+    /// The address to try next for a request that started at `turn` and has tried those
+    /// `tried` says: in round-robin order from `turn`, the first not tried yet and not passed
+    /// over. An address whose [`EJECT`] is over is given to one request, which tries it again
+    /// (the others pass it over for another `EJECT`), as nginx lets one request probe a
+    /// server after its `fail_timeout`. When every untried address is passed over, the first
+    /// untried one; `None` once every address has been tried (or there is none).
+    pub fn next(&self, turn: usize, tried: impl Fn(SocketAddr) -> bool) -> Option<SocketAddr> {
         let list = self.list.load();
-        (!list.is_empty()).then(|| list[at % list.len()])
-    }
-
-    /// The position of the next address to try, from `from` on and before `end`: the first
-    /// one not passed over, or `from` when each of them is (they are all tried then).
-    pub fn next_up(&self, from: usize, end: usize) -> usize {
+        let n = list.len();
+        let mut untried = (0..n)
+            .map(|i| list[turn.wrapping_add(i) % n])
+            .filter(|&a| !tried(a));
         let ejected = self.ejected.load();
         if ejected.is_empty() {
-            return from;
+            return untried.next();
         }
         let now = Instant::now();
-        if ejected.iter().all(|&(_, until)| until <= now) {
-            self.ejected.store(Arc::new(Vec::new()));
-            return from;
+        let mut fallback = None;
+        for a in untried {
+            match ejected.iter().find(|&&(e, _)| e == a) {
+                None => return Some(a),
+                Some(&(_, until)) if until <= now && self.take_probe(a, now) => return Some(a),
+                Some(_) => {}
+            }
+            fallback.get_or_insert(a);
         }
-        let list = self.list.load();
-        if list.is_empty() {
-            return from;
-        }
-        let passed_over = |a: SocketAddr| ejected.iter().any(|&(e, until)| e == a && until > now);
-        (from..end)
-            .find(|&at| !passed_over(list[at % list.len()]))
-            .unwrap_or(from)
+        fallback
+    }
+
+    /// Gives the retry of `addr`, whose time out is over, to the caller alone: the others pass
+    /// it over for another [`EJECT`]. Whether the caller got it.
+    fn take_probe(&self, addr: SocketAddr, now: Instant) -> bool {
+        let mut taken = false;
+        self.ejected.rcu(|old| {
+            taken = false;
+            let mut v = old.as_ref().clone();
+            if let Some(e) = v.iter_mut().find(|e| e.0 == addr && e.1 <= now) {
+                e.1 = now + EJECT;
+                taken = true;
+            }
+            v
+        });
+        taken
     }
 
     /// Passes `addr` over for [`EJECT`] after a failed connection, when the backend has
-    /// another address to send requests to. Returns whether it was not passed over already.
+    /// another address to send requests to. Whether it was answering until now (not passed
+    /// over, nor being tried again after being passed over).
     pub fn eject(&self, addr: SocketAddr) -> bool {
-        if self.list.load().len() < 2 {
+        let list = self.list.load();
+        if list.len() < 2 {
             return false;
         }
         let now = Instant::now();
         let mut newly = true;
         self.ejected.rcu(|old| {
-            newly = !old.iter().any(|&(a, until)| a == addr && until > now);
+            newly = !old.iter().any(|&(a, _)| a == addr);
             let mut v: Vec<_> = old
                 .iter()
-                .filter(|&&(a, until)| a != addr && until > now)
+                .filter(|&&(a, _)| a != addr && list.contains(&a))
                 .copied()
                 .collect();
             v.push((addr, now + EJECT));
@@ -110,9 +129,16 @@ impl Addresses {
         newly
     }
 
-    /// How many addresses there are.
-    pub fn count(&self) -> usize {
-        self.list.load().len()
+    /// `addr` answered: it is no longer passed over. One atomic load while none is.
+    pub fn answered(&self, addr: SocketAddr) {
+        if self.ejected.load().iter().any(|&(a, _)| a == addr) {
+            self.ejected.rcu(|old| {
+                old.iter()
+                    .filter(|&&(a, _)| a != addr)
+                    .copied()
+                    .collect::<Vec<_>>()
+            });
+        }
     }
 
     /// How many addresses a request may try.
@@ -228,10 +254,24 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// The addresses a request tries, in order, when every attempt fails.
+    fn walk(addrs: &Addresses, turn: usize) -> Vec<SocketAddr> {
+        let mut tried = Vec::new();
+        while tried.len() < addrs.tries() {
+            let Some(a) = addrs.next(turn, |a| tried.contains(&a)) else {
+                break;
+            };
+            tried.push(a);
+        }
+        tried
+    }
+
     #[test]
     fn requests_take_turns_and_retries_move_to_the_next_address() {
         let addrs = Addresses::new(vec![a("10.0.0.1:80"), a("10.0.0.2:80"), a("10.0.0.3:80")]);
-        let firsts: Vec<_> = (0..4).map(|_| addrs.pick(addrs.turn()).unwrap()).collect();
+        let firsts: Vec<_> = (0..4)
+            .map(|_| addrs.next(addrs.turn(), |_| false).unwrap())
+            .collect();
         assert_eq!(
             firsts,
             [
@@ -241,40 +281,57 @@ mod tests {
                 a("10.0.0.1:80")
             ]
         );
-        let turn = 2;
-        let tried: Vec<_> = (0..addrs.tries())
-            .map(|t| addrs.pick(turn + t).unwrap())
-            .collect();
         assert_eq!(
-            tried,
+            walk(&addrs, 2),
             [a("10.0.0.3:80"), a("10.0.0.1:80"), a("10.0.0.2:80")]
         );
-        assert_eq!(Addresses::default().pick(0), None);
+        assert_eq!(Addresses::default().next(0, |_| false), None);
         let many = Addresses::new((1..=9).map(|i| a(&format!("10.0.0.{i}:80"))).collect());
         assert_eq!(many.tries(), MAX_TRIES);
     }
 
     #[test]
     fn an_address_that_failed_is_passed_over_while_another_answers() {
-        let addrs = Addresses::new(vec![a("10.0.0.1:80"), a("10.0.0.2:80"), a("10.0.0.3:80")]);
-        assert_eq!(addrs.next_up(0, 3), 0);
-        assert!(addrs.eject(a("10.0.0.1:80")));
-        assert!(!addrs.eject(a("10.0.0.1:80")), "already passed over");
-        // Every request starts on an address that answers; a retry moves on past the one
-        // that just failed, never back to an earlier position.
-        assert_eq!(addrs.next_up(0, 3), 1);
-        assert_eq!(addrs.next_up(3, 6), 4);
-        assert_eq!(addrs.next_up(2, 3), 2);
-        assert!(addrs.eject(a("10.0.0.2:80")));
-        assert_eq!(addrs.next_up(0, 3), 2);
-        assert_eq!(addrs.next_up(1, 3), 2);
-        // All passed over: tried in turn all the same.
-        assert!(addrs.eject(a("10.0.0.3:80")));
-        assert_eq!(addrs.next_up(1, 4), 1);
+        let (one, two, three) = (a("10.0.0.1:80"), a("10.0.0.2:80"), a("10.0.0.3:80"));
+        let addrs = Addresses::new(vec![one, two, three]);
+        assert!(addrs.eject(one));
+        assert!(!addrs.eject(one), "already passed over");
+        // Requests start on an address that answers; a request whose attempts all fail tries
+        // each address once, the one passed over last.
+        assert_eq!(addrs.next(0, |_| false), Some(two));
+        assert_eq!(walk(&addrs, 0), [two, three, one]);
+        assert_eq!(walk(&addrs, 2), [three, two, one]);
+        assert!(addrs.eject(three));
+        assert_eq!(walk(&addrs, 2), [two, three, one]);
+        // Every one passed over: each still tried, in turn.
+        assert!(addrs.eject(two));
+        assert_eq!(walk(&addrs, 1), [two, three, one]);
+        // One that answers again is no longer passed over.
+        addrs.answered(two);
+        addrs.answered(three);
+        assert_eq!(walk(&addrs, 2), [three, two, one]);
         // The only address of a backend is never passed over: there is no other to take.
-        let one = Addresses::new(vec![a("10.0.0.9:80")]);
-        assert!(!one.eject(a("10.0.0.9:80")));
-        assert_eq!(one.next_up(5, 6), 5);
+        let single = Addresses::new(vec![one]);
+        assert!(!single.eject(one));
+        assert_eq!(single.next(5, |_| false), Some(one));
+    }
+
+    #[test]
+    fn once_its_time_is_over_one_request_tries_it_again() {
+        let (one, two) = (a("10.0.0.1:80"), a("10.0.0.2:80"));
+        let addrs = Addresses::new(vec![one, two]);
+        addrs.eject(one);
+        // As if the EJECT had run out.
+        addrs.ejected.store(Arc::new(vec![(one, Instant::now())]));
+        assert_eq!(addrs.next(0, |_| false), Some(one), "the probe");
+        assert_eq!(
+            addrs.next(0, |_| false),
+            Some(two),
+            "the others still pass it over"
+        );
+        // The probe failed: still passed over, and not reported as newly failing.
+        assert!(!addrs.eject(one));
+        assert_eq!(addrs.next(0, |_| false), Some(two));
     }
 
     #[test]

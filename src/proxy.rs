@@ -8,7 +8,7 @@
 //! (X-Strangler-* headers) → `logging` (metrics, rollback window). On failure:
 //! `fail_to_connect` / `error_while_proxy` (failover) → `fail_to_proxy` (JSON error).
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -148,13 +148,13 @@ pub struct RequestCtx {
     failed_over: bool,
     /// Retried once already because a reused connection closed under it.
     stale_retried: bool,
-    /// Where this request started in its backend's round robin of addresses, where its
-    /// current attempt is, and how many of the addresses it could not connect to (`dns.rs`).
-    addr_start: usize,
-    addr_at: usize,
+    /// Where this request started in its backend's round robin of addresses, and the
+    /// addresses it could not connect to, `addr_tries` of them (`dns.rs`).
+    addr_turn: usize,
+    addr_tried: [Option<SocketAddr>; dns::MAX_TRIES],
     addr_tries: usize,
-    /// The address of the last attempt, for the error log (`request_summary`).
-    peer: Option<std::net::SocketAddr>,
+    /// The backend and address of the last attempt.
+    peer: Option<(usize, SocketAddr)>,
     /// The backend's `timeout` ran out while the client's request body was still coming: the
     /// client stalled, and the request is answered 408, not blamed on the backend.
     client_stalled: bool,
@@ -405,8 +405,8 @@ impl ProxyHttp for Strangler {
             to_generation: 0,
             failed_over: false,
             stale_retried: false,
-            addr_start: 0,
-            addr_at: 0,
+            addr_turn: 0,
+            addr_tried: [None; dns::MAX_TRIES],
             addr_tries: 0,
             peer: None,
             client_stalled: false,
@@ -597,14 +597,17 @@ impl ProxyHttp for Strangler {
             }
         }
         if ctx.addr_tries == 0 {
-            let turn = backend.addrs.turn();
-            ctx.addr_start = turn;
-            ctx.addr_at = backend.addrs.next_up(turn, turn + backend.addrs.count());
+            ctx.addr_turn = backend.addrs.turn();
+            ctx.addr_tried = [None; dns::MAX_TRIES];
         }
-        let Some(addr) = backend.addrs.pick(ctx.addr_at) else {
-            return Error::e_explain(ErrorType::ConnectNoRoute, "backend address unresolved");
+        let tried = &ctx.addr_tried;
+        let Some(addr) = backend
+            .addrs
+            .next(ctx.addr_turn, |a| tried.contains(&Some(a)))
+        else {
+            return Error::e_explain(ErrorType::ConnectNoRoute, "no backend address left to try");
         };
-        ctx.peer = Some(addr);
+        ctx.peer = Some((b, addr));
         let mut peer = HttpPeer::new(addr, backend.tls, backend.sni.clone());
         let o = &mut peer.options;
         o.connection_timeout = Some(backend.connect_timeout);
@@ -699,6 +702,10 @@ impl ProxyHttp for Strangler {
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        // The address answered: if it was passed over for a failed connection, no longer.
+        if let (Some(live), Some((b, addr))) = (&ctx.live, ctx.peer) {
+            live.table.backends[b].addrs.answered(addr);
+        }
         if resp.status == http::StatusCode::SWITCHING_PROTOCOLS
             && !session.req_header().headers.contains_key(header::UPGRADE)
         {
@@ -904,11 +911,14 @@ impl ProxyHttp for Strangler {
         // Every failed attempt is the backend's upstream error, even one the next address
         // makes good: the dashboards see a dying address before the clients do.
         record_upstream_error(ctx, UpstreamErrorKind::Connect);
+        if let Some(slot) = ctx.addr_tried.get_mut(ctx.addr_tries) {
+            *slot = ctx.peer.map(|(_, a)| a);
+        }
         ctx.addr_tries += 1;
         if let (Some(live), Some(b)) = (&ctx.live, ctx.backend) {
             let backend = &live.table.backends[b];
             let addrs = &backend.addrs;
-            if let Some(addr) = ctx.peer.filter(|&a| addrs.eject(a)) {
+            if let Some((_, addr)) = ctx.peer.filter(|&(pb, a)| pb == b && addrs.eject(a)) {
                 log::warn!(
                     backend = &*backend.name,
                     address = addr.to_string();
@@ -919,7 +929,6 @@ impl ProxyHttp for Strangler {
                 );
             }
             if ctx.addr_tries < addrs.tries() && !client_closed(session) {
-                ctx.addr_at = addrs.next_up(ctx.addr_at + 1, ctx.addr_start + addrs.count());
                 e.set_retry(true);
                 return e;
             }
@@ -1091,11 +1100,16 @@ impl ProxyHttp for Strangler {
             ctx.request_id.to_str().unwrap_or("-"),
             ctx.route_name()
         );
-        if let (Some(live), Some(b)) = (&ctx.live, ctx.backend) {
-            let _ = write!(s, ", backend: {}", live.table.backends[b].name);
-            if let Some(a) = ctx.peer {
-                let _ = write!(s, " at {a}");
+        // The backend of the attempt that failed (after a failover, `ctx.backend` is
+        // already the default).
+        match (&ctx.live, ctx.peer, ctx.backend) {
+            (Some(live), Some((b, a)), _) => {
+                let _ = write!(s, ", backend: {} at {a}", live.table.backends[b].name);
             }
+            (Some(live), None, Some(b)) => {
+                let _ = write!(s, ", backend: {}", live.table.backends[b].name);
+            }
+            _ => {}
         }
         s
     }

@@ -602,7 +602,7 @@ impl RoutingTable {
                         .iter()
                         .find(|k| k.host == b.host && k.port == b.port)
                 })
-                .filter(|k| k.addrs.count() > 0);
+                .filter(|k| !k.addrs.load().is_empty());
             match known {
                 Some(k) => {
                     b.addrs = k.addrs.clone();

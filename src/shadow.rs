@@ -278,10 +278,7 @@ pub fn tap(
             .inc();
         return None;
     };
-    let turn = backend.addrs.turn();
-    let addr = backend
-        .addrs
-        .pick(backend.addrs.next_up(turn, turn + backend.addrs.count()))?;
+    let addr = backend.addrs.next(backend.addrs.turn(), |_| false)?;
     let counters = metrics::SHADOW_RESULTS
         .map(|r| metrics::SHADOW.with_label_values(&[labels[0], labels[1], r]));
 

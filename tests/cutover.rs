@@ -878,11 +878,12 @@ fn failures_of_requests_sent_before_a_resume_or_a_move_do_not_pin_the_route() {
 #[test]
 fn failover_retries_an_unreachable_backend_on_default() {
     let legacy = Backend::echo("legacy");
+    let dead = dead_port();
     let yaml = format!(
         "{}routes:\n\
          \x20 - {{name: departures, path: /departures, to: new, failover: true}}\n\
          \x20 - {{name: arrivals, path: /arrivals, to: new}}\n",
-        base_yaml(&legacy.url(), &format!("http://127.0.0.1:{}", dead_port()))
+        base_yaml(&legacy.url(), &format!("http://127.0.0.1:{dead}"))
     );
     let proxy = Proxy::start(&yaml);
     let failovers = || {
@@ -929,6 +930,18 @@ fn failover_retries_an_unreachable_backend_on_default() {
             &serde_json::json!({"legacy": 0, "new": 3})
         ),
         "{departures}"
+    );
+    // Pingora's line about the failed attempt names the backend that failed, not the one
+    // the request failed over to.
+    let log = proxy.log_text();
+    assert!(
+        log.lines().any(|l| l.contains("route: departures")
+            && l.contains(&format!("backend: new at 127.0.0.1:{dead}"))),
+        "{log}"
+    );
+    assert!(
+        !log.contains(&format!("backend: legacy at 127.0.0.1:{dead}")),
+        "{log}"
     );
 }
 
