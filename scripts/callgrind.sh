@@ -6,6 +6,7 @@
 #
 #   scripts/callgrind.sh                 # strangler, 10 s
 #   scripts/callgrind.sh bare 15         # the bare Pingora baseline (examples/pingora_bare.rs)
+#   ROUTES=10000 scripts/callgrind.sh    # strangler with a 10 000-route table (bench.sh's strangler-10k)
 #
 # Prints `TARGET requests=N Ir=T Ir/req=T/N` and the callgrind file; break the figure down with
 # `callgrind_annotate --inclusive=yes FILE`. Needs valgrind, nginx, wrk, curl, taskset.
@@ -49,7 +50,8 @@ http { access_log off; sendfile on; keepalive_requests 1000000; default_type app
 EOC
 taskset -c 1 nginx -p "$W" -c "$W/nginx.conf" >"$W/logs/nginx.out" 2>&1 &
 PIDS+=($!)
-"$ROOT/scripts/gen-routing.sh" 10 "$BP" >"$W/routing.yaml"
+ROUTES=${ROUTES:-10}
+"$ROOT/scripts/gen-routing.sh" "$ROUTES" "$BP" >"$W/routing.yaml"
 VG=(valgrind --tool=callgrind --instr-atstart=no "--callgrind-out-file=$W/callgrind.out")
 if [ "$TARGET" = bare ]; then
     RUST_LOG=warn taskset -c 0 "${VG[@]}" "$BIN" "127.0.0.1:$PP" "127.0.0.1:$BP" >"$W/proxy.log" 2>&1 &
@@ -59,7 +61,10 @@ else
 fi
 P=$!
 PIDS+=("$P")
-URL=http://127.0.0.1:$PP/svc0/resource1/42/b1k   # the GET {id} route of the table
+# The GET {id} route of the table: of its first resource, or (10 000 routes) of its last
+# service's last resource, as bench.sh asks.
+if [ "$ROUTES" -ge 10000 ]; then URL=http://127.0.0.1:$PP/svc49/resource49/42/b1k
+else URL=http://127.0.0.1:$PP/svc0/resource1/42/b1k; fi
 for _ in $(seq 1 300); do curl -sf -o /dev/null "$URL" && break; sleep 0.2; done
 taskset -c 1 wrk -t1 -c16 -d2s "$URL" >/dev/null
 callgrind_control -i on "$P" >/dev/null
