@@ -129,6 +129,24 @@ impl Addresses {
         newly
     }
 
+    /// Takes over what `old` (the same host and port, in the table a reload replaces) knows:
+    /// the addresses passed over that are still in this list, and where the round robin is.
+    pub fn inherit(&self, old: &Addresses) {
+        let list = self.list.load();
+        let ejected: Vec<_> = old
+            .ejected
+            .load()
+            .iter()
+            .filter(|(a, _)| list.contains(a))
+            .copied()
+            .collect();
+        if !ejected.is_empty() {
+            self.ejected.store(Arc::new(ejected));
+        }
+        self.turn
+            .store(old.turn.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
     /// `addr` answered: it is no longer passed over. One atomic load while none is.
     pub fn answered(&self, addr: SocketAddr) {
         if self.ejected.load().iter().any(|&(a, _)| a == addr) {
@@ -314,6 +332,20 @@ mod tests {
         let single = Addresses::new(vec![one]);
         assert!(!single.eject(one));
         assert_eq!(single.next(5, |_| false), Some(one));
+    }
+
+    #[test]
+    fn a_reload_keeps_what_is_passed_over() {
+        let (one, two, three) = (a("10.0.0.1:80"), a("10.0.0.2:80"), a("10.0.0.3:80"));
+        let old = Addresses::new(vec![one, two, three]);
+        old.eject(one);
+        old.eject(three);
+        old.turn();
+        let new = Addresses::new(vec![two, one]);
+        new.inherit(&old);
+        assert_eq!(new.next(0, |_| false), Some(two));
+        assert_eq!(new.ejected.load().as_ref().len(), 1, "three left the list");
+        assert_eq!(new.turn(), 1);
     }
 
     #[test]

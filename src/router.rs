@@ -589,23 +589,26 @@ impl RoutingTable {
         let mut failed = Vec::new();
         let mut kept = Vec::new();
         for b in &mut self.backends {
+            let in_use = in_force.and_then(|t| {
+                t.backends
+                    .iter()
+                    .find(|k| k.host == b.host && k.port == b.port)
+            });
             let why = match crate::dns::resolve(&b.host, b.port) {
                 Ok(list) => {
                     b.addrs = crate::dns::Addresses::new(list);
+                    // An address passed over for a failed connection stays so across a reload.
+                    if let Some(k) = in_use {
+                        b.addrs.inherit(&k.addrs);
+                    }
                     continue;
                 }
                 Err(e) => e,
             };
-            let known = in_force
-                .and_then(|t| {
-                    t.backends
-                        .iter()
-                        .find(|k| k.host == b.host && k.port == b.port)
-                })
-                .filter(|k| !k.addrs.load().is_empty());
-            match known {
+            match in_use.filter(|k| !k.addrs.load().is_empty()) {
                 Some(k) => {
                     b.addrs = k.addrs.clone();
+                    b.addrs.inherit(&k.addrs);
                     kept.push(format!(
                         "backend {:?}: cannot resolve {} ({why}); keeping the addresses in use: {:?}",
                         b.name, b.host, b.addrs
