@@ -151,7 +151,9 @@ pub struct RequestCtx {
     /// Where this request started in its backend's round robin of addresses, and the
     /// addresses it could not connect to, `addr_tries` of them (`dns.rs`).
     addr_turn: usize,
-    addr_tried: [Option<SocketAddr>; dns::MAX_TRIES],
+    /// Boxed, and only once an attempt failed: the context is moved whole with the
+    /// connection's future (twice per request), and nearly every request connects at once.
+    addr_tried: Option<Box<[Option<SocketAddr>; dns::MAX_TRIES]>>,
     addr_tries: usize,
     /// The backend and address of the last attempt.
     peer: Option<(usize, SocketAddr)>,
@@ -364,12 +366,19 @@ fn client_authority<'a>(session: &Session, ctx: &'a RequestCtx) -> std::borrow::
     }
 }
 
-/// The request target as the client wrote it, from the first space of its request line on
-/// (`raw_path` is Pingora's reading of it).
-fn written_target(session: &Session) -> Option<bytes::Bytes> {
-    let head = session.as_downstream().as_http1()?.get_headers_raw_bytes();
-    let sp = memchr::memchr(b' ', &head)?;
-    Some(head.slice(sp + 1..))
+/// Whether the request target, as the client wrote it, begins as a path (or `*`).
+/// `raw_path` is Pingora's reading of it, which drops a `#fragment`: any target written
+/// `#…` reaches the hooks as `/`, and only then do the written bytes need a look (every other
+/// target that does not begin with `/` is passed on as written, and refused as it stands).
+fn written_as_path(session: &Session) -> bool {
+    if session.req_header().raw_path() != b"/" {
+        return true;
+    }
+    let Some(h1) = session.as_downstream().as_http1() else {
+        return true;
+    };
+    let head = h1.get_headers_raw_bytes();
+    memchr::memchr(b' ', &head).is_none_or(|sp| path::written_as_path(&head[sp + 1..]))
 }
 
 /// The client's TCP address. An IPv4 client of a dual-stack listener (`[::]:8080`) arrives as
@@ -406,7 +415,7 @@ impl ProxyHttp for Strangler {
             failed_over: false,
             stale_retried: false,
             addr_turn: 0,
-            addr_tried: [None; dns::MAX_TRIES],
+            addr_tried: None,
             addr_tries: 0,
             peer: None,
             client_stalled: false,
@@ -482,7 +491,7 @@ impl ProxyHttp for Strangler {
                 .await?;
             return Ok(true);
         }
-        if !written_target(session).is_none_or(|t| path::written_as_path(&t)) {
+        if !written_as_path(session) {
             let detail = path::PathError::NotOriginForm.to_string();
             self.answer(session, ctx, errors::BAD_REQUEST, Some(&detail))
                 .await?;
@@ -598,13 +607,12 @@ impl ProxyHttp for Strangler {
         }
         if ctx.addr_tries == 0 {
             ctx.addr_turn = backend.addrs.turn();
-            ctx.addr_tried = [None; dns::MAX_TRIES];
+            ctx.addr_tried = None;
         }
-        let tried = &ctx.addr_tried;
-        let Some(addr) = backend
-            .addrs
-            .next(ctx.addr_turn, |a| tried.contains(&Some(a)))
-        else {
+        let tried = ctx.addr_tried.as_deref();
+        let Some(addr) = backend.addrs.next(ctx.addr_turn, |a| {
+            tried.is_some_and(|t| t.contains(&Some(a)))
+        }) else {
             return Error::e_explain(ErrorType::ConnectNoRoute, "no backend address left to try");
         };
         ctx.peer = Some((b, addr));
@@ -911,7 +919,10 @@ impl ProxyHttp for Strangler {
         // Every failed attempt is the backend's upstream error, even one the next address
         // makes good: the dashboards see a dying address before the clients do.
         record_upstream_error(ctx, UpstreamErrorKind::Connect);
-        if let Some(slot) = ctx.addr_tried.get_mut(ctx.addr_tries) {
+        let tried = ctx
+            .addr_tried
+            .get_or_insert_with(|| Box::new([None; dns::MAX_TRIES]));
+        if let Some(slot) = tried.get_mut(ctx.addr_tries) {
             *slot = ctx.peer.map(|(_, a)| a);
         }
         ctx.addr_tries += 1;
