@@ -12,6 +12,8 @@
 # `callgrind_annotate --inclusive=yes FILE`. Needs valgrind, nginx, wrk, curl, taskset.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=scripts/lib.sh
+. "$ROOT/scripts/lib.sh"
 TARGET=${1:-strangler}
 SECONDS_ON=${2:-10}
 for t in valgrind callgrind_control callgrind_annotate nginx wrk curl taskset python3; do
@@ -32,13 +34,10 @@ chmod 755 "$W"
 mkdir -p "$W/www" "$W/logs"
 PIDS=()
 cleanup() {
-    for p in "${PIDS[@]:-}"; do
-        if [ -n "$p" ]; then kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; fi
-    done
+    stop_pids
     rm -rf "$W"
 }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 BP=$(free_port); PP=$(free_port); AP=$(free_port)
 head -c 1024 /dev/zero | tr '\0' 'a' >"$W/www/b1k"
 cat >"$W/nginx.conf" <<EOC

@@ -12,6 +12,8 @@
 # missing). Anything else (MIMALLOC_PURGE_DELAY=100, ...) reaches the proxy.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=scripts/lib.sh
+. "$ROOT/scripts/lib.sh"
 N=${N:-12}
 ROUTES=${ROUTES:-10000}
 PAUSE=${PAUSE:-1.2}
@@ -30,7 +32,6 @@ trap cleanup EXIT
 awk '!done && /^    to: new$/ { print "    to: legacy"; done = 1; next } { print }' \
     "$TMP/a.yaml" >"$TMP/b.yaml"
 cp "$TMP/a.yaml" "$TMP/routing.yaml"
-free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 PORT=$(free_port)
 ADMIN=$(free_port)
 RUST_LOG=info "$STRANGLER_BIN" run -c "$TMP/routing.yaml" --listen "127.0.0.1:$PORT" \

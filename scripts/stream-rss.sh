@@ -16,6 +16,8 @@
 # Needs nginx, curl, python3. Prints a markdown table.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=scripts/lib.sh
+. "$ROOT/scripts/lib.sh"
 SIZE_MB=${SIZE_MB:-1024}
 RATE=${RATE:-200M}
 STRANGLER_BIN=${STRANGLER_BIN:-$ROOT/target/release/strangler}
@@ -31,13 +33,10 @@ PIDS=()
 PROXY=
 cleanup() {
     [ -n "$PROXY" ] && kill "$PROXY" 2>/dev/null && wait "$PROXY" 2>/dev/null
-    for p in "${PIDS[@]:-}"; do
-        if [ -n "$p" ]; then kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; fi
-    done
+    stop_pids
     rm -rf "$W"
 }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 wait_http() { # URL: until it answers (10 s)
     for _ in $(seq 100); do curl -fs -o /dev/null "$1" && return 0; sleep 0.1; done
     echo "stream-rss.sh: $1 never answered" >&2; exit 1
