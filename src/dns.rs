@@ -5,11 +5,11 @@
 //! goes away. DNS never runs on the request path: a table is resolved before it is swapped in,
 //! and a refresh replaces a backend's list in place.
 //!
-//! An address that refused a connection (or let it time out) is passed over for [`EJECT`]
-//! while the backend has others, as nginx's `max_fails=1 fail_timeout=10s` does: without
-//! that, a dead address behind a name costs every n-th request a failed attempt (a whole
-//! `connect_timeout` for one that drops packets). When every address is passed over, they are
-//! all tried as if none were.
+//! An address that refused a connection (or let it time out) is passed over while the backend
+//! has others, and every [`EJECT`] one request tries it again, until it answers, as nginx's
+//! `max_fails=1 fail_timeout=10s` does: without that, a dead address behind a name costs every
+//! n-th request a failed attempt (a whole `connect_timeout` for one that drops packets). When
+//! every address is passed over, they are all tried as if none were.
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
