@@ -841,7 +841,7 @@ def systemd_checks():
     def unit():
         want = {
             "DynamicUser": "yes", "ProtectSystem": "strict", "StateDirectory": "strangler",
-            "Restart": "always", "KillSignal": "SIGTERM", "TimeoutStopSec": "30",
+            "Restart": "always", "KillSignal": "SIGTERM", "TimeoutStopSec": "40",
             "LimitNOFILE": "65536", "NoNewPrivileges": "yes", "ProtectHome": "yes", "PrivateTmp": "yes",
         }
         p = [f"{k}={directives.get(k)} (want {v})" for k, v in want.items() if directives.get(k, [None])[-1] != v]
