@@ -933,7 +933,7 @@ impl ProxyHttp for Strangler {
                 log::warn!(
                     backend = &*backend.name,
                     address = addr.to_string();
-                    "backend {:?}: cannot connect to {addr} ({}); its other addresses take its requests for {} s",
+                    "backend {:?}: cannot connect to {addr} ({}); its other addresses take its requests until it answers (tried again every {} s)",
                     backend.name,
                     e.etype().as_str(),
                     dns::EJECT.as_secs()
