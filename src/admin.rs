@@ -267,9 +267,13 @@ impl Admin {
                 )
             }
             ("/reload", _) => match self.state.reload("POST /reload") {
-                Ok(()) => json_response(
+                Ok(warnings) => json_response(
                     StatusCode::OK,
-                    json!({"reloaded": true, "sha256": self.state.snapshot().table.sha256}),
+                    json!({
+                        "reloaded": true,
+                        "sha256": self.state.snapshot().table.sha256,
+                        "warnings": warnings,
+                    }),
                 ),
                 Err(e) => error(
                     StatusCode::UNPROCESSABLE_ENTITY,

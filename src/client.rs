@@ -406,7 +406,12 @@ pub fn resume(a: &ResumeArgs) -> ExitCode {
 pub fn reload(a: &ClientArgs) -> ExitCode {
     fan_out_within(a, "POST", "/reload", RELOAD_TIMEOUT, |v| {
         let sha = v["sha256"].as_str().unwrap_or("?");
-        format!("reloaded (sha256 {})", sha.get(..16).unwrap_or(sha))
+        let mut out = format!("reloaded (sha256 {})", sha.get(..16).unwrap_or(sha));
+        for w in v["warnings"].as_array().into_iter().flatten() {
+            out.push_str("\nwarning: ");
+            out.push_str(w.as_str().unwrap_or("?"));
+        }
+        out
     })
 }
 

@@ -453,7 +453,7 @@ impl BackgroundService for Reloader {
                 state.reap_retired();
                 let t0 = thread_cpu_time();
                 let unresolved =
-                    |r: Result<(), crate::state::LoadError>| r.is_err_and(|e| e.unresolved);
+                    |r: Result<_, crate::state::LoadError>| r.is_err_and(|e| e.unresolved);
                 let cost = || Some(thread_cpu_time().saturating_sub(t0));
                 // The file is read once, hashed, and those very bytes are loaded, under the
                 // reload lock: the version tried is the one kept as tried, and no other reload

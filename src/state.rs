@@ -284,7 +284,7 @@ impl State {
         metrics::register_all();
         let t0 = Instant::now();
         let mut parsed = Duration::ZERO;
-        let table = load_table(config, None, t0, &mut parsed, None).map_err(|e| {
+        let (table, _) = load_table(config, None, t0, &mut parsed, None).map_err(|e| {
             metrics::CONFIG_RELOADS.with_label_values(&["error"]).inc();
             e.message
         })?;
@@ -409,7 +409,9 @@ impl State {
     ///
     /// Reading, parsing, validating and resolving run under `reloading` only: pins and resumes
     /// (one of them from the request path) wait for the swap, never for the parse or for DNS.
-    pub fn reload(&self, trigger: &str) -> Result<(), LoadError> {
+    /// A reload that served its table returns its warnings (a backend name that did not
+    /// resolve, whose addresses in use were kept).
+    pub fn reload(&self, trigger: &str) -> Result<Vec<String>, LoadError> {
         let held = self.begin_reload();
         self.reload_bytes(&held, trigger, None, Instant::now())
     }
@@ -431,10 +433,10 @@ impl State {
         trigger: &str,
         bytes: Option<Vec<u8>>,
         t0: Instant,
-    ) -> Result<(), LoadError> {
+    ) -> Result<Vec<String>, LoadError> {
         let mut t_parsed = Duration::ZERO;
         let in_force = self.snapshot();
-        let table = match load_table(
+        let (table, warnings) = match load_table(
             &self.config,
             bytes,
             t0,
@@ -572,7 +574,7 @@ impl State {
             ms(t0.elapsed() - t_swapped),
             &sha[..12]
         );
-        Ok(())
+        Ok(warnings)
     }
 
     /// Frees the tables replaced by reloads that no request holds any more, and returns how
@@ -839,14 +841,15 @@ impl From<String> for LoadError {
 /// it. `parsed` is set to the time from `t0` to the end of the YAML parse (the rest is
 /// validation and DNS).
 /// Reads, parses, validates and resolves `config` (`bytes`, when already read). A name that
-/// does not resolve keeps the addresses `in_force` has for it (`RoutingTable::resolve`).
+/// does not resolve keeps the addresses `in_force` has for it (`RoutingTable::resolve`): each
+/// such name is a warning, logged and returned with the table.
 fn load_table(
     config: &Path,
     bytes: Option<Vec<u8>>,
     t0: Instant,
     parsed: &mut Duration,
     in_force: Option<&RoutingTable>,
-) -> Result<RoutingTable, LoadError> {
+) -> Result<(RoutingTable, Vec<String>), LoadError> {
     let read = match bytes {
         Some(bytes) => config::bytes_checked(config, bytes),
         None => config::read_checked(config),
@@ -868,10 +871,10 @@ fn load_table(
         message: e.to_string(),
         unresolved: true,
     })?;
-    for line in kept {
+    for line in &kept {
         log::warn!("{line}");
     }
-    Ok(table)
+    Ok((table, kept))
 }
 
 fn record_success(took: Duration) {

@@ -1857,6 +1857,16 @@ fn a_backend_name_with_several_addresses_uses_them_all_and_follows_dns() {
         "{}",
         proxy.log_text()
     );
+    // `POST /reload` (and `strangler reload`) say so too: the reload served, with a warning.
+    let r = request("POST", &proxy.admin_url("/reload"), &[], None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        r.json()["warnings"][0]
+            .as_str()
+            .is_some_and(|w| w.starts_with("backend \"legacy\": cannot resolve multi.test")),
+        "{}",
+        r.body
+    );
     drop((b, c));
 }
 
