@@ -32,6 +32,14 @@ pub const MAX_TRIES: usize = 4;
 /// `fail_timeout`).
 pub const EJECT: Duration = Duration::from_secs(10);
 
+/// An address to connect to, and whether it is a passed-over one tried again (whose answer
+/// ends its being passed over: [`Addresses::answered`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pick {
+    pub addr: SocketAddr,
+    pub probe: bool,
+}
+
 /// The addresses of one backend, in the resolver's order, replaceable while requests use them.
 pub struct Addresses {
     list: ArcSwap<Vec<SocketAddr>>,
@@ -62,32 +70,53 @@ impl Addresses {
     }
 
     /// The address to try next for a request that started at `turn` and has tried those
-    /// `tried` says: in round-robin order from `turn`, the first not tried yet and not passed
-    /// over. An address whose [`EJECT`] is over is given to one request, which tries it again
-    /// (the others pass it over for another `EJECT`), as nginx lets one request probe a
-    /// server after its `fail_timeout`. When every untried address is passed over, the first
-    /// untried one; `None` once every address has been tried (or there is none).
-    pub fn next(&self, turn: usize, tried: impl Fn(SocketAddr) -> bool) -> Option<SocketAddr> {
+    /// `tried` says, `None` once every address has been tried (or there is none):
+    /// - while none is passed over, the first untried one in round-robin order from `turn`;
+    /// - else, when `may_probe` (a request's first attempt), an address whose [`EJECT`] is
+    ///   over, given to this request alone to try again (the others pass it over for another
+    ///   `EJECT`), as nginx lets one request probe a server after its `fail_timeout`;
+    /// - else one of the untried addresses not passed over, by `turn` (so the share of one
+    ///   passed over is spread over all the others, not left to its neighbour);
+    /// - else, every untried one being passed over, the first untried one in turn.
+    pub fn next(
+        &self,
+        turn: usize,
+        tried: impl Fn(SocketAddr) -> bool,
+        may_probe: bool,
+    ) -> Option<Pick> {
         let list = self.list.load();
         let n = list.len();
-        let mut untried = (0..n)
-            .map(|i| list[turn.wrapping_add(i) % n])
-            .filter(|&a| !tried(a));
+        let in_turn = || {
+            (0..n)
+                .map(|i| list[turn.wrapping_add(i) % n])
+                .find(|&a| !tried(a))
+                .map(|addr| Pick { addr, probe: false })
+        };
         let ejected = self.ejected.load();
         if ejected.is_empty() {
-            return untried.next();
+            return in_turn();
         }
         let now = Instant::now();
-        let mut fallback = None;
-        for a in untried {
-            match ejected.iter().find(|&&(e, _)| e == a) {
-                None => return Some(a),
-                Some(&(_, until)) if until <= now && self.take_probe(a, now) => return Some(a),
-                Some(_) => {}
+        let until = |a: SocketAddr| ejected.iter().find(|e| e.0 == a).map(|e| e.1);
+        if may_probe {
+            let due = (0..n)
+                .map(|i| list[turn.wrapping_add(i) % n])
+                .filter(|&a| !tried(a) && until(a).is_some_and(|u| u <= now))
+                .find(|&a| self.take_probe(a, now));
+            if let Some(addr) = due {
+                return Some(Pick { addr, probe: true });
             }
-            fallback.get_or_insert(a);
         }
-        fallback
+        let answering: Vec<SocketAddr> = list
+            .iter()
+            .copied()
+            .filter(|&a| !tried(a) && until(a).is_none())
+            .collect();
+        if !answering.is_empty() {
+            let addr = answering[turn % answering.len()];
+            return Some(Pick { addr, probe: false });
+        }
+        in_turn()
     }
 
     /// Gives the retry of `addr`, whose time out is over, to the caller alone: the others pass
@@ -147,7 +176,7 @@ impl Addresses {
             .store(old.turn.load(Ordering::Relaxed), Ordering::Relaxed);
     }
 
-    /// `addr` answered: it is no longer passed over. One atomic load while none is.
+    /// `addr`, tried again after being passed over, answered: it is no longer passed over.
     pub fn answered(&self, addr: SocketAddr) {
         if self.ejected.load().iter().any(|&(a, _)| a == addr) {
             self.ejected.rcu(|old| {
@@ -272,14 +301,19 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// The address a request's first attempt gets, without a probe.
+    fn first(addrs: &Addresses, turn: usize) -> Option<SocketAddr> {
+        addrs.next(turn, |_| false, false).map(|p| p.addr)
+    }
+
     /// The addresses a request tries, in order, when every attempt fails.
     fn walk(addrs: &Addresses, turn: usize) -> Vec<SocketAddr> {
         let mut tried = Vec::new();
         while tried.len() < addrs.tries() {
-            let Some(a) = addrs.next(turn, |a| tried.contains(&a)) else {
+            let Some(p) = addrs.next(turn, |a| tried.contains(&a), tried.is_empty()) else {
                 break;
             };
-            tried.push(a);
+            tried.push(p.addr);
         }
         tried
     }
@@ -288,7 +322,7 @@ mod tests {
     fn requests_take_turns_and_retries_move_to_the_next_address() {
         let addrs = Addresses::new(vec![a("10.0.0.1:80"), a("10.0.0.2:80"), a("10.0.0.3:80")]);
         let firsts: Vec<_> = (0..4)
-            .map(|_| addrs.next(addrs.turn(), |_| false).unwrap())
+            .map(|_| first(&addrs, addrs.turn()).unwrap())
             .collect();
         assert_eq!(
             firsts,
@@ -303,7 +337,7 @@ mod tests {
             walk(&addrs, 2),
             [a("10.0.0.3:80"), a("10.0.0.1:80"), a("10.0.0.2:80")]
         );
-        assert_eq!(Addresses::default().next(0, |_| false), None);
+        assert_eq!(first(&Addresses::default(), 0), None);
         let many = Addresses::new((1..=9).map(|i| a(&format!("10.0.0.{i}:80"))).collect());
         assert_eq!(many.tries(), MAX_TRIES);
     }
@@ -316,22 +350,33 @@ mod tests {
         assert!(!addrs.eject(one), "already passed over");
         // Requests start on an address that answers; a request whose attempts all fail tries
         // each address once, the one passed over last.
-        assert_eq!(addrs.next(0, |_| false), Some(two));
+        assert_eq!(first(&addrs, 0), Some(two));
         assert_eq!(walk(&addrs, 0), [two, three, one]);
-        assert_eq!(walk(&addrs, 2), [three, two, one]);
+        assert_eq!(walk(&addrs, 1), [three, two, one]);
         assert!(addrs.eject(three));
         assert_eq!(walk(&addrs, 2), [two, three, one]);
         // Every one passed over: each still tried, in turn.
         assert!(addrs.eject(two));
         assert_eq!(walk(&addrs, 1), [two, three, one]);
-        // One that answers again is no longer passed over.
-        addrs.answered(two);
-        addrs.answered(three);
-        assert_eq!(walk(&addrs, 2), [three, two, one]);
         // The only address of a backend is never passed over: there is no other to take.
         let single = Addresses::new(vec![one]);
         assert!(!single.eject(one));
-        assert_eq!(single.next(5, |_| false), Some(one));
+        assert_eq!(first(&single, 5), Some(one));
+    }
+
+    #[test]
+    fn the_share_of_one_passed_over_is_spread_over_the_others() {
+        let list: Vec<_> = (1..=4).map(|i| a(&format!("10.0.0.{i}:80"))).collect();
+        let addrs = Addresses::new(list.clone());
+        addrs.eject(list[0]);
+        let mut count = std::collections::HashMap::new();
+        for turn in 0..300 {
+            *count.entry(first(&addrs, turn).unwrap()).or_insert(0) += 1;
+        }
+        assert_eq!(count.get(&list[0]), None);
+        for a in &list[1..] {
+            assert_eq!(count[a], 100, "{count:?}");
+        }
     }
 
     #[test]
@@ -343,27 +388,43 @@ mod tests {
         old.turn();
         let new = Addresses::new(vec![two, one]);
         new.inherit(&old);
-        assert_eq!(new.next(0, |_| false), Some(two));
+        assert_eq!(first(&new, 0), Some(two));
         assert_eq!(new.ejected.load().as_ref().len(), 1, "three left the list");
         assert_eq!(new.turn(), 1);
     }
 
     #[test]
-    fn once_its_time_is_over_one_request_tries_it_again() {
+    fn once_its_time_is_over_one_first_attempt_tries_it_again() {
         let (one, two) = (a("10.0.0.1:80"), a("10.0.0.2:80"));
         let addrs = Addresses::new(vec![one, two]);
         addrs.eject(one);
         // As if the EJECT had run out.
         addrs.ejected.store(Arc::new(vec![(one, Instant::now())]));
-        assert_eq!(addrs.next(0, |_| false), Some(one), "the probe");
+        // Not a retry, nor a shadow copy (which could not tell the answer).
         assert_eq!(
-            addrs.next(0, |_| false),
+            addrs.next(0, |a| a == two, false).map(|p| p.addr),
+            Some(one)
+        );
+        assert_eq!(first(&addrs, 0), Some(two));
+        assert_eq!(
+            addrs.next(0, |_| false, true),
+            Some(Pick {
+                addr: one,
+                probe: true
+            }),
+            "the probe"
+        );
+        assert_eq!(
+            addrs.next(0, |_| false, true).map(|p| p.addr),
             Some(two),
             "the others still pass it over"
         );
         // The probe failed: still passed over, and not reported as newly failing.
         assert!(!addrs.eject(one));
-        assert_eq!(addrs.next(0, |_| false), Some(two));
+        assert_eq!(first(&addrs, 0), Some(two));
+        // The probe answered: no longer passed over.
+        addrs.answered(one);
+        assert_eq!(first(&addrs, 0), Some(one));
     }
 
     #[test]

@@ -157,6 +157,10 @@ pub struct RequestCtx {
     addr_tries: usize,
     /// The backend and address of the last attempt.
     peer: Option<(usize, SocketAddr)>,
+    /// That address was passed over for a failed connection, and this request tries it again:
+    /// its answer ends that. (Other requests' answers do not: one sent on a connection made
+    /// before the failure says nothing of new ones.)
+    probing: bool,
     /// The backend's `timeout` ran out while the client's request body was still coming: the
     /// client stalled, and the request is answered 408, not blamed on the backend.
     client_stalled: bool,
@@ -418,6 +422,7 @@ impl ProxyHttp for Strangler {
             addr_tried: None,
             addr_tries: 0,
             peer: None,
+            probing: false,
             client_stalled: false,
             tunnel_closed: false,
             judged: false,
@@ -610,12 +615,17 @@ impl ProxyHttp for Strangler {
             ctx.addr_tried = None;
         }
         let tried = ctx.addr_tried.as_deref();
-        let Some(addr) = backend.addrs.next(ctx.addr_turn, |a| {
-            tried.is_some_and(|t| t.contains(&Some(a)))
-        }) else {
+        // Only a first attempt may try a passed-over address again: a request that failed
+        // once is not made to wait on another that failed before.
+        let Some(dns::Pick { addr, probe }) = backend.addrs.next(
+            ctx.addr_turn,
+            |a| tried.is_some_and(|t| t.contains(&Some(a))),
+            ctx.addr_tries == 0,
+        ) else {
             return Error::e_explain(ErrorType::ConnectNoRoute, "no backend address left to try");
         };
         ctx.peer = Some((b, addr));
+        ctx.probing = probe;
         let mut peer = HttpPeer::new(addr, backend.tls, backend.sni.clone());
         let o = &mut peer.options;
         o.connection_timeout = Some(backend.connect_timeout);
@@ -710,8 +720,8 @@ impl ProxyHttp for Strangler {
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        // The address answered: if it was passed over for a failed connection, no longer.
-        if let (Some(live), Some((b, addr))) = (&ctx.live, ctx.peer) {
+        // A passed-over address tried again answered: no longer passed over.
+        if let (true, Some(live), Some((b, addr))) = (ctx.probing, &ctx.live, ctx.peer) {
             live.table.backends[b].addrs.answered(addr);
         }
         if resp.status == http::StatusCode::SWITCHING_PROTOCOLS

@@ -278,7 +278,12 @@ pub fn tap(
             .inc();
         return None;
     };
-    let addr = backend.addrs.next(backend.addrs.turn(), |_| false)?;
+    // Never a passed-over address's second chance: the copy's answer does not reach the
+    // primary's accounting, which ends the passing over.
+    let addr = backend
+        .addrs
+        .next(backend.addrs.turn(), |_| false, false)?
+        .addr;
     let counters = metrics::SHADOW_RESULTS
         .map(|r| metrics::SHADOW.with_label_values(&[labels[0], labels[1], r]));
 
