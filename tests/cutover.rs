@@ -369,6 +369,26 @@ fn a_shadowed_get_with_a_body_sends_the_shadow_the_same_body() {
     });
     assert_eq!(new.seen().len(), 1, "no copy without its body");
     assert_eq!((shadow("mismatch"), shadow("error")), (0.0, 0.0));
+
+    // A client's empty Host (RFC 9112 §3.2) reaches the shadow as it reaches the primary:
+    // kept, not replaced by the backend's address.
+    let addr = format!("127.0.0.1:{}", proxy.port);
+    let answer = raw(
+        &addr,
+        b"GET /search HTTP/1.1\r\nHost: \r\nX-Request-Id: rid-empty-host\r\nConnection: close\r\n\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let host_of = |b: &Backend| {
+        b.seen()
+            .into_iter()
+            .find(|s| s.headers.get("x-request-id").map(String::as_str) == Some("rid-empty-host"))
+            .map(|s| s.headers.get("host").cloned())
+    };
+    wait_for("the shadow copy", Duration::from_secs(5), || {
+        host_of(&new).is_some()
+    });
+    assert_eq!(host_of(&legacy), Some(Some(String::new())));
+    assert_eq!(host_of(&new), Some(Some(String::new())));
 }
 
 #[test]
