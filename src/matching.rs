@@ -159,13 +159,24 @@ struct Entry {
 
 #[derive(Debug, Default)]
 struct Node {
-    /// Keyed with aHash, randomly seeded as std's SipHash is (no chosen collisions), and
-    /// quicker on the one request segment a lookup hashes per level: lookups 14–20 % faster
+    /// Keyed with aHash, randomly seeded (once per trie) as std's SipHash is (no chosen
+    /// collisions), and quicker on the one request segment a lookup hashes per level: lookups 14–20 % faster
     /// (BENCHMARKS.md, fourth session).
     literals: HashMap<Box<str>, Node, ahash::RandomState>,
     param: Option<Box<Node>>,
     /// Routes whose pattern ends at this node, in insertion order (order never decides).
     here: Vec<Entry>,
+}
+
+impl Node {
+    /// An empty node whose map is keyed with the trie's seed.
+    fn new(hasher: &ahash::RandomState) -> Node {
+        Node {
+            literals: HashMap::with_hasher(hasher.clone()),
+            param: None,
+            here: Vec::new(),
+        }
+    }
 }
 
 /// Two routes that can never be told apart: same pattern (parameter names aside), overlapping
@@ -183,6 +194,9 @@ pub struct Conflict {
 pub struct RouteTrie {
     root: Node,
     len: usize,
+    /// One random seed per trie, cloned into each node's map: seeding every node afresh was
+    /// 7 % of a 10 000-route build (BENCHMARKS.md, twenty-second session).
+    hasher: ahash::RandomState,
 }
 
 impl RouteTrie {
@@ -193,6 +207,7 @@ impl RouteTrie {
         constraint: Constraint,
         route: usize,
     ) -> Result<(), Conflict> {
+        let hasher = &self.hasher;
         let mut node = &mut self.root;
         for seg in pattern {
             node = match seg {
@@ -200,11 +215,13 @@ impl RouteTrie {
                     // Look up before inserting: most segments of a big table already exist, and
                     // `entry` would allocate the key every time.
                     if !node.literals.contains_key(s.as_str()) {
-                        node.literals.insert(s.as_str().into(), Node::default());
+                        node.literals.insert(s.as_str().into(), Node::new(hasher));
                     }
                     node.literals.get_mut(s.as_str()).expect("inserted above")
                 }
-                PatternSegment::Param(_) => node.param.get_or_insert_with(Default::default),
+                PatternSegment::Param(_) => node
+                    .param
+                    .get_or_insert_with(|| Box::new(Node::new(hasher))),
             };
         }
         if let Some(e) = node

@@ -198,7 +198,7 @@ pub struct RoutingTable {
     pub sha256: String,
     trie: RouteTrie,
     /// Route index by name.
-    names: HashMap<Arc<str>, usize>,
+    names: HashMap<Arc<str>, usize, ahash::RandomState>,
 }
 
 impl RoutingTable {
@@ -229,7 +229,7 @@ impl RoutingTable {
     pub fn build(file: RoutingFile, source: &Source) -> Result<Self, ConfigErrors> {
         let mut errors = Vec::new();
         let mut backends = Vec::new();
-        let mut by_name: HashMap<String, usize> = HashMap::new();
+        let mut by_name: HashMap<String, usize, ahash::RandomState> = HashMap::default();
         if file.backends.is_empty() {
             errors.push(source.error_at("backends", "at least one backend is required"));
         }
@@ -339,7 +339,7 @@ impl RoutingTable {
         // Unnamed routes are named by their path; those sharing one (a `methods` route beside
         // the route that serves the path's other methods, or GET on one backend and POST on
         // another) would share a name: see `default_name`.
-        let mut unnamed_paths: HashMap<&str, usize> = HashMap::new();
+        let mut unnamed_paths: HashMap<&str, usize, ahash::RandomState> = HashMap::default();
         for r in file.routes.iter().filter(|r| r.name.is_none()) {
             *unnamed_paths.entry(r.path.as_str()).or_default() += 1;
         }
@@ -349,11 +349,12 @@ impl RoutingTable {
             .map(|r| unnamed_paths.get(r.path.as_str()).is_some_and(|&n| n > 1))
             .collect();
 
-        let mut routes = Vec::with_capacity(file.routes.len());
+        let mut routes: Vec<Route> = Vec::with_capacity(file.routes.len());
         let mut trie = RouteTrie::default();
-        let mut names: HashMap<Arc<str>, usize> = HashMap::with_capacity(file.routes.len());
-        let mut claimed: Vec<(Arc<str>, String)> = Vec::with_capacity(file.routes.len());
-        for (i, spec) in file.routes.into_iter().enumerate() {
+        let mut names: HashMap<Arc<str>, usize, ahash::RandomState> =
+            HashMap::with_capacity_and_hasher(file.routes.len(), Default::default());
+        let mut claimed: Vec<Claim> = Vec::with_capacity(file.routes.len());
+        for (i, mut spec) in file.routes.into_iter().enumerate() {
             let at = |field: &str| format!("routes.{i}.{field}");
             let before = errors.len();
             if !spec.path.starts_with('/') {
@@ -369,19 +370,23 @@ impl RoutingTable {
                 Some(n) => n.as_str().into(),
                 None => default_name(&spec.path, spec.methods.as_deref(), path_shared[i]).into(),
             };
-            let name_at = if spec.name.is_some() {
-                at("name")
-            } else {
-                at("path")
+            // Formatted only for an error.
+            let name_at = || {
+                if spec.name.is_some() {
+                    at("name")
+                } else {
+                    at("path")
+                }
             };
             if *name == *DEFAULT_ROUTE {
-                errors.push(source.error_at(&name_at, "route name \"default\" is reserved"));
+                errors.push(source.error_at(&name_at(), "route name \"default\" is reserved"));
             } else if name.is_empty() || name.chars().any(char::is_control) {
-                errors
-                    .push(source.error_at(&name_at, "route name must be printable and non-empty"));
+                errors.push(
+                    source.error_at(&name_at(), "route name must be printable and non-empty"),
+                );
             } else if let Some(&first) = names.get(&*name) {
                 errors.push(source.error_at(
-                    &name_at,
+                    &name_at(),
                     format!(
                         "duplicate route name {name:?} (also route {} at line {}){}",
                         first + 1,
@@ -396,7 +401,8 @@ impl RoutingTable {
             } else {
                 names.insert(name.clone(), i);
             }
-            let methods = spec.methods.as_ref().map(|ms| {
+            // Upper-cased in place: the file's strings become the table's.
+            let methods = spec.methods.take().map(|ms| {
                 if ms.is_empty() {
                     errors.push(source.error_at(
                         &at("methods"),
@@ -404,14 +410,16 @@ impl RoutingTable {
                     ));
                 }
                 let mut listed: Vec<String> = Vec::with_capacity(ms.len());
-                for (j, m) in ms.iter().enumerate() {
-                    let up = m.to_ascii_uppercase();
-                    let why = if up.is_empty()
+                for (j, mut up) in ms.into_iter().enumerate() {
+                    let not_method = up.is_empty()
                         || !up
                             .bytes()
-                            .all(|b| b.is_ascii_alphabetic() || b == b'-' || b == b'_')
-                    {
-                        Some(format!("{m:?} is not an HTTP method"))
+                            .all(|b| b.is_ascii_alphabetic() || b == b'-' || b == b'_');
+                    // Named as written.
+                    let not_method = not_method.then(|| format!("{up:?} is not an HTTP method"));
+                    up.make_ascii_uppercase();
+                    let why = if not_method.is_some() {
+                        not_method
                     } else if up == "CONNECT" {
                         Some("CONNECT is answered 400 before routing: no route serves it".into())
                     } else if listed.contains(&up) {
@@ -517,13 +525,17 @@ impl RoutingTable {
             // The conflict check runs even when the route has other errors, so that one run
             // reports them all. Trie values index `claimed`; when the build succeeds every route
             // claimed its pattern and was pushed, so they index `routes` too.
+            let mut claims = false;
             if path_ok {
                 let constraint = Constraint {
                     exact: spec.exact,
                     methods: methods.clone(),
                 };
                 if let Err(c) = trie.insert(&pattern, constraint, claimed.len()) {
-                    let (other_name, other_path) = &claimed[c.existing];
+                    let (other_name, other_path) = match &claimed[c.existing] {
+                        Claim::Route(k) => (&routes[*k].name, routes[*k].path.as_str()),
+                        Claim::Refused(name, path) => (name, path.as_str()),
+                    };
                     errors.push(source.error_at(
                         &at("path"),
                         format!(
@@ -532,13 +544,21 @@ impl RoutingTable {
                         ),
                     ));
                 } else {
-                    claimed.push((name.clone(), spec.path.clone()));
+                    // The index the route gets if it has no other error (pushed below).
+                    claimed.push(Claim::Route(routes.len()));
+                    claims = true;
                 }
             }
-            if errors.len() > before {
-                continue;
-            }
-            let Some(to) = to else { continue };
+            let to = match to {
+                Some(to) if errors.len() == before => to,
+                _ => {
+                    if claims {
+                        *claimed.last_mut().expect("pushed above") =
+                            Claim::Refused(name, spec.path);
+                    }
+                    continue;
+                }
+            };
             routes.push(Route {
                 name,
                 path: spec.path,
@@ -693,6 +713,16 @@ fn default_name<'a>(path: &'a str, methods: Option<&[String]>, shared: bool) -> 
         }
         _ => Cow::Borrowed(path),
     }
+}
+
+/// A route that claimed its path pattern in the trie, named in the conflict errors of the
+/// routes after it: most are in the table (no copy of their name and path is kept), the others
+/// were refused for another error.
+enum Claim {
+    /// The table's route at this index.
+    Route(usize),
+    /// Refused: its name and path.
+    Refused(Arc<str>, String),
 }
 
 /// Whether `c` may stand for itself in a path sent upstream (RFC 3986 `pchar` and `/`; `%`
@@ -1223,17 +1253,21 @@ mod tests {
 
     #[test]
     fn a_routes_other_errors_do_not_hide_its_path_conflict() {
-        for (first, second) in [
-            ("{path: /b, to: new, shadow: ghost}", "{name: x, path: /b, to: legacy}"),
-            ("{path: /b, to: ghost}", "{name: x, path: /b, to: legacy}"),
-            ("{path: /b, to: new, split: 500}", "{name: x, path: /b, to: legacy}"),
-            ("{path: /b, to: new}", "{name: x, path: /b, to: new, rollback: {error_rate: 500%, min_requests: 1, window: 1s}}"),
-            ("{name: a, path: /b, to: new}", "{name: a, path: /b, to: legacy}"),
+        // The conflict names the first route and its path, whether it is in the table (the
+        // fourth and fifth) or was refused.
+        for (first, second, named) in [
+            ("{path: /b, to: new, shadow: ghost}", "{name: x, path: /b, to: legacy}", "route \"/b\" (/b)"),
+            ("{path: /b, to: ghost}", "{name: x, path: /b, to: legacy}", "route \"/b\" (/b)"),
+            ("{path: /b, to: new, split: 500}", "{name: x, path: /b, to: legacy}", "route \"/b\" (/b)"),
+            ("{path: '/c/{id}', to: ghost}", "{name: x, path: '/c/{n}', to: legacy}", "route \"/c/{id}\" (/c/{id})"),
+            ("{path: /b, to: new}", "{name: x, path: /b, to: new, rollback: {error_rate: 500%, min_requests: 1, window: 1s}}", "route \"/b\" (/b)"),
+            ("{name: a, path: /b, to: new}", "{name: a, path: /b, to: legacy}", "route \"a\" (/b)"),
         ] {
             let errs = errors(&format!("{BASE}routes:\n  - {first}\n  - {second}\n"));
             assert_eq!(errs.len(), 2, "{first} / {second}: {errs:?}");
             assert!(
-                errs.iter().any(|e| e.contains("conflicts with route")),
+                errs.iter()
+                    .any(|e| e.contains(&format!("conflicts with {named}: same path pattern"))),
                 "{first} / {second}: {errs:?}"
             );
         }
