@@ -258,16 +258,21 @@ pub struct Unread {
 /// faulty keys ([`Unread`]).
 pub fn read_checked(path: &Path) -> Result<(RoutingFile, Source), Unread> {
     let bytes = std::fs::read(path).map_err(|e| unreadable(path, e))?;
-    bytes_checked(path, bytes)
+    let sha256 = sha256_hex(&bytes);
+    bytes_checked(path, bytes, sha256)
 }
 
-/// [`read_checked`] on bytes already read from `path` (the reload loop reads the file once,
-/// to hash it, and loads the very bytes it hashed).
-pub fn bytes_checked(path: &Path, bytes: Vec<u8>) -> Result<(RoutingFile, Source), Unread> {
+/// [`read_checked`] on bytes already read from `path` and their [`sha256_hex`] (the reload
+/// loop reads the file once, to hash it, and loads the very bytes it hashed).
+pub fn bytes_checked(
+    path: &Path,
+    bytes: Vec<u8>,
+    sha256: String,
+) -> Result<(RoutingFile, Source), Unread> {
     // Worded as `read_to_string` words it.
     let text = String::from_utf8(bytes)
         .map_err(|_| unreadable(path, "stream did not contain valid UTF-8"))?;
-    parse_checked(&path.display().to_string(), text)
+    checked(&path.display().to_string(), text, Some(sha256))
 }
 
 /// A file that could not be read (or is not text), reported at its start.
@@ -284,7 +289,16 @@ fn unreadable(path: &Path, e: impl std::fmt::Display) -> Unread {
 
 /// `parse`, keeping what can still be checked of a file with faulty keys ([`Unread`]).
 pub fn parse_checked(file: &str, text: impl Into<String>) -> Result<(RoutingFile, Source), Unread> {
-    parse_text(file, text.into()).map_err(|(errors, text)| {
+    checked(file, text.into(), None)
+}
+
+/// `parse_checked` of `text`, whose digest is `sha256` when known.
+fn checked(
+    file: &str,
+    text: String,
+    sha256: Option<String>,
+) -> Result<(RoutingFile, Source), Unread> {
+    parse_text(file, text, sha256).map_err(|(errors, text)| {
         // Each key taken out costs a parse of the whole file (a reload of a 10 000-route file
         // with a typo must not hold the reloader for seconds): a few, not a file full.
         let removable = errors.0.len() <= MAX_KEYS_TAKEN_OUT
@@ -564,18 +578,20 @@ fn lenient_value(text: &str) -> Option<serde_yaml::Value> {
 /// Parses `text` as the routing file named `file`. The text is kept (to locate errors found
 /// later): pass a `String` to hand it over without a copy.
 pub fn parse(file: &str, text: impl Into<String>) -> Result<(RoutingFile, Source), ConfigErrors> {
-    parse_text(file, text.into()).map_err(|(errors, _)| errors)
+    parse_text(file, text.into(), None).map_err(|(errors, _)| errors)
 }
 
-/// `parse`, giving the text back with the errors.
+/// `parse`, giving the text back with the errors. `sha256` is the text's digest when the
+/// caller has it already (a 943 KB file takes ~0.5 ms to hash).
 fn parse_text(
     file: &str,
     mut text: String,
+    sha256: Option<String>,
 ) -> Result<(RoutingFile, Source), (ConfigErrors, String)> {
     // The digest is the file's, as `sha256sum` gives it; a byte-order mark (some Windows
     // editors write one) is not part of the YAML (YAML 1.2 §5.2), and positions count from
     // after it, as editors show them.
-    let sha256 = sha256_hex(text.as_bytes());
+    let sha256 = sha256.unwrap_or_else(|| sha256_hex(text.as_bytes()));
     if text.starts_with(BOM) {
         text.drain(..BOM.len());
     }

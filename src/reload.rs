@@ -467,11 +467,10 @@ impl BackgroundService for Reloader {
                     // An operator's reload does not delay the next file change: the wait for
                     // `not_before` paces automatic reloads only.
                     // A missing file is reported by this reload; not again at the next poll.
-                    let (bytes, digest) = match read {
-                        Some((bytes, digest)) => (Some(bytes), digest),
-                        None => (None, MISSING.to_string()),
-                    };
-                    if unresolved(state.reload_bytes(&held, "SIGHUP", bytes, read_at)) {
+                    let digest = read
+                        .as_ref()
+                        .map_or_else(|| MISSING.to_string(), |(_, digest)| digest.clone());
+                    if unresolved(state.reload_bytes(&held, "SIGHUP", read, read_at)) {
                         return Look::unresolved(digest, None);
                     }
                     return Look::tried(digest, None);
@@ -518,7 +517,8 @@ impl BackgroundService for Reloader {
                 // A new version, or a rejected edit reverted to the table in force (loaded like
                 // any fix: the reload counts as a success, the file is valid).
                 let trigger = reason(retrying.is_some(), announced);
-                if unresolved(state.reload_bytes(&held, trigger, Some(bytes), read_at)) {
+                let read = Some((bytes, on_disk.clone()));
+                if unresolved(state.reload_bytes(&held, trigger, read, read_at)) {
                     return Look::unresolved(on_disk, cost());
                 }
                 Look::tried(on_disk, cost())

@@ -425,13 +425,13 @@ impl State {
         }
     }
 
-    /// [`State::reload`] of `bytes`, read from the file from `t0` on under `_held` (`None`:
-    /// read it now). The reload's duration counts from `t0`.
+    /// [`State::reload`] of `bytes` and their digest, read from the file from `t0` on under
+    /// `_held` (`None`: read it now). The reload's duration counts from `t0`.
     pub fn reload_bytes(
         &self,
         _held: &Reloading<'_>,
         trigger: &str,
-        bytes: Option<Vec<u8>>,
+        bytes: Option<(Vec<u8>, String)>,
         t0: Instant,
     ) -> Result<Vec<String>, LoadError> {
         let mut t_parsed = Duration::ZERO;
@@ -845,13 +845,13 @@ impl From<String> for LoadError {
 /// such name is a warning, logged and returned with the table.
 fn load_table(
     config: &Path,
-    bytes: Option<Vec<u8>>,
+    bytes: Option<(Vec<u8>, String)>,
     t0: Instant,
     parsed: &mut Duration,
     in_force: Option<&RoutingTable>,
 ) -> Result<(RoutingTable, Vec<String>), LoadError> {
     let read = match bytes {
-        Some(bytes) => config::bytes_checked(config, bytes),
+        Some((bytes, sha256)) => config::bytes_checked(config, bytes, sha256),
         None => config::read_checked(config),
     };
     *parsed = t0.elapsed();
