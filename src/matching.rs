@@ -160,8 +160,8 @@ struct Entry {
 #[derive(Debug, Default)]
 struct Node {
     /// Keyed with aHash, randomly seeded (once per trie) as std's SipHash is (no chosen
-    /// collisions), and quicker on the one request segment a lookup hashes per level: lookups 14–20 % faster
-    /// (BENCHMARKS.md, fourth session).
+    /// collisions), and quicker on the one request segment a lookup hashes per level: lookups
+    /// 14–20 % faster (BENCHMARKS.md, fourth session).
     literals: HashMap<Box<str>, Node, ahash::RandomState>,
     param: Option<Box<Node>>,
     /// Routes whose pattern ends at this node, in insertion order (order never decides).

@@ -415,7 +415,7 @@ impl RoutingTable {
                         || !up
                             .bytes()
                             .all(|b| b.is_ascii_alphabetic() || b == b'-' || b == b'_');
-                    // Named as written.
+                    // The message quotes the method as written.
                     let not_method = not_method.then(|| format!("{up:?} is not an HTTP method"));
                     up.make_ascii_uppercase();
                     let why = if not_method.is_some() {
@@ -1254,7 +1254,7 @@ mod tests {
     #[test]
     fn a_routes_other_errors_do_not_hide_its_path_conflict() {
         // The conflict names the first route and its path, whether it is in the table (the
-        // fourth and fifth) or was refused.
+        // last two) or was refused (the others).
         for (first, second, named) in [
             ("{path: /b, to: new, shadow: ghost}", "{name: x, path: /b, to: legacy}", "route \"/b\" (/b)"),
             ("{path: /b, to: ghost}", "{name: x, path: /b, to: legacy}", "route \"/b\" (/b)"),
