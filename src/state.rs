@@ -445,8 +445,9 @@ impl State {
         ) {
             Ok(t) => t,
             Err(e) => {
-                metrics::CONFIG_RELOADS.with_label_values(&["error"]).inc();
+                // The counter last, as in `record_success`.
                 metrics::CONFIG_VALID.set(0);
+                metrics::CONFIG_RELOADS.with_label_values(&["error"]).inc();
                 // One line per event: the errors (one per line in `e`) joined.
                 log::error!(
                     "reload ({trigger}) rejected, the previous table keeps serving: {}{}",
@@ -877,17 +878,19 @@ fn load_table(
     Ok((table, kept))
 }
 
+/// The counter goes last: whoever sees it (a scrape, an alert, a script waiting for its
+/// reload) sees the validity, the timestamp and the duration of the same reload.
 fn record_success(took: Duration) {
     metrics::CONFIG_RELOAD_DURATION.observe(took.as_secs_f64());
-    metrics::CONFIG_RELOADS
-        .with_label_values(&["success"])
-        .inc();
     metrics::CONFIG_VALID.set(1);
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as f64 / 1e6)
         .unwrap_or(0.0);
     metrics::CONFIG_LAST_SUCCESS.set(now);
+    metrics::CONFIG_RELOADS
+        .with_label_values(&["success"])
+        .inc();
 }
 
 /// Builds the live handles for `table`, reusing the controls of routes that keep their name and

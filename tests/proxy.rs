@@ -741,7 +741,10 @@ fn a_saved_edit_serves_within_a_second_and_a_bad_one_changes_nothing() {
     wait_for("the in-place write", Duration::from_secs(2), || {
         served_by(&proxy, "/bookings") == "legacy"
     });
-    assert_eq!(proxy.metric("strangler_config_valid"), 1.0);
+    // Set just after the swap, which a request may see first.
+    wait_for("the file valid again", Duration::from_secs(2), || {
+        proxy.metric("strangler_config_valid") == 1.0
+    });
 
     // A deleted file is reported once (the table in force keeps serving), and its return noticed.
     let before = errors();
@@ -827,7 +830,10 @@ fn sighup_reloads_and_a_save_during_its_reload_is_loaded_after_it() {
         Duration::from_secs(30),
         || served_by(&proxy, "/added") == "new",
     );
-    assert_eq!(proxy.metric("strangler_config_valid"), 1.0);
+    // Set just after the swap, which a request may see first.
+    wait_for("the file valid", Duration::from_secs(5), || {
+        proxy.metric("strangler_config_valid") == 1.0
+    });
 }
 
 #[test]
@@ -904,8 +910,11 @@ fn an_emptied_file_is_reported_once_and_changes_nothing() {
     wait_for("the next version", Duration::from_secs(5), || {
         served_by(&proxy, "/a") == "legacy"
     });
+    // Set just after the swap, which a request may see first.
+    wait_for("the file valid again", Duration::from_secs(5), || {
+        proxy.metric("strangler_config_valid") == 1.0
+    });
     assert_eq!(errors(), before + 1.0);
-    assert_eq!(proxy.metric("strangler_config_valid"), 1.0);
 }
 
 /// An empty file left by a writer that truncated it and keeps it open while it works out what
@@ -934,6 +943,10 @@ fn a_writer_that_thinks_before_it_writes_is_waited_for() {
     wait_for("what it wrote", Duration::from_secs(5), || {
         served_by(&proxy, "/a") == "legacy"
     });
+    // Counted just after the swap, which a request may see first.
+    wait_for("its reload counted", Duration::from_secs(5), || {
+        metric("success") > ok
+    });
     assert_eq!((metric("success"), metric("error")), (ok + 1.0, errors));
     // The same into a file it creates (`rm routing.yaml; cmd > routing.yaml`): a new file
     // shows no write until its first bytes.
@@ -945,6 +958,9 @@ fn a_writer_that_thinks_before_it_writes_is_waited_for() {
     drop(f);
     wait_for("what it wrote", Duration::from_secs(5), || {
         served_by(&proxy, "/a") == "new"
+    });
+    wait_for("its reload counted", Duration::from_secs(5), || {
+        metric("success") > ok + 1.0
     });
     assert_eq!((metric("success"), metric("error")), (ok + 2.0, errors));
 }
