@@ -272,7 +272,7 @@ pub fn bytes_checked(
     // Worded as `read_to_string` words it.
     let text = String::from_utf8(bytes)
         .map_err(|_| unreadable(path, "stream did not contain valid UTF-8"))?;
-    checked(&path.display().to_string(), text, Some(sha256))
+    parse_checked_digested(&path.display().to_string(), text, Some(sha256))
 }
 
 /// A file that could not be read (or is not text), reported at its start.
@@ -289,11 +289,11 @@ fn unreadable(path: &Path, e: impl std::fmt::Display) -> Unread {
 
 /// `parse`, keeping what can still be checked of a file with faulty keys ([`Unread`]).
 pub fn parse_checked(file: &str, text: impl Into<String>) -> Result<(RoutingFile, Source), Unread> {
-    checked(file, text.into(), None)
+    parse_checked_digested(file, text.into(), None)
 }
 
 /// `parse_checked` of `text`, whose digest is `sha256` when known.
-fn checked(
+fn parse_checked_digested(
     file: &str,
     text: String,
     sha256: Option<String>,
