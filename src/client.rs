@@ -163,11 +163,15 @@ fn call_once(
 type Answer = Result<(u16, Value), String>;
 
 /// Asks every target concurrently, printing one block per replica.
+///
+/// `show` words a successful answer, or says `None` when the answer does not have the shape
+/// of the admin API's: a 2xx from something else (`--admin` pointed at the proxy's own port,
+/// which forwards the request to a backend, or at a backend) must not read as "pinned".
 fn fan_out(
     args: &ClientArgs,
     method: &str,
     path: &str,
-    show: impl Fn(&Value) -> String + Sync,
+    show: impl Fn(&Value) -> Option<String> + Sync,
 ) -> ExitCode {
     fan_out_within(args, method, path, ANSWER_TIMEOUT, show)
 }
@@ -178,7 +182,7 @@ fn fan_out_within(
     method: &str,
     path: &str,
     timeout: Duration,
-    show: impl Fn(&Value) -> String + Sync,
+    show: impl Fn(&Value) -> Option<String> + Sync,
 ) -> ExitCode {
     let targets = targets(&args.admin);
     let token = args
@@ -202,19 +206,26 @@ fn fan_out_within(
             String::new()
         };
         match r {
+            Ok((status, body)) if !is_admin_answer(*status, body, &show) => {
+                failed += 1;
+                eprintln!(
+                    "{prefix}error: {}{path} answered {status} with {}: not strangler's admin API \
+                     (is --admin the admin listener's address, not the proxy's or a backend's?)",
+                    t.base,
+                    excerpt(body)
+                );
+            }
             Ok((status, body)) if (200..300).contains(status) => {
+                let text = show(body).unwrap_or_default();
                 if args.json {
                     outln!(
                         "{prefix}{}",
                         serde_json::to_string_pretty(body).unwrap_or_default()
                     );
+                } else if many && text.contains('\n') {
+                    outln!("{}:\n{text}", t.label);
                 } else {
-                    let text = show(body);
-                    if many && text.contains('\n') {
-                        outln!("{}:\n{text}", t.label);
-                    } else {
-                        outln!("{prefix}{text}");
-                    }
+                    outln!("{prefix}{text}");
                 }
             }
             Ok((status, body)) => {
@@ -259,6 +270,32 @@ fn fan_out_within(
     }
 }
 
+/// Whether `body` is what the admin API answers: a 2xx that `show` can word, or an error
+/// document (`{"error": CODE, "message": …}`).
+fn is_admin_answer(status: u16, body: &Value, show: impl Fn(&Value) -> Option<String>) -> bool {
+    if (200..300).contains(&status) {
+        show(body).is_some()
+    } else {
+        body["error"].is_string() && body["message"].is_string()
+    }
+}
+
+/// The start of an answer that is not the admin API's, on one line.
+fn excerpt(body: &Value) -> String {
+    const MAX: usize = 80;
+    let text = match body {
+        Value::String(s) => s.split_whitespace().collect::<Vec<_>>().join(" "),
+        other => other.to_string(),
+    };
+    if text.is_empty() {
+        return "an empty body".into();
+    }
+    match text.char_indices().nth(MAX) {
+        Some((i, _)) => format!("{:?}", format!("{}…", &text[..i])),
+        None => format!("{text:?}"),
+    }
+}
+
 /// Route names may contain `/` and `{}`: escape everything but unreserved characters.
 fn escape(name: &str) -> String {
     name.bytes()
@@ -272,10 +309,12 @@ fn escape(name: &str) -> String {
         .collect()
 }
 
-fn route_table(v: &Value) -> String {
-    let Some(routes) = v.as_array() else {
-        return v.to_string();
-    };
+fn route_table(v: &Value) -> Option<String> {
+    // The admin API's `GET /routes`: an array of routes, each with a name and a state.
+    let routes = v.as_array().filter(|a| {
+        a.iter()
+            .all(|r| r["name"].is_string() && r["state"].is_string())
+    })?;
     let mut rows: Vec<[String; 7]> = vec![[
         "NAME".into(),
         "PATH".into(),
@@ -347,7 +386,7 @@ fn route_table(v: &Value) -> String {
         })
         .collect();
     lines.push(format!("{} routes: {}", states.len(), parts.join(", ")));
-    lines.join("\n")
+    Some(lines.join("\n"))
 }
 
 /// `strangler routes`.
@@ -363,22 +402,22 @@ pub fn rollback(a: &RollbackArgs) -> ExitCode {
             "POST",
             &format!("/routes/{}/rollback", escape(route)),
             |v| {
-                if v["changed"].as_bool() == Some(true) {
+                Some(if v["changed"].as_bool()? {
                     format!("{route}: pinned to default")
                 } else {
                     format!("{route}: already pinned")
-                }
+                })
             },
         ),
         _ => fan_out(&a.client, "POST", "/rollback", |v| {
             // `pinned` counts the routes this call pinned; some may have been pinned before.
-            let routes = v["routes"].as_array().map_or(&[][..], Vec::as_slice);
+            let routes = v["routes"].as_array()?;
             let now = routes.iter().filter(|r| !r["pinned"].is_null()).count();
-            format!(
+            Some(format!(
                 "pinned {} route(s) to default; {now} of {} pinned now",
-                v["pinned"].as_u64().unwrap_or(0),
+                v["pinned"].as_u64()?,
                 routes.len()
-            )
+            ))
         }),
     }
 }
@@ -391,11 +430,11 @@ pub fn resume(a: &ResumeArgs) -> ExitCode {
         "POST",
         &format!("/routes/{}/resume", escape(&a.route)),
         move |v| {
-            if v["changed"].as_bool() == Some(true) {
+            Some(if v["changed"].as_bool()? {
                 format!("{route}: resumed")
             } else {
                 format!("{route}: was not pinned")
-            }
+            })
         },
     )
 }
@@ -405,13 +444,13 @@ pub fn resume(a: &ResumeArgs) -> ExitCode {
 /// comes back: exit 1 with the file's errors when it was rejected.
 pub fn reload(a: &ClientArgs) -> ExitCode {
     fan_out_within(a, "POST", "/reload", RELOAD_TIMEOUT, |v| {
-        let sha = v["sha256"].as_str().unwrap_or("?");
+        let sha = v["sha256"].as_str()?;
         let mut out = format!("reloaded (sha256 {})", sha.get(..16).unwrap_or(sha));
         for w in v["warnings"].as_array().into_iter().flatten() {
             out.push_str("\nwarning: ");
             out.push_str(w.as_str().unwrap_or("?"));
         }
-        out
+        Some(out)
     })
 }
 

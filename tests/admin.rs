@@ -639,6 +639,39 @@ fn the_cli_lists_rolls_back_and_resumes_on_every_replica() {
 }
 
 #[test]
+fn the_cli_pointed_at_the_proxy_instead_of_its_admin_listener_claims_nothing() {
+    // `--admin` given the proxy's own port: the request is forwarded to a backend, whose 200
+    // must not read as "already pinned" when nothing was pinned.
+    let legacy = Backend::echo("legacy");
+    let new = Backend::echo("new");
+    let proxy = Proxy::start(&routing(&legacy, &new));
+    let wrong = format!("http://127.0.0.1:{}", proxy.port);
+    for args in [
+        &["rollback", "bookings"][..],
+        &["rollback", "--all"],
+        &["resume", "bookings"],
+        &["routes"],
+        &["reload"],
+    ] {
+        let mut argv = args.to_vec();
+        argv.extend(["--admin", &wrong]);
+        let (code, out, err) = strangler(&argv);
+        assert_eq!(code, 1, "{args:?} fails:\n{out}\n{err}");
+        assert!(
+            err.contains("not strangler's admin API") && err.contains(&wrong),
+            "{args:?} says why, and where it asked:\n{err}"
+        );
+        assert!(!out.contains("pinned") && !out.contains("resumed"), "{out}");
+    }
+    assert_eq!(route(&proxy, "bookings")["pinned"], Value::Null);
+    assert_eq!(served_by(&proxy, "/bookings/1"), "new");
+    // The admin listener itself still answers as before.
+    let (code, out, err) = strangler(&["rollback", "bookings", "--admin", &admin_arg(&proxy)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("bookings: pinned to default"), "{out}");
+}
+
+#[test]
 fn the_cli_reloads_a_running_proxy_and_fails_when_it_rejects_the_file() {
     let legacy = Backend::echo("legacy");
     let new = Backend::echo("new");
