@@ -303,15 +303,52 @@ fn parse_checked_digested(
         // with a typo must not hold the reloader for seconds): a few, not a file full.
         let removable = errors.0.len() <= MAX_KEYS_TAKEN_OUT
             && errors.0.iter().all(|e| fault(&e.message).is_some());
+        let mut errors = errors;
         let without_faulty_keys = removable
-            .then(|| without_faulty_keys(file, text))
+            .then(|| without_faulty_keys(file, &text))
             .flatten()
             .map(Box::new);
+        if without_faulty_keys.is_none() {
+            // The semantic checks will not run: what the file lacks at its top is said here.
+            missing_at_top(file, &text, &mut errors.0);
+        }
         Unread {
             errors,
             without_faulty_keys,
         }
     })
+}
+
+/// The message for a file without `default` (a semantic check: serde reads it as optional).
+pub const DEFAULT_MISSING: &str =
+    "`default` is missing: name the backend that serves unmatched requests";
+
+/// A file refused by its schema whose other parts cannot be checked still has every required
+/// top-level key it lacks reported: serde names only the first thing it stops at, and a missing
+/// `backends` or `default` would otherwise wait for the next run of `check`.
+fn missing_at_top(file: &str, text: &str, errors: &mut Vec<ConfigError>) {
+    let top = match lenient_value(text) {
+        Some(serde_yaml::Value::Mapping(top)) => top,
+        // A file of comments only, or empty.
+        Some(serde_yaml::Value::Null) => serde_yaml::Mapping::new(),
+        _ => return,
+    };
+    let mut add = |message: String| {
+        if !errors.iter().any(|e| e.message == message) {
+            errors.push(ConfigError {
+                file: file.to_string(),
+                pos: Pos { line: 1, col: 1 },
+                message,
+            });
+        }
+    };
+    if !top.contains_key("backends") {
+        add("missing field `backends`".into());
+    }
+    if top.get("default").is_none_or(serde_yaml::Value::is_null) {
+        add(DEFAULT_MISSING.into());
+    }
+    errors.sort_by_key(|e| (e.pos.line, e.pos.col));
 }
 
 /// At most this many faulty keys are taken out to check the rest of a file.
@@ -377,12 +414,32 @@ enum Fault<'a> {
     /// ([`route_stand_in`], [`backend_stand_in`]).
     RouteStandIn(&'a str),
     BackendStandIn(&'a str),
+    /// A required key of route `.0`'s `rollback` block, missing or of the wrong type: a
+    /// [`stand_in`] takes its place.
+    RollbackStandIn(&'a str, &'a str),
 }
 
 /// The [`Fault`] behind a schema error (as `schema_errors` words it), if what is left can
 /// still be checked.
 fn fault(message: &str) -> Option<Fault<'_>> {
     let (inner, own) = split_serde_path(message);
+    // A required key of a route's `rollback` block, missing or of the wrong type: a stand-in in
+    // its place, so that the block's other keys are still checked.
+    if let Some((i, rest)) = inner
+        .and_then(|p| p.strip_prefix("routes["))
+        .and_then(|r| r.split_once("].rollback"))
+    {
+        let key = match rest.strip_prefix('.') {
+            Some(key) if own.starts_with("invalid type") || own.starts_with("invalid value") => {
+                Some(key)
+            }
+            None if rest.is_empty() => backticked(own, "missing field `"),
+            _ => None,
+        };
+        if let Some(key) = key.filter(|k| stand_in(Part::Rollback, k).is_some()) {
+            return Some(Fault::RollbackStandIn(i, key));
+        }
+    }
     // A required key of the wrong type: the stand-in at once (taking the key out first would
     // cost a reading of the file more, and [`MAX_KEYS_TAKEN_OUT`] counts faults, not readings).
     if own.starts_with("invalid type") {
@@ -457,16 +514,16 @@ fn backend_stand_in() -> serde_yaml::Value {
 /// left point into the file as written (setting faults aside moves no other node's path). Its
 /// digest is never shown: the table built from it is only checked, never served. `None` when
 /// something else stands in the way, such as a top-level key of the wrong type.
-fn without_faulty_keys(file: &str, text: String) -> Option<(RoutingFile, Source)> {
+fn without_faulty_keys(file: &str, text: &str) -> Option<(RoutingFile, Source)> {
     use serde_yaml::Value;
-    let mut doc = lenient_value(&text)?;
+    let mut doc = lenient_value(text)?;
     for _ in 0..=MAX_KEYS_TAKEN_OUT {
         let e = match serde_yaml::from_str::<RoutingFile>(&serde_yaml::to_string(&doc).ok()?) {
             Ok(parsed) => {
                 let source = Source {
                     file: file.to_string(),
                     sha256: sha256_hex(text.as_bytes()),
-                    text,
+                    text: text.to_string(),
                     map: OnceLock::new(),
                 };
                 return Some((parsed, source));
@@ -495,6 +552,13 @@ fn without_faulty_keys(file: &str, text: String) -> Option<(RoutingFile, Source)
             }
             Fault::BackendStandIn(name) => {
                 *doc.get_mut("backends")?.get_mut(name)? = backend_stand_in();
+            }
+            Fault::RollbackStandIn(i, key) => {
+                let i: usize = i.parse().ok()?;
+                let block = doc.get_mut("routes")?.get_mut(i)?.get_mut("rollback")?;
+                block
+                    .as_mapping_mut()?
+                    .insert(key.into(), stand_in(Part::Rollback, key)?);
             }
         }
     }
@@ -812,39 +876,110 @@ fn other_schema_errors(file: &str, text: &str, map: &SourceMap) -> Vec<ConfigErr
             }
         })
         .collect();
-    // Every error of one part: the part is re-serialised and parsed alone (so that serde names
-    // the field at fault), then the key at fault is taken out and the part read again.
-    let check = |value: &Value, path: &str, shown: &str, part: Part| -> Vec<ConfigError> {
-        let mut value = value.clone();
-        let mut found = Vec::new();
-        let mut removed: Vec<String> = Vec::new();
-        for _ in 0..32 {
-            let Ok(part_text) = serde_yaml::to_string(&value) else {
-                break;
-            };
-            let result = match part {
-                Part::Backends => {
-                    unique_names(serde_yaml::Deserializer::from_str(&part_text)).map(drop)
+    for (key, value) in &top {
+        let Some(key) = key.as_str() else { continue };
+        match key {
+            "backends" => match value {
+                Value::Mapping(backends) => {
+                    for (name, b) in backends {
+                        if let Some(name) = name.as_str() {
+                            let path = format!("backends.{name}");
+                            out.extend(part_errors(file, map, b, &path, &path, Part::Backend));
+                        }
+                    }
                 }
-                Part::Routes => {
-                    serde_yaml::from_str::<Vec<serde::de::IgnoredAny>>(&part_text).map(drop)
+                _ => out.extend(part_errors(file, map, value, key, key, Part::Backends)),
+            },
+            "routes" => match value {
+                Value::Sequence(routes) => {
+                    for (i, r) in routes.iter().enumerate() {
+                        let (path, shown) = (format!("routes.{i}"), format!("routes[{i}]"));
+                        out.extend(part_errors(file, map, r, &path, &shown, Part::Route));
+                    }
                 }
-                Part::Backend => serde_yaml::from_str::<BackendSpec>(&part_text).map(drop),
-                Part::Route => serde_yaml::from_str::<RouteSpec>(&part_text).map(drop),
-                Part::Default => serde_yaml::from_str::<Option<String>>(&part_text).map(drop),
-                Part::Proxies => serde_yaml::from_str::<Vec<String>>(&part_text).map(drop),
-            };
-            let Err(e) = result else { break };
-            let msg = clean_serde_message(&e.to_string());
-            let (inner, msg) = split_serde_path(&msg);
-            if inner.is_none()
-                && backticked(msg, "missing field `")
-                    .is_some_and(|k| removed.iter().any(|r| r == k))
-            {
-                // Taken out below for its wrong type: it is there, not missing.
-                break;
+                _ => out.extend(part_errors(file, map, value, key, key, Part::Routes)),
+            },
+            "default" => out.extend(part_errors(
+                file,
+                map,
+                value,
+                "default",
+                "default",
+                Part::Default,
+            )),
+            "trusted_proxies" => out.extend(part_errors(file, map, value, key, key, Part::Proxies)),
+            other => out.push(ConfigError {
+                file: file.to_string(),
+                pos: map.key_pos(other),
+                message: format!(
+                    "unknown field `{other}`, expected one of {}",
+                    TOP_LEVEL.map(|k| format!("`{k}`")).join(", ")
+                ),
+            }),
+        }
+    }
+    out
+}
+
+/// Every error of one part of the file: the part is re-serialised and parsed alone (so that serde
+/// names the field at fault), then the key at fault is taken out and the part read again. A
+/// route's `rollback` block is a part of its own, so that every error inside it is found.
+fn part_errors(
+    file: &str,
+    map: &SourceMap,
+    value: &serde_yaml::Value,
+    path: &str,
+    shown: &str,
+    part: Part,
+) -> Vec<ConfigError> {
+    let mut value = value.clone();
+    let mut found = Vec::new();
+    let mut removed: Vec<String> = Vec::new();
+    for _ in 0..32 {
+        let Ok(part_text) = serde_yaml::to_string(&value) else {
+            break;
+        };
+        let result = match part {
+            Part::Backends => {
+                unique_names(serde_yaml::Deserializer::from_str(&part_text)).map(drop)
             }
-            let unknown = backticked(msg, "unknown field `");
+            Part::Routes => {
+                serde_yaml::from_str::<Vec<serde::de::IgnoredAny>>(&part_text).map(drop)
+            }
+            Part::Backend => serde_yaml::from_str::<BackendSpec>(&part_text).map(drop),
+            Part::Route => serde_yaml::from_str::<RouteSpec>(&part_text).map(drop),
+            Part::Rollback => serde_yaml::from_str::<RollbackSpec>(&part_text).map(drop),
+            Part::Default => serde_yaml::from_str::<Option<String>>(&part_text).map(drop),
+            Part::Proxies => serde_yaml::from_str::<Vec<String>>(&part_text).map(drop),
+        };
+        let Err(e) = result else { break };
+        let msg = clean_serde_message(&e.to_string());
+        let (inner, msg) = split_serde_path(&msg);
+        if inner.is_none()
+            && backticked(msg, "missing field `").is_some_and(|k| removed.iter().any(|r| r == k))
+        {
+            // Taken out below for its wrong type: it is there, not missing.
+            break;
+        }
+        let unknown = backticked(msg, "unknown field `");
+        // The part's own key at fault: the first step of the inner path, else the unknown key.
+        let culprit = inner
+            .map(|i| i.split(['.', '[']).next().unwrap_or(i))
+            .or(unknown);
+        let nested = matches!(part, Part::Route) && inner.is_some() && culprit == Some("rollback");
+        if nested {
+            // Inside a route's `rollback` block: the block's every error, read on its own.
+            if let Some(block) = value.get("rollback") {
+                found.extend(part_errors(
+                    file,
+                    map,
+                    block,
+                    &format!("{path}.rollback"),
+                    &format!("{shown}.rollback"),
+                    Part::Rollback,
+                ));
+            }
+        } else {
             let (node, where_) = match inner {
                 Some(inner) => (
                     format!("{path}.{}", inner.replace('[', ".").replace(']', "")),
@@ -864,66 +999,54 @@ fn other_schema_errors(file: &str, text: &str, map: &SourceMap) -> Vec<ConfigErr
                     format!("{where_}: {msg}")
                 },
             });
-            // The part's own key at fault: the first step of the inner path, else the unknown key.
-            let culprit = inner
-                .map(|i| i.split(['.', '[']).next().unwrap_or(i))
-                .or(unknown);
-            let taken_out = match (culprit, value.as_mapping_mut()) {
-                (Some(k), Some(m)) => m.remove(k).map(|_| k.to_string()),
-                _ => None,
-            };
-            match taken_out {
-                Some(k) => removed.push(k),
+        }
+        // A required key of a `rollback` block, missing or of the wrong type, gets a stand-in
+        // (the block's other keys are still read); any other key at fault is taken out.
+        let missing = backticked(msg, "missing field `").filter(|_| inner.is_none());
+        if let Some((key, v)) = missing
+            .or(culprit.filter(|_| unknown.is_none()))
+            .and_then(|k| Some((k, stand_in(part, k)?)))
+        {
+            match value.as_mapping_mut() {
+                Some(m) => {
+                    m.insert(key.into(), v);
+                    continue;
+                }
                 None => break,
             }
         }
-        found
-    };
-    for (key, value) in &top {
-        let Some(key) = key.as_str() else { continue };
-        match key {
-            "backends" => match value {
-                Value::Mapping(backends) => {
-                    for (name, b) in backends {
-                        if let Some(name) = name.as_str() {
-                            let path = format!("backends.{name}");
-                            out.extend(check(b, &path, &path, Part::Backend));
-                        }
-                    }
-                }
-                _ => out.extend(check(value, key, key, Part::Backends)),
-            },
-            "routes" => match value {
-                Value::Sequence(routes) => {
-                    for (i, r) in routes.iter().enumerate() {
-                        let (path, shown) = (format!("routes.{i}"), format!("routes[{i}]"));
-                        out.extend(check(r, &path, &shown, Part::Route));
-                    }
-                }
-                _ => out.extend(check(value, key, key, Part::Routes)),
-            },
-            "default" => out.extend(check(value, "default", "default", Part::Default)),
-            "trusted_proxies" => out.extend(check(value, key, key, Part::Proxies)),
-            other => out.push(ConfigError {
-                file: file.to_string(),
-                pos: map.key_pos(other),
-                message: format!(
-                    "unknown field `{other}`, expected one of {}",
-                    TOP_LEVEL.map(|k| format!("`{k}`")).join(", ")
-                ),
-            }),
+        let taken_out = match (culprit, value.as_mapping_mut()) {
+            (Some(k), Some(m)) => m.remove(k).map(|_| k.to_string()),
+            _ => None,
+        };
+        match taken_out {
+            Some(k) => removed.push(k),
+            None => break,
         }
     }
-    out
+    found
 }
 
-#[derive(Clone, Copy)]
+/// A valid value for a required key of `part` that was missing or held the wrong type, so that
+/// the rest of `part` can still be read and checked; `None` for every other key.
+fn stand_in(part: Part, key: &str) -> Option<serde_yaml::Value> {
+    match (part, key) {
+        (Part::Rollback, "error_rate") => Some("50%".into()),
+        (Part::Rollback, "min_requests") => Some(1.into()),
+        (Part::Rollback, "window") => Some("60s".into()),
+        _ => None,
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Part {
     /// `backends` that is not a mapping, `routes` that is not a list: the part's own type.
     Backends,
     Routes,
     Backend,
     Route,
+    /// A route's `rollback` block.
+    Rollback,
     Default,
     Proxies,
 }

@@ -318,9 +318,7 @@ impl RoutingTable {
         let default = match &file.default {
             Some(d) => lookup(&mut errors, d, &|| "default".to_string()),
             None => {
-                errors.push(source.error_at_start(
-                    "`default` is missing: name the backend that serves unmatched requests",
-                ));
+                errors.push(source.error_at_start(crate::config::DEFAULT_MISSING));
                 None
             }
         };
@@ -1058,6 +1056,50 @@ mod tests {
             "t.yaml:9:20: backend \"nope\" is not defined",
         ];
         crate::config::assert_each_starts_with(&got, &want);
+        // Every error inside one `rollback` block: unknown keys, a required key of the wrong
+        // type or missing (a stand-in takes its place), and the block's other values' checks.
+        let got = checked(&format!(
+            "{BASE}routes:\n  - {{path: /a, to: new, rollback: {{error_rate: [5], bogus: 1, bogus2: 2, window: 1x}}}}\n  \
+             - {{path: /b, to: new, rollback: {{error_rate: 5%, min_requests: many, window: 0s}}}}\n"
+        ));
+        let want = [
+            "t.yaml:6:35: routes[0].rollback: missing field `min_requests`",
+            "t.yaml:6:48: routes[0].rollback.error_rate: invalid type: sequence",
+            "t.yaml:6:53: routes[0].rollback: unknown field `bogus`",
+            "t.yaml:6:63: routes[0].rollback: unknown field `bogus2`",
+            "t.yaml:6:82: duration \"1x\": unknown unit",
+            "t.yaml:7:66: routes[1].rollback.min_requests: invalid type: string \"many\"",
+            "t.yaml:7:80: duration \"0s\" must be at least 1ms",
+        ];
+        crate::config::assert_each_starts_with(&got, &want);
+        assert_eq!(got.len(), want.len(), "{got:#?}");
+        // A file whose rest cannot be checked still has each missing top-level key reported,
+        // beside its other errors.
+        for (yaml, want) in [
+            (
+                "routes:\n  - {path: /a, to: new, foo: 1}\n",
+                &[
+                    "t.yaml:1:1: missing field `backends`",
+                    "t.yaml:1:1: `default` is missing",
+                    "t.yaml:2:25: routes[0]: unknown field `foo`",
+                ][..],
+            ),
+            (
+                "default: legacy\nroutes:\n  - {path: /a, to: new}\n",
+                &["t.yaml:1:1: missing field `backends`"],
+            ),
+            (
+                "# nothing yet\n",
+                &[
+                    "t.yaml:1:1: missing field `backends`",
+                    "t.yaml:1:1: `default` is missing",
+                ],
+            ),
+        ] {
+            let got = checked(yaml);
+            crate::config::assert_each_starts_with(&got, want);
+            assert_eq!(got.len(), want.len(), "{yaml}: {got:#?}");
+        }
         // Required keys of the wrong type, more than the faults taken out one by one would
         // allow: each route is stood in for at once, and the rest is still checked.
         let mut routes: String = (0..12)
