@@ -13,10 +13,11 @@ use pingora_http::RequestHeader;
 use serde::Deserialize;
 
 use crate::cli::{CheckArgs, ExplainArgs};
-use crate::config::{self, ConfigErrors};
+use crate::config::{self, ConfigError, ConfigErrors};
 use crate::path;
 use crate::pins::{Pin, StateFile};
 use crate::router::{upstream_path, RoutingTable, DEFAULT_ROUTE};
+use crate::source_map::{Pos, SourceMap};
 use crate::split;
 
 /// Reads and validates without resolving backends (so `check` works offline, e.g. in CI).
@@ -390,17 +391,12 @@ fn run_cases(table: &RoutingTable, file: &Path, pins: &BTreeMap<String, Pin>) ->
         }
     };
     let text = text.strip_prefix(crate::config::BOM).unwrap_or(&text);
-    let cases: Vec<Case> = match serde_yaml::from_str(text) {
-        Ok(c) => c,
-        Err(e) => {
-            let (l, c) = e.location().map_or((1, 1), |l| (l.line(), l.column()));
-            let message = crate::config::clean_serde_message(&e.to_string());
-            // serde_yaml names the top-level list's items `.[N]`: the file's `cases[N]`.
-            let message = match message.strip_prefix(".[") {
-                Some(rest) => format!("cases[{rest}"),
-                None => message,
-            };
-            eprintln!("{}:{l}:{c}: {message}", file.display());
+    let cases = match read_cases(&file.display().to_string(), text) {
+        Ok(cases) => cases,
+        Err(errors) => {
+            for e in errors {
+                eprintln!("{e}");
+            }
             return ExitCode::from(1);
         }
     };
@@ -413,7 +409,7 @@ fn run_cases(table: &RoutingTable, file: &Path, pins: &BTreeMap<String, Pin>) ->
         return ExitCode::from(1);
     }
     let mut failed = 0;
-    for (n, case) in cases.iter().enumerate() {
+    for (pos, case) in &cases {
         let outcome = (|| -> Result<(), String> {
             let (method, target) = case
                 .request
@@ -428,7 +424,15 @@ fn run_cases(table: &RoutingTable, file: &Path, pins: &BTreeMap<String, Pin>) ->
             let route = d.route.map_or(DEFAULT_ROUTE, |i| &table.routes[i].name);
             let backend = &*table.backends[d.backend].name;
             if route != case.route {
-                return Err(format!("route: want {}, got {route}", case.route));
+                // A name the table does not have is more likely a typo, or a route renamed
+                // since the case was written, than a routing change.
+                let unknown =
+                    if case.route != DEFAULT_ROUTE && table.route_index(&case.route).is_none() {
+                        format!(" (the table has no route named {:?})", case.route)
+                    } else {
+                        String::new()
+                    };
+                return Err(format!("route: want {}, got {route}{unknown}", case.route));
             }
             if let Some(want) = &case.backend {
                 // Without its sticky key a split is a random pick per request: such a case
@@ -462,7 +466,13 @@ fn run_cases(table: &RoutingTable, file: &Path, pins: &BTreeMap<String, Pin>) ->
             Ok(()) => outln!("ok    {}", case.request),
             Err(e) => {
                 failed += 1;
-                outln!("FAIL  {} (case {}): {e}", case.request, n + 1);
+                outln!(
+                    "FAIL  {} ({}:{}:{}): {e}",
+                    case.request,
+                    file.display(),
+                    pos.line,
+                    pos.col
+                );
             }
         }
     }
@@ -471,6 +481,75 @@ fn run_cases(table: &RoutingTable, file: &Path, pins: &BTreeMap<String, Pin>) ->
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
+    }
+}
+
+/// The cases of a cases file, each with where it starts; or every case that does not read as
+/// one (each at its fault), so that a file with several is fixed in one go.
+fn read_cases(file: &str, text: &str) -> Result<Vec<(Pos, Case)>, Vec<ConfigError>> {
+    let at = |pos: Pos, message: String| ConfigError {
+        file: file.to_string(),
+        pos,
+        message,
+    };
+    let items: Vec<serde_yaml::Value> = serde_yaml::from_str(text).map_err(|e| {
+        let pos = e.location().map_or(Pos { line: 1, col: 1 }, |l| Pos {
+            line: l.line(),
+            col: l.column(),
+        });
+        let message = crate::config::clean_serde_message(&e.to_string());
+        // serde_yaml names the top-level list's items `.[N]`: the file's `cases[N]`.
+        let message = match message.strip_prefix(".[") {
+            Some(rest) => format!("cases[{rest}"),
+            None => message,
+        };
+        vec![at(pos, message)]
+    })?;
+    let map = SourceMap::new(text);
+    let mut cases = Vec::with_capacity(items.len());
+    let mut errors = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        // Read from its own text, as `check` reads a route: serde then names the key at fault.
+        let read = serde_yaml::to_string(item)
+            .map_err(|e| e.to_string())
+            .and_then(|t| serde_yaml::from_str::<Case>(&t).map_err(|e| e.to_string()));
+        match read {
+            // A request that is not `METHOD /path` is an error of the file, as a wrong type.
+            Ok(case) if !case.request.trim().contains(' ') => errors.push(at(
+                map.pos(&format!("{i}.request")),
+                format!(
+                    "cases[{i}].request: {:?} is not \"METHOD /path\"",
+                    case.request
+                ),
+            )),
+            // Where a case stands is where its request is written.
+            Ok(case) => cases.push((map.key_pos(&format!("{i}.request")), case)),
+            Err(e) => {
+                let message = crate::config::clean_serde_message(&e);
+                let (inner, own) = crate::config::split_serde_path(&message);
+                let node = match inner {
+                    Some(inner) => format!("{i}.{}", inner.replace('[', ".").replace(']', "")),
+                    None => i.to_string(),
+                };
+                let pos = match own
+                    .strip_prefix("unknown field `")
+                    .and_then(|r| r.split_once('`'))
+                {
+                    Some((key, _)) => map.key_pos(&format!("{node}.{key}")),
+                    None => map.pos(&node),
+                };
+                let shown = match inner {
+                    Some(inner) => format!("cases[{i}].{inner}"),
+                    None => format!("cases[{i}]"),
+                };
+                errors.push(at(pos, format!("{shown}: {own}")));
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(cases)
+    } else {
+        Err(errors)
     }
 }
 

@@ -1053,7 +1053,7 @@ enum Part {
 
 /// serde_yaml writes `PATH: MESSAGE` when the error is below the top of what it parsed; serde's
 /// own messages (and `unique_names`'s) start with one of these.
-fn split_serde_path(msg: &str) -> (Option<&str>, &str) {
+pub(crate) fn split_serde_path(msg: &str) -> (Option<&str>, &str) {
     const OWN: [&str; 8] = [
         "unknown field",
         "missing field",

@@ -341,6 +341,7 @@ impl RoutingTable {
         for r in file.routes.iter().filter(|r| r.name.is_none()) {
             *unnamed_paths.entry(r.path.as_str()).or_default() += 1;
         }
+        let unnamed: Vec<bool> = file.routes.iter().map(|r| r.name.is_none()).collect();
         let path_shared: Vec<bool> = file
             .routes
             .iter()
@@ -383,19 +384,22 @@ impl RoutingTable {
                     source.error_at(&name_at(), "route name must be printable and non-empty"),
                 );
             } else if let Some(&first) = names.get(&*name) {
-                errors.push(source.error_at(
-                    &name_at(),
-                    format!(
-                        "duplicate route name {name:?} (also route {} at line {}){}",
-                        first + 1,
-                        source.pos(&format!("routes.{first}")).line,
-                        if spec.name.is_none() {
-                            "; give one of them a `name`"
-                        } else {
-                            ""
-                        }
-                    ),
-                ));
+                // Two unnamed routes named alike are one path with the same methods: the
+                // conflict check below says so, and naming them would not help.
+                if !(spec.name.is_none() && unnamed[first]) {
+                    errors.push(source.error_at(
+                        &name_at(),
+                        format!(
+                            "duplicate route name {name:?} (also routes[{first}] at line {}){}",
+                            source.pos(&format!("routes.{first}")).line,
+                            if spec.name.is_none() {
+                                "; give one of them a `name`"
+                            } else {
+                                ""
+                            }
+                        ),
+                    ));
+                }
             } else {
                 names.insert(name.clone(), i);
             }
@@ -534,13 +538,20 @@ impl RoutingTable {
                         Claim::Route(k) => (&routes[*k].name, routes[*k].path.as_str()),
                         Claim::Refused(name, path) => (name, path.as_str()),
                     };
-                    errors.push(source.error_at(
-                        &at("path"),
+                    let exact = if spec.exact { ", both exact," } else { "" };
+                    let message = if spec.name.is_none()
+                        && *other_name == name
+                        && other_path == spec.path
+                    {
                         format!(
-                            "route {name:?} conflicts with route {other_name:?} ({other_path}): same path pattern{} and overlapping methods",
-                            if spec.exact { ", both exact," } else { "" }
-                        ),
-                    ));
+                            "route {name:?} is written twice: same path{exact} and overlapping methods"
+                        )
+                    } else {
+                        format!(
+                            "route {name:?} conflicts with route {other_name:?} ({other_path}): same path pattern{exact} and overlapping methods"
+                        )
+                    };
+                    errors.push(source.error_at(&at("path"), message));
                 } else {
                     // The index the route gets if it has no other error (pushed below).
                     claimed.push(Claim::Route(routes.len()));
@@ -1169,17 +1180,16 @@ mod tests {
         assert_eq!(at("/b", "GET"), Some("GET /b"));
         assert_eq!(at("/b", "POST"), Some("POST /b"));
         assert_eq!(at("/b", "PUT"), None);
-        // The same path and the same methods: one name, and an overlap; both are said.
+        // The same path and the same methods: one route written twice (not two names to
+        // tell apart: naming them would leave the overlap).
         let got = errors(&format!(
             "{BASE}routes:\n  - {{path: /a, methods: [GET], to: new}}\n  - {{path: /a, methods: [GET], to: legacy}}\n"
         ));
-        assert_eq!(got.len(), 2, "{got:#?}");
+        assert_eq!(got.len(), 1, "{got:#?}");
         assert!(
-            got[0].contains("duplicate route name \"GET /a\""),
-            "{got:#?}"
-        );
-        assert!(
-            got[1].contains("same path pattern and overlapping methods"),
+            got[0].contains(
+                "t.yaml:7:12: route \"GET /a\" is written twice: same path and overlapping methods"
+            ),
             "{got:#?}"
         );
     }
@@ -1188,7 +1198,8 @@ mod tests {
     fn semantic_errors_point_at_the_node() {
         let cases: &[(&str, &str)] = &[
             ("routes:\n  - {path: /a, to: nope}\n", "t.yaml:6:20: backend \"nope\" is not defined"),
-            ("routes:\n  - {path: /a, to: new}\n  - {path: /a, to: legacy}\n", "t.yaml:7:12: duplicate route name \"/a\""),
+            ("routes:\n  - {path: /a, to: new}\n  - {path: /a, to: legacy}\n", "t.yaml:7:12: route \"/a\" is written twice"),
+            ("routes:\n  - {name: x, path: /a, to: new}\n  - {name: x, path: /b, to: legacy}\n", "t.yaml:7:12: duplicate route name \"x\" (also routes[0] at line 6)"),
             ("routes:\n  - {name: x, path: /a, to: new}\n  - {name: y, path: '/a/', to: legacy}\n", "t.yaml:7:21: route \"y\" conflicts with route \"x\""),
             ("routes:\n  - {path: /a, to: new, split: 101}\n", "t.yaml:6:32: split 101 is outside 0..100"),
             ("routes:\n  - {path: '/a/{id}', to: new, rewrite: /b}\n", "t.yaml:6:41: rewrite cannot be used on a path with a {param}"),

@@ -994,6 +994,23 @@ fn golden_cases_pin_the_routing_in_ci_and_explain_shows_the_upstream_request() {
         "the failing case is named:\n{out}"
     );
     assert!(out.contains("1 passed, 1 failed"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "FAIL  GET /departures/1 ({wrong}:2:4): route: want departures"
+        )),
+        "the failing case's place in its file:\n{out}"
+    );
+    let renamed = write(
+        dir.path(),
+        "renamed.yaml",
+        "- {request: GET /bookings/42, route: booking}\n",
+    );
+    let (code, out, _) = strangler(&["check", "-c", &cfg, "--cases", &renamed]);
+    assert_eq!(code, 1);
+    assert!(
+        out.contains("want booking, got bookings (the table has no route named \"booking\")"),
+        "{out}"
+    );
     // An emptied golden file fails too: it pins nothing.
     for (name, text) in [("empty.yaml", ""), ("none.yaml", "[]\n")] {
         let empty = write(dir.path(), name, text);
@@ -1005,14 +1022,27 @@ fn golden_cases_pin_the_routing_in_ci_and_explain_shows_the_upstream_request() {
     let typo = write(
         dir.path(),
         "typo.yaml",
-        "- {request: GET /x, route: default}\n- {request: GET /y, route: default, bakend: new}\n",
+        "- {request: GET /x, route: default}\n- {request: GET /y, route: default, bakend: new}\n\
+         - {request: GET /z, rout: default}\n- {request: 5, route: default}\n",
     );
     let (code, out, err) = strangler(&["check", "-c", &cfg, "--cases", &typo]);
     assert_eq!(code, 1, "{out}{err}");
+    // Every case that does not read is reported, each where it goes wrong, and none is run.
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 3, "{err}");
     assert!(
-        err.contains("typo.yaml:2:") && err.contains(": cases[1]: unknown field `bakend`"),
+        lines[0].contains("typo.yaml:2:37: cases[1]: unknown field `bakend`"),
         "{err}"
     );
+    assert!(
+        lines[1].contains("typo.yaml:3:21: cases[2]: unknown field `rout`"),
+        "{err}"
+    );
+    assert!(
+        lines[2].contains("typo.yaml:4:13: cases[3].request: \"5\" is not \"METHOD /path\""),
+        "{err}"
+    );
+    assert!(!out.contains("passed"), "{out}");
 
     // A case on a partial split without its sticky key would pass or fail by chance: it fails,
     // saying why, every time.
