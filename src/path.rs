@@ -9,6 +9,7 @@
 //! - repeated slashes count as one;
 //! - percent-encoded *unreserved* characters are decoded (`%62` → `b`); every other escape
 //!   (`%2F`, `%20`, …) is kept exactly as received, so it stays inside its segment;
+//! - raw non-ASCII bytes (UTF-8) are percent-encoded, as an IRI's are in its URI;
 //! - a `.` or `..` segment (after that decoding, so `%2e%2e` too) is refused;
 //! - a trailing slash is remembered but never counts as a segment.
 
@@ -147,15 +148,31 @@ pub fn normalize(target: &str) -> Result<NormalPath, PathError> {
         let start = path.len();
         let mut escaped_slash = false;
         while i < bytes.len() && bytes[i] != b'/' {
-            // A run of bytes copied as they are: everything up to the next `/`, `%` or
-            // forbidden byte. Those are ASCII, so the run ends on a character boundary and
-            // multi-byte UTF-8 passes through untouched (`target` is a &str, so it is valid).
+            // A run of bytes copied as they are: everything up to the next `/`, `%`, forbidden
+            // or non-ASCII byte. The run ends on a character boundary.
             let run = i;
-            while i < bytes.len() && !matches!(bytes[i], b'/' | b'%') && !forbidden(bytes[i]) {
+            while i < bytes.len()
+                && !matches!(bytes[i], b'/' | b'%')
+                && !forbidden(bytes[i])
+                && bytes[i].is_ascii()
+            {
                 i += 1;
             }
             path.push_str(&raw_path[run..i]);
             match bytes.get(i) {
+                // Raw UTF-8 (RFC 3986 has none: an IRI's characters are sent percent-encoded,
+                // RFC 3987 §3.1) is written as the escapes that mean the same to a backend, so
+                // that `/caf\u{e9}` and `/caf%C3%A9` are one resource to the routes as to it.
+                // The whole run of them, so that the next run starts on a character boundary.
+                Some(b) if !b.is_ascii() => {
+                    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+                    while let Some(&b) = bytes.get(i).filter(|b| !b.is_ascii()) {
+                        path.push('%');
+                        path.push(HEX[usize::from(b >> 4)] as char);
+                        path.push(HEX[usize::from(b & 15)] as char);
+                        i += 1;
+                    }
+                }
                 Some(b'%') => {
                     let hex = bytes.get(i + 1..i + 3).ok_or(PathError::BadEscape)?;
                     let v = hex_pair(hex[0], hex[1]).ok_or(PathError::BadEscape)?;
@@ -278,7 +295,9 @@ mod tests {
             ("///", "/", &[], None),
             ("/...", "/...", &["..."], None),
             ("/a.b/.c", "/a.b/.c", &["a.b", ".c"], None),
-            ("/caf\u{e9}", "/caf\u{e9}", &["caf\u{e9}"], None),
+            ("/caf\u{e9}", "/caf%C3%A9", &["caf%C3%A9"], None),
+            ("/caf%c3%a9", "/caf%c3%a9", &["caf%c3%a9"], None),
+            ("/\u{65e5}/x?q=\u{e9}", "/%E6%97%A5/x", &["%E6%97%A5", "x"], Some("q=\u{e9}")),
         ];
         for (target, path, segs, query) in cases {
             let (p, s, q) = ok(target);

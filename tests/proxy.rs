@@ -15,7 +15,8 @@ fn routing(legacy: &Backend, new: &Backend) -> String {
          \x20 - {{name: itin, path: '/itineraries/{{id}}', to: legacy}}\n\
          \x20 - {{name: departures, path: /departures, exact: true, to: new, rewrite: /v2/departures}}\n\
          \x20 - {{name: lit, path: /a/b, to: new}}\n\
-         \x20 - {{name: param, path: '/a/{{x}}/c', to: legacy}}\n",
+         \x20 - {{name: param, path: '/a/{{x}}/c', to: legacy}}\n\
+         \x20 - {{name: cafe, path: '/caf%C3%A9', to: new}}\n",
         base_yaml(&legacy.url(), &new.url())
     )
 }
@@ -94,6 +95,23 @@ fn every_matching_rule_end_to_end() {
         let v = r.json();
         assert_eq!(v["service"], *backend, "{method} {target}");
         assert_eq!(v["target"], *upstream, "{method} {target}");
+    }
+    // Raw UTF-8 in a path is the same resource as its escapes, to the routes as to the
+    // backend, which receives the escapes.
+    let addr = format!("127.0.0.1:{}", proxy.port);
+    for target in ["/caf\u{e9}/1", "/caf%c3%a9/1", "/caf%C3%A9/1"] {
+        let head = format!("GET {target} HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n");
+        let answer = raw(&addr, head.as_bytes());
+        assert!(answer.starts_with("HTTP/1.1 200"), "{target}:\n{answer}");
+        assert!(
+            answer.to_ascii_lowercase().contains("x-strangler-route: cafe\r\n"),
+            "{target}:\n{answer}"
+        );
+        let want = target.replace('\u{e9}', "%C3%A9");
+        assert!(
+            answer.contains(&format!("\"target\":\"{want}\"")),
+            "{target} is forwarded as {want}:\n{answer}"
+        );
     }
     // A CORS preflight is routed as the method it announces.
     let r = request(
