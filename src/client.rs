@@ -230,10 +230,17 @@ fn fan_out_within(
             }
             Ok((status, body)) => {
                 failed += 1;
-                let msg = body["message"]
-                    .as_str()
-                    .map(str::to_owned)
-                    .unwrap_or_else(|| body.to_string());
+                let msg = match (status, token) {
+                    // The server cannot tell a missing token from a wrong one; this side can.
+                    (401, Some(_)) => "the token in STRANGLER_ADMIN_TOKEN was refused".to_string(),
+                    (401, None) => {
+                        "this admin API needs a token: set STRANGLER_ADMIN_TOKEN".to_string()
+                    }
+                    _ => body["message"]
+                        .as_str()
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| body.to_string()),
+                };
                 // A rejected reload names every error of the file, one a line.
                 let note = (body["error"] == "invalid_config")
                     .then_some("the file was rejected; the previous table keeps serving");

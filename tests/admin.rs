@@ -701,7 +701,19 @@ fn the_cli_reloads_a_running_proxy_and_fails_when_it_rejects_the_file() {
     // The token is required, as for every admin POST.
     let (code, _, err) = strangler(&["reload", "--admin", &bare]);
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("error 401"), "{err}");
+    assert!(
+        err.contains("error 401: this admin API needs a token: set STRANGLER_ADMIN_TOKEN"),
+        "{err}"
+    );
+    let (code, _, err) = strangler_env(
+        &["reload", "--admin", &bare],
+        &[("STRANGLER_ADMIN_TOKEN", "s3cre")],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("error 401: the token in STRANGLER_ADMIN_TOKEN was refused"),
+        "a wrong token is not worded as a missing one: {err}"
+    );
 
     // A file the proxy rejects: exit 1 with its errors, and the previous table keeps serving.
     proxy.write_config(&format!(
