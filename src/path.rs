@@ -151,11 +151,7 @@ pub fn normalize(target: &str) -> Result<NormalPath, PathError> {
             // A run of bytes copied as they are: everything up to the next `/`, `%`, forbidden
             // or non-ASCII byte. The run ends on a character boundary.
             let run = i;
-            while i < bytes.len()
-                && !matches!(bytes[i], b'/' | b'%')
-                && !forbidden(bytes[i])
-                && bytes[i].is_ascii()
-            {
+            while i < bytes.len() && !ENDS_RUN[usize::from(bytes[i])] {
                 i += 1;
             }
             path.push_str(&raw_path[run..i]);
@@ -244,7 +240,20 @@ fn split_escaped_slash(seg: &str) -> impl Iterator<Item = &str> {
     })
 }
 
-fn forbidden(b: u8) -> bool {
+/// The bytes that end a run copied as it is: `/`, `%`, a [`forbidden`] one, a non-ASCII one.
+/// One table lookup per byte of the path.
+static ENDS_RUN: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let u = b as u8;
+        t[b] = u == b'/' || u == b'%' || forbidden(u) || !u.is_ascii();
+        b += 1;
+    }
+    t
+};
+
+const fn forbidden(b: u8) -> bool {
     b == b'\\' || b < 0x20 || b == 0x7f
 }
 
@@ -297,7 +306,12 @@ mod tests {
             ("/a.b/.c", "/a.b/.c", &["a.b", ".c"], None),
             ("/caf\u{e9}", "/caf%C3%A9", &["caf%C3%A9"], None),
             ("/caf%c3%a9", "/caf%c3%a9", &["caf%c3%a9"], None),
-            ("/\u{65e5}/x?q=\u{e9}", "/%E6%97%A5/x", &["%E6%97%A5", "x"], Some("q=\u{e9}")),
+            (
+                "/\u{65e5}/x?q=\u{e9}",
+                "/%E6%97%A5/x",
+                &["%E6%97%A5", "x"],
+                Some("q=\u{e9}"),
+            ),
         ];
         for (target, path, segs, query) in cases {
             let (p, s, q) = ok(target);
