@@ -104,7 +104,9 @@ fn every_matching_rule_end_to_end() {
         let answer = raw(&addr, head.as_bytes());
         assert!(answer.starts_with("HTTP/1.1 200"), "{target}:\n{answer}");
         assert!(
-            answer.to_ascii_lowercase().contains("x-strangler-route: cafe\r\n"),
+            answer
+                .to_ascii_lowercase()
+                .contains("x-strangler-route: cafe\r\n"),
             "{target}:\n{answer}"
         );
         let want = target.replace('\u{e9}', "%C3%A9");
