@@ -380,8 +380,9 @@ fn faulty_key(message: &str) -> Option<(Vec<&str>, &str)> {
         return Some((steps, key));
     }
     if own.starts_with("missing field") {
-        // Only a route's `rollback` has required keys of its own: it is taken out whole. A
-        // route's or backend's own required key is [`Fault::RouteStandIn`]'s or
+        // Only a route's `rollback` has required keys of its own, and [`fault`] gives them
+        // stand-ins before it asks here; what is left of it is taken out whole. A route's or
+        // backend's own required key is [`Fault::RouteStandIn`]'s or
         // [`Fault::BackendStandIn`]'s.
         return (steps.len() == 3 && steps[0] == "routes").then(|| (steps[..2].to_vec(), steps[2]));
     }
@@ -395,8 +396,8 @@ fn faulty_key(message: &str) -> Option<(Vec<&str>, &str)> {
         return None;
     }
     // A list element's fault is its list's: `methods[1]` takes `methods` out; a nested key's
-    // is the route's or backend's key it sits in: `rollback.error_rate` takes `rollback` out
-    // (without its required key `rollback` would not read either).
+    // is the route's or backend's key it sits in (a `rollback` key [`fault`] has no stand-in
+    // for takes `rollback` out).
     let last_key = steps.iter().rposition(|s| s.parse::<usize>().is_err())?;
     let at = last_key.min(2);
     (last_key >= 2).then(|| (steps[..at].to_vec(), steps[at]))
