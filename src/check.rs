@@ -497,7 +497,7 @@ fn read_cases(file: &str, text: &str) -> Result<Vec<(Pos, Case)>, Vec<ConfigErro
             line: l.line(),
             col: l.column(),
         });
-        let message = crate::config::clean_serde_message(&e.to_string());
+        let message = config::clean_serde_message(&e.to_string());
         // serde_yaml names the top-level list's items `.[N]`: the file's `cases[N]`.
         let message = match message.strip_prefix(".[") {
             Some(rest) => format!("cases[{rest}"),
@@ -515,7 +515,7 @@ fn read_cases(file: &str, text: &str) -> Result<Vec<(Pos, Case)>, Vec<ConfigErro
             .and_then(|t| serde_yaml::from_str::<Case>(&t).map_err(|e| e.to_string()));
         match read {
             // A request that is not `METHOD /path` is an error of the file, as a wrong type.
-            Ok(case) if !case.request.trim().contains(' ') => errors.push(at(
+            Ok(case) if case.request.split_once(' ').is_none() => errors.push(at(
                 map.pos(&format!("{i}.request")),
                 format!(
                     "cases[{i}].request: {:?} is not \"METHOD /path\"",
@@ -525,17 +525,14 @@ fn read_cases(file: &str, text: &str) -> Result<Vec<(Pos, Case)>, Vec<ConfigErro
             // Where a case stands is where its request is written.
             Ok(case) => cases.push((map.key_pos(&format!("{i}.request")), case)),
             Err(e) => {
-                let message = crate::config::clean_serde_message(&e);
-                let (inner, own) = crate::config::split_serde_path(&message);
+                let message = config::clean_serde_message(&e);
+                let (inner, own) = config::split_serde_path(&message);
                 let node = match inner {
                     Some(inner) => format!("{i}.{}", inner.replace('[', ".").replace(']', "")),
                     None => i.to_string(),
                 };
-                let pos = match own
-                    .strip_prefix("unknown field `")
-                    .and_then(|r| r.split_once('`'))
-                {
-                    Some((key, _)) => map.key_pos(&format!("{node}.{key}")),
+                let pos = match config::backticked(own, "unknown field `") {
+                    Some(key) => map.key_pos(&format!("{node}.{key}")),
                     None => map.pos(&node),
                 };
                 let shown = match inner {

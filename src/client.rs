@@ -165,8 +165,7 @@ type Answer = Result<(u16, Value), String>;
 /// Asks every target concurrently, printing one block per replica.
 ///
 /// `show` words a successful answer, or says `None` when the answer does not have the shape
-/// of the admin API's: a 2xx from something else (`--admin` pointed at the proxy's own port,
-/// which forwards the request to a backend, or at a backend) must not read as "pinned".
+/// of the admin API's ([`not_admin_api`]).
 fn fan_out(
     args: &ClientArgs,
     method: &str,
@@ -206,27 +205,22 @@ fn fan_out_within(
             String::new()
         };
         match r {
-            Ok((status, body)) if !is_admin_answer(*status, body, &show) => {
-                failed += 1;
-                eprintln!(
-                    "{prefix}error: {}{path} answered {status} with {}: not strangler's admin API \
-                     (is --admin the admin listener's address, not the proxy's or a backend's?)",
-                    t.base,
-                    excerpt(body)
-                );
-            }
-            Ok((status, body)) if (200..300).contains(status) => {
-                let text = show(body).unwrap_or_default();
-                if args.json {
-                    outln!(
-                        "{prefix}{}",
-                        serde_json::to_string_pretty(body).unwrap_or_default()
-                    );
-                } else if many && text.contains('\n') {
-                    outln!("{}:\n{text}", t.label);
-                } else {
-                    outln!("{prefix}{text}");
+            Ok((status, body)) if (200..300).contains(status) => match show(body) {
+                Some(_) if args.json => outln!(
+                    "{prefix}{}",
+                    serde_json::to_string_pretty(body).unwrap_or_default()
+                ),
+                Some(text) if many && text.contains('\n') => outln!("{}:\n{text}", t.label),
+                Some(text) => outln!("{prefix}{text}"),
+                None => {
+                    failed += 1;
+                    not_admin_api(&prefix, &t.base, path, *status, body);
                 }
+            },
+            // The admin API's errors are `{"error": CODE, "message": …}`.
+            Ok((status, body)) if !(body["error"].is_string() && body["message"].is_string()) => {
+                failed += 1;
+                not_admin_api(&prefix, &t.base, path, *status, body);
             }
             Ok((status, body)) => {
                 failed += 1;
@@ -277,14 +271,14 @@ fn fan_out_within(
     }
 }
 
-/// Whether `body` is what the admin API answers: a 2xx that `show` can word, or an error
-/// document (`{"error": CODE, "message": …}`).
-fn is_admin_answer(status: u16, body: &Value, show: impl Fn(&Value) -> Option<String>) -> bool {
-    if (200..300).contains(&status) {
-        show(body).is_some()
-    } else {
-        body["error"].is_string() && body["message"].is_string()
-    }
+/// Says that `base` answered something other than the admin API would: a 2xx from the proxy's
+/// own port (which forwards the request to a backend) must not read as "pinned".
+fn not_admin_api(prefix: &str, base: &str, path: &str, status: u16, body: &Value) {
+    eprintln!(
+        "{prefix}error: {base}{path} answered {status} with {}: not strangler's admin API \
+         (is --admin the admin listener's address, not the proxy's or a backend's?)",
+        excerpt(body)
+    );
 }
 
 /// The start of an answer that is not the admin API's, on one line.

@@ -1075,7 +1075,7 @@ pub(crate) fn split_serde_path(msg: &str) -> (Option<&str>, &str) {
 }
 
 /// The text between `prefix` and the next backtick.
-fn backticked<'a>(msg: &'a str, prefix: &str) -> Option<&'a str> {
+pub(crate) fn backticked<'a>(msg: &'a str, prefix: &str) -> Option<&'a str> {
     let rest = msg.strip_prefix(prefix)?;
     rest.split_once('`').map(|(k, _)| k)
 }
