@@ -147,12 +147,18 @@ pub fn collapsed_content_length(headers: &HeaderMap) -> Option<HeaderValue> {
 /// not in `http`'s list of standard names.
 pub static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 pub static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+/// HTTP/2's upgrade settings (RFC 7540 §3.2.1), which Pingora strips from an HTTP/1 request.
+pub static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 
 /// Which of the fields the proxy acts on a backend's response holds, found in one pass over its
 /// names: most responses hold none of them, and a lookup for each costs more than the pass.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ResponseFields {
-    /// `Connection`, `Keep-Alive`, `Proxy-Connection`, `Proxy-Authenticate`, `TE`, `Upgrade`.
+    /// `Connection`: it may nominate more hop-by-hop fields.
+    pub connection: bool,
+    /// `Upgrade`: kept on a 101 only.
+    pub upgrade: bool,
+    /// `Keep-Alive`, `Proxy-Connection`, `Proxy-Authenticate`, `TE`: always removed.
     pub hop_by_hop: bool,
     /// `Location`, `Content-Location`, `Refresh`, `Link`: URLs that may name a backend.
     pub urls: bool,
@@ -167,21 +173,72 @@ impl ResponseFields {
         };
         let mut found = Self::default();
         for name in headers.keys() {
-            if [
-                &CONNECTION,
-                &UPGRADE,
-                &PROXY_AUTHENTICATE,
-                &TE,
-                &KEEP_ALIVE,
-                &PROXY_CONNECTION,
-            ]
-            .contains(&name)
-            {
+            if name == CONNECTION {
+                found.connection = true;
+            } else if name == UPGRADE {
+                found.upgrade = true;
+            } else if [&PROXY_AUTHENTICATE, &TE, &KEEP_ALIVE, &PROXY_CONNECTION].contains(&name) {
                 found.hop_by_hop = true;
             } else if [&LOCATION, &CONTENT_LOCATION, &REFRESH, &LINK].contains(&name) {
                 found.urls = true;
             } else if name == SET_COOKIE {
                 found.set_cookie = true;
+            }
+        }
+        found
+    }
+}
+
+/// Which of the fields the proxy, or Pingora's standard upstream policy, acts on a client's
+/// request holds, found in one pass over its names: most requests hold none of them, and each
+/// removal costs a lookup in two maps (Pingora keeps each name's case beside the map).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RequestFields {
+    /// A field Pingora's standard upstream policy strips, or one that `Connection` could
+    /// nominate: `Connection`, `Keep-Alive`, `Proxy-Connection`, `Proxy-Authenticate`,
+    /// `Proxy-Authorization`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`, `HTTP2-Settings`.
+    pub hop_by_hop: bool,
+    /// `X-Strangler-Shadow`, `Forwarded`, `Expect`, `X-Forwarded-Host`: the client's are
+    /// dropped on the way upstream (an `Expect: 100-continue` is answered by the proxy).
+    pub dropped: bool,
+    /// `X-Forwarded-For`: the list the proxy appends to.
+    pub forwarded_for: bool,
+}
+
+impl RequestFields {
+    pub fn of(headers: &HeaderMap) -> Self {
+        use http::header::{
+            CONNECTION, EXPECT, FORWARDED, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER,
+            TRANSFER_ENCODING, UPGRADE,
+        };
+        let mut found = Self::default();
+        for name in headers.keys() {
+            if [
+                &CONNECTION,
+                &KEEP_ALIVE,
+                &PROXY_CONNECTION,
+                &PROXY_AUTHENTICATE,
+                &PROXY_AUTHORIZATION,
+                &TE,
+                &TRAILER,
+                &TRANSFER_ENCODING,
+                &UPGRADE,
+                &HTTP2_SETTINGS,
+            ]
+            .contains(&name)
+            {
+                found.hop_by_hop = true;
+            } else if [
+                &crate::shadow::X_STRANGLER_SHADOW,
+                &FORWARDED,
+                &EXPECT,
+                &X_FORWARDED_HOST,
+            ]
+            .contains(&name)
+            {
+                found.dropped = true;
+            } else if name == X_FORWARDED_FOR {
+                found.forwarded_for = true;
             }
         }
         found
@@ -815,21 +872,72 @@ mod tests {
             of(&["Content-Type", "Content-Length", "Date", "Server"]),
             ResponseFields::default()
         );
-        for hop in [
-            "Connection",
-            "Keep-Alive",
-            "proxy-connection",
-            "Proxy-Authenticate",
-            "TE",
-            "Upgrade",
-        ] {
-            assert!(of(&["Date", hop]).hop_by_hop, "{hop}");
+        for hop in ["Keep-Alive", "proxy-connection", "Proxy-Authenticate", "TE"] {
+            let f = of(&["Date", hop]);
+            assert!(f.hop_by_hop && !f.connection && !f.upgrade, "{hop}");
         }
+        let f = of(&["connection", "Date"]);
+        assert!(f.connection && !f.upgrade && !f.hop_by_hop);
+        let f = of(&["Upgrade", "Date"]);
+        assert!(f.upgrade && !f.connection && !f.hop_by_hop);
         for url in ["Location", "content-location", "Refresh", "Link"] {
             let f = of(&[url, "Date"]);
-            assert!(f.urls && !f.hop_by_hop && !f.set_cookie, "{url}");
+            assert!(
+                f.urls && f.connection == f.hop_by_hop && !f.set_cookie,
+                "{url}"
+            );
         }
         assert!(of(&["Set-Cookie", "set-cookie"]).set_cookie);
+    }
+
+    #[test]
+    fn request_fields_are_found_in_one_pass() {
+        let of = |names: &[&str]| {
+            let mut h = HeaderMap::new();
+            for n in names {
+                h.append(
+                    HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                    HeaderValue::from_static("x"),
+                );
+            }
+            RequestFields::of(&h)
+        };
+        assert_eq!(
+            of(&[
+                "Host",
+                "User-Agent",
+                "Accept",
+                "Content-Length",
+                "X-Request-Id"
+            ]),
+            RequestFields::default()
+        );
+        for hop in [
+            "Connection",
+            "keep-alive",
+            "Proxy-Connection",
+            "Proxy-Authenticate",
+            "Proxy-Authorization",
+            "TE",
+            "Trailer",
+            "Transfer-Encoding",
+            "Upgrade",
+            "HTTP2-Settings",
+        ] {
+            let f = of(&["Host", hop]);
+            assert!(f.hop_by_hop && !f.dropped && !f.forwarded_for, "{hop}");
+        }
+        for dropped in [
+            "X-Strangler-Shadow",
+            "Forwarded",
+            "Expect",
+            "x-forwarded-host",
+        ] {
+            let f = of(&[dropped, "Host"]);
+            assert!(f.dropped && !f.hop_by_hop && !f.forwarded_for, "{dropped}");
+        }
+        let f = of(&["X-Forwarded-For", "x-forwarded-for"]);
+        assert!(f.forwarded_for && !f.dropped && !f.hop_by_hop);
     }
 
     #[test]

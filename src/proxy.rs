@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
-use pingora_core::upstreams::peer::HttpPeer;
+use pingora_core::upstreams::peer::{HttpPeer, HttpUpstreamRequestPolicy};
 use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
@@ -186,6 +186,8 @@ pub struct RequestCtx {
     response_done: bool,
     /// The client's Host, for Location rewriting and X-Forwarded-Host.
     client_host: Option<HeaderValue>,
+    /// Which of the request's fields the proxy acts on are there at all.
+    fields: forwarding::RequestFields,
     _in_flight: Option<InFlight>,
     /// Boxed: a tap is 280 bytes, and the context lives inside the connection's future, which
     /// Pingora moves whole (twice per request); most requests are not shadowed.
@@ -434,6 +436,7 @@ impl ProxyHttp for Strangler {
             sent_continue: false,
             client_left: false,
             client_host: None,
+            fields: forwarding::RequestFields::default(),
             _in_flight: None,
             shadow: None,
         }
@@ -525,9 +528,15 @@ impl ProxyHttp for Strangler {
         }
 
         let headers = &session.req_header().headers;
-        if let Some(why) = forwarding::connection_refusal(headers)
-            .or_else(|| forwarding::transfer_coding_refusal(headers))
-        {
+        ctx.fields = forwarding::RequestFields::of(headers);
+        // Both questions are about hop-by-hop fields: most requests hold none to ask them of.
+        let refusal = if ctx.fields.hop_by_hop {
+            forwarding::connection_refusal(headers)
+                .or_else(|| forwarding::transfer_coding_refusal(headers))
+        } else {
+            None
+        };
+        if let Some(why) = refusal {
             self.answer(session, ctx, errors::BAD_REQUEST, Some(why))
                 .await?;
             return Ok(true);
@@ -575,7 +584,9 @@ impl ProxyHttp for Strangler {
             )
             .map(Box::new);
         }
-        if expects_continue(session.req_header()) && !session.is_body_empty() {
+        // (`fields.dropped` says whether the request holds an `Expect` at all.)
+        if ctx.fields.dropped && expects_continue(session.req_header()) && !session.is_body_empty()
+        {
             // The request goes on: its body is wanted. Answered here, as nginx and Envoy do,
             // rather than left to a backend that may never send one: a client that then
             // withholds its body has stalled (408), and a silent backend is a 504 either way.
@@ -634,6 +645,12 @@ impl ProxyHttp for Strangler {
         o.read_timeout = Some(backend.timeout);
         o.write_timeout = Some(backend.timeout);
         o.idle_timeout = Some(Duration::from_secs(60));
+        if !ctx.fields.hop_by_hop {
+            // Nothing for Pingora's standard policy to strip or to refuse: its thirteen removals
+            // (and a look at `Connection`) would find nothing. A request that holds any such
+            // field keeps the standard policy.
+            o.http_upstream_request_policy = HttpUpstreamRequestPolicy::preserve();
+        }
         Ok(Box::new(peer))
     }
 
@@ -657,7 +674,8 @@ impl ProxyHttp for Strangler {
 
     /// Phase: connected, request header about to be sent (once per attempt). Sets the
     /// normalised (and rewritten) path, Host, and the X-Forwarded-* / X-Request-Id headers.
-    /// Pingora has already removed the hop-by-hop headers (its standard upstream policy).
+    /// Pingora has already removed the hop-by-hop headers (its standard upstream policy, which
+    /// `upstream_peer` leaves out for a request that holds none).
     async fn upstream_request_filter(
         &self,
         session: &mut Session,
@@ -684,27 +702,33 @@ impl ProxyHttp for Strangler {
             // that section allows for a target without an authority) is the client's: kept.
             up.insert_header(header::HOST, backend.authority())?;
         }
-        // Only the proxy's shadow copies carry it: a client's would pass a real request off as
-        // a shadow copy to a service that skips side effects for those.
-        up.remove_header(&shadow::X_STRANGLER_SHADOW);
-        // RFC 7239's `Forwarded` says what `X-Forwarded-*` say, and frameworks that read it
-        // prefer it: a client's own would override the proto and host the proxy sets below.
-        up.remove_header(&header::FORWARDED);
+        let fields = ctx.fields;
+        if fields.dropped {
+            // Only the proxy's shadow copies carry it: a client's would pass a real request off
+            // as a shadow copy to a service that skips side effects for those.
+            up.remove_header(&shadow::X_STRANGLER_SHADOW);
+            // RFC 7239's `Forwarded` says what `X-Forwarded-*` say, and frameworks that read
+            // it prefer it: a client's own would override the proto and host the proxy sets.
+            up.remove_header(&header::FORWARDED);
+            // The proxy answers `Expect: 100-continue` itself (`request_filter`), and an
+            // HTTP/1.0 client's must be ignored (RFC 9110 §10.1.1): the backend never sees it.
+            up.remove_header(&header::EXPECT);
+        }
         if let Some(length) = forwarding::collapsed_content_length(&up.headers) {
             up.insert_header(header::CONTENT_LENGTH, length)?;
         }
-        // The proxy answers `Expect: 100-continue` itself (`request_filter`), and an HTTP/1.0
-        // client's must be ignored (RFC 9110 §10.1.1): the backend never sees it.
-        up.remove_header(&header::EXPECT);
         if let Some(peer) = peer_ip(session) {
-            let existing = forwarding::header_list(&up.headers, &X_FORWARDED_FOR);
+            let existing = fields
+                .forwarded_for
+                .then(|| forwarding::header_list(&up.headers, &X_FORWARDED_FOR))
+                .flatten();
             let xff = forwarding::forwarded_for(existing.as_deref(), peer);
             up.insert_header(WIRE_FORWARDED_FOR, xff)?;
         }
         up.insert_header(WIRE_FORWARDED_PROTO, PROTO_HTTP.clone())?;
         if let Some(h) = &ctx.client_host {
             up.insert_header(WIRE_FORWARDED_HOST, h.clone())?;
-        } else {
+        } else if fields.dropped {
             // No Host to report: the client's own claim must not pass for the proxy's.
             up.remove_header(&forwarding::X_FORWARDED_HOST);
         }
@@ -752,9 +776,7 @@ impl ProxyHttp for Strangler {
             resp.insert_header(header::CONTENT_LENGTH, length)?;
         }
         let fields = forwarding::ResponseFields::of(&resp.headers);
-        if fields.hop_by_hop {
-            strip_hop_by_hop(resp)?;
-        }
+        strip_hop_by_hop(resp, fields)?;
         let (Some(live), Some(b)) = (&ctx.live, ctx.backend) else {
             return Ok(());
         };
@@ -1209,33 +1231,36 @@ impl ProxyHttp for Strangler {
 }
 
 /// Hop-by-hop fields (RFC 9110 §7.6.1) of a backend's response end here, a 101's included: of
-/// its `Connection` only `Upgrade` goes on, the switch the client asked for.
-fn strip_hop_by_hop(resp: &mut ResponseHeader) -> Result<()> {
+/// its `Connection` only `Upgrade` goes on, the switch the client asked for. `fields` says which
+/// are there: a removal of an absent field still costs two lookups.
+fn strip_hop_by_hop(resp: &mut ResponseHeader, fields: forwarding::ResponseFields) -> Result<()> {
     let switching = resp.status == http::StatusCode::SWITCHING_PROTOCOLS;
-    let nominated = forwarding::connection_nominated(&resp.headers);
-    let others = nominated.iter().any(|n| n != header::UPGRADE);
-    for n in nominated {
-        if !(switching && n == header::UPGRADE) {
-            resp.remove_header(&n);
+    if fields.connection {
+        let nominated = forwarding::connection_nominated(&resp.headers);
+        let others = nominated.iter().any(|n| n != header::UPGRADE);
+        for n in nominated {
+            if !(switching && n == header::UPGRADE) {
+                resp.remove_header(&n);
+            }
         }
-    }
-    resp.remove_header(&forwarding::KEEP_ALIVE);
-    resp.remove_header(&forwarding::PROXY_CONNECTION);
-    // Hop-by-hop too: a proxy's authentication challenge is meant for the next client of the
-    // chain only; `TE` is a request field, meaningless in an answer.
-    resp.remove_header(&header::PROXY_AUTHENTICATE);
-    resp.remove_header(&header::TE);
-    if switching {
-        if others {
+        if switching && others {
             resp.insert_header(header::CONNECTION, "Upgrade")?;
-        }
-    } else {
-        // An `Upgrade` offer outside a 101 is this hop's business.
-        resp.remove_header(&header::UPGRADE);
-        if resp.status.is_informational() {
+        } else if resp.status.is_informational() && !switching {
             // Pingora writes the final answer's `Connection` itself, not an interim one's.
             resp.remove_header(&header::CONNECTION);
         }
+    }
+    if fields.hop_by_hop {
+        resp.remove_header(&forwarding::KEEP_ALIVE);
+        resp.remove_header(&forwarding::PROXY_CONNECTION);
+        // Hop-by-hop too: a proxy's authentication challenge is meant for the next client of
+        // the chain only; `TE` is a request field, meaningless in an answer.
+        resp.remove_header(&header::PROXY_AUTHENTICATE);
+        resp.remove_header(&header::TE);
+    }
+    if fields.upgrade && !switching {
+        // An `Upgrade` offer outside a 101 is this hop's business.
+        resp.remove_header(&header::UPGRADE);
     }
     Ok(())
 }

@@ -428,6 +428,57 @@ fn forwarding_headers_and_rewrites() {
     assert_eq!(v["request_id"], r.header("x-request-id"));
 }
 
+/// Each hop-by-hop field a client may send ends at the proxy even alone, without a `Connection`
+/// naming it: the proxy leaves Pingora's stripping out only for a request that holds none.
+#[test]
+fn every_hop_by_hop_request_field_ends_at_the_proxy_alone() {
+    let legacy = Backend::start(Arc::new(|s: &Seen| {
+        let mut names: Vec<&String> = s.headers.keys().collect();
+        names.sort();
+        json(200, serde_json::json!({ "names": names }))
+    }));
+    let proxy = Proxy::start(&one_backend(&legacy.url()));
+    let addr = format!("127.0.0.1:{}", proxy.port);
+    let names = |extra: &str| {
+        // HTTP/1.0: the proxy closes the connection after its answer, and no `Connection`
+        // field is needed for that.
+        let answer = raw(
+            &addr,
+            format!("GET /x HTTP/1.0\r\nHost: h\r\nX-Custom: 1\r\n{extra}\r\n").as_bytes(),
+        );
+        assert!(answer.starts_with("HTTP/1.1 200"), "{extra:?}: {answer}");
+        let body = &answer[answer.find("\r\n\r\n").expect("a header") + 4..];
+        let v: serde_json::Value = serde_json::from_str(body).expect(body);
+        v["names"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    let plain = names("");
+    for kept in ["host", "x-custom", "x-forwarded-for", "x-request-id"] {
+        assert!(plain.iter().any(|n| n == kept), "{kept}: {plain:?}");
+    }
+    for (field, value) in [
+        ("Keep-Alive", "timeout=5"),
+        ("Proxy-Connection", "keep-alive"),
+        ("Proxy-Authenticate", "Basic realm=x"),
+        ("Proxy-Authorization", "Basic eDp5"),
+        ("TE", "trailers"),
+        ("Trailer", "X-Checksum"),
+        ("Upgrade", "h2c"),
+        ("HTTP2-Settings", "AAMAAABkAAQAAP__"),
+    ] {
+        let seen = names(&format!("{field}: {value}\r\n"));
+        assert!(
+            !seen.contains(&field.to_ascii_lowercase()),
+            "{field} reached the backend: {seen:?}"
+        );
+        assert!(seen.iter().any(|n| n == "x-custom"), "{field}: {seen:?}");
+    }
+}
+
 #[test]
 fn hop_by_hop_answers_a_forged_shadow_mark_and_invalid_hosts() {
     let legacy = Backend::start(Arc::new(|s: &Seen| {
@@ -439,6 +490,8 @@ fn hop_by_hop_answers_a_forged_shadow_mark_and_invalid_hosts() {
         h.insert("upgrade", "h2c".parse().unwrap());
         h.insert("proxy-authenticate", "Basic realm=x".parse().unwrap());
         h.insert("te", "trailers".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("proxy-connection", "keep-alive".parse().unwrap());
         let port = s.headers.get("x-backend-port").cloned().unwrap_or_default();
         h.insert(
             "location",
@@ -460,6 +513,8 @@ fn hop_by_hop_answers_a_forged_shadow_mark_and_invalid_hosts() {
     assert_eq!(r.header("upgrade"), "");
     assert_eq!(r.header("proxy-authenticate"), "");
     assert_eq!(r.header("te"), "");
+    assert_eq!(r.header("keep-alive"), "");
+    assert_eq!(r.header("proxy-connection"), "");
 
     let addr = format!("127.0.0.1:{}", proxy.port);
     let before = legacy.seen().len();
