@@ -610,6 +610,18 @@ mod tests {
         RoutingTable::build(f, &s).unwrap().backends[0].clone()
     }
 
+    /// A header map holding each of `names` once, all with the value `x`.
+    fn with_names(names: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for n in names {
+            h.append(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                HeaderValue::from_static("x"),
+            );
+        }
+        h
+    }
+
     #[test]
     fn connection_options_the_proxy_cannot_honour() {
         let with = |v: &str| {
@@ -858,16 +870,7 @@ mod tests {
 
     #[test]
     fn response_fields_are_found_in_one_pass() {
-        let of = |names: &[&str]| {
-            let mut h = HeaderMap::new();
-            for n in names {
-                h.append(
-                    HeaderName::from_bytes(n.as_bytes()).unwrap(),
-                    HeaderValue::from_static("x"),
-                );
-            }
-            ResponseFields::of(&h)
-        };
+        let of = |names: &[&str]| ResponseFields::of(&with_names(names));
         assert_eq!(
             of(&["Content-Type", "Content-Length", "Date", "Server"]),
             ResponseFields::default()
@@ -892,16 +895,7 @@ mod tests {
 
     #[test]
     fn request_fields_are_found_in_one_pass() {
-        let of = |names: &[&str]| {
-            let mut h = HeaderMap::new();
-            for n in names {
-                h.append(
-                    HeaderName::from_bytes(n.as_bytes()).unwrap(),
-                    HeaderValue::from_static("x"),
-                );
-            }
-            RequestFields::of(&h)
-        };
+        let of = |names: &[&str]| RequestFields::of(&with_names(names));
         assert_eq!(
             of(&[
                 "Host",
