@@ -7,6 +7,7 @@
 #   scripts/callgrind.sh                 # strangler, 10 s
 #   scripts/callgrind.sh bare 15         # the bare Pingora baseline (examples/pingora_bare.rs)
 #   ROUTES=10000 scripts/callgrind.sh    # strangler with a 10 000-route table (bench.sh's strangler-10k)
+#   HEADER='Connection: keep-alive' scripts/callgrind.sh   # each request also sends that header
 #
 # Prints `TARGET requests=N Ir=T Ir/req=T/N` and the callgrind file; break the figure down with
 # `callgrind_annotate --inclusive=yes FILE`. Needs valgrind, nginx, wrk, curl, taskset.
@@ -65,9 +66,11 @@ PIDS+=("$P")
 if [ "$ROUTES" -ge 10000 ]; then URL=http://127.0.0.1:$PP/svc49/resource49/42/b1k
 else URL=http://127.0.0.1:$PP/svc0/resource1/42/b1k; fi
 for _ in $(seq 1 300); do curl -sf -o /dev/null "$URL" && break; sleep 0.2; done
-taskset -c 1 wrk -t1 -c16 -d2s "$URL" >/dev/null
+WRK=(wrk -t1 -c16)
+if [ -n "${HEADER:-}" ]; then WRK+=(-H "$HEADER"); fi
+taskset -c 1 "${WRK[@]}" -d2s "$URL" >/dev/null
 callgrind_control -i on "$P" >/dev/null
-taskset -c 1 wrk -t1 -c16 "-d${SECONDS_ON}s" "$URL" >"$W/wrk.txt"
+taskset -c 1 "${WRK[@]}" "-d${SECONDS_ON}s" "$URL" >"$W/wrk.txt"
 callgrind_control -d "$P" >/dev/null
 callgrind_control -i off "$P" >/dev/null
 REQ=$(awk '/requests in/ { print $1 }' "$W/wrk.txt")
