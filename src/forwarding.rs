@@ -194,9 +194,11 @@ impl ResponseFields {
 /// removal costs a lookup in two maps (Pingora keeps each name's case beside the map).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct RequestFields {
-    /// A field Pingora's standard upstream policy strips, or one that `Connection` could
-    /// nominate: `Connection`, `Keep-Alive`, `Proxy-Connection`, `Proxy-Authenticate`,
-    /// `Proxy-Authorization`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`, `HTTP2-Settings`.
+    /// `Connection`: most HTTP/1.1 clients that send one say `keep-alive` and nothing else.
+    pub connection: bool,
+    /// Another field Pingora's standard upstream policy strips: `Keep-Alive`,
+    /// `Proxy-Connection`, `Proxy-Authenticate`, `Proxy-Authorization`, `TE`, `Trailer`,
+    /// `Transfer-Encoding`, `Upgrade`, `HTTP2-Settings`.
     pub hop_by_hop: bool,
     /// `X-Strangler-Shadow`, `Forwarded`, `Expect`, `X-Forwarded-Host`: the client's are
     /// dropped on the way upstream (an `Expect: 100-continue` is answered by the proxy).
@@ -213,8 +215,9 @@ impl RequestFields {
         };
         let mut found = Self::default();
         for name in headers.keys() {
-            if [
-                &CONNECTION,
+            if name == CONNECTION {
+                found.connection = true;
+            } else if [
                 &KEEP_ALIVE,
                 &PROXY_CONNECTION,
                 &PROXY_AUTHENTICATE,
@@ -242,6 +245,20 @@ impl RequestFields {
             }
         }
         found
+    }
+
+    /// Whether Pingora's standard upstream policy has anything to do for this request (its
+    /// `headers`): a hop-by-hop field other than `Connection`, or a `Connection` that says
+    /// more than `keep-alive`. Without either, all it would do is remove that `Connection`.
+    pub fn need_standard_policy(&self, headers: &HeaderMap) -> bool {
+        self.hop_by_hop
+            || (self.connection
+                && !headers
+                    .get_all(http::header::CONNECTION)
+                    .iter()
+                    .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+                    .map(<[u8]>::trim_ascii)
+                    .all(|t| t.is_empty() || t.eq_ignore_ascii_case(b"keep-alive")))
     }
 }
 
@@ -907,7 +924,6 @@ mod tests {
             RequestFields::default()
         );
         for hop in [
-            "Connection",
             "keep-alive",
             "Proxy-Connection",
             "Proxy-Authenticate",
@@ -932,6 +948,36 @@ mod tests {
         }
         let f = of(&["X-Forwarded-For", "x-forwarded-for"]);
         assert!(f.forwarded_for && !f.dropped && !f.hop_by_hop);
+        let f = of(&["connection", "Host"]);
+        assert!(f.connection && !f.hop_by_hop && !f.dropped);
+    }
+
+    #[test]
+    fn pingoras_standard_policy_is_needed_unless_connection_says_only_keep_alive() {
+        let need = |fields: &[(&str, &str)]| {
+            let mut h = HeaderMap::new();
+            for (n, v) in fields {
+                h.append(
+                    HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                    HeaderValue::from_str(v).unwrap(),
+                );
+            }
+            RequestFields::of(&h).need_standard_policy(&h)
+        };
+        assert!(!need(&[("Host", "h")]));
+        assert!(!need(&[("Connection", "keep-alive")]));
+        assert!(!need(&[
+            ("Connection", "Keep-Alive"),
+            ("Connection", " keep-alive ,")
+        ]));
+        for connection in ["close", "keep-alive, close", "keep-alive, X-Hop", "Upgrade"] {
+            assert!(need(&[("Connection", connection)]), "{connection}");
+        }
+        assert!(need(&[
+            ("Connection", "keep-alive"),
+            ("Keep-Alive", "timeout=5")
+        ]));
+        assert!(need(&[("TE", "trailers")]));
     }
 
     #[test]

@@ -188,6 +188,8 @@ pub struct RequestCtx {
     client_host: Option<HeaderValue>,
     /// Which of the request's fields the proxy acts on are there at all.
     fields: forwarding::RequestFields,
+    /// Pingora's standard upstream policy has work to do on the request (`upstream_peer`).
+    standard_policy: bool,
     _in_flight: Option<InFlight>,
     /// Boxed: a tap is 280 bytes, and the context lives inside the connection's future, which
     /// Pingora moves whole (twice per request); most requests are not shadowed.
@@ -437,6 +439,7 @@ impl ProxyHttp for Strangler {
             client_left: false,
             client_host: None,
             fields: forwarding::RequestFields::default(),
+            standard_policy: true,
             _in_flight: None,
             shadow: None,
         }
@@ -529,8 +532,9 @@ impl ProxyHttp for Strangler {
 
         let headers = &session.req_header().headers;
         ctx.fields = forwarding::RequestFields::of(headers);
+        ctx.standard_policy = ctx.fields.need_standard_policy(headers);
         // Both questions are about hop-by-hop fields: most requests hold none to ask them of.
-        let refusal = if ctx.fields.hop_by_hop {
+        let refusal = if ctx.fields.connection || ctx.fields.hop_by_hop {
             forwarding::connection_refusal(headers)
                 .or_else(|| forwarding::transfer_coding_refusal(headers))
         } else {
@@ -645,10 +649,10 @@ impl ProxyHttp for Strangler {
         o.read_timeout = Some(backend.timeout);
         o.write_timeout = Some(backend.timeout);
         o.idle_timeout = Some(Duration::from_secs(60));
-        if !ctx.fields.hop_by_hop {
-            // Nothing for Pingora's standard policy to strip or to refuse: its thirteen removals
-            // (and a look at `Connection`) would find nothing. A request that holds any such
-            // field keeps the standard policy.
+        if !ctx.standard_policy {
+            // Nothing for Pingora's standard policy to strip or to refuse but a `Connection:
+            // keep-alive`, which `upstream_request_filter` removes: its thirteen removals
+            // would find nothing else. Any other hop-by-hop field keeps the standard policy.
             o.http_upstream_request_policy = HttpUpstreamRequestPolicy::preserve();
         }
         Ok(Box::new(peer))
@@ -675,7 +679,7 @@ impl ProxyHttp for Strangler {
     /// Phase: connected, request header about to be sent (once per attempt). Sets the
     /// normalised (and rewritten) path, Host, and the X-Forwarded-* / X-Request-Id headers.
     /// Pingora has already removed the hop-by-hop headers (its standard upstream policy, which
-    /// `upstream_peer` leaves out for a request that holds none).
+    /// `upstream_peer` leaves out for a request that holds none but `Connection: keep-alive`).
     async fn upstream_request_filter(
         &self,
         session: &mut Session,
@@ -703,6 +707,11 @@ impl ProxyHttp for Strangler {
             up.insert_header(header::HOST, backend.authority())?;
         }
         let fields = ctx.fields;
+        if !ctx.standard_policy && fields.connection {
+            // All the standard policy would have done (`upstream_peer`): the client's wish to
+            // keep its connection says nothing of the proxy's own to the backend.
+            up.remove_header(&header::CONNECTION);
+        }
         if fields.dropped {
             // Only the proxy's shadow copies carry it: a client's would pass a real request off
             // as a shadow copy to a service that skips side effects for those.

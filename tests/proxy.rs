@@ -477,6 +477,19 @@ fn every_hop_by_hop_request_field_ends_at_the_proxy_alone() {
         );
         assert!(seen.iter().any(|n| n == "x-custom"), "{field}: {seen:?}");
     }
+    // The usual `Connection` of an HTTP/1.1 client ends here too.
+    let r = request(
+        "GET",
+        &proxy.url("/x"),
+        &[("Connection", "keep-alive"), ("X-Custom", "1")],
+        None,
+    );
+    let seen = r.json()["names"].clone();
+    assert!(
+        !seen.as_array().unwrap().iter().any(|n| n == "connection"),
+        "{seen}"
+    );
+    assert!(seen.as_array().unwrap().iter().any(|n| n == "x-custom"));
 }
 
 #[test]
