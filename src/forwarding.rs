@@ -196,6 +196,8 @@ impl ResponseFields {
 pub struct RequestFields {
     /// `Connection`: most HTTP/1.1 clients that send one say `keep-alive` and nothing else.
     pub connection: bool,
+    /// ... and this one says more: `close`, an option naming another field, `Upgrade`.
+    pub connection_options: bool,
     /// Another field Pingora's standard upstream policy strips: `Keep-Alive`,
     /// `Proxy-Connection`, `Proxy-Authenticate`, `Proxy-Authorization`, `TE`, `Trailer`,
     /// `Transfer-Encoding`, `Upgrade`, `HTTP2-Settings`.
@@ -217,6 +219,12 @@ impl RequestFields {
         for name in headers.keys() {
             if name == CONNECTION {
                 found.connection = true;
+                found.connection_options = !headers
+                    .get_all(CONNECTION)
+                    .iter()
+                    .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+                    .map(<[u8]>::trim_ascii)
+                    .all(|t| t.is_empty() || t.eq_ignore_ascii_case(b"keep-alive"));
             } else if [
                 &KEEP_ALIVE,
                 &PROXY_CONNECTION,
@@ -247,18 +255,11 @@ impl RequestFields {
         found
     }
 
-    /// Whether Pingora's standard upstream policy has anything to do for this request (its
-    /// `headers`): a hop-by-hop field other than `Connection`, or a `Connection` that says
-    /// more than `keep-alive`. Without either, all it would do is remove that `Connection`.
-    pub fn need_standard_policy(&self, headers: &HeaderMap) -> bool {
-        self.hop_by_hop
-            || (self.connection
-                && !headers
-                    .get_all(http::header::CONNECTION)
-                    .iter()
-                    .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-                    .map(<[u8]>::trim_ascii)
-                    .all(|t| t.is_empty() || t.eq_ignore_ascii_case(b"keep-alive")))
+    /// Whether Pingora's standard upstream policy has anything to do for this request: a
+    /// hop-by-hop field other than `Connection`, or a `Connection` that says more than
+    /// `keep-alive`. Without either, all it would do is remove that `Connection`.
+    pub fn need_standard_policy(&self) -> bool {
+        self.hop_by_hop || self.connection_options
     }
 }
 
@@ -627,16 +628,21 @@ mod tests {
         RoutingTable::build(f, &s).unwrap().backends[0].clone()
     }
 
-    /// A header map holding each of `names` once, all with the value `x`.
-    fn with_names(names: &[&str]) -> HeaderMap {
+    /// A header map holding `fields` (name, value) in order.
+    fn with_fields(fields: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
-        for n in names {
+        for (n, v) in fields {
             h.append(
                 HeaderName::from_bytes(n.as_bytes()).unwrap(),
-                HeaderValue::from_static("x"),
+                HeaderValue::from_str(v).unwrap(),
             );
         }
         h
+    }
+
+    /// A header map holding each of `names` once, all with the value `x`.
+    fn with_names(names: &[&str]) -> HeaderMap {
+        with_fields(&names.iter().map(|n| (*n, "x")).collect::<Vec<_>>())
     }
 
     #[test]
@@ -949,20 +955,13 @@ mod tests {
         let f = of(&["X-Forwarded-For", "x-forwarded-for"]);
         assert!(f.forwarded_for && !f.dropped && !f.hop_by_hop);
         let f = of(&["connection", "Host"]);
-        assert!(f.connection && !f.hop_by_hop && !f.dropped);
+        assert!(f.connection && f.connection_options && !f.hop_by_hop && !f.dropped);
     }
 
     #[test]
     fn pingoras_standard_policy_is_needed_unless_connection_says_only_keep_alive() {
         let need = |fields: &[(&str, &str)]| {
-            let mut h = HeaderMap::new();
-            for (n, v) in fields {
-                h.append(
-                    HeaderName::from_bytes(n.as_bytes()).unwrap(),
-                    HeaderValue::from_str(v).unwrap(),
-                );
-            }
-            RequestFields::of(&h).need_standard_policy(&h)
+            RequestFields::of(&with_fields(fields)).need_standard_policy()
         };
         assert!(!need(&[("Host", "h")]));
         assert!(!need(&[("Connection", "keep-alive")]));

@@ -188,8 +188,6 @@ pub struct RequestCtx {
     client_host: Option<HeaderValue>,
     /// Which of the request's fields the proxy acts on are there at all.
     fields: forwarding::RequestFields,
-    /// Pingora's standard upstream policy has work to do on the request (`upstream_peer`).
-    standard_policy: bool,
     _in_flight: Option<InFlight>,
     /// Boxed: a tap is 280 bytes, and the context lives inside the connection's future, which
     /// Pingora moves whole (twice per request); most requests are not shadowed.
@@ -439,7 +437,6 @@ impl ProxyHttp for Strangler {
             client_left: false,
             client_host: None,
             fields: forwarding::RequestFields::default(),
-            standard_policy: true,
             _in_flight: None,
             shadow: None,
         }
@@ -532,7 +529,6 @@ impl ProxyHttp for Strangler {
 
         let headers = &session.req_header().headers;
         ctx.fields = forwarding::RequestFields::of(headers);
-        ctx.standard_policy = ctx.fields.need_standard_policy(headers);
         // Both questions are about hop-by-hop fields: most requests hold none to ask them of.
         let refusal = if ctx.fields.connection || ctx.fields.hop_by_hop {
             forwarding::connection_refusal(headers)
@@ -649,7 +645,7 @@ impl ProxyHttp for Strangler {
         o.read_timeout = Some(backend.timeout);
         o.write_timeout = Some(backend.timeout);
         o.idle_timeout = Some(Duration::from_secs(60));
-        if !ctx.standard_policy {
+        if !ctx.fields.need_standard_policy() {
             // Nothing for Pingora's standard policy to strip or to refuse but a `Connection:
             // keep-alive`, which `upstream_request_filter` removes: its thirteen removals
             // would find nothing else. Any other hop-by-hop field keeps the standard policy.
@@ -707,7 +703,7 @@ impl ProxyHttp for Strangler {
             up.insert_header(header::HOST, backend.authority())?;
         }
         let fields = ctx.fields;
-        if !ctx.standard_policy && fields.connection {
+        if fields.connection && !fields.need_standard_policy() {
             // All the standard policy would have done (`upstream_peer`): the client's wish to
             // keep its connection says nothing of the proxy's own to the backend.
             up.remove_header(&header::CONNECTION);
