@@ -154,8 +154,11 @@ pub static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings"
 /// names: most responses hold none of them, and a lookup for each costs more than the pass.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ResponseFields {
-    /// `Connection`: it may nominate more hop-by-hop fields.
+    /// `Connection`: removed from an interim answer (Pingora writes the final one's itself).
     pub connection: bool,
+    /// ... and it says more than `keep-alive` or `close` (nginx's answers say `keep-alive`):
+    /// an option that may nominate another hop-by-hop field, or `Upgrade`.
+    pub connection_options: bool,
     /// `Upgrade`: kept on a 101 only.
     pub upgrade: bool,
     /// `Keep-Alive`, `Proxy-Connection`, `Proxy-Authenticate`, `TE`: always removed.
@@ -175,6 +178,8 @@ impl ResponseFields {
         for name in headers.keys() {
             if name == CONNECTION {
                 found.connection = true;
+                found.connection_options =
+                    says_more(headers, &[b"keep-alive".as_slice(), b"close"]);
             } else if name == UPGRADE {
                 found.upgrade = true;
             } else if [&PROXY_AUTHENTICATE, &TE, &KEEP_ALIVE, &PROXY_CONNECTION].contains(&name) {
@@ -187,6 +192,17 @@ impl ResponseFields {
         }
         found
     }
+}
+
+/// Whether a message's `Connection` lists an option other than these (ASCII case ignored):
+/// one that may nominate a field, or `Upgrade`, or `close` where it is not among them.
+fn says_more(headers: &HeaderMap, plain: &[&[u8]]) -> bool {
+    !headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .all(|t| t.is_empty() || plain.iter().any(|p| t.eq_ignore_ascii_case(p)))
 }
 
 /// Which of the fields the proxy, or Pingora's standard upstream policy, acts on a client's
@@ -219,12 +235,7 @@ impl RequestFields {
         for name in headers.keys() {
             if name == CONNECTION {
                 found.connection = true;
-                found.connection_options = !headers
-                    .get_all(CONNECTION)
-                    .iter()
-                    .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-                    .map(<[u8]>::trim_ascii)
-                    .all(|t| t.is_empty() || t.eq_ignore_ascii_case(b"keep-alive"));
+                found.connection_options = says_more(headers, &[b"keep-alive".as_slice()]);
             } else if [
                 &KEEP_ALIVE,
                 &PROXY_CONNECTION,
@@ -904,6 +915,30 @@ mod tests {
         }
         let f = of(&["connection", "Date"]);
         assert!(f.connection && !f.upgrade && !f.hop_by_hop);
+        let connection = |values: &[&str]| {
+            let mut h = with_names(&["Date"]);
+            for v in values {
+                h.append(http::header::CONNECTION, HeaderValue::from_str(v).unwrap());
+            }
+            let f = ResponseFields::of(&h);
+            assert!(f.connection, "{values:?}");
+            f.connection_options
+        };
+        for plain in [
+            &["keep-alive"][..],
+            &["Keep-Alive"],
+            &["close"],
+            &["keep-alive, close", ""],
+        ] {
+            assert!(!connection(plain), "{plain:?}");
+        }
+        for options in [
+            &["Upgrade"][..],
+            &["keep-alive, X-Hop"],
+            &["close", "x-hop"],
+        ] {
+            assert!(connection(options), "{options:?}");
+        }
         let f = of(&["Upgrade", "Date"]);
         assert!(f.upgrade && !f.connection && !f.hop_by_hop);
         for url in ["Location", "content-location", "Refresh", "Link"] {

@@ -1240,7 +1240,7 @@ impl ProxyHttp for Strangler {
 /// are there: a removal of an absent field still costs two lookups.
 fn strip_hop_by_hop(resp: &mut ResponseHeader, fields: forwarding::ResponseFields) -> Result<()> {
     let switching = resp.status == http::StatusCode::SWITCHING_PROTOCOLS;
-    if fields.connection {
+    if fields.connection_options {
         let nominated = forwarding::connection_nominated(&resp.headers);
         let others = nominated.iter().any(|n| n != header::UPGRADE);
         for n in nominated {
@@ -1250,10 +1250,11 @@ fn strip_hop_by_hop(resp: &mut ResponseHeader, fields: forwarding::ResponseField
         }
         if switching && others {
             resp.insert_header(header::CONNECTION, "Upgrade")?;
-        } else if resp.status.is_informational() && !switching {
-            // Pingora writes the final answer's `Connection` itself, not an interim one's.
-            resp.remove_header(&header::CONNECTION);
         }
+    }
+    if fields.connection && resp.status.is_informational() && !switching {
+        // Pingora writes the final answer's `Connection` itself, not an interim one's.
+        resp.remove_header(&header::CONNECTION);
     }
     if fields.hop_by_hop {
         resp.remove_header(&forwarding::KEEP_ALIVE);

@@ -505,6 +505,9 @@ fn hop_by_hop_answers_a_forged_shadow_mark_and_invalid_hosts() {
         h.insert("te", "trailers".parse().unwrap());
         h.insert("keep-alive", "timeout=5".parse().unwrap());
         h.insert("proxy-connection", "keep-alive".parse().unwrap());
+        // The field a `Connection` beside its `keep-alive` nominates is hop-by-hop too.
+        h.insert("connection", "keep-alive, X-Backend-Hop".parse().unwrap());
+        h.insert("x-backend-hop", "secret".parse().unwrap());
         let port = s.headers.get("x-backend-port").cloned().unwrap_or_default();
         h.insert(
             "location",
@@ -528,6 +531,7 @@ fn hop_by_hop_answers_a_forged_shadow_mark_and_invalid_hosts() {
     assert_eq!(r.header("te"), "");
     assert_eq!(r.header("keep-alive"), "");
     assert_eq!(r.header("proxy-connection"), "");
+    assert_eq!(r.header("x-backend-hop"), "");
 
     let addr = format!("127.0.0.1:{}", proxy.port);
     let before = legacy.seen().len();
