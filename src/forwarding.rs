@@ -1007,6 +1007,10 @@ mod tests {
         for connection in ["close", "keep-alive, close", "keep-alive, X-Hop", "Upgrade"] {
             assert!(need(&[("Connection", connection)]), "{connection}");
         }
+        // Every value counts, the first or a later one.
+        for values in [["keep-alive", "close"], ["X-Hop", "keep-alive"]] {
+            assert!(need(&values.map(|v| ("Connection", v))), "{values:?}");
+        }
         assert!(need(&[
             ("Connection", "keep-alive"),
             ("Keep-Alive", "timeout=5")
