@@ -197,12 +197,15 @@ impl ResponseFields {
 /// Whether a message's `Connection` lists an option other than these (ASCII case ignored):
 /// one that may nominate a field, or `Upgrade`, or `close` where it is not among them.
 fn says_more(headers: &HeaderMap, plain: &[&[u8]]) -> bool {
-    !headers
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        .map(<[u8]>::trim_ascii)
-        .all(|t| t.is_empty() || plain.iter().any(|p| t.eq_ignore_ascii_case(p)))
+    let is_plain = |t: &[u8]| plain.iter().any(|p| t.eq_ignore_ascii_case(p));
+    headers.get_all(http::header::CONNECTION).iter().any(|v| {
+        // Nearly every value is one plain token (`keep-alive`): no list to split.
+        !is_plain(v.as_bytes())
+            && v.as_bytes()
+                .split(|b| *b == b',')
+                .map(<[u8]>::trim_ascii)
+                .any(|t| !t.is_empty() && !is_plain(t))
+    })
 }
 
 /// Which of the fields the proxy, or Pingora's standard upstream policy, acts on a client's
