@@ -179,7 +179,7 @@ impl ResponseFields {
             if name == CONNECTION {
                 found.connection = true;
                 found.connection_options =
-                    says_more(headers, &[b"keep-alive".as_slice(), b"close"]);
+                    connection_says_more(headers, &[b"keep-alive".as_slice(), b"close"]);
             } else if name == UPGRADE {
                 found.upgrade = true;
             } else if [&PROXY_AUTHENTICATE, &TE, &KEEP_ALIVE, &PROXY_CONNECTION].contains(&name) {
@@ -196,7 +196,7 @@ impl ResponseFields {
 
 /// Whether a message's `Connection` lists an option other than these (ASCII case ignored):
 /// one that may nominate a field, or `Upgrade`, or `close` where it is not among them.
-fn says_more(headers: &HeaderMap, plain: &[&[u8]]) -> bool {
+fn connection_says_more(headers: &HeaderMap, plain: &[&[u8]]) -> bool {
     let is_plain = |t: &[u8]| plain.iter().any(|p| t.eq_ignore_ascii_case(p));
     headers.get_all(http::header::CONNECTION).iter().any(|v| {
         // Nearly every value is one plain token (`keep-alive`): no list to split.
@@ -238,7 +238,8 @@ impl RequestFields {
         for name in headers.keys() {
             if name == CONNECTION {
                 found.connection = true;
-                found.connection_options = says_more(headers, &[b"keep-alive".as_slice()]);
+                found.connection_options =
+                    connection_says_more(headers, &[b"keep-alive".as_slice()]);
             } else if [
                 &KEEP_ALIVE,
                 &PROXY_CONNECTION,
