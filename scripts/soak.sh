@@ -1,12 +1,21 @@
 #!/usr/bin/env bash
 # Soak test (not run by CI): DURATION seconds (default 600) of wrk load against a release build
-# of strangler in front of two `strangler demo-service` backends, while
+# of strangler in front of two `strangler demo-service` backends. The load mixes plain, split,
+# failover, shadowed, rewritten and unmatched routes, GETs and POSTs with a body, backend 503s
+# (`?status=503`, which the proxy itself never answers) and answers slower than their backend's
+# `timeout` (`?delay_ms=`), while
 #   - routing.yaml is rewritten every second (a route's `to` flips between legacy and new),
 #   - the `new` backend process is killed and restarted every 30 s (RESTART_EVERY),
-#   - routes are rolled back and resumed at random over the admin API every few seconds.
+#   - routes are rolled back and resumed at random over the admin API every few seconds, and
+#     `payments` is pinned by its own `rollback` block each time its 503s cross the threshold,
+#   - SIGHUP and `POST /reload` arrive every few seconds, and /metrics and /routes are scraped
+#     every second, as Prometheus and an operator would.
 # At the end it prints the requests served, status codes and upstream errors by kind (from
-# /metrics), wrk's own error counts, and the proxy's RSS and open fds at start and end.
-# Only 502s (and the odd 504/reset) are expected, while `new` restarts.
+# /metrics), shadow comparisons, reloads, rollbacks, failovers, wrk's own error counts, and the
+# proxy's RSS and open fds sampled every 30 s. It exits 1 (after the report) when a request got
+# a code other than 2xx/499/502/503/504, the proxy logged a panic, an admin scrape failed, a
+# reload failed, RSS grew by more than 8 MiB after the first minute, open fds did not come back
+# down after the load, or the proxy did not exit 0 on SIGTERM.
 #
 #   scripts/soak.sh                      # 10 minutes
 #   DURATION=120 scripts/soak.sh         # 2 minutes
@@ -84,12 +93,19 @@ write_config() { # $1: backend of `bookings`
 backends:
   legacy: {url: 'http://127.0.0.1:$P_LEGACY'}
   new: {url: 'http://127.0.0.1:$P_NEW', timeout: 5s, connect_timeout: 1s}
+  slow: {url: 'http://127.0.0.1:$P_NEW', timeout: 300ms, connect_timeout: 1s}
 default: legacy
 routes:
   - {name: bookings, path: /bookings, to: $1}
   - {name: tours, path: /tours, to: new, split: 50, sticky: 'header:X-Client-Id'}
-  - {name: departures, path: /departures, to: new, failover: true}
+  - {name: departures, path: /departures, to: new, failover: true, rewrite: /v2/departures}
   - {name: maps, path: '/itineraries/{id}/itinerary_maps', methods: [GET, HEAD], to: new}
+  - {name: customers, path: /customers, to: legacy, shadow: new, shadow_ignore: [/service, /headers/x-strangler-shadow]}
+  - name: payments
+    path: /payments
+    to: new
+    rollback: {error_rate: 20%, min_requests: 20, window: 10s}
+  - {name: reports, path: /reports, to: slow}
 YAML
   mv "$WORK/.routing.yaml.tmp" "$WORK/routing.yaml"
 }
@@ -109,14 +125,24 @@ rss() { awk '/VmRSS/ {print $2 " kB"}' "/proc/$PROXY_PID/status"; }
 fds() { ls "/proc/$PROXY_PID/fd" | wc -l; }
 RSS_START=$(rss); FD_START=$(fds)
 
-# wrk: a mix of routed, split, failover and unmatched paths, with sticky keys.
+# wrk: a mix of routed, split, failover, shadowed and unmatched paths, with sticky keys; one
+# request in 9 a POST with a 2 KiB body, one in 53 slower than `slow`'s timeout (both periods
+# prime to the 14 paths, so that neither hides a path), and a quarter of `payments` answered
+# 503 by the backend (above its rollback's 20 %).
 cat >"$WORK/mix.lua" <<'LUA'
 local paths = {"/bookings/42", "/bookings/", "/tours/1", "/departures", "/itineraries/7/itinerary_maps",
-               "/itineraries/7", "/flights", "/customers/3?x=1"}
+               "/itineraries/7", "/flights", "/customers/3?x=1", "/customers/4", "/payments/1",
+               "/payments/2", "/payments/3", "/payments/4?status=503", "/reports/1"}
+local body = string.rep("x", 2048)
 local n = 0
 request = function()
   n = n + 1
   local h = {["X-Client-Id"] = "c" .. (n % 97)}
+  if n % 53 == 0 then return wrk.format("GET", "/reports/2?delay_ms=600", h) end
+  if n % 9 == 0 then
+    h["Content-Type"] = "text/plain"
+    return wrk.format("POST", "/bookings/42", h, body)
+  end
   return wrk.format("GET", paths[(n % #paths) + 1], h)
 end
 LUA
@@ -159,7 +185,7 @@ LOOP_PIDS+=($!)
   done ) &
 LOOP_PIDS+=($!)
 # 3. random rollbacks and resumes over the admin API.
-( set +e; routes=(bookings tours departures maps); while :; do
+( set +e; routes=(bookings tours departures maps customers payments reports); while :; do
     sleep $(( (RANDOM % 4) + 2 ))
     r=${routes[$((RANDOM % ${#routes[@]}))]}
     if [ $((RANDOM % 2)) -eq 0 ]; then act=rollback; else act=resume; fi
@@ -168,6 +194,24 @@ LOOP_PIDS+=($!)
     if [ $((RANDOM % 10)) -eq 0 ]; then
       curl -s -o /dev/null -X POST "$ADMIN/rollback"; echo "$(date +%T) rollback --all" >>"$WORK/events.log"
     fi
+  done ) &
+LOOP_PIDS+=($!)
+# 4. SIGHUP every 7 s and `POST /reload` every 5 s, beside the rewrites.
+( set +e; while :; do sleep 7; kill -HUP "$PROXY_PID"; done ) &
+LOOP_PIDS+=($!)
+( set +e; while :; do
+    sleep 5
+    code=$(curl -s -o /dev/null -w '%{http_code}' -X POST "$ADMIN/reload")
+    [ "$code" = 200 ] || echo "$(date +%T) scrape failed: POST /reload -> $code" >>"$WORK/events.log"
+  done ) &
+LOOP_PIDS+=($!)
+# 5. /metrics and /routes scraped every second.
+( set +e; while :; do
+    sleep 1
+    for path in metrics routes; do
+      code=$(curl -s -m 5 -o /dev/null -w '%{http_code}' "$ADMIN/$path")
+      [ "$code" = 200 ] || echo "$(date +%T) scrape failed: GET /$path -> $code" >>"$WORK/events.log"
+    done
   done ) &
 LOOP_PIDS+=($!)
 
@@ -198,10 +242,13 @@ grep '^strangler_upstream_errors_total{' "$WORK/metrics.txt" |
   sed -E 's/.*kind="([a-z]+)".* ([0-9.e+]+)$/\1 \2/' |
   awk '{s[$1]+=$2} END {for (k in s) printf "  %s: %d\n", k, s[k]}' | sort
 grep '^strangler_upstream_errors_total{' "$WORK/metrics.txt" | sed 's/^/    /'
-echo "== reloads, rollbacks, failovers"
-grep -E '^strangler_config_reloads_total|^strangler_rollbacks_total|^strangler_failovers_total|^strangler_config_valid' "$WORK/metrics.txt" | sed 's/^/  /'
+echo "== reloads, rollbacks, failovers, shadow comparisons"
+grep -E '^strangler_config_reloads_total|^strangler_rollbacks_total|^strangler_failovers_total|^strangler_config_valid|^strangler_shadow_total' "$WORK/metrics.txt" | sed 's/^/  /'
 kills=$(grep -c 'new killed' "$WORK/events.log" 2>/dev/null); admin_calls=$(grep -cE 'rollback|resume' "$WORK/events.log" 2>/dev/null)
-echo "== events: ${kills:-0} kills and restarts of new, ${admin_calls:-0} admin rollbacks/resumes"
+scrape_failures=$(grep -c 'scrape failed' "$WORK/events.log" 2>/dev/null)
+echo "== events: ${kills:-0} kills and restarts of new, ${admin_calls:-0} admin rollbacks/resumes, ${scrape_failures:-0} failed admin calls (scrapes, POST /reload)"
+grep 'scrape failed' "$WORK/events.log" | head -5 | sed 's/^/  /'
+echo "  audit lines in the proxy log (pins, resumes, route changes): $(grep -c 'audit' "$WORK/proxy.log")"
 grep 'new ' "$WORK/events.log" | sed 's/^/  /'
 echo "== proxy process"
 echo "  samples every 30 s under load:"
@@ -210,13 +257,40 @@ echo "  RSS:      start $RSS_START, end of load $RSS_END, 2 s after $RSS_IDLE"
 echo "  open fds: start $FD_START, end of load $FD_END, 2 s after $FD_IDLE"
 est() { ss -Htn state established "( dport = :$1 )" | wc -l; }
 echo "  upstream connections held open (keep-alive pool, idle timeout 60 s): legacy $(est "$P_LEGACY"), new $(est "$P_NEW")"
-# 499: wrk cuts its connections when its time is up, mid-request.
+# 499: wrk cuts its connections when its time is up, mid-request. 502/504: `new` down, or
+# slower than `slow`'s timeout. 503: the backend's own (`?status=503`; the proxy makes none).
 unexpected=$(grep '^strangler_requests_total{' "$WORK/metrics.txt" |
-  grep -vE 'code="(2[0-9][0-9]|499|502|504)"' | awk '{s+=$2} END {print s+0}')
-echo "  requests with a code other than 2xx/499/502/504: $unexpected"
+  grep -vE 'code="(2[0-9][0-9]|499|502|503|504)"' | awk '{s+=$2} END {print s+0}')
+echo "  requests with a code other than 2xx/499/502/503/504: $unexpected"
+panics=0
 if grep -qE 'panicked|FATAL' "$WORK/proxy.log"; then
+  panics=1
   echo "  proxy log has panics:"; grep -E 'panicked|FATAL' "$WORK/proxy.log" | head -5
 fi
 kill -TERM "$PROXY_PID"
 wait "$PROXY_PID"; rc=$?
 echo "  proxy exit on SIGTERM: $rc"
+
+# The verdict. RSS is compared from the second sample (60 s: the working set is reached in the
+# first minute) to the end of the load; fds 2 s after it, against the start plus the keep-alive
+# pools (one idle connection per client connection to each backend at most) and some slack.
+kb() { echo "${1%% kB}"; }
+rss_60=$(sed -n '2s/.*RSS \([0-9]*\) kB.*/\1/p' "$WORK/samples.log" 2>/dev/null)
+failures=()
+[ "$unexpected" -eq 0 ] || failures+=("$unexpected requests with an unexpected code")
+[ "$panics" -eq 0 ] || failures+=("a panic in the proxy log")
+[ "${scrape_failures:-0}" -eq 0 ] || failures+=("$scrape_failures failed admin calls")
+reload_errors=$(grep -E '^strangler_config_reloads_total\{result="error"\}' "$WORK/metrics.txt" | awk '{s+=$2} END {print s+0}')
+[ "$reload_errors" -eq 0 ] || failures+=("$reload_errors failed reloads")
+if [ -n "$rss_60" ] && [ $(( $(kb "$RSS_END") - rss_60 )) -gt 8192 ]; then
+  failures+=("RSS grew from $rss_60 kB at 60 s to $RSS_END")
+fi
+fd_limit=$(( FD_START + 3 * CONNECTIONS + 16 ))
+[ "$FD_IDLE" -le "$fd_limit" ] || failures+=("$FD_IDLE open fds after the load (limit $fd_limit)")
+[ "$rc" -eq 0 ] || failures+=("exit $rc on SIGTERM")
+if [ ${#failures[@]} -eq 0 ]; then
+  echo "== verdict: pass"
+else
+  echo "== verdict: FAIL"; printf '  %s\n' "${failures[@]}"
+  exit 1
+fi
