@@ -34,23 +34,11 @@ STRANGLER_BIN=${STRANGLER_BIN:-$ROOT/target/release/strangler}
 
 TMP=$(mktemp -d /tmp/strangler-churn.XXXXXX)
 PID=
-cleanup() {
-    [ -n "$PID" ] && kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
+trap stop_strangler EXIT
 "$ROOT/scripts/gen-routing.sh" "$ROUTES" 9 >"$TMP/base.yaml"
 generation() { sed "s#svc#g$1svc#g" "$TMP/base.yaml"; }
 generation 0 >"$TMP/routing.yaml"
-PORT=$(free_port)
-ADMIN=$(free_port)
-RUST_LOG=warn "$STRANGLER_BIN" run -c "$TMP/routing.yaml" --listen "127.0.0.1:$PORT" \
-    --admin "127.0.0.1:$ADMIN" --threads 1 >"$TMP/proxy.log" 2>&1 &
-PID=$!
-for _ in $(seq 1 300); do
-    curl -sf -o /dev/null "http://127.0.0.1:$ADMIN/routes" && break
-    sleep 0.1
-done
+start_strangler warn
 rss() { awk '/VmRSS/ {print $2}' "/proc/$PID/status"; }
 echo "reload-churn: $ROUTES routes ($(wc -c <"$TMP/base.yaml") bytes), $N reloads renaming every route"
 echo "reload  RSS_KiB  metrics_bytes  series"
@@ -90,5 +78,9 @@ if [ "$N" -ge $((WARMUP + 20)) ] && [ $((peak_2 - peak_1)) -gt "$GROWTH_KIB" ]; 
     echo "reload-churn: FAIL: RSS trends up: highest $peak_1 KiB over reloads $((WARMUP + 1))-$half, $peak_2 KiB after"
     status=1
 fi
-[ "$status" -ne 0 ] || echo "reload-churn: pass (series constant; RSS highest $peak_1 KiB over reloads $((WARMUP + 1))-$half, $peak_2 KiB after; VmHWM $hwm KiB)"
+if [ "$status" -eq 0 ] && [ "$N" -ge $((WARMUP + 20)) ]; then
+    echo "reload-churn: pass (series constant; RSS highest $peak_1 KiB over reloads $((WARMUP + 1))-$half, $peak_2 KiB after; VmHWM $hwm KiB)"
+elif [ "$status" -eq 0 ]; then
+    echo "reload-churn: pass (series constant; VmHWM $hwm KiB; too few reloads to judge RSS: N < WARMUP + 20)"
+fi
 exit "$status"

@@ -22,25 +22,13 @@ STRANGLER_BIN=${STRANGLER_BIN:-$ROOT/target/release/strangler}
 
 TMP=$(mktemp -d /tmp/strangler-reload.XXXXXX)
 PID=
-cleanup() {
-    [ -n "$PID" ] && kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
+trap stop_strangler EXIT
 # The backends are never contacted: the port only has to parse.
 "$ROOT/scripts/gen-routing.sh" "$ROUTES" 9 >"$TMP/a.yaml"
 awk '!done && /^    to: new$/ { print "    to: legacy"; done = 1; next } { print }' \
     "$TMP/a.yaml" >"$TMP/b.yaml"
 cp "$TMP/a.yaml" "$TMP/routing.yaml"
-PORT=$(free_port)
-ADMIN=$(free_port)
-RUST_LOG=info "$STRANGLER_BIN" run -c "$TMP/routing.yaml" --listen "127.0.0.1:$PORT" \
-    --admin "127.0.0.1:$ADMIN" --threads 1 >"$TMP/proxy.log" 2>&1 &
-PID=$!
-for _ in $(seq 1 100); do
-    curl -sf -o /dev/null "http://127.0.0.1:$ADMIN/routes" && break
-    sleep 0.1
-done
+start_strangler info
 for i in $(seq 1 "$N"); do
     if [ $((i % 2)) = 1 ]; then src=b; else src=a; fi
     cp "$TMP/$src.yaml" "$TMP/.next.yaml" && mv "$TMP/.next.yaml" "$TMP/routing.yaml"
