@@ -20,7 +20,7 @@
 #   N=400 ROUTES=100 scripts/reload-churn.sh
 #
 # The backends are never reached (port 9): the requests are answered 502 by the proxy, which
-# still counts them per route. Needs curl and python3.
+# still counts them per route. Needs curl, sha256sum and python3.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=scripts/lib.sh
