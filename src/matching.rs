@@ -185,6 +185,8 @@ impl Node {
 pub struct Conflict {
     /// The route already in the trie.
     pub existing: usize,
+    /// Whether that route is `exact` (so a message can say which of the two are).
+    pub existing_exact: bool,
     /// The route being inserted.
     pub new: usize,
 }
@@ -231,6 +233,7 @@ impl RouteTrie {
         {
             return Err(Conflict {
                 existing: e.route,
+                existing_exact: e.constraint.exact,
                 new: route,
             });
         }
@@ -445,6 +448,7 @@ mod tests {
             t.insert(&p, c(Some(&["PUT"]), false), 1),
             Err(Conflict {
                 existing: 0,
+                existing_exact: false,
                 new: 1
             })
         );
@@ -452,7 +456,14 @@ mod tests {
         assert!(t.insert(&p, c(None, false), 3).is_ok());
         assert!(t.insert(&p, c(None, false), 4).is_err());
         // `exact` is not part of the pattern: an exact twin conflicts like any other.
-        assert!(t.insert(&p, c(None, true), 5).is_err());
+        assert!(matches!(
+            t.insert(&p, c(None, true), 5),
+            Err(Conflict {
+                existing: 3,
+                existing_exact: false,
+                new: 5
+            })
+        ));
         assert!(t.insert(&p, c(Some(&["PUT"]), true), 6).is_err());
         assert!(t.insert(&p, c(Some(&["DELETE"]), true), 7).is_ok());
     }

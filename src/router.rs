@@ -538,17 +538,23 @@ impl RoutingTable {
                         Claim::Route(k) => (&routes[*k].name, routes[*k].path.as_str()),
                         Claim::Refused(name, path) => (name, path.as_str()),
                     };
-                    let exact = if spec.exact { ", both exact," } else { "" };
+                    // `exact` is no tiebreaker (SPEC §3): the message says so when only one of
+                    // the two is.
+                    let (both, note) = match (spec.exact, c.existing_exact) {
+                        (true, true) => (", both exact,", ""),
+                        (false, false) => ("", ""),
+                        _ => ("", "; `exact` on one of them does not set them apart"),
+                    };
                     let message = if spec.name.is_none()
                         && *other_name == name
                         && other_path == spec.path
                     {
                         format!(
-                            "route {name:?} is written twice: same path{exact} and overlapping methods"
+                            "route {name:?} is written twice: same path{both} and overlapping methods{note}"
                         )
                     } else {
                         format!(
-                            "route {name:?} conflicts with route {other_name:?} ({other_path}): same path pattern{exact} and overlapping methods"
+                            "route {name:?} conflicts with route {other_name:?} ({other_path}): same path pattern{both} and overlapping methods{note}"
                         )
                     };
                     errors.push(source.error_at(&at("path"), message));
@@ -1201,6 +1207,9 @@ mod tests {
             ("routes:\n  - {path: /a, to: new}\n  - {path: /a, to: legacy}\n", "t.yaml:7:12: route \"/a\" is written twice"),
             ("routes:\n  - {name: x, path: /a, to: new}\n  - {name: x, path: /b, to: legacy}\n", "t.yaml:7:12: duplicate route name \"x\" (also routes[0] at line 6)"),
             ("routes:\n  - {name: x, path: /a, to: new}\n  - {name: y, path: '/a/', to: legacy}\n", "t.yaml:7:21: route \"y\" conflicts with route \"x\""),
+            ("routes:\n  - {name: x, path: /a, to: new}\n  - {name: y, path: /a, exact: true, to: legacy}\n", "route \"y\" conflicts with route \"x\" (/a): same path pattern and overlapping methods; `exact` on one of them does not set them apart"),
+            ("routes:\n  - {name: x, path: /a, exact: true, to: new}\n  - {name: y, path: /a, to: legacy}\n", "route \"y\" conflicts with route \"x\" (/a): same path pattern and overlapping methods; `exact` on one of them does not set them apart"),
+            ("routes:\n  - {name: x, path: /a, exact: true, to: new}\n  - {name: y, path: /a, exact: true, to: legacy}\n", "route \"y\" conflicts with route \"x\" (/a): same path pattern, both exact, and overlapping methods"),
             ("routes:\n  - {path: /a, to: new, split: 101}\n", "t.yaml:6:32: split 101 is outside 0..100"),
             ("routes:\n  - {path: '/a/{id}', to: new, rewrite: /b}\n", "t.yaml:6:41: rewrite cannot be used on a path with a {param}"),
             ("routes:\n  - {path: /a, to: new, rewrite: '/v<2'}\n", "t.yaml:6:34: rewrite \"/v<2\": '<' cannot be sent in a path; write it percent-encoded (%3C)"),
