@@ -161,7 +161,7 @@ pub struct ResponseFields {
     pub connection_options: bool,
     /// `Upgrade`: kept on a 101 only.
     pub upgrade: bool,
-    /// `Keep-Alive`, `Proxy-Connection`, `Proxy-Authenticate`, `TE`: always removed.
+    /// `Keep-Alive`, `Proxy-Connection`, `Proxy-Authenticate`, `TE`, `Trailer`: always removed.
     pub hop_by_hop: bool,
     /// `Location`, `Content-Location`, `Refresh`, `Link`: URLs that may name a backend.
     pub urls: bool,
@@ -172,7 +172,7 @@ impl ResponseFields {
     pub fn of(headers: &HeaderMap) -> Self {
         use http::header::{
             CONNECTION, CONTENT_LOCATION, LINK, LOCATION, PROXY_AUTHENTICATE, REFRESH, SET_COOKIE,
-            TE, UPGRADE,
+            TE, TRAILER, UPGRADE,
         };
         let mut found = Self::default();
         for name in headers.keys() {
@@ -182,7 +182,15 @@ impl ResponseFields {
                     connection_says_more(headers, &[b"keep-alive".as_slice(), b"close"]);
             } else if name == UPGRADE {
                 found.upgrade = true;
-            } else if [&PROXY_AUTHENTICATE, &TE, &KEEP_ALIVE, &PROXY_CONNECTION].contains(&name) {
+            } else if [
+                &PROXY_AUTHENTICATE,
+                &TE,
+                &TRAILER,
+                &KEEP_ALIVE,
+                &PROXY_CONNECTION,
+            ]
+            .contains(&name)
+            {
                 found.hop_by_hop = true;
             } else if [&LOCATION, &CONTENT_LOCATION, &REFRESH, &LINK].contains(&name) {
                 found.urls = true;
@@ -913,7 +921,13 @@ mod tests {
             of(&["Content-Type", "Content-Length", "Date", "Server"]),
             ResponseFields::default()
         );
-        for hop in ["Keep-Alive", "proxy-connection", "Proxy-Authenticate", "TE"] {
+        for hop in [
+            "Keep-Alive",
+            "proxy-connection",
+            "Proxy-Authenticate",
+            "TE",
+            "Trailer",
+        ] {
             let f = of(&["Date", hop]);
             assert!(f.hop_by_hop && !f.connection && !f.upgrade, "{hop}");
         }

@@ -1260,9 +1260,13 @@ fn strip_hop_by_hop(resp: &mut ResponseHeader, fields: forwarding::ResponseField
         resp.remove_header(&forwarding::KEEP_ALIVE);
         resp.remove_header(&forwarding::PROXY_CONNECTION);
         // Hop-by-hop too: a proxy's authentication challenge is meant for the next client of
-        // the chain only; `TE` is a request field, meaningless in an answer.
+        // the chain only; `TE` is a request field, meaningless in an answer. `Trailer`
+        // announces trailer fields that Pingora 0.9 does not forward over HTTP/1.1 (its chunked
+        // reader drops them), so the client would wait for fields that never come; the
+        // request's goes too (Pingora's upstream policy), as RFC 2616 listed it hop-by-hop.
         resp.remove_header(&header::PROXY_AUTHENTICATE);
         resp.remove_header(&header::TE);
+        resp.remove_header(&header::TRAILER);
     }
     if fields.upgrade && !switching {
         // An `Upgrade` offer outside a 101 is this hop's business.

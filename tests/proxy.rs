@@ -503,6 +503,7 @@ fn hop_by_hop_answers_a_forged_shadow_mark_and_invalid_hosts() {
         h.insert("upgrade", "h2c".parse().unwrap());
         h.insert("proxy-authenticate", "Basic realm=x".parse().unwrap());
         h.insert("te", "trailers".parse().unwrap());
+        h.insert("trailer", "X-Checksum".parse().unwrap());
         h.insert("keep-alive", "timeout=5".parse().unwrap());
         h.insert("proxy-connection", "keep-alive".parse().unwrap());
         // The field a `Connection` beside its `keep-alive` nominates is hop-by-hop too.
@@ -529,6 +530,8 @@ fn hop_by_hop_answers_a_forged_shadow_mark_and_invalid_hosts() {
     assert_eq!(r.header("upgrade"), "");
     assert_eq!(r.header("proxy-authenticate"), "");
     assert_eq!(r.header("te"), "");
+    // Trailer fields are not forwarded over HTTP/1.1: their announcement goes too.
+    assert_eq!(r.header("trailer"), "");
     assert_eq!(r.header("keep-alive"), "");
     assert_eq!(r.header("proxy-connection"), "");
     assert_eq!(r.header("x-backend-hop"), "");
