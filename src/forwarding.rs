@@ -234,6 +234,9 @@ pub struct RequestFields {
     pub dropped: bool,
     /// `X-Forwarded-For`: the list the proxy appends to.
     pub forwarded_for: bool,
+    /// A field spelt with `_` for `-` that the proxy sets itself (`X_Forwarded_For`): see
+    /// [`own_field_lookalike`].
+    pub lookalike: bool,
 }
 
 impl RequestFields {
@@ -273,6 +276,8 @@ impl RequestFields {
                 found.dropped = true;
             } else if name == X_FORWARDED_FOR {
                 found.forwarded_for = true;
+            } else if own_field_lookalike(name) {
+                found.lookalike = true;
             }
         }
         found
@@ -284,6 +289,36 @@ impl RequestFields {
     pub fn need_standard_policy(&self) -> bool {
         self.hop_by_hop || self.connection_options
     }
+}
+
+/// The fields the proxy sets on every upstream request (and the shadow mark), lower case.
+const OWN_FIELDS: [&str; 5] = [
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-request-id",
+    "x-strangler-shadow",
+];
+
+/// Whether `name` is one of [`OWN_FIELDS`] spelt with `_` for some `-` (`X_Forwarded_For`,
+/// `x-forwarded_host`). CGI-style servers (WSGI, Rack, PHP: the Flask and Django services this
+/// proxy stands in front of) read both spellings as one variable (`HTTP_X_FORWARDED_FOR`), so a
+/// client's would override or join the proxy's own: a forged client address, a real request
+/// passed off as a shadow copy. They are removed on the way upstream, as nginx drops every
+/// name with `_` by default (`underscores_in_headers off`); other such names pass, since the
+/// legacy service may rely on them.
+pub fn own_field_lookalike(name: &HeaderName) -> bool {
+    let b = name.as_str().as_bytes();
+    // Most names fail on their first byte.
+    b.first() == Some(&b'x')
+        && b.contains(&b'_')
+        && OWN_FIELDS.iter().any(|own| {
+            own.len() == b.len()
+                && own
+                    .bytes()
+                    .zip(b)
+                    .all(|(o, &c)| c == o || (o == b'-' && c == b'_'))
+        })
 }
 
 /// The headers a message's `Connection` names as hop-by-hop (RFC 9110 §7.6.1), to be removed
@@ -1006,9 +1041,29 @@ mod tests {
             assert!(f.dropped && !f.hop_by_hop && !f.forwarded_for, "{dropped}");
         }
         let f = of(&["X-Forwarded-For", "x-forwarded-for"]);
-        assert!(f.forwarded_for && !f.dropped && !f.hop_by_hop);
+        assert!(f.forwarded_for && !f.dropped && !f.hop_by_hop && !f.lookalike);
         let f = of(&["connection", "Host"]);
         assert!(f.connection && f.connection_options && !f.hop_by_hop && !f.dropped);
+        for lookalike in [
+            "X_Forwarded_For",
+            "x-forwarded_for",
+            "X_Forwarded_Proto",
+            "X-Forwarded_Host",
+            "X_Request_Id",
+            "x_strangler_shadow",
+        ] {
+            let f = of(&["Host", lookalike]);
+            assert!(f.lookalike && !f.dropped && !f.forwarded_for, "{lookalike}");
+        }
+        // Other names with `_` are the legacy service's business; near misses are not lookalikes.
+        for other in [
+            "X_Custom",
+            "x_forwarded_fo",
+            "y_forwarded_for",
+            "x-forwarded-for-x",
+        ] {
+            assert!(!of(&["Host", other]).lookalike, "{other}");
+        }
     }
 
     #[test]

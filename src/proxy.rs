@@ -719,6 +719,17 @@ impl ProxyHttp for Strangler {
             // HTTP/1.0 client's must be ignored (RFC 9110 §10.1.1): the backend never sees it.
             up.remove_header(&header::EXPECT);
         }
+        if fields.lookalike {
+            let lookalikes: Vec<HeaderName> = up
+                .headers
+                .keys()
+                .filter(|n| forwarding::own_field_lookalike(n))
+                .cloned()
+                .collect();
+            for name in lookalikes {
+                up.remove_header(&name);
+            }
+        }
         if let Some(length) = forwarding::collapsed_content_length(&up.headers) {
             up.insert_header(header::CONTENT_LENGTH, length)?;
         }

@@ -295,7 +295,10 @@ pub fn tap(
     up.set_raw_path(target.as_bytes()).ok()?;
     let nominated = forwarding::connection_nominated(&req.headers);
     for (name, value) in req.headers.iter() {
-        if !NOT_COPIED.contains(name) && !nominated.contains(name) {
+        if !NOT_COPIED.contains(name)
+            && !nominated.contains(name)
+            && !forwarding::own_field_lookalike(name)
+        {
             up.append_header(name.clone(), value.clone()).ok()?;
         }
     }

@@ -589,6 +589,32 @@ fn hop_by_hop_answers_a_forged_shadow_mark_and_invalid_hosts() {
         ),
         (Some(String::new()), None)
     );
+    // The proxy's own fields spelt with `_` (CGI-style servers read `X_Forwarded_For` as
+    // `X-Forwarded-For`) do not reach the backend; other names with `_` do.
+    let n = legacy.seen().len();
+    let answer = raw(
+        &addr,
+        b"GET /x HTTP/1.1\r\nHost: h\r\nX_Forwarded_For: 6.6.6.6\r\nx-forwarded_host: evil\r\n\
+          X_Forwarded_Proto: https\r\nX_Request_Id: forged\r\nX_Strangler_Shadow: 1\r\n\
+          X_Custom: kept\r\nConnection: close\r\n\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let seen = legacy.seen();
+    let h = &seen[n].headers;
+    for lookalike in [
+        "x_forwarded_for",
+        "x-forwarded_host",
+        "x_forwarded_proto",
+        "x_request_id",
+        "x_strangler_shadow",
+    ] {
+        assert!(!h.contains_key(lookalike), "{lookalike}: {h:?}");
+    }
+    assert_eq!(h.get("x_custom").map(String::as_str), Some("kept"));
+    assert_eq!(
+        h.get("x-forwarded-for").map(String::as_str),
+        Some("127.0.0.1")
+    );
 }
 
 #[test]
