@@ -791,6 +791,14 @@ impl ProxyHttp for Strangler {
         if let Some(length) = forwarding::collapsed_content_length(&resp.headers) {
             resp.insert_header(header::CONTENT_LENGTH, length)?;
         }
+        if resp.status.is_informational() || resp.status == http::StatusCode::NO_CONTENT {
+            // No body follows a 1xx or a 204, which must not carry `Content-Length` or
+            // `Transfer-Encoding` (RFC 9110 §8.6, RFC 9112 §6.1): Pingora frames them as empty
+            // whatever they say, and a client (or a proxy in front) that believed a backend's
+            // would read the next answer on the connection as this one's body.
+            resp.remove_header(&header::CONTENT_LENGTH);
+            resp.remove_header(&header::TRANSFER_ENCODING);
+        }
         let fields = forwarding::ResponseFields::of(&resp.headers);
         strip_hop_by_hop(resp, fields)?;
         let (Some(live), Some(b)) = (&ctx.live, ctx.backend) else {

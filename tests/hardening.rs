@@ -1673,6 +1673,58 @@ fn interim_responses_never_stand_in_for_the_answer() {
 /// one value (RFC 9110 §8.6), since a strict backend refuses the list; and a backend's answer
 /// framed so reaches the client as one value (Node's and Go's clients refuse the list).
 #[test]
+fn a_204_or_an_interim_answer_carries_no_length_fields() {
+    // Backends that frame an answer without a body as if it had one (RFC 9110 §8.6 and
+    // RFC 9112 §6.1 forbid both fields on a 1xx or 204).
+    let (baddr, _lines) = raw_backend(|s, _lines| {
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut w = s;
+        while let Some(line) = read_request_head(&mut r) {
+            let answer: &[u8] = match line.split_whitespace().nth(1).unwrap_or("") {
+                "/204-chunked" => b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\n\r\n",
+                "/204-length" => b"HTTP/1.1 204 No Content\r\nContent-Length: 37\r\n\r\n",
+                "/103-length" => b"HTTP/1.1 103 Early Hints\r\nContent-Length: 37\r\nLink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                _ => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            };
+            if w.write_all(answer).is_err() {
+                return;
+            }
+        }
+    });
+    let proxy = Proxy::start(&one_backend(&format!("http://{baddr}")));
+    let addr = addr_of(&proxy);
+    for (path, status) in [
+        ("/204-chunked", 204),
+        ("/204-length", 204),
+        ("/103-length", 103),
+    ] {
+        // The answer, then a second request on the same connection: it gets its own.
+        let mut s = TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: h\r\n\r\n").as_bytes())
+            .unwrap();
+        let first = read_response(&mut r, false).unwrap();
+        assert_eq!(first.status, status, "{path}");
+        for field in ["content-length", "transfer-encoding"] {
+            assert_eq!(first.header(field), None, "{path}: {first:?}");
+        }
+        if status == 103 {
+            let answer = read_response(&mut r, false).unwrap();
+            assert_eq!((answer.status, answer.body.as_slice()), (200, &b"ok"[..]));
+        }
+        s.write_all(b"GET /next HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let next = read_response(&mut r, false).unwrap();
+        assert_eq!(
+            (next.status, next.body.as_slice()),
+            (200, &b"ok"[..]),
+            "{path}"
+        );
+    }
+}
+
+#[test]
 fn a_list_of_equal_content_lengths_reaches_the_backend_as_one() {
     let (baddr, lines) = raw_backend(|s, lines| {
         let mut r = BufReader::new(s.try_clone().unwrap());
