@@ -175,6 +175,9 @@ pub struct RequestCtx {
     proxy_status: Option<u16>,
     /// Interim (1xx) responses the backend has sent so far (at most `MAX_INTERIM`).
     interim: u8,
+    /// The upstream request offered an upgrade (an `Upgrade` left after Pingora's policy, which
+    /// keeps a WebSocket one from an HTTP/1.1 client only): a 101 to any other is invalid.
+    offered_upgrade: bool,
     /// The proxy answered the client's `Expect: 100-continue` itself.
     sent_continue: bool,
     /// The client closed its connection while the proxy was still trying backends (found
@@ -433,6 +436,7 @@ impl ProxyHttp for Strangler {
             upstream_error: None,
             proxy_status: None,
             interim: 0,
+            offered_upgrade: false,
             sent_continue: false,
             client_left: false,
             client_host: None,
@@ -749,6 +753,8 @@ impl ProxyHttp for Strangler {
             up.remove_header(&forwarding::X_FORWARDED_HOST);
         }
         up.insert_header(WIRE_REQUEST_ID, ctx.request_id.clone())?;
+        // (A request without any hop-by-hop field has no `Upgrade` to look for.)
+        ctx.offered_upgrade = fields.hop_by_hop && up.headers.contains_key(header::UPGRADE);
         Ok(())
     }
 
@@ -764,12 +770,11 @@ impl ProxyHttp for Strangler {
         if let (true, Some(live), Some((b, addr))) = (ctx.probing, &ctx.live, ctx.peer) {
             live.table.backends[b].addrs.answered(addr);
         }
-        if resp.status == http::StatusCode::SWITCHING_PROTOCOLS
-            && !session.req_header().headers.contains_key(header::UPGRADE)
-        {
-            // A server must not switch to a protocol the client did not offer (RFC 9110
+        if resp.status == http::StatusCode::SWITCHING_PROTOCOLS && !ctx.offered_upgrade {
+            // A server must not switch to a protocol the request did not offer (RFC 9110
             // §15.2.2): relayed, it would leave the client on a connection that is neither
-            // HTTP nor a tunnel. An invalid response: 502.
+            // HTTP nor a tunnel. That includes a client's offer the proxy did not pass on (an
+            // HTTP/1.0 client's, which cannot upgrade; `h2c`). An invalid response: 502.
             return Err(Error::explain(
                 ErrorType::InvalidHTTPHeader,
                 "101 Switching Protocols to a request that asked for no upgrade",

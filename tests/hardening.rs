@@ -613,6 +613,17 @@ fn an_upgrade_nobody_asked_for_is_a_502_not_a_dead_connection() {
         ) == 1.0
         },
     );
+    // Offered by the client but not passed on (an HTTP/1.0 client cannot upgrade; Pingora
+    // forwards WebSocket offers only), the backend's 101 is as invalid.
+    for offer in [
+        &b"GET /ws HTTP/1.0\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"[..],
+        b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+    ] {
+        let t0 = Instant::now();
+        let (answer, closed) = exchange(&addr_of(&proxy), offer, Duration::from_secs(10));
+        assert_eq!(status_of(&answer), 502, "{answer}");
+        assert!(closed && t0.elapsed() < Duration::from_secs(5), "answered at once");
+    }
     // Asked for, the same 101 is a tunnel.
     let (_, _) = open_tunnel(&proxy, "/ws");
 }
