@@ -2,7 +2,7 @@
 # Soak test (not run by CI): DURATION seconds (default 600) of wrk load against a release build
 # of strangler in front of two `strangler demo-service` backends. The load mixes plain, split,
 # failover, shadowed, rewritten and unmatched routes, GETs and POSTs with a body, backend 503s
-# (`?status=503`, which the proxy itself never answers) and answers slower than their backend's
+# (`?status=503`; the proxy answers 503 itself only when out of descriptors or memory) and answers slower than their backend's
 # `timeout` (`?delay_ms=`), while
 #   - routing.yaml is rewritten every second (a route's `to` flips between legacy and new),
 #   - the `new` backend process is killed and restarted every 30 s (RESTART_EVERY),

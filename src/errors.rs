@@ -81,6 +81,24 @@ pub fn closed_before_answer(e: &Error) -> bool {
         )
 }
 
+/// Whether `e` is the proxy itself running short while connecting to a backend: out of file
+/// descriptors (its own `RLIMIT_NOFILE`, or the system's), socket buffers or memory. That is
+/// no failure of the backend: it must not count against it (upstream errors, the rollback
+/// window, passed-over addresses), and `default` would fail alike.
+pub fn proxy_out_of_resources(e: &Error) -> bool {
+    *e.esource() == ErrorSource::Upstream
+        && e.root_cause()
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(short_of_resources)
+}
+
+/// Whether an I/O error says the process is short of descriptors, buffers or memory, rather
+/// than anything about what it was working on.
+pub fn short_of_resources(e: &std::io::Error) -> bool {
+    e.raw_os_error()
+        .is_some_and(|c| [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM].contains(&c))
+}
+
 /// An error response the proxy makes itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProxyError {
@@ -117,6 +135,14 @@ pub const BAD_GATEWAY: ProxyError = ProxyError {
     code: "bad_gateway",
     message: "the backend could not be reached or broke the connection",
 };
+/// The proxy ran out of its own resources ([`proxy_out_of_resources`]): a 503, which a load
+/// balancer in front takes for "try another instance" (Envoy's overload manager answers so),
+/// not a 502 that blames the backend.
+pub const UNAVAILABLE: ProxyError = ProxyError {
+    status: 503,
+    code: "service_unavailable",
+    message: "the proxy is out of file descriptors or memory",
+};
 pub const GATEWAY_TIMEOUT: ProxyError = ProxyError {
     status: 504,
     code: "gateway_timeout",
@@ -133,6 +159,9 @@ impl ProxyError {
     /// and there is nobody to answer.
     pub fn for_error(e: &Error) -> Option<ProxyError> {
         use ErrorType::*;
+        if proxy_out_of_resources(e) {
+            return Some(UNAVAILABLE);
+        }
         match (e.esource(), e.etype()) {
             (_, HTTPStatus(400)) => Some(BAD_REQUEST),
             (_, HTTPStatus(414)) => Some(URI_TOO_LONG),
@@ -241,6 +270,33 @@ mod tests {
         e.as_down();
         assert_eq!(ProxyError::for_error(&e), None);
         assert_eq!(UpstreamErrorKind::of(&e), None);
+    }
+
+    #[test]
+    fn the_proxys_own_shortage_is_not_the_backends_failure() {
+        // As pingora-core's connector wraps a socket() that failed: InternalError, caused by
+        // SocketError, caused by the io::Error.
+        let wrapped = |os: i32| {
+            let io = std::io::Error::from_raw_os_error(os);
+            let socket = Error::because(ErrorType::SocketError, "failed to create socket", io);
+            let mut e = Error::because(ErrorType::InternalError, "Fail to connect", socket);
+            e.as_up();
+            e
+        };
+        for os in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
+            let e = wrapped(os);
+            assert!(proxy_out_of_resources(&e), "{os}");
+            assert_eq!(ProxyError::for_error(&e), Some(UNAVAILABLE));
+        }
+        let refused = wrapped(libc::ECONNREFUSED);
+        assert!(!proxy_out_of_resources(&refused));
+        assert_eq!(ProxyError::for_error(&refused), Some(BAD_GATEWAY));
+        assert!(short_of_resources(&std::io::Error::from_raw_os_error(
+            libc::EMFILE
+        )));
+        assert!(!short_of_resources(&std::io::Error::from_raw_os_error(
+            libc::ENOENT
+        )));
     }
 
     #[test]

@@ -164,6 +164,9 @@ pub struct RequestCtx {
     /// The backend's `timeout` ran out while the client's request body was still coming: the
     /// client stalled, and the request is answered 408, not blamed on the backend.
     client_stalled: bool,
+    /// The proxy ran out of descriptors or memory connecting to the backend
+    /// (`errors::proxy_out_of_resources`): answered 503, not held against the backend.
+    proxy_short: bool,
     /// An upgraded connection (101) ended the way tunnels end, not by a backend failure.
     tunnel_closed: bool,
     /// The outcome has been counted in the rollback window.
@@ -429,6 +432,7 @@ impl ProxyHttp for Strangler {
             peer: None,
             probing: false,
             client_stalled: false,
+            proxy_short: false,
             tunnel_closed: false,
             judged: false,
             success_counted: None,
@@ -977,6 +981,13 @@ impl ProxyHttp for Strangler {
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
+        if errors::proxy_out_of_resources(&e) {
+            // The proxy's own shortage: no other address, no failover (they would fail
+            // alike), nothing held against the backend. Pingora logs the error itself.
+            ctx.proxy_short = true;
+            e.set_retry(false);
+            return e;
+        }
         // Every failed attempt is the backend's upstream error, even one the next address
         // makes good: the dashboards see a dying address before the clients do.
         record_upstream_error(ctx, UpstreamErrorKind::Connect);
@@ -1239,7 +1250,7 @@ impl ProxyHttp for Strangler {
             if counted {
                 rl.observe(b, backend, now.duration_since(ctx.start).as_secs_f64());
             }
-            let failed = code >= 500 || ctx.upstream_error.is_some();
+            let failed = (code >= 500 || ctx.upstream_error.is_some()) && !ctx.proxy_short;
             rl.recent[b].record(now, crate::state::RECENT, failed);
         }
         if let Some(tap) = ctx.shadow.take() {
@@ -1316,6 +1327,11 @@ impl Strangler {
     /// that the request after the one that crossed the threshold is already served by `default`.
     /// After a failover the attempt on `to` failed: that counts as a failure.
     fn judge_target(&self, ctx: &mut RequestCtx, failed: bool) {
+        if ctx.proxy_short {
+            // The backend was never reached, for want of the proxy's own resources.
+            ctx.judged = true;
+            return;
+        }
         // Judged once; but a success judged at its header that fails afterwards becomes a
         // failure (the request stays counted once).
         let late_failure = ctx.judged && ctx.success_counted.is_some() && failed;

@@ -213,11 +213,11 @@ async fn next_hup(hup: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
     }
 }
 
-/// The file's bytes and their sha256, or `None` if it cannot be read.
-fn read_file(path: &Path) -> Option<(Vec<u8>, String)> {
-    let bytes = std::fs::read(path).ok()?;
+/// The file's bytes and their sha256.
+fn read_file(path: &Path) -> std::io::Result<(Vec<u8>, String)> {
+    let bytes = std::fs::read(path)?;
     let digest = sha256_hex(&bytes);
-    Some((bytes, digest))
+    Ok((bytes, digest))
 }
 
 /// After an automatic reload that used `T` of CPU, the next one waits until `T × RELOAD_DUTY_WAIT`
@@ -462,7 +462,20 @@ impl BackgroundService for Reloader {
                 // loads it.
                 let held = state.begin_reload();
                 let read_at = std::time::Instant::now();
-                let read = read_file(&config);
+                let read = match read_file(&config) {
+                    Err(e) if crate::errors::short_of_resources(&e) => {
+                        // The process is out of descriptors or memory: that says nothing of the
+                        // file, which is not reported invalid (`strangler_config_valid` would
+                        // send on-call to the wrong place). Looked at again at the next poll.
+                        log::warn!(
+                            "cannot read {} ({e}): the proxy is short of descriptors or memory; looking again in {} s",
+                            config.display(),
+                            POLL.as_secs()
+                        );
+                        return Look::not_due();
+                    }
+                    read => read.ok(),
+                };
                 if signal {
                     // An operator's reload does not delay the next file change: the wait for
                     // `not_before` paces automatic reloads only.

@@ -1736,6 +1736,80 @@ fn a_204_or_an_interim_answer_carries_no_length_fields() {
 }
 
 #[test]
+fn a_proxy_out_of_descriptors_answers_503_and_blames_no_backend() {
+    const LIMIT: usize = 128;
+    let legacy = Backend::echo("legacy");
+    let new = Backend::echo("new");
+    let yaml = format!(
+        "{}routes:\n  - name: b\n    path: /b\n    to: new\n    failover: true\n    \
+         rollback: {{error_rate: 1%, min_requests: 1, window: 60s}}\n",
+        base_yaml(&legacy.url(), &new.url())
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("routing.yaml"), yaml).unwrap();
+    let limit = format!("ulimit -n {LIMIT} && exec \"$0\" \"$@\"");
+    let proxy = Proxy::start_wrapped(dir, "routing.yaml", &[], &[], &["sh", "-c", &limit]);
+    let open = || {
+        std::fs::read_dir(format!("/proc/{}/fd", proxy.child.id()))
+            .unwrap()
+            .count()
+    };
+    // Idle client connections take every descriptor the proxy has; the rest wait in the
+    // listener's backlog and take any that frees. The first is accepted (the backlog is FIFO).
+    let addr = addr_of(&proxy);
+    let held: Vec<TcpStream> = (0..LIMIT + 32)
+        .map(|_| TcpStream::connect(&addr).unwrap())
+        .collect();
+    wait_for("every descriptor in use", Duration::from_secs(10), || {
+        open() >= LIMIT
+    });
+    // The reload poll (once a second) cannot open routing.yaml either: it says why and waits.
+    wait_for("the poll's look", Duration::from_secs(5), || {
+        proxy.log_text().contains("short of descriptors or memory")
+    });
+    let mut first = held[0].try_clone().unwrap();
+    first
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    first
+        .write_all(b"GET /b/1 HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let answer = read_response(&mut BufReader::new(first), false).unwrap();
+    // The proxy's own shortage: 503 (try another instance), not a 502 blaming `new`, and no
+    // failover to `default`, which would fail alike.
+    assert_eq!(answer.status, 503, "{answer:?}");
+    assert!(
+        String::from_utf8_lossy(&answer.body).contains("\"service_unavailable\""),
+        "{answer:?}"
+    );
+    assert_eq!(answer.header("x-strangler-backend"), Some("new"));
+    drop(held);
+    wait_for("descriptors given back", Duration::from_secs(30), || {
+        open() < LIMIT / 2
+    });
+    proxy.wait_metric(
+        "strangler_requests_total{route=\"b\",backend=\"new\",method=\"GET\",code=\"503\"}",
+        1.0,
+    );
+    // Nothing held against the backend: no upstream error, no failover, no rollback, and the
+    // file the reload poll could not open meanwhile is not reported invalid.
+    let metrics = metrics_body(&proxy);
+    assert!(
+        !metrics.contains("strangler_upstream_errors_total{"),
+        "{metrics}"
+    );
+    for zero in [
+        "strangler_failovers_total{route=\"b\",from=\"new\",to=\"legacy\"}",
+        "strangler_rollbacks_total{route=\"b\",reason=\"auto\"}",
+        "strangler_route_pinned{route=\"b\"}",
+    ] {
+        assert_eq!(proxy.metric(zero), 0.0, "{zero}");
+    }
+    assert_eq!(proxy.metric("strangler_config_valid"), 1.0);
+    assert!(legacy.seen().is_empty() && new.seen().is_empty());
+}
+
+#[test]
 fn a_list_of_equal_content_lengths_reaches_the_backend_as_one() {
     let (baddr, lines) = raw_backend(|s, lines| {
         let mut r = BufReader::new(s.try_clone().unwrap());
