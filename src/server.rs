@@ -357,6 +357,44 @@ fn check_trust_store(table: &crate::router::RoutingTable) -> Result<(), String> 
     }
 }
 
+/// Below this many descriptors, start-up warns: each request in flight holds two (client and
+/// backend), a shadowed one three, and idle keep-alive connections one each.
+const FEW_DESCRIPTORS: u64 = 4096;
+
+/// Raises the soft limit on open files to the hard one, as Go's runtime and nginx's
+/// `worker_rlimit_nofile` do: a shell's soft 1024 would otherwise cap a proxy at ~500 requests
+/// in flight while its hard limit allows far more. Says what it got, and warns when that is
+/// little (the proxy answers 503 when it runs out).
+fn raise_descriptor_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct passed, nothing else.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    let before = lim.rlim_cur;
+    if lim.rlim_cur < lim.rlim_max {
+        // An unlimited hard limit still stops at the kernel's `fs.nr_open` (2^20 by default).
+        lim.rlim_cur = lim.rlim_max.min(1 << 20);
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            lim.rlim_cur = before;
+        }
+    }
+    let now = lim.rlim_cur;
+    if now < FEW_DESCRIPTORS {
+        log::warn!(
+            "open file limit is {now} (hard limit {}): each request in flight holds two descriptors; raise it (`ulimit -n`, systemd `LimitNOFILE=`) for more than ~{} at once",
+            lim.rlim_max,
+            now / 2
+        );
+    } else if now != before {
+        log::info!("open file limit raised from {before} to {now} (the hard limit)");
+    }
+}
+
 /// Runs the proxy until it is told to stop. Errors are start-up errors (exit 1).
 pub fn serve(mut opts: ServeOptions) -> Result<(), String> {
     // SIGHUP's default action ends the process. Until the reloader listens for it (after the
@@ -369,6 +407,7 @@ pub fn serve(mut opts: ServeOptions) -> Result<(), String> {
         libc::signal(libc::SIGHUP, libc::SIG_IGN);
     }
     check_admin_address(&opts.admin, opts.admin_token.as_deref())?;
+    raise_descriptor_limit();
     if !opts.upgrade {
         let mut wanted: Vec<(String, String)> = opts
             .listen

@@ -331,3 +331,30 @@ fn port_zero_listens_on_free_ports_and_logs_them() {
     assert_eq!(reply.status, 200);
     assert_eq!(reply.header("x-strangler-backend"), "legacy");
 }
+
+#[test]
+fn the_soft_open_file_limit_is_raised_to_the_hard_one() {
+    let backend = Backend::echo("legacy");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("routing.yaml"), one_backend(&backend.url())).unwrap();
+    // A shell's usual soft limit, under whatever hard limit this machine has.
+    let soft = "ulimit -Sn 256 && exec \"$0\" \"$@\"";
+    let proxy = Proxy::start_wrapped(dir, "routing.yaml", &[], &[], &["sh", "-c", soft]);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", proxy.child.id())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("an open files line");
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let (soft, hard) = (fields[3], fields[4]);
+    let hard_n: u64 = hard.parse().unwrap_or(1 << 20);
+    assert_eq!(soft.parse::<u64>().unwrap(), hard_n.min(1 << 20), "{line}");
+    if hard_n > 256 {
+        assert!(
+            proxy.log_text().contains("open file limit raised from 256"),
+            "{}",
+            proxy.log_text()
+        );
+    }
+    assert_eq!(get(&proxy.url("/x")).0, 200);
+}
