@@ -89,7 +89,8 @@ pub struct RunArgs {
     /// Longest wait for in-flight requests after SIGTERM/SIGINT (e.g. 10s).
     #[arg(long, env = "STRANGLER_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration_arg)]
     pub drain_timeout: std::time::Duration,
-    /// Longest time from the first byte of a request header to its end (slow clients are cut).
+    /// Longest time from a connection's accept (or a keep-alive request's first byte) to the
+    /// end of its request header (slow or silent clients are cut).
     #[arg(long, env = "STRANGLER_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration_arg)]
     pub header_timeout: std::time::Duration,
     /// Longest a client's keep-alive connection may sit idle between two requests (e.g. 60s).

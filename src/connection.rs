@@ -1,8 +1,9 @@
 //! What strangler adds around every accepted client connection, below HTTP:
-//! - the **header read deadline**: from the first byte of a request header to its end, a client
-//!   gets `--header-timeout` (default 10 s) in all — not per read, so a client dripping one byte
-//!   at a time (slowloris) cannot hold a connection. Idle keep-alive time before the first byte
-//!   is not counted (Pingora's keep-alive timeout governs it);
+//! - the **header read deadline**: from the accept of a new connection, or from the first byte
+//!   of a keep-alive connection's next request, to the end of the header, a client gets
+//!   `--header-timeout` (default 10 s) in all — not per read, so a client dripping one byte at
+//!   a time (slowloris), or connecting and sending nothing, cannot hold a connection. Idle
+//!   keep-alive time between requests is not counted (Pingora's keep-alive timeout governs it);
 //! - the **late cleanup** at shutdown: Pingora drops a connection still waiting for its request
 //!   header the moment its listener shuts down — including one accepted microseconds earlier
 //!   whose request is still on the wire. During an upgrade or a drain that would be a failed
@@ -46,6 +47,10 @@ const PINGORA_REFUSAL: &[u8] = b"HTTP/1.1 400 ";
 /// more of it (see `DeadlineStream::poll_read`).
 const FLUSH_DELAY: Duration = Duration::from_millis(2);
 
+/// Why a connection was cut by the header read deadline (Pingora logs it; `logging` tells it
+/// from the errors that matter).
+pub const HEADER_TIMED_OUT: &str = "request header not complete within the header timeout";
+
 /// How long a connection accepted just before shutdown gets to deliver its request header.
 pub const LATE_REQUEST_GRACE: Duration = Duration::from_secs(1);
 
@@ -61,15 +66,19 @@ fn now_ns() -> u64 {
 pub struct HeaderClock {
     /// Between requests: the next bytes read belong to a request header.
     awaiting_header: AtomicBool,
-    /// When the first byte of the current header arrived; 0 before it does.
+    /// When the current header's time began: the accept, for a connection's first request;
+    /// the first byte, for a later one (0 until it arrives).
     started_ns: AtomicU64,
 }
 
 impl HeaderClock {
+    /// The clock of a connection just accepted: its first header's time runs from now, as
+    /// nginx's `client_header_timeout` does, so a connection that never sends a byte is let go
+    /// as one that sends too slowly is.
     fn new() -> Self {
         HeaderClock {
             awaiting_header: AtomicBool::new(true),
-            started_ns: AtomicU64::new(0),
+            started_ns: AtomicU64::new(now_ns()),
         }
     }
 
@@ -138,10 +147,7 @@ impl DeadlineStream {
     }
 
     fn expired() -> std::io::Error {
-        std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "request header not complete within the header timeout",
-        )
+        std::io::Error::new(std::io::ErrorKind::TimedOut, HEADER_TIMED_OUT)
     }
 }
 

@@ -53,10 +53,12 @@ pub fn init(format: LogFormat) {
     }
 }
 
-/// Pingora logs two routine events at error, which alert rules on error lines would page on:
+/// Pingora logs three routine events at error, which alert rules on error lines would page on:
 /// a new process (`run --upgrade`) waiting for the old one's listeners, as it does until
-/// SIGQUIT (info here), and a pooled backend connection its idle watcher still held, given up
-/// for a fresh one (debug here). Every other record goes through as it is.
+/// SIGQUIT (info here), a pooled backend connection its idle watcher still held, given up
+/// for a fresh one (debug here), and a client whose request header did not come within
+/// `--header-timeout` (a slow or silent client, or a browser's unused preconnect: info here, as
+/// nginx logs "client timed out"). Every other record goes through as it is.
 struct Reclassified(env_logger::Logger);
 
 impl Reclassified {
@@ -74,6 +76,12 @@ impl Reclassified {
         if target.starts_with("pingora_core::connectors") {
             let msg = r.args().to_string();
             return (msg == "failed to acquire reusable stream").then_some(log::Level::Debug);
+        }
+        if target.starts_with("pingora_proxy") {
+            let msg = r.args().to_string();
+            return (msg.starts_with("Fail to proxy: Downstream")
+                && msg.contains(crate::connection::HEADER_TIMED_OUT))
+            .then_some(log::Level::Info);
         }
         None
     }
@@ -226,6 +234,21 @@ mod tests {
             level(
                 "pingora_core::server::transfer_fd",
                 format_args!("Error accepting socket transfer: EBADF")
+            ),
+            None
+        );
+        let expired = crate::connection::HEADER_TIMED_OUT;
+        assert_eq!(
+            level(
+                "pingora_proxy",
+                format_args!("Fail to proxy: Downstream ReadError context: while reading request headers cause: {expired}, downstream session type: h1")
+            ),
+            Some(log::Level::Info)
+        );
+        assert_eq!(
+            level(
+                "pingora_proxy",
+                format_args!("Fail to proxy: Upstream ConnectRefused context: …")
             ),
             None
         );

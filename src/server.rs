@@ -49,7 +49,8 @@ pub struct ServeOptions {
     /// Take over the listening sockets of a running strangler (zero-downtime upgrade).
     pub upgrade: bool,
     pub upgrade_sock: PathBuf,
-    /// From the first byte of a request header to its end.
+    /// From a connection's accept (or a keep-alive request's first byte) to the end of the
+    /// request header.
     pub header_timeout: Duration,
     /// A client's idle keep-alive connection, between two requests.
     pub keepalive_timeout: Duration,
