@@ -87,13 +87,87 @@ impl Reclassified {
     }
 }
 
+/// At most this many of Pingora's per-request failure lines ("Fail to proxy: …") a second: a
+/// backend that is down fails every request, and a line each (15 000 a second, measured) would
+/// bury the rest of the log and trip journald's rate limit, which then drops the lines that
+/// matter (`audit`, the automatic rollback the outage triggers). The metrics count every
+/// failure; the lines held back are counted in the next one shown.
+const FAILURE_LINES_PER_SECOND: u32 = 10;
+
+/// The per-second budget of failure lines, and what it held back.
+#[derive(Debug)]
+struct Flood {
+    window: std::time::Instant,
+    shown: u32,
+    held: u64,
+}
+
+impl Flood {
+    /// Whether a failure line at `now` is shown, and how many were held back before it (to say
+    /// so) when a new second begins.
+    fn admit(this: &mut Option<Flood>, now: std::time::Instant) -> (bool, u64) {
+        let f = this.get_or_insert(Flood {
+            window: now,
+            shown: 0,
+            held: 0,
+        });
+        let mut held_before = 0;
+        if now.duration_since(f.window) >= std::time::Duration::from_secs(1) {
+            held_before = std::mem::take(&mut f.held);
+            f.window = now;
+            f.shown = 0;
+        }
+        if f.shown < FAILURE_LINES_PER_SECOND {
+            f.shown += 1;
+            (true, held_before)
+        } else {
+            f.held += 1;
+            (false, held_before)
+        }
+    }
+}
+
+static FLOOD: std::sync::Mutex<Option<Flood>> = std::sync::Mutex::new(None);
+
+/// Whether a record is one of Pingora's per-request failure lines.
+fn is_failure_line(r: &log::Record) -> bool {
+    r.level() <= log::Level::Warn
+        && r.target().starts_with("pingora_proxy")
+        && r.args().as_str().map_or_else(
+            || r.args().to_string().starts_with("Fail to proxy"),
+            |s| s.starts_with("Fail to proxy"),
+        )
+}
+
 impl log::Log for Reclassified {
     fn enabled(&self, m: &log::Metadata) -> bool {
         self.0.enabled(m)
     }
 
     fn log(&self, r: &log::Record) {
-        match Self::level_of(r) {
+        let level = Self::level_of(r);
+        // (A line given another level is not a failure of the backend: not held to the budget.)
+        if level.is_none() && is_failure_line(r) && self.0.enabled(r.metadata()) {
+            let (show, held) = {
+                let mut flood = FLOOD.lock().unwrap_or_else(|p| p.into_inner());
+                Flood::admit(&mut flood, std::time::Instant::now())
+            };
+            if held > 0 {
+                self.0.log(
+                    &log::Record::builder()
+                        .level(log::Level::Warn)
+                        .target("strangler")
+                        .args(format_args!(
+                            "{held} more request failure lines (\"Fail to proxy\") were not logged in the last second, to keep the log readable; strangler_upstream_errors_total counts every one"
+                        ))
+                        .build(),
+                );
+            }
+            if !show {
+                return;
+            }
+        }
+        match level {
             None => self.0.log(r),
             Some(level) => self.0.log(
                 &log::Record::builder()
@@ -201,7 +275,7 @@ fn one_line(msg: String) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{json_line, one_line, Fields, Reclassified};
+    use super::{json_line, one_line, Fields, Flood, Reclassified, FAILURE_LINES_PER_SECOND};
 
     #[test]
     fn pingora_s_routine_error_lines_are_not_errors() {
@@ -253,6 +327,18 @@ mod tests {
             None
         );
         assert_eq!(level("strangler::proxy", format_args!("failed")), None);
+    }
+
+    #[test]
+    fn request_failure_lines_are_held_to_ten_a_second() {
+        let t0 = std::time::Instant::now();
+        let mut flood = None;
+        let shown = (0..25).filter(|_| Flood::admit(&mut flood, t0).0).count();
+        assert_eq!(shown, FAILURE_LINES_PER_SECOND as usize);
+        // The next second: shown again, and the 15 held back are said.
+        let t1 = t0 + std::time::Duration::from_millis(1000);
+        assert_eq!(Flood::admit(&mut flood, t1), (true, 15));
+        assert_eq!(Flood::admit(&mut flood, t1), (true, 0));
     }
 
     #[test]

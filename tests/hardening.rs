@@ -922,6 +922,26 @@ fn a_refusing_backend_is_502_at_once() {
             })
         },
     );
+    // A backend that is down fails every request: ten such lines a second, then the count of
+    // those held back, said with the next one shown (the metrics count every failure).
+    let failure_lines = || proxy.log_text().matches("Fail to proxy").count();
+    for _ in 0..40 {
+        assert_eq!(request("GET", &proxy.url("/x"), &[], None).status, 502);
+    }
+    assert!(failure_lines() <= 3 + 2 * 10, "{}", proxy.log_text());
+    wait_for(
+        "the count of lines held back",
+        Duration::from_secs(5),
+        || {
+            assert_eq!(request("GET", &proxy.url("/x"), &[], None).status, 502);
+            proxy.log_text().contains("more request failure lines")
+        },
+    );
+    wait_for("every failure counted", Duration::from_secs(2), || {
+        proxy.metric(
+            "strangler_upstream_errors_total{route=\"default\",backend=\"legacy\",kind=\"connect\"}",
+        ) >= 43.0
+    });
 }
 
 #[test]
