@@ -288,6 +288,9 @@ pub fn register_all() {
     LazyLock::force(&CONFIG_RELOAD_DURATION);
     LazyLock::force(&STATE_FILE_ERRORS);
     LazyLock::force(&STATE_FILE_READ_ERRORS);
+    // The standard process metrics (`process_open_fds`, `process_max_fds`,
+    // `process_resident_memory_bytes`, `process_cpu_seconds_total`…) come with the default
+    // registry itself: the `prometheus` crate's `process` feature registers them there.
 }
 
 /// The last render and when it began, kept only while scrapes wait for the lock: none is kept

@@ -249,6 +249,15 @@ fn metrics_count_every_request_once_and_never_name_a_path() {
         "a 503 answer is not an upstream error"
     );
 
+    // The standard process metrics, for the descriptors a proxy can run out of (it answers
+    // 503 then) and the memory its connections take.
+    let fds = metric_value(&body, "process_open_fds");
+    assert!(
+        fds > 0.0 && fds < metric_value(&body, "process_max_fds"),
+        "{body}"
+    );
+    assert!(metric_value(&body, "process_resident_memory_bytes") > 0.0);
+
     for p in raw_paths {
         let tail = p.rsplit('/').next().unwrap();
         assert!(
