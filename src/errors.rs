@@ -86,10 +86,19 @@ pub fn closed_before_answer(e: &Error) -> bool {
 /// no failure of the backend: it must not count against it (upstream errors, the rollback
 /// window, passed-over addresses), and `default` would fail alike.
 pub fn proxy_out_of_resources(e: &Error) -> bool {
-    *e.esource() == ErrorSource::Upstream
-        && e.root_cause()
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(short_of_resources)
+    if *e.esource() != ErrorSource::Upstream {
+        return false;
+    }
+    // The io::Error may sit under a cause that is not Pingora's own (a failed `connect()` is
+    // wrapped in pingora-core's `ConnectErrorDetails`): follow `source()` down to it.
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e.root_cause());
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return short_of_resources(io);
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// Whether an I/O error says the process is short of descriptors, buffers or memory, rather
@@ -288,6 +297,23 @@ mod tests {
             assert!(proxy_out_of_resources(&e), "{os}");
             assert_eq!(ProxyError::for_error(&e), Some(UNAVAILABLE));
         }
+        // A failed connect(): the io::Error under a wrapper of pingora-core's own.
+        #[derive(Debug)]
+        struct Details(std::io::Error);
+        impl std::fmt::Display for Details {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "connect failed: {}", self.0)
+            }
+        }
+        impl std::error::Error for Details {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let details = Details(std::io::Error::from_raw_os_error(libc::ENOBUFS));
+        let mut e = Error::because(ErrorType::ConnectError, "Fail to connect", details);
+        e.as_up();
+        assert!(proxy_out_of_resources(&e));
         let refused = wrapped(libc::ECONNREFUSED);
         assert!(!proxy_out_of_resources(&refused));
         assert_eq!(ProxyError::for_error(&refused), Some(BAD_GATEWAY));

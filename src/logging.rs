@@ -62,23 +62,20 @@ pub fn init(format: LogFormat) {
 struct Reclassified(env_logger::Logger);
 
 impl Reclassified {
-    fn level_of(r: &log::Record) -> Option<log::Level> {
-        if r.level() != log::Level::Error {
+    /// The level a Pingora record at `level` saying `msg` is logged at, when not its own.
+    fn level_of(target: &str, level: log::Level, msg: &str) -> Option<log::Level> {
+        if level != log::Level::Error {
             return None;
         }
-        let target = r.target();
         if target.starts_with("pingora_core::server::transfer_fd") {
-            let msg = r.args().to_string();
             return msg
                 .starts_with("No incoming socket transfer")
                 .then_some(log::Level::Info);
         }
         if target.starts_with("pingora_core::connectors") {
-            let msg = r.args().to_string();
             return (msg == "failed to acquire reusable stream").then_some(log::Level::Debug);
         }
         if target.starts_with("pingora_proxy") {
-            let msg = r.args().to_string();
             return (msg.starts_with("Fail to proxy: Downstream")
                 && msg.contains(crate::connection::HEADER_TIMED_OUT))
             .then_some(log::Level::Info);
@@ -100,20 +97,28 @@ struct Flood {
     window: std::time::Instant,
     shown: u32,
     held: u64,
+    /// When the first of the lines held back came.
+    held_since: Option<std::time::SystemTime>,
 }
 
 impl Flood {
-    /// Whether a failure line at `now` is shown, and how many were held back before it (to say
-    /// so) when a new second begins.
-    fn admit(this: &mut Option<Flood>, now: std::time::Instant) -> (bool, u64) {
+    /// Whether a failure line at `now` is shown, and, when a new second begins after lines were
+    /// held back, how many and since when (to say so first).
+    fn admit(
+        this: &mut Option<Flood>,
+        now: std::time::Instant,
+        wall: std::time::SystemTime,
+    ) -> (bool, Option<(u64, std::time::SystemTime)>) {
         let f = this.get_or_insert(Flood {
             window: now,
             shown: 0,
             held: 0,
+            held_since: None,
         });
-        let mut held_before = 0;
+        let mut held_before = None;
         if now.duration_since(f.window) >= std::time::Duration::from_secs(1) {
-            held_before = std::mem::take(&mut f.held);
+            let held = std::mem::take(&mut f.held);
+            held_before = f.held_since.take().map(|since| (held, since));
             f.window = now;
             f.shown = 0;
         }
@@ -122,6 +127,7 @@ impl Flood {
             (true, held_before)
         } else {
             f.held += 1;
+            f.held_since.get_or_insert(wall);
             (false, held_before)
         }
     }
@@ -129,36 +135,43 @@ impl Flood {
 
 static FLOOD: std::sync::Mutex<Option<Flood>> = std::sync::Mutex::new(None);
 
-/// Whether a record is one of Pingora's per-request failure lines.
-fn is_failure_line(r: &log::Record) -> bool {
-    r.level() <= log::Level::Warn
-        && r.target().starts_with("pingora_proxy")
-        && r.args().as_str().map_or_else(
-            || r.args().to_string().starts_with("Fail to proxy"),
-            |s| s.starts_with("Fail to proxy"),
-        )
-}
-
 impl log::Log for Reclassified {
     fn enabled(&self, m: &log::Metadata) -> bool {
         self.0.enabled(m)
     }
 
     fn log(&self, r: &log::Record) {
-        let level = Self::level_of(r);
-        // (A line given another level is not a failure of the backend: not held to the budget.)
-        if level.is_none() && is_failure_line(r) && self.0.enabled(r.metadata()) {
+        // Only Pingora's warnings and errors are looked at, each formatted once.
+        if r.level() > log::Level::Warn
+            || !r.target().starts_with("pingora")
+            || !self.0.enabled(r.metadata())
+        {
+            return self.0.log(r);
+        }
+        let msg = r.args().to_string();
+        let level = Self::level_of(r.target(), r.level(), &msg);
+        // One of Pingora's per-request failure lines (a line given another level is not).
+        if level.is_none()
+            && r.target().starts_with("pingora_proxy")
+            && msg.starts_with("Fail to proxy")
+        {
             let (show, held) = {
                 let mut flood = FLOOD.lock().unwrap_or_else(|p| p.into_inner());
-                Flood::admit(&mut flood, std::time::Instant::now())
+                Flood::admit(
+                    &mut flood,
+                    std::time::Instant::now(),
+                    std::time::SystemTime::now(),
+                )
             };
-            if held > 0 {
+            if let Some((held, since)) = held {
+                let since = chrono::DateTime::<chrono::Utc>::from(since)
+                    .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
                 self.0.log(
                     &log::Record::builder()
                         .level(log::Level::Warn)
                         .target("strangler")
                         .args(format_args!(
-                            "{held} more request failure lines (\"Fail to proxy\") were not logged in the last second, to keep the log readable; strangler_upstream_errors_total counts every one"
+                            "{held} more request failure lines (\"Fail to proxy\") held back since {since}: {FAILURE_LINES_PER_SECOND} a second are logged; strangler_requests_total counts every request"
                         ))
                         .build(),
                 );
@@ -167,20 +180,17 @@ impl log::Log for Reclassified {
                 return;
             }
         }
-        match level {
-            None => self.0.log(r),
-            Some(level) => self.0.log(
-                &log::Record::builder()
-                    .level(level)
-                    .target(r.target())
-                    .args(*r.args())
-                    .module_path(r.module_path())
-                    .file(r.file())
-                    .line(r.line())
-                    .key_values(r.key_values())
-                    .build(),
-            ),
-        }
+        self.0.log(
+            &log::Record::builder()
+                .level(level.unwrap_or(r.level()))
+                .target(r.target())
+                .args(format_args!("{msg}"))
+                .module_path(r.module_path())
+                .file(r.file())
+                .line(r.line())
+                .key_values(r.key_values())
+                .build(),
+        );
     }
 
     fn flush(&self) {
@@ -280,13 +290,7 @@ mod tests {
     #[test]
     fn pingora_s_routine_error_lines_are_not_errors() {
         let level = |target: &str, args: std::fmt::Arguments| {
-            Reclassified::level_of(
-                &log::Record::builder()
-                    .level(log::Level::Error)
-                    .target(target)
-                    .args(args)
-                    .build(),
-            )
+            Reclassified::level_of(target, log::Level::Error, &args.to_string())
         };
         let wait = std::time::Duration::from_secs(1);
         assert_eq!(
@@ -331,14 +335,20 @@ mod tests {
 
     #[test]
     fn request_failure_lines_are_held_to_ten_a_second() {
-        let t0 = std::time::Instant::now();
+        let (t0, wall) = (std::time::Instant::now(), std::time::SystemTime::now());
         let mut flood = None;
-        let shown = (0..25).filter(|_| Flood::admit(&mut flood, t0).0).count();
+        let shown = (0..25)
+            .filter(|_| Flood::admit(&mut flood, t0, wall).0)
+            .count();
         assert_eq!(shown, FAILURE_LINES_PER_SECOND as usize);
-        // The next second: shown again, and the 15 held back are said.
+        // The next second: shown again, and the 15 held back are said, with when they began.
         let t1 = t0 + std::time::Duration::from_millis(1000);
-        assert_eq!(Flood::admit(&mut flood, t1), (true, 15));
-        assert_eq!(Flood::admit(&mut flood, t1), (true, 0));
+        let later = wall + std::time::Duration::from_secs(1);
+        assert_eq!(
+            Flood::admit(&mut flood, t1, later),
+            (true, Some((15, wall)))
+        );
+        assert_eq!(Flood::admit(&mut flood, t1, later), (true, None));
     }
 
     #[test]

@@ -983,8 +983,11 @@ impl ProxyHttp for Strangler {
     ) -> Box<Error> {
         if errors::proxy_out_of_resources(&e) {
             // The proxy's own shortage: no other address, no failover (they would fail
-            // alike), nothing held against the backend. Pingora logs the error itself.
+            // alike), nothing held against the backend, which was never reached: the answer,
+            // its headers and its metrics name no backend (`none`, as for a refused request).
+            // Pingora logs the error itself.
             ctx.proxy_short = true;
+            ctx.backend = None;
             e.set_retry(false);
             return e;
         }
@@ -1250,7 +1253,7 @@ impl ProxyHttp for Strangler {
             if counted {
                 rl.observe(b, backend, now.duration_since(ctx.start).as_secs_f64());
             }
-            let failed = (code >= 500 || ctx.upstream_error.is_some()) && !ctx.proxy_short;
+            let failed = code >= 500 || ctx.upstream_error.is_some();
             rl.recent[b].record(now, crate::state::RECENT, failed);
         }
         if let Some(tap) = ctx.shadow.take() {
@@ -1327,8 +1330,9 @@ impl Strangler {
     /// that the request after the one that crossed the threshold is already served by `default`.
     /// After a failover the attempt on `to` failed: that counts as a failure.
     fn judge_target(&self, ctx: &mut RequestCtx, failed: bool) {
-        if ctx.proxy_short {
-            // The backend was never reached, for want of the proxy's own resources.
+        if ctx.proxy_short && !ctx.failed_over {
+            // The backend was never reached, for want of the proxy's own resources. (After a
+            // failover, `to` had failed first: that is judged, as any failover is.)
             ctx.judged = true;
             return;
         }

@@ -366,6 +366,9 @@ impl BackgroundService for Reloader {
         let mut announced = false;
         // When the next automatic reload may start (see RELOAD_DUTY_WAIT).
         let mut not_before = tokio::time::Instant::now();
+        // A SIGHUP whose look could not open the file for want of descriptors or memory: the
+        // next look (the poll's, a second later) is the operator's reload.
+        let mut signal_pending = false;
         loop {
             let trigger = tokio::select! {
                 // Shutdown is the only way out: the watcher and the signal stream end with us.
@@ -380,7 +383,8 @@ impl BackgroundService for Reloader {
             // A SIGHUP that arrives during a wait for `not_before` cuts the wait to the
             // debounce: an operator's explicit reload is never delayed (`POST /reload` reloads
             // on its own, not through this loop).
-            let mut signal = matches!(trigger, Trigger::Signal);
+            let mut signal =
+                matches!(trigger, Trigger::Signal) || std::mem::take(&mut signal_pending);
             // Whether a watcher event of this pass may concern the file.
             let mut seen_now = writing.may_concern(&trigger);
             writing.note(&trigger);
@@ -542,6 +546,8 @@ impl BackgroundService for Reloader {
             // once is not confirmed a moment later by a tick that came due during the look.
             poll.reset();
             if look.not_due {
+                // (A signal's look is never not due but for a shortage: see `read_file`'s use.)
+                signal_pending |= signal;
                 continue;
             }
             let now = tokio::time::Instant::now();

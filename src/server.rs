@@ -378,9 +378,18 @@ fn raise_descriptor_limit() {
     let before = lim.rlim_cur;
     if lim.rlim_cur < lim.rlim_max {
         // An unlimited hard limit still stops at the kernel's `fs.nr_open` (2^20 by default).
-        lim.rlim_cur = lim.rlim_max.min(1 << 20);
+        let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse::<libc::rlim_t>().ok())
+            .unwrap_or(1 << 20);
+        lim.rlim_cur = lim.rlim_max.min(nr_open);
         // SAFETY: as above.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            log::warn!(
+                "cannot raise the open file limit from {before} to {}: {}",
+                lim.rlim_cur,
+                std::io::Error::last_os_error()
+            );
             lim.rlim_cur = before;
         }
     }

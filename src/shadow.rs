@@ -47,9 +47,11 @@ pub static X_STRANGLER_SHADOW: HeaderName = HeaderName::from_static("x-strangler
 /// Hop-by-hop and framing headers never copied onto a shadow request.
 /// `X-Forwarded-Host` is set from the client's Host, never copied (an HTTP/1.0 client may send
 /// no Host and its own `X-Forwarded-Host`).
-static NOT_COPIED: [HeaderName; 11] = [
+static NOT_COPIED: [HeaderName; 13] = [
     header::CONNECTION,
     header::TE,
+    header::TRAILER,
+    HeaderName::from_static("http2-settings"),
     header::TRANSFER_ENCODING,
     header::UPGRADE,
     header::CONTENT_LENGTH,

@@ -614,7 +614,8 @@ fn an_upgrade_nobody_asked_for_is_a_502_not_a_dead_connection() {
         },
     );
     // Offered by the client but not passed on (an HTTP/1.0 client cannot upgrade; Pingora
-    // forwards WebSocket offers only), the backend's 101 is as invalid.
+    // forwards WebSocket offers only), the backend's 101 is as invalid. (Pingora itself refuses
+    // the `h2c` one; the HTTP/1.0 one is the proxy's own check.)
     for offer in [
         &b"GET /ws HTTP/1.0\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"[..],
         b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
@@ -924,11 +925,26 @@ fn a_refusing_backend_is_502_at_once() {
     );
     // A backend that is down fails every request: ten such lines a second, then the count of
     // those held back, said with the next one shown (the metrics count every failure).
-    let failure_lines = || proxy.log_text().matches("Fail to proxy").count();
-    for _ in 0..40 {
+    let failure_lines = || {
+        proxy
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("Fail to proxy") && !l.contains("more request failure lines"))
+            .count()
+    };
+    let before = failure_lines();
+    let t0 = Instant::now();
+    for _ in 0..100 {
         assert_eq!(request("GET", &proxy.url("/x"), &[], None).status, 502);
     }
-    assert!(failure_lines() <= 3 + 2 * 10, "{}", proxy.log_text());
+    // Ten a second at most, whatever this machine's pace: each second begun shows ten.
+    let seconds = t0.elapsed().as_secs() as usize + 2;
+    let shown = failure_lines() - before;
+    assert!(
+        shown <= (10 * seconds).min(99),
+        "{shown} lines in {seconds} s:\n{}",
+        proxy.log_text()
+    );
     wait_for(
         "the count of lines held back",
         Duration::from_secs(5),
@@ -940,7 +956,7 @@ fn a_refusing_backend_is_502_at_once() {
     wait_for("every failure counted", Duration::from_secs(2), || {
         proxy.metric(
             "strangler_upstream_errors_total{route=\"default\",backend=\"legacy\",kind=\"connect\"}",
-        ) >= 43.0
+        ) >= 103.0
     });
 }
 
@@ -1768,7 +1784,15 @@ fn a_proxy_out_of_descriptors_answers_503_and_blames_no_backend() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("routing.yaml"), yaml).unwrap();
     let limit = format!("ulimit -n {LIMIT} && exec \"$0\" \"$@\"");
-    let proxy = Proxy::start_wrapped(dir, "routing.yaml", &[], &[], &["sh", "-c", &limit]);
+    // The first connection waits idle for its request while the rest are set up: a header
+    // deadline longer than those waits.
+    let proxy = Proxy::start_wrapped(
+        dir,
+        "routing.yaml",
+        &["--header-timeout", "60s"],
+        &[],
+        &["sh", "-c", &limit],
+    );
     let open = || {
         std::fs::read_dir(format!("/proc/{}/fd", proxy.child.id()))
             .unwrap()
@@ -1802,13 +1826,14 @@ fn a_proxy_out_of_descriptors_answers_503_and_blames_no_backend() {
         String::from_utf8_lossy(&answer.body).contains("\"service_unavailable\""),
         "{answer:?}"
     );
-    assert_eq!(answer.header("x-strangler-backend"), Some("new"));
+    // No backend was reached: the answer and its metrics name none.
+    assert_eq!(answer.header("x-strangler-backend"), Some("none"));
     drop(held);
     wait_for("descriptors given back", Duration::from_secs(30), || {
         open() < LIMIT / 2
     });
     proxy.wait_metric(
-        "strangler_requests_total{route=\"b\",backend=\"new\",method=\"GET\",code=\"503\"}",
+        "strangler_requests_total{route=\"b\",backend=\"none\",method=\"GET\",code=\"503\"}",
         1.0,
     );
     // Nothing held against the backend: no upstream error, no failover, no rollback, and the
