@@ -259,7 +259,8 @@ echo "  open fds: start $FD_START, end of load $FD_END, 2 s after $FD_IDLE"
 est() { ss -Htn state established "( dport = :$1 )" | wc -l; }
 echo "  upstream connections held open (keep-alive pool, idle timeout 60 s): legacy $(est "$P_LEGACY"), new $(est "$P_NEW")"
 # 499: wrk cuts its connections when its time is up, mid-request. 502/504: `new` down, or
-# slower than `slow`'s timeout. 503: the backend's own (`?status=503`; the proxy makes none).
+# slower than `slow`'s timeout. 503: the backend's own (`?status=503`; the proxy makes one only
+# when out of descriptors or memory, with backend="none").
 unexpected=$(grep '^strangler_requests_total{' "$WORK/metrics.txt" |
   grep -vE 'code="(2[0-9][0-9]|499|502|503|504)"' | awk '{s+=$2} END {print s+0}')
 echo "  requests with a code other than 2xx/499/502/503/504: $unexpected"
