@@ -189,9 +189,10 @@ impl AsyncRead for DeadlineStream {
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                // The clock starts with the header's first bytes. The timer itself is armed only
-                // if a read of this header has to wait (below): a header that arrives whole,
-                // nearly every one, never registers a timer.
+                // A keep-alive connection's next header starts the clock with its first bytes
+                // (a connection's first header has had it running since the accept). The timer
+                // itself is armed only if a read of this header has to wait (below): a header
+                // that arrives whole, nearly every one, never registers a timer.
                 let read = &buf.filled()[before..];
                 if started == 0 && !read.is_empty() {
                     this.clock.started_ns.store(now_ns(), Ordering::Release);
