@@ -194,7 +194,7 @@ impl Admin {
     ) -> Response<Vec<u8>> {
         let get = method == Method::GET || method == Method::HEAD;
         let action = route_action(path);
-        let post_endpoint = matches!(path, "/rollback" | "/reload") || action.is_some();
+        let post_endpoint = matches!(path, "/rollback" | "/resume" | "/reload") || action.is_some();
         if *method == Method::POST && !authorized {
             // Every POST, whatever its path (SPEC §7): an unknown one is not told apart from
             // a known one before the token is shown. RFC 9110 §11.6.1: a 401 names the scheme
@@ -264,6 +264,17 @@ impl Admin {
                 json_response(
                     StatusCode::OK,
                     json!({"pinned": n, "routes": routes_json(&self.state.snapshot(), false)}),
+                )
+            }
+            // Not in SPEC §7: the way back from `POST /rollback`, for `strangler resume --all`.
+            ("/resume", _) => {
+                let n = self.state.resume_all();
+                if crate::pins::handed_over() {
+                    return handing_over();
+                }
+                json_response(
+                    StatusCode::OK,
+                    json!({"resumed": n, "routes": routes_json(&self.state.snapshot(), false)}),
                 )
             }
             ("/reload", _) => match self.state.reload("POST /reload") {

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -25,11 +25,14 @@ pub fn load(config: &Path) -> Result<RoutingTable, ConfigErrors> {
     RoutingTable::build_checked(config::read_checked(config))
 }
 
-fn pins(config: &Path, state: Option<&Path>) -> BTreeMap<String, Pin> {
-    let path = state
+fn state_path(config: &Path, state: Option<&Path>) -> PathBuf {
+    state
         .map(Path::to_path_buf)
-        .unwrap_or_else(|| StateFile::beside(config));
-    StateFile::new(path).peek()
+        .unwrap_or_else(|| StateFile::beside(config))
+}
+
+fn pins(config: &Path, state: Option<&Path>) -> BTreeMap<String, Pin> {
+    StateFile::new(state_path(config, state)).peek()
 }
 
 /// `strangler check`.
@@ -116,7 +119,12 @@ pub fn check(a: &CheckArgs) -> ExitCode {
     outln!("\n{}", table.summary(|r| pinned(&r.name)));
     match &a.cases {
         None => ExitCode::SUCCESS,
-        Some(cases) => run_cases(&table, cases, &pins),
+        Some(cases) => run_cases(
+            &table,
+            cases,
+            &pins,
+            &state_path(&a.config.config, a.state.as_deref()),
+        ),
     }
 }
 
@@ -382,7 +390,12 @@ fn header_map(pairs: impl IntoIterator<Item = (String, String)>) -> Result<Heade
     Ok(h)
 }
 
-fn run_cases(table: &RoutingTable, file: &Path, pins: &BTreeMap<String, Pin>) -> ExitCode {
+fn run_cases(
+    table: &RoutingTable,
+    file: &Path,
+    pins: &BTreeMap<String, Pin>,
+    state: &Path,
+) -> ExitCode {
     let text = match std::fs::read_to_string(file) {
         Ok(t) => t,
         Err(e) => {
@@ -457,7 +470,15 @@ fn run_cases(table: &RoutingTable, file: &Path, pins: &BTreeMap<String, Pin>) ->
                     ));
                 }
                 if want != backend {
-                    return Err(format!("backend: want {want}, got {backend}"));
+                    // A pin in a running proxy's state file beside the table is easily
+                    // forgotten when the golden cases run on an operator's machine.
+                    let pinned = match d.route.map(|i| &*table.routes[i].name) {
+                        Some(r) if pins.contains_key(r) => {
+                            format!(" (route {r} is pinned to default in {})", state.display())
+                        }
+                        _ => String::new(),
+                    };
+                    return Err(format!("backend: want {want}, got {backend}{pinned}"));
                 }
             }
             Ok(())
@@ -636,7 +657,7 @@ pub fn explain(a: &ExplainArgs) -> ExitCode {
         (None, Some(h)) if h.is_empty() => outln!("  Host:     empty (the client's, kept)"),
         (None, Some(h)) => outln!("  Host:     {} (the client's)", h.to_str().unwrap_or("?")),
         (None, None) => outln!(
-            "  Host:     the client's Host, kept (none given here; an HTTP/1.1 request without one is answered 400)"
+            "  Host:     the client's Host, kept (this dry run was given none: pass -H 'Host: …'; a real HTTP/1.1 request without one is answered 400)"
         ),
     }
     ExitCode::SUCCESS

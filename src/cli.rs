@@ -183,6 +183,7 @@ pub struct ClientArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+#[command(override_usage = "strangler rollback [OPTIONS] <ROUTE | --all>")]
 pub struct RollbackArgs {
     #[command(flatten)]
     pub client: ClientArgs,
@@ -195,11 +196,16 @@ pub struct RollbackArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+#[command(override_usage = "strangler resume [OPTIONS] <ROUTE | --all>")]
 pub struct ResumeArgs {
     #[command(flatten)]
     pub client: ClientArgs,
     /// The route whose pin to lift.
-    pub route: String,
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    pub route: Option<String>,
+    /// Lift every pin, automatic ones too (the way back from `rollback --all`).
+    #[arg(long)]
+    pub all: bool,
 }
 
 #[derive(Debug, Clone, Args)]

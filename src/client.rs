@@ -226,9 +226,13 @@ fn fan_out_within(
                 failed += 1;
                 let msg = match (status, token) {
                     // The server cannot tell a missing token from a wrong one; this side can.
-                    (401, Some(_)) => "the token in STRANGLER_ADMIN_TOKEN was refused".to_string(),
+                    (401, Some(_)) => {
+                        "the admin token (--admin-token or STRANGLER_ADMIN_TOKEN) was refused"
+                            .to_string()
+                    }
                     (401, None) => {
-                        "this admin API needs a token: set STRANGLER_ADMIN_TOKEN".to_string()
+                        "this admin API needs a token: set STRANGLER_ADMIN_TOKEN or pass --admin-token"
+                            .to_string()
                     }
                     _ => body["message"]
                         .as_str()
@@ -423,21 +427,31 @@ pub fn rollback(a: &RollbackArgs) -> ExitCode {
     }
 }
 
-/// `strangler resume ROUTE`.
+/// `strangler resume ROUTE` / `--all`.
 pub fn resume(a: &ResumeArgs) -> ExitCode {
-    let route = a.route.clone();
-    fan_out(
-        &a.client,
-        "POST",
-        &format!("/routes/{}/resume", escape(&a.route)),
-        move |v| {
-            Some(if v["changed"].as_bool()? {
-                format!("{route}: resumed")
-            } else {
-                format!("{route}: was not pinned")
-            })
-        },
-    )
+    match &a.route {
+        Some(route) if !a.all => fan_out(
+            &a.client,
+            "POST",
+            &format!("/routes/{}/resume", escape(route)),
+            |v| {
+                Some(if v["changed"].as_bool()? {
+                    format!("{route}: resumed")
+                } else {
+                    format!("{route}: was not pinned")
+                })
+            },
+        ),
+        _ => fan_out(&a.client, "POST", "/resume", |v| {
+            let routes = v["routes"].as_array()?;
+            let now = routes.iter().filter(|r| !r["pinned"].is_null()).count();
+            Some(format!(
+                "resumed {} route(s); {now} of {} pinned now",
+                v["resumed"].as_u64()?,
+                routes.len()
+            ))
+        }),
+    }
 }
 
 /// `strangler reload`: the proxy re-reads the routing file it was started with (`POST

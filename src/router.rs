@@ -545,12 +545,15 @@ impl RoutingTable {
                         (false, false) => ("", ""),
                         _ => ("", "; `exact` on one of them does not set them apart"),
                     };
-                    let message = if spec.name.is_none()
-                        && *other_name == name
-                        && other_path == spec.path
-                    {
+                    // Two routes of one name (an error of its own) are told apart by path.
+                    let message = if *other_name == name && other_path == spec.path {
                         format!(
                             "route {name:?} is written twice: same path{both} and overlapping methods{note}"
+                        )
+                    } else if *other_name == name {
+                        format!(
+                            "route {name:?} ({}) conflicts with the other route named {name:?} ({other_path}): same path pattern{both} and overlapping methods{note}",
+                            spec.path
                         )
                     } else {
                         format!(
@@ -1207,6 +1210,8 @@ mod tests {
             ("routes:\n  - {path: /a, to: new}\n  - {path: /a, to: legacy}\n", "t.yaml:7:12: route \"/a\" is written twice"),
             ("routes:\n  - {name: x, path: /a, to: new}\n  - {name: x, path: /b, to: legacy}\n", "t.yaml:7:12: duplicate route name \"x\" (also routes[0] at line 6)"),
             ("routes:\n  - {name: x, path: /a, to: new}\n  - {name: y, path: '/a/', to: legacy}\n", "t.yaml:7:21: route \"y\" conflicts with route \"x\""),
+            ("routes:\n  - {name: x, path: /a, to: new}\n  - {name: x, path: /a, to: legacy}\n", "t.yaml:7:21: route \"x\" is written twice: same path and overlapping methods"),
+            ("routes:\n  - {name: x, path: /a, to: new}\n  - {name: x, path: '/a/', to: legacy}\n", "t.yaml:7:21: route \"x\" (/a/) conflicts with the other route named \"x\" (/a)"),
             ("routes:\n  - {name: x, path: /a, to: new}\n  - {name: y, path: /a, exact: true, to: legacy}\n", "route \"y\" conflicts with route \"x\" (/a): same path pattern and overlapping methods; `exact` on one of them does not set them apart"),
             ("routes:\n  - {name: x, path: /a, exact: true, to: new}\n  - {name: y, path: /a, to: legacy}\n", "route \"y\" conflicts with route \"x\" (/a): same path pattern and overlapping methods; `exact` on one of them does not set them apart"),
             ("routes:\n  - {name: x, path: /a, exact: true, to: new}\n  - {name: y, path: /a, exact: true, to: legacy}\n", "route \"y\" conflicts with route \"x\" (/a): same path pattern, both exact, and overlapping methods"),
@@ -1323,7 +1328,6 @@ mod tests {
             ("{path: /b, to: new, split: 500}", "{name: x, path: /b, to: legacy}", "route \"/b\" (/b)"),
             ("{path: '/c/{id}', to: ghost}", "{name: x, path: '/c/{n}', to: legacy}", "route \"/c/{id}\" (/c/{id})"),
             ("{path: /b, to: new}", "{name: x, path: /b, to: new, rollback: {error_rate: 500%, min_requests: 1, window: 1s}}", "route \"/b\" (/b)"),
-            ("{name: a, path: /b, to: new}", "{name: a, path: /b, to: legacy}", "route \"a\" (/b)"),
         ] {
             let errs = errors(&format!("{BASE}routes:\n  - {first}\n  - {second}\n"));
             assert_eq!(errs.len(), 2, "{first} / {second}: {errs:?}");
@@ -1333,6 +1337,16 @@ mod tests {
                 "{first} / {second}: {errs:?}"
             );
         }
+        // One name twice on one path: the route is written twice (not "a conflicts with a").
+        let errs = errors(&format!(
+            "{BASE}routes:\n  - {{name: a, path: /b, to: new}}\n  - {{name: a, path: /b, to: legacy}}\n"
+        ));
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("route \"a\" is written twice: same path")),
+            "{errs:?}"
+        );
     }
 
     #[test]

@@ -767,38 +767,64 @@ impl State {
     pub fn resume(&self, route: &str) -> Result<bool, ControlError> {
         let _publish = self.publish.lock();
         let (live, i) = self.find(route)?;
-        let control = &live.routes[i].control;
-        let r = &live.table.routes[i];
-        if !control.is_pinned() {
-            return Ok(false);
+        Ok(self.resume_locked(&live, &[i], "resume") == 1)
+    }
+
+    /// Lifts every pin (`strangler resume --all`, `POST /resume`): the way back from
+    /// `rollback --all`. Returns how many routes were pinned. One write of the state file.
+    pub fn resume_all(&self) -> usize {
+        let _publish = self.publish.lock();
+        let live = self.snapshot();
+        let all: Vec<usize> = (0..live.routes.len()).collect();
+        let n = self.resume_locked(&live, &all, "resume (every route)");
+        if n > 0 {
+            log::info!("{n} route(s) resumed (every route)");
         }
-        let before = live.serving(r, true);
-        // Lifted while holding the queue of unwritten pin lines: the line of the pin being
-        // lifted (if its thread has not written it yet) is taken and written first; a pin set
-        // after the lift queues its line behind this resume's.
+        n
+    }
+
+    /// Lifts the pins of the routes `which` of `live` that have one, under `publish`. Returns
+    /// how many it lifted.
+    fn resume_locked(&self, live: &LiveTable, which: &[usize], why: &str) -> usize {
+        let pinned: Vec<(usize, Serving)> = which
+            .iter()
+            .filter(|&&i| live.routes[i].control.is_pinned())
+            .map(|&i| (i, live.serving(&live.table.routes[i], true)))
+            .collect();
+        if pinned.is_empty() {
+            return 0;
+        }
         // A fresh start, made before the pin is lifted: the failures that caused the pin must
         // not re-pin at once, nor those of requests sent before it that end later (the window's
         // next generation; one ending between a lift and a clear would judge the old window).
-        control.to_window.clear();
+        for &(i, _) in &pinned {
+            live.routes[i].control.to_window.clear();
+        }
+        // Lifted while holding the queue of unwritten pin lines: the line of a pin being
+        // lifted (if its thread has not written it yet) is taken and written first; a pin set
+        // after the lift queues its line behind this resume's.
         let earlier = {
             let mut queue = self.unrecorded.lock();
-            control.pin.store(None);
+            for &(i, _) in &pinned {
+                live.routes[i].control.pin.store(None);
+            }
             std::mem::take(&mut *queue)
         };
-        log::info!("route {:?} resumed: served by {} again", r.name, before.to);
+        for (i, before) in &pinned {
+            let name = &live.table.routes[*i].name;
+            log::info!("route {name:?} resumed: served by {} again", before.to);
+        }
         self.save_pins();
         for c in &earlier {
             self.record(c);
         }
-        let after = live.serving(r, false);
-        self.audit.record(
-            &r.name,
-            Some(&before),
-            Some(&after),
-            "resume",
-            &live.table.sha256,
-        );
-        Ok(true)
+        for (i, before) in &pinned {
+            let r = &live.table.routes[*i];
+            let after = live.serving(r, false);
+            self.audit
+                .record(&r.name, Some(before), Some(&after), why, &live.table.sha256);
+        }
+        pinned.len()
     }
 
     fn save_pins(&self) {

@@ -389,6 +389,7 @@ fn a_manual_rollback_holds_across_reload_and_restart_until_resumed() {
     for (method, path, allow) in [
         ("GET", "/routes/bookings/rollback", "POST"),
         ("GET", "/rollback", "POST"),
+        ("GET", "/resume", "POST"),
         ("GET", "/reload", "POST"),
         ("DELETE", "/routes/bookings/resume", "POST"),
         ("POST", "/metrics", "GET, HEAD"),
@@ -645,6 +646,35 @@ fn the_cli_lists_rolls_back_and_resumes_on_every_replica() {
     );
     let (code, _, _) = strangler(&["routes", "--admin", &dead]);
     assert_ne!(code, 0);
+
+    // The way back from `rollback --all`: every pin lifted, on every replica asked. `one` has
+    // one route pinned still (bookings), `two` both.
+    let (code, out, err) = strangler(&["resume", "--all", "--admin", &a1, "--admin", &a2]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("resumed 1 route(s); 0 of 2 pinned now"),
+        "{out}"
+    );
+    assert!(
+        out.contains("resumed 2 route(s); 0 of 2 pinned now"),
+        "{out}"
+    );
+    for proxy in [&one, &two] {
+        for name in ["bookings", "tours"] {
+            assert_eq!(route(proxy, name)["pinned"], Value::Null, "{name}");
+        }
+        assert_eq!(served_by(proxy, "/bookings/1"), "new");
+    }
+    let (code, out, err) = strangler(&["resume", "--all", "--admin", &a1]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("resumed 0 route(s); 0 of 2 pinned now"),
+        "{out}"
+    );
+    // Neither a route nor `--all`: clap names both in the usage line.
+    let (code, _, err) = strangler(&["resume", "--admin", &a1]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("<ROUTE | --all>"), "{err}");
 }
 
 #[test]
@@ -659,6 +689,7 @@ fn the_cli_pointed_at_the_proxy_instead_of_its_admin_listener_claims_nothing() {
         &["rollback", "bookings"][..],
         &["rollback", "--all"],
         &["resume", "bookings"],
+        &["resume", "--all"],
         &["routes"],
         &["reload"],
     ] {
@@ -720,7 +751,9 @@ fn the_cli_reloads_a_running_proxy_and_fails_when_it_rejects_the_file() {
     );
     assert_eq!(code, 1, "{err}");
     assert!(
-        err.contains("error 401: the token in STRANGLER_ADMIN_TOKEN was refused"),
+        err.contains(
+            "error 401: the admin token (--admin-token or STRANGLER_ADMIN_TOKEN) was refused"
+        ),
         "a wrong token is not worded as a missing one: {err}"
     );
 
@@ -1374,6 +1407,20 @@ fn explain_reads_pins_from_the_state_file_check_reads() {
     assert!(
         out.lines()
             .any(|l| l.contains("bookings") && l.contains("rolled_back")),
+        "{out}"
+    );
+    // A golden case that the pin fails names the pin and where it was read.
+    let cases = write(
+        dir.path(),
+        "cases.yaml",
+        "- {request: GET /bookings/1, route: bookings, backend: new}\n",
+    );
+    let (code, out, err) = strangler(&["check", "-c", &cfg, "--state", &state, "--cases", &cases]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.contains(&format!(
+            "backend: want new, got legacy (route bookings is pinned to default in {state})"
+        )),
         "{out}"
     );
 }
