@@ -217,6 +217,16 @@ impl RequestCtx {
         }
     }
 
+    /// Whether counting this request would bring back series a reload deleted: its route, or
+    /// the backend it went to, left the table since the request began.
+    fn series_retired(&self) -> bool {
+        self.route_retired()
+            || match (&self.live, self.backend) {
+                (Some(l), Some(b)) => l.backend_retired(b),
+                _ => false,
+            }
+    }
+
     fn backend_name(&self) -> &str {
         match (&self.live, self.backend) {
             (Some(l), Some(b)) => &l.table.backends[b].name,
@@ -1244,7 +1254,7 @@ impl ProxyHttp for Strangler {
         };
         let rl = live.route_live(ctx.route);
         let backend = ctx.backend_name();
-        let counted = !ctx.route_retired();
+        let counted = !ctx.series_retired();
         if counted {
             rl.requests.inc(ctx.backend, backend, ctx.method, code);
         }
@@ -1404,7 +1414,7 @@ impl Strangler {
             ctx.client_left = true;
             return false;
         }
-        if !ctx.route_retired() {
+        if !ctx.series_retired() && !live.backend_retired(default) {
             metrics::FAILOVERS
                 .with_label_values(&[
                     &*route.name,
@@ -1481,7 +1491,7 @@ fn client_went_away(e: &Error) -> bool {
 }
 
 fn record_upstream_error(ctx: &RequestCtx, kind: UpstreamErrorKind) {
-    if ctx.route_retired() {
+    if ctx.series_retired() {
         return;
     }
     metrics::UPSTREAM_ERRORS

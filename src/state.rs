@@ -146,6 +146,9 @@ pub struct LiveTable {
     pub unmatched: Arc<RouteLive>,
     /// `X-Strangler-Backend` values by backend index.
     pub backend_headers: Vec<HeaderValue>,
+    /// By backend index: a reload removed (or renamed) the backend and deleted its series, so
+    /// requests still running on this table count nothing more under its name.
+    pub backend_retired: Vec<AtomicBool>,
 }
 
 impl LiveTable {
@@ -156,6 +159,11 @@ impl LiveTable {
                 .route_index(&r.name)
                 .is_some_and(|i| self.routes[i].control.is_pinned())
         })
+    }
+
+    /// Whether a reload has removed backend `b` of this table (see `backend_retired`).
+    pub fn backend_retired(&self, b: usize) -> bool {
+        self.backend_retired[b].load(Ordering::Acquire)
     }
 
     /// The live handles of route `i`, or of the unmatched pseudo-route.
@@ -540,12 +548,16 @@ impl State {
         metrics::forget(&gone);
         // So do the series of backends that left it (renamed, or removed).
         let kept_backends: HashSet<&str> = live.table.backends.iter().map(|b| &*b.name).collect();
-        if old
-            .table
-            .backends
-            .iter()
-            .any(|b| !kept_backends.contains(&*b.name))
-        {
+        let mut backends_gone = false;
+        for (b, flag) in old.table.backends.iter().zip(&old.backend_retired) {
+            if !kept_backends.contains(&*b.name) {
+                // Before the series go: a request still on the old table that ends after
+                // this adds nothing under the name (a request that looked just before may).
+                flag.store(true, Ordering::Release);
+                backends_gone = true;
+            }
+        }
+        if backends_gone {
             metrics::forget_backends(&kept_backends);
         }
         metrics::unprime(&old.table, &live.table);
@@ -1016,6 +1028,11 @@ fn assemble(
         routes,
         unmatched,
         backend_headers,
+        backend_retired: table
+            .backends
+            .iter()
+            .map(|_| AtomicBool::new(false))
+            .collect(),
         table,
     }
 }

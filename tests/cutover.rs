@@ -600,6 +600,58 @@ fn a_shadow_ending_after_its_backend_left_the_file_leaves_no_series() {
     );
 }
 
+/// A request still running on a backend that a reload renames away (`orders-v41` →
+/// `orders-v42`) does not bring back the series the reload deleted when it ends: not its
+/// request count, nor its duration, nor (answered 504 here) its upstream error.
+#[test]
+fn a_request_ending_after_its_backend_left_the_file_leaves_no_series() {
+    let legacy = Backend::echo("legacy");
+    let gate = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+    let g = gate.clone();
+    let gated = Backend::start(Arc::new(move |_s: &Seen| {
+        let (open, cv) = &*g;
+        let _open = cv.wait_while(open.lock().unwrap(), |open| !*open).unwrap();
+        full(200, "late")
+    }));
+    let yaml = |name: &str, timeout: &str| {
+        format!(
+            "backends:\n  legacy: {{url: '{}'}}\n  {name}: {{url: '{}', timeout: {timeout}}}\ndefault: legacy\nroutes:\n  - {{name: orders, path: /orders, to: {name}}}\n",
+            legacy.url(),
+            gated.url()
+        )
+    };
+    // One worker thread: a request sent after the 504 is served after the hooks that end the
+    // first one (its counts are taken in the same run of the task that wrote its answer).
+    let proxy = Proxy::start_with(&yaml("orders-v41", "2s"), &["--threads", "1"], &[]);
+    let url = proxy.url("/orders/1");
+    let slow = std::thread::spawn(move || request("GET", &url, &[], None).status);
+    wait_for("the request in flight", Duration::from_secs(3), || {
+        !gated.seen().is_empty()
+    });
+    proxy.write_config(&yaml("orders-v42", "2s"));
+    wait_for("the reload", Duration::from_secs(3), || {
+        route(&proxy, "orders")["to"] == "orders-v42"
+    });
+    // The old table's backend times out (2 s) while the gate stays shut.
+    assert_eq!(slow.join().unwrap(), 504);
+    *gate.0.lock().unwrap() = true;
+    gate.1.notify_all();
+    assert_eq!(get(&proxy.url("/other")).0, 200);
+    proxy.wait_metric(
+        "strangler_requests_total{route=\"default\",backend=\"legacy\",method=\"GET\",code=\"200\"}",
+        1.0,
+    );
+    let (_, body) = get(&proxy.admin_url("/metrics"));
+    assert!(
+        !body.contains("orders-v41"),
+        "{}",
+        body.lines()
+            .filter(|l| l.contains("orders-v41"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
 #[test]
 fn a_primary_that_outlives_the_shadow_is_not_compared() {
     // The primary drips its body for about 6 s (a server-sent events stream, a long poll);

@@ -331,10 +331,12 @@ impl Proxy {
                 .arg("--listen")
                 .arg(format!("127.0.0.1:{}", self.port))
                 .arg("--admin")
-                .arg(format!("127.0.0.1:{}", self.admin_port))
-                .arg("--threads")
-                .arg("2")
-                .arg("--upgrade-sock")
+                .arg(format!("127.0.0.1:{}", self.admin_port));
+            // Two worker threads unless the test asks for its own number.
+            if !self.extra.iter().any(|a| a == "--threads") {
+                cmd.arg("--threads").arg("2");
+            }
+            cmd.arg("--upgrade-sock")
                 .arg(self.dir.path().join("upgrade.sock"))
                 .args(&self.extra)
                 .env_remove("STRANGLER_ADMIN_TOKEN")
