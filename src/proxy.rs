@@ -579,6 +579,12 @@ impl ProxyHttp for Strangler {
                 } else {
                     ctx.to_target = true;
                     ctx.to_generation = live.routes[i].control.to_window.generation();
+                    // A reload swaps the table, then clears the windows whose `to` or rule
+                    // changed: a request that took the table before the swap and read the
+                    // generation after it would count its outcome in the new window.
+                    if r.rollback.is_some() && !self.state.is_current(&live) {
+                        ctx.to_generation = u64::MAX;
+                    }
                     r.to
                 }
             }
@@ -1366,6 +1372,12 @@ impl Strangler {
         let failed = failed || ctx.failed_over;
         let now = Instant::now();
         let control = &live.routes[i].control;
+        if ctx.to_generation != control.to_window.generation() {
+            // A reload (another `to` or another rule) or a resume cleared the window since the
+            // request was sent: its outcome belongs to no window in force, and the rule it
+            // would be judged by may be gone.
+            return;
+        }
         if let Some(counted) = ctx.success_counted.take() {
             control.to_window.fail_counted(counted);
         } else {

@@ -401,6 +401,11 @@ impl State {
         self.live.load_full()
     }
 
+    /// Whether `live` is still the table in force.
+    pub fn is_current(&self, live: &Arc<LiveTable>) -> bool {
+        Arc::ptr_eq(&self.live.load(), live)
+    }
+
     pub fn config_path(&self) -> &Path {
         &self.config
     }
@@ -503,8 +508,11 @@ impl State {
                     let now_pinned = nl.control.is_pinned();
                     let (before, after) =
                         (old.serving_key(r, pinned), live.serving_key(nr, now_pinned));
-                    if before.to != after.to {
+                    if before.to != after.to || r.rollback != nr.rollback {
                         // Another `to`: the rollback window counted the old backend's answers.
+                        // Another rule: requests still running under the old one must not
+                        // judge by it (the clear makes their outcomes stale), and the new
+                        // one starts from a fresh window.
                         nl.control.to_window.clear();
                     }
                     if before != after {
@@ -694,6 +702,14 @@ impl State {
         let Some(j) = now.table.route_index(&live.table.routes[i].name) else {
             return false;
         };
+        // Judged under the request's table; the table in force must still send the route to
+        // the same backend under a rule (a reload in between may have turned it off).
+        let (then, here) = (&live.table.routes[i], &now.table.routes[j]);
+        if here.rollback.is_none()
+            || now.table.backends[here.to].name != live.table.backends[then.to].name
+        {
+            return false;
+        }
         // Set and queued as one step: an audit writer that finds the pin set (a resume lifting
         // it) finds its line queued too.
         let mut unrecorded = self.unrecorded.lock();
@@ -1068,7 +1084,7 @@ mod tests {
         let yaml = |extra: &str| {
             format!(
                 "backends:\n  legacy: {{url: 'http://127.0.0.1:9'}}\n  new: {{url: 'http://127.0.0.1:9'}}\n\
-                 default: legacy\nroutes:\n  - {{name: r, path: /r, to: new}}\n{extra}"
+                 default: legacy\nroutes:\n  - {{name: r, path: /r, to: new, rollback: {{error_rate: 50%, min_requests: 4, window: 60s}}}}\n{extra}"
             )
         };
         std::fs::write(&config, yaml("")).unwrap();

@@ -600,6 +600,63 @@ fn a_shadow_ending_after_its_backend_left_the_file_leaves_no_series() {
     );
 }
 
+/// A request sent under a `rollback` rule that a reload then removes is not judged by it when
+/// it ends: the operator who turned automatic rollback off is not rolled back by the requests
+/// already running.
+#[test]
+fn a_request_ending_after_its_rollback_rule_was_removed_does_not_pin() {
+    let legacy = Backend::echo("legacy");
+    let gate = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+    let g = gate.clone();
+    let failing = Backend::start(Arc::new(move |s: &Seen| {
+        if s.target.starts_with("/orders/slow") {
+            let (open, cv) = &*g;
+            let _open = cv.wait_while(open.lock().unwrap(), |open| !*open).unwrap();
+        }
+        full(500, "broken")
+    }));
+    let yaml = |rule: &str| {
+        format!(
+            "{}routes:\n  - {{name: orders, path: /orders, to: new{rule}}}\n",
+            base_yaml(&legacy.url(), &failing.url())
+        )
+    };
+    let proxy = Proxy::start(&yaml(
+        ", rollback: {error_rate: 50%, min_requests: 4, window: 60s}",
+    ));
+    for _ in 0..3 {
+        assert_eq!(get(&proxy.url("/orders/fast")).0, 500);
+    }
+    let url = proxy.url("/orders/slow");
+    let slow = std::thread::spawn(move || get(&url).0);
+    wait_for(
+        "the fourth request in flight",
+        Duration::from_secs(3),
+        || failing.seen().len() == 4,
+    );
+    proxy.write_config(&yaml(""));
+    wait_for("the reload", Duration::from_secs(3), || {
+        route(&proxy, "orders")["state"] == "new" && proxy.log_text().contains("reloaded ")
+    });
+    *gate.0.lock().unwrap() = true;
+    gate.1.notify_all();
+    assert_eq!(slow.join().unwrap(), 500);
+    // The fourth failure would have met the old rule (4 of 4). Requests after it are served
+    // by `new`, so a pin would show in their answers.
+    assert_eq!(get(&proxy.url("/orders/fast")).0, 500);
+    assert_eq!(
+        route(&proxy, "orders")["pinned"],
+        Value::Null,
+        "{}",
+        proxy.log_text()
+    );
+    assert!(
+        !proxy.log_text().contains("pinned to default"),
+        "{}",
+        proxy.log_text()
+    );
+}
+
 /// A request still running on a backend that a reload renames away (`orders-v41` →
 /// `orders-v42`) does not bring back the series the reload deleted when it ends: not its
 /// request count, nor its duration, nor (answered 504 here) its upstream error.
