@@ -233,7 +233,7 @@ impl StateFile {
             Err(e) => {
                 metrics::STATE_FILE_ERRORS.inc();
                 log::error!(
-                    "cannot write state file {} (pins still hold in memory until restart): {e}",
+                    "cannot write state file {} (pins hold in memory; tried again until it is written): {e}",
                     self.path.display()
                 );
                 false
@@ -257,9 +257,18 @@ impl StateFile {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "state".into());
-        let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+        // Unique to this write: two processes sharing the file (containers on one volume, all
+        // PID 1) never write into one temporary file.
+        let tmp = dir.join(format!(
+            ".{name}.tmp.{}.{:016x}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
         let result = (|| {
-            let mut f = std::fs::File::create(&tmp)?;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)?;
             f.write_all(&bytes)?;
             f.sync_all()?;
             std::fs::rename(&tmp, &self.path)?;

@@ -455,6 +455,7 @@ impl BackgroundService for Reloader {
             let look = tokio::task::spawn_blocking(move || {
                 lower_priority();
                 state.reap_retired();
+                state.save_unsaved_pins();
                 let t0 = thread_cpu_time();
                 let unresolved =
                     |r: Result<_, crate::state::LoadError>| r.is_err_and(|e| e.unresolved);

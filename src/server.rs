@@ -458,6 +458,7 @@ pub fn serve(mut opts: ServeOptions) -> Result<(), String> {
         &opts.config,
         state_file,
         Audit::open(opts.audit_log.clone())?,
+        opts.upgrade,
     )?;
 
     check_trust_store(&state.snapshot().table)?;

@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -245,6 +245,11 @@ pub enum ControlError {
     UnknownRoute,
 }
 
+/// The first wait before a failed write of the state file is tried again; it doubles up to
+/// [`SAVE_RETRY_MAX`].
+const SAVE_RETRY_FIRST: Duration = Duration::from_secs(1);
+const SAVE_RETRY_MAX: Duration = Duration::from_secs(60);
+
 /// The process-wide state.
 pub struct State {
     live: ArcSwap<LiveTable>,
@@ -262,6 +267,12 @@ pub struct State {
     unrecorded: Mutex<Vec<PinChange>>,
     /// Tables a reload replaced while requests still held them (see [`State::reap_retired`]).
     retired: Mutex<Vec<Arc<LiveTable>>>,
+    /// The last write of the state file failed: when to try again, and the wait before that
+    /// try (see [`State::save_unsaved_pins`]).
+    unsaved: Mutex<Option<(Instant, Duration)>>,
+    /// Automatic pins set so far, and how many of them the state file has been written with.
+    auto_pins: AtomicU64,
+    auto_pins_saved: AtomicU64,
 }
 
 /// Automatic pins set but not yet written to the state file and the audit log: a draining
@@ -288,7 +299,14 @@ impl Drop for SavingPin {
 impl State {
     /// Loads the table (an invalid file is an error: the caller exits 1), restores pins from
     /// the state file, and registers the per-route gauges.
-    pub fn start(config: &Path, state_file: StateFile, audit: Audit) -> Result<Arc<State>, String> {
+    /// `upgrading`: started with `--upgrade`, the process it replaces still owns the state file
+    /// until it hands over ([`State::adopt_pins`] reads it then).
+    pub fn start(
+        config: &Path,
+        state_file: StateFile,
+        audit: Audit,
+        upgrading: bool,
+    ) -> Result<Arc<State>, String> {
         metrics::register_all();
         let t0 = Instant::now();
         let mut parsed = Duration::ZERO;
@@ -324,6 +342,9 @@ impl State {
             reloading: Mutex::new(()),
             unrecorded: Mutex::new(Vec::new()),
             retired: Mutex::new(Vec::new()),
+            unsaved: Mutex::new(None),
+            auto_pins: AtomicU64::new(0),
+            auto_pins_saved: AtomicU64::new(0),
         });
         if restored != saved.len() {
             // Pins of routes that have left routing.yaml are lifted, and said so: a pin is a
@@ -350,7 +371,9 @@ impl State {
                     );
                 }
             }
-            state.save_pins();
+            if !upgrading {
+                state.save_pins();
+            }
         }
         let live = state.snapshot();
         // One State per process: a second one would find the gauges taken, and a proxy whose
@@ -393,6 +416,13 @@ impl State {
                 );
             }
             r.control.pin.store(now.cloned().map(Arc::new));
+        }
+        // The file is this process's now: pins of routes not in its table leave it.
+        if saved
+            .keys()
+            .any(|name| live.table.route_index(name).is_none())
+        {
+            self.save_pins();
         }
     }
 
@@ -671,11 +701,18 @@ impl State {
         if !self.pin_unrecorded(live, i, why) {
             return;
         }
+        // After the pin is set: a write that reads this count or a later one writes the pin.
+        let change = self.auto_pins.fetch_add(1, Ordering::SeqCst) + 1;
         let state = self.clone();
         let persist = move || {
             let _saving = saving;
             let _publish = state.publish.lock();
-            state.save_pins();
+            // A backend down behind many routes pins them all at once: the first thread to get
+            // here writes every pin set so far, the others find theirs written (one fsync, not
+            // one per route, ahead of an operator's `POST /rollback`).
+            if state.auto_pins_saved.load(Ordering::SeqCst) < change {
+                state.save_pins();
+            }
             state.record_unrecorded();
         };
         // A thread that cannot start drops `persist`, and with it `saving`.
@@ -856,13 +893,51 @@ impl State {
     }
 
     fn save_pins(&self) {
+        let through = self.auto_pins.load(Ordering::SeqCst);
         let pins: BTreeMap<String, Pin> = self
             .controls
             .lock()
             .values()
             .filter_map(|c| c.pin().map(|p| (c.name.to_string(), (*p).clone())))
             .collect();
-        self.state_file.save(&pins);
+        let saved = self.state_file.save(&pins);
+        if saved {
+            self.auto_pins_saved.fetch_max(through, Ordering::SeqCst);
+        }
+        let mut unsaved = self.unsaved.lock();
+        *unsaved = match (*unsaved, saved) {
+            (_, true) => None,
+            // After a hand-over the file is the new process's: nothing to try again.
+            (_, false) if crate::pins::handed_over() => None,
+            (None, false) => Some((Instant::now() + SAVE_RETRY_FIRST, SAVE_RETRY_FIRST)),
+            (Some((_, wait)), false) => {
+                let wait = (wait * 2).min(SAVE_RETRY_MAX);
+                Some((Instant::now() + wait, wait))
+            }
+        };
+    }
+
+    /// Writes the pins again if the last write failed and its retry is due (a directory created
+    /// since, a disk freed): a pin taken during an incident must not live in memory only until
+    /// the next pin or restart. Called by the reload loop at each look (about a second apart);
+    /// the wait doubles from 1 s to 60 s between failed tries, so a disk that stays full
+    /// writes one error line a minute.
+    pub fn save_unsaved_pins(&self) {
+        let due = |u: &Option<(Instant, Duration)>| u.is_some_and(|(at, _)| Instant::now() >= at);
+        if !due(&self.unsaved.lock()) {
+            return;
+        }
+        let _publish = self.publish.lock();
+        if !due(&self.unsaved.lock()) {
+            return;
+        }
+        self.save_pins();
+        if self.unsaved.lock().is_none() {
+            log::info!(
+                "state file {} written: the pins it missed are saved",
+                self.state_file.path().display()
+            );
+        }
     }
 }
 
@@ -1093,6 +1168,7 @@ mod tests {
             &config,
             StateFile::new(dir.path().join("state.json")),
             Audit::open(Some(audit_path.clone())).unwrap(),
+            false,
         )
         .unwrap();
         // The request began under this table; a reload publishes another before it pins.

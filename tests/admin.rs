@@ -870,6 +870,18 @@ fn a_state_file_that_cannot_be_written_is_said_and_the_pin_holds() {
     );
     proxy.wait_metric("strangler_state_file_write_errors_total", 1.0);
     assert!(!state.exists());
+
+    // The directory appears (a volume mounted late, a disk freed): the pin is written then,
+    // not only at the next pin, and holds across a restart.
+    std::fs::create_dir(state.parent().unwrap()).unwrap();
+    wait_for("the pin written", Duration::from_secs(10), || {
+        state.exists()
+    });
+    let saved = std::fs::read_to_string(&state).unwrap();
+    assert!(saved.contains("bookings"), "{saved}");
+    wait_for("the retry said", Duration::from_secs(5), || {
+        proxy.log_text().contains("the pins it missed are saved")
+    });
 }
 
 #[test]
