@@ -44,6 +44,7 @@ impl UpstreamErrorKind {
             | TLSHandshakeTimedout | InvalidCert | HandshakeError | ConnectError | BindError
             | SocketError | TLSWantX509Lookup | ConnectProxyFailure => UpstreamErrorKind::Connect,
             ReadTimedout | WriteTimedout => UpstreamErrorKind::Timeout,
+            ReadError | WriteError if tls_refused(e) => UpstreamErrorKind::Connect,
             ReadError | WriteError | ConnectionClosed => UpstreamErrorKind::Reset,
             _ => UpstreamErrorKind::Other,
         })
@@ -58,6 +59,33 @@ pub fn ends_tunnel(e: &Error) -> bool {
     *e.esource() == ErrorSource::Upstream
         && (*e.etype() == ErrorType::ReadTimedout
             || io_kind(e) == Some(std::io::ErrorKind::UnexpectedEof))
+}
+
+/// Whether the backend's TLS refused the proxy (a client certificate required or rejected,
+/// access denied): the connection never carried a request, whatever Pingora's error type says.
+/// With TLS 1.2 such a server ends the handshake (a connect failure); with TLS 1.3 the client's
+/// handshake is over before the server judges it, and the alert arrives at the first read.
+pub fn tls_refused(e: &Error) -> bool {
+    use rustls::AlertDescription::*;
+    let alert = e
+        .root_cause()
+        .downcast_ref::<std::io::Error>()
+        .and_then(|io| io.get_ref())
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    matches!(
+        alert,
+        Some(rustls::Error::AlertReceived(
+            CertificateRequired
+                | BadCertificate
+                | UnsupportedCertificate
+                | CertificateRevoked
+                | CertificateExpired
+                | CertificateUnknown
+                | UnknownCA
+                | AccessDenied
+                | HandshakeFailure
+        ))
+    )
 }
 
 /// The kind of the I/O error at the root of `e`, if that is one.

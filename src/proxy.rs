@@ -1127,10 +1127,11 @@ impl ProxyHttp for Strangler {
             http::Method::GET | http::Method::HEAD
         );
         // Replayed on `default` only whole: a body larger than Pingora's retry buffer (64 KiB)
-        // cannot be sent again.
+        // cannot be sent again. A backend whose TLS refused the proxy after the handshake (TLS
+        // 1.3) never read the request: that is a failure to connect, any method fails over.
         if !retrying
-            && kind == Some(UpstreamErrorKind::Timeout)
-            && get_or_head
+            && ((kind == Some(UpstreamErrorKind::Timeout) && get_or_head)
+                || kind == Some(UpstreamErrorKind::Connect))
             && !backend_answer_begun(session, ctx)
             && !session.as_ref().retry_buffer_truncated()
             && self.fail_over(session, ctx)

@@ -281,6 +281,21 @@ impl RoutingTable {
                         .to_string()
                 })
                 .unwrap_or_else(|| parsed.host.clone());
+            // rustls takes a DNS name or a full IP address as the server name (Pingora turns
+            // one `_` into `-` first): anything else fails every connection with a 502, though
+            // the system resolver reads `127.1` or `0x7f.0.0.1` as 127.0.0.1 for plain http.
+            if parsed.tls
+                && !sni.is_empty()
+                && pingora_core::tls::ServerName::try_from(sni.replacen('_', "-", 1)).is_err()
+            {
+                let field = if spec.host.is_some() { "host" } else { "url" };
+                errors.push(source.error_at(
+                    &at(field),
+                    format!(
+                        "{sni:?} cannot be the TLS server name of an https backend: write a DNS name or the full IP address (127.0.0.1, not 127.1)"
+                    ),
+                ));
+            }
             by_name.insert(name.clone(), backends.len());
             backends.push(Backend {
                 name: name.as_str().into(),
@@ -1533,6 +1548,40 @@ mod tests {
             .unwrap()
             .contains("1.2.3.4".parse().unwrap()));
         assert!(parse_cidr("10.0.0.0/33").is_err());
+    }
+
+    #[test]
+    fn an_https_backend_needs_a_name_tls_can_send() {
+        // The error points at the field the name came from (column 12: the url; 44: host).
+        for (backend, want) in [
+            (
+                "{url: 'https://127.1:8443'}",
+                Some("t.yaml:2:12: \"127.1\" cannot be the TLS server name"),
+            ),
+            (
+                "{url: 'https://0x7f.0.0.1:8443'}",
+                Some("t.yaml:2:12: \"0x7f.0.0.1\""),
+            ),
+            (
+                "{url: 'https://localhost:8443', host: '127.1'}",
+                Some("t.yaml:2:44: \"127.1\""),
+            ),
+            ("{url: 'http://127.1:8080'}", None),
+            ("{url: 'https://127.0.0.1:8443'}", None),
+            ("{url: 'https://[::1]:8443'}", None),
+            ("{url: 'https://my_svc.internal:8443'}", None),
+        ] {
+            let got = errors(&format!(
+                "backends:\n  b: {backend}\ndefault: b\nroutes: []\n"
+            ));
+            match want {
+                None => assert!(got.is_empty(), "{backend}: {got:?}"),
+                Some(want) => assert!(
+                    got.len() == 1 && got[0].starts_with(want),
+                    "{backend}: {got:?}"
+                ),
+            }
+        }
     }
 
     #[test]

@@ -344,18 +344,32 @@ fn check_trust_store(table: &crate::router::RoutingTable) -> Result<(), String> 
     } else {
         named
     };
-    match pingora_core::tls::load_native_certs() {
-        Err(e) => Err(format!(
-            "cannot load the trusted root certificates ({from}): {e}"
-        )),
-        Ok(roots) if roots.is_empty() && table.backends.iter().any(|b| b.tls) => {
-            log::warn!(
-                "no trusted root certificate found ({from}): every https backend will fail verification (502)"
-            );
-            Ok(())
+    let roots = match pingora_core::tls::load_native_certs() {
+        Err(e) => {
+            return Err(format!(
+                "cannot load the trusted root certificates ({from}): {e}"
+            ))
         }
-        Ok(_) => Ok(()),
+        Ok(roots) => roots,
+    };
+    // Pingora adds each certificate to its root store with `unwrap` when it builds its TLS
+    // connector: one that rustls cannot parse (a truncated PEM block in a mounted bundle) would
+    // panic there, plain-http backends or not. Refused here instead, saying which one.
+    for (i, cert) in roots.iter().enumerate() {
+        if let Err(e) = pingora_core::tls::RootCertStore::empty().add(cert.clone()) {
+            return Err(format!(
+                "cannot load the trusted root certificates ({from}): certificate {} of {} cannot be used ({e}); remove or replace it",
+                i + 1,
+                roots.len()
+            ));
+        }
     }
+    if roots.is_empty() && table.backends.iter().any(|b| b.tls) {
+        log::warn!(
+            "no trusted root certificate found ({from}): every https backend will fail verification (502)"
+        );
+    }
+    Ok(())
 }
 
 /// Below this many descriptors, start-up warns: each request in flight holds two (client and

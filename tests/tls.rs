@@ -39,6 +39,11 @@ def emit(obj):
 
 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 ctx.load_cert_chain(cert, key)
+if len(sys.argv) > 3:
+    # Clients must show a certificate of this CA (mutual TLS); TLS 1.3 refuses after the
+    # client's handshake is over, at its first read.
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(sys.argv[3])
 
 def on_sni(sock, name, _ctx):
     sock.sni_name = name
@@ -274,6 +279,16 @@ struct TlsBackend {
 
 impl TlsBackend {
     fn start(pki: &Pki) -> TlsBackend {
+        Self::start_with(pki, &[])
+    }
+
+    /// One that requires a client certificate signed by the test CA (which the proxy has none
+    /// of).
+    fn requiring_client_certificates(pki: &Pki) -> TlsBackend {
+        Self::start_with(pki, &[pki.path("ca.pem")])
+    }
+
+    fn start_with(pki: &Pki, extra: &[PathBuf]) -> TlsBackend {
         let script = pki.path("backend.py");
         std::fs::write(&script, BACKEND_PY).unwrap();
         let stderr = std::fs::File::create(pki.path("backend.stderr")).unwrap();
@@ -282,6 +297,7 @@ impl TlsBackend {
             .arg(&script)
             .arg(pki.path("leaf.pem"))
             .arg(pki.path("leaf.key"))
+            .args(extra)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(stderr)
@@ -859,5 +875,68 @@ fn a_trust_store_that_cannot_be_read_is_a_start_up_error() {
     assert!(
         err.contains("no trusted root certificate found") && err.contains("serving on"),
         "{err}"
+    );
+    // A bundle with one damaged certificate (a line lost in a copied Secret): exit 1 naming
+    // it, not a panic in Pingora's TLS connector, even with no https backend in the file.
+    let pem = std::fs::read_to_string(&ca).unwrap();
+    let mut lines: Vec<&str> = pem.lines().collect();
+    lines.remove(4);
+    let damaged = empty.path().join("bundle.pem");
+    std::fs::write(&damaged, format!("{pem}{}\n", lines.join("\n"))).unwrap();
+    let plain = self::yaml(&legacy, "", "  - {name: p, path: /p, to: legacy}\n");
+    let (code, err) =
+        start_with_trust_store(&plain, &[("SSL_CERT_FILE", damaged.to_str().unwrap())]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("cannot load the trusted root certificates")
+            && err.contains("certificate 2 of ")
+            && err.contains("cannot be used (invalid peer certificate: BadEncoding)")
+            && !err.contains("panicked"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_backend_that_requires_a_client_certificate_is_a_failure_to_connect() {
+    // With TLS 1.3 the proxy's handshake is over before the backend asks for the certificate it
+    // does not have: the refusal arrives as an alert at the first read. No request reached the
+    // backend, so it is counted as `connect` and fails over like a failed handshake, whatever
+    // the method.
+    let pki = Pki::new();
+    let secure = TlsBackend::requiring_client_certificates(&pki);
+    let legacy = Backend::echo("legacy");
+    let proxy = start_proxy(
+        &yaml(
+            &legacy,
+            &localhost(&secure),
+            "  - {name: secure, path: /secure, to: secure, failover: true}\n",
+        ),
+        &pki.trusting("ca.pem"),
+    );
+    // A DELETE too (no body: the refusal is read before anything else is written; a request
+    // with a body finds the connection closed under it while it writes, which says nothing of
+    // TLS, and stays a `reset`).
+    for method in ["GET", "DELETE"] {
+        let r = request(method, &proxy.url("/secure/a"), &[], None);
+        assert_eq!(
+            (r.status, r.json()["service"].as_str()),
+            (200, Some("legacy")),
+            "{method}: {}",
+            r.body
+        );
+    }
+    proxy.wait_metric(
+        "strangler_upstream_errors_total{route=\"secure\",backend=\"secure\",kind=\"connect\"}",
+        2.0,
+    );
+    proxy.wait_metric(
+        "strangler_failovers_total{route=\"secure\",from=\"secure\",to=\"legacy\"}",
+        2.0,
+    );
+    assert_eq!(
+        proxy.metric(
+            "strangler_upstream_errors_total{route=\"secure\",backend=\"secure\",kind=\"reset\"}"
+        ),
+        0.0
     );
 }
