@@ -315,6 +315,11 @@ impl BackgroundService for Announcer {
 /// `SSL_CERT_DIR` name. One of those naming a path that cannot be read is a start-up error
 /// (Pingora's connectors would panic on it); no root at all, with an https backend in the
 /// table, is worth a warning (every such backend would answer 502).
+/// The trust store read at start-up holds no certificate: a reload that brings an https backend
+/// says so too.
+pub static TRUST_STORE_EMPTY: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 fn check_trust_store(table: &crate::router::RoutingTable) -> Result<(), String> {
     // Each named path on its own: the loader reports an unreadable one only when the other
     // yields nothing, so a typo in one of two variables an image sets would pass unseen.
@@ -364,6 +369,7 @@ fn check_trust_store(table: &crate::router::RoutingTable) -> Result<(), String> 
             ));
         }
     }
+    TRUST_STORE_EMPTY.store(roots.is_empty(), std::sync::atomic::Ordering::Relaxed);
     if roots.is_empty() && table.backends.iter().any(|b| b.tls) {
         log::warn!(
             "no trusted root certificate found ({from}): every https backend will fail verification (502)"

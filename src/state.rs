@@ -1001,6 +1001,21 @@ fn load_table(
         message: e.to_string(),
         unresolved: true,
     })?;
+    let mut kept = kept;
+    // The store is read once, at start-up: a reload that brings an https backend to a process
+    // that found none says so where the operator looks (the log, `POST /reload`'s warnings).
+    if let Some(old) = in_force {
+        if crate::server::TRUST_STORE_EMPTY.load(std::sync::atomic::Ordering::Relaxed) {
+            for b in table.backends.iter().filter(|b| b.tls) {
+                if !old.backends.iter().any(|o| o.tls && o.url == b.url) {
+                    kept.push(format!(
+                        "backend {:?} ({}): no trusted root certificate was found at start-up (SSL_CERT_FILE, SSL_CERT_DIR or the system's store): its requests will fail verification (502) until a restart with one",
+                        b.name, b.url
+                    ));
+                }
+            }
+        }
+    }
     for line in &kept {
         log::warn!("{line}");
     }

@@ -940,3 +940,36 @@ fn a_backend_that_requires_a_client_certificate_is_a_failure_to_connect() {
         0.0
     );
 }
+
+#[test]
+fn a_reload_that_brings_an_https_backend_to_an_empty_trust_store_says_so() {
+    // The store is read at start-up only: a process that found no certificate and later gets
+    // its first https backend by a reload warns there, not only in a start-up line long gone.
+    let legacy = Backend::echo("legacy");
+    let empty = tempfile::tempdir().unwrap();
+    let env = vec![
+        ("SSL_CERT_FILE".to_string(), "/dev/null".to_string()),
+        (
+            "SSL_CERT_DIR".to_string(),
+            empty.path().display().to_string(),
+        ),
+    ];
+    let proxy = start_proxy(
+        &yaml(&legacy, "", "  - {name: p, path: /p, to: legacy}\n"),
+        &env,
+    );
+    proxy.write_config(&yaml(
+        &legacy,
+        "  secure: {url: 'https://localhost:9443'}\n",
+        "  - {name: p, path: /p, to: secure}\n",
+    ));
+    // Whichever reload takes the file first (the watcher's or this one) says it.
+    let r = request("POST", &proxy.admin_url("/reload"), &[], None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    wait_for("the warning", Duration::from_secs(5), || {
+        proxy.log_text().lines().any(|l| {
+            l.contains("WARN")
+                && l.contains("backend \"secure\" (https://localhost:9443): no trusted root certificate was found at start-up")
+        })
+    });
+}
