@@ -414,15 +414,9 @@ pub fn rollback(a: &RollbackArgs) -> ExitCode {
                 })
             },
         ),
-        _ => fan_out(&a.client, "POST", "/rollback", |v| {
-            // `pinned` counts the routes this call pinned; some may have been pinned before.
-            let routes = v["routes"].as_array()?;
-            let now = routes.iter().filter(|r| !r["pinned"].is_null()).count();
-            Some(format!(
-                "pinned {} route(s) to default; {now} of {} pinned now",
-                v["pinned"].as_u64()?,
-                routes.len()
-            ))
+        // `pinned` counts the routes this call pinned; some may have been pinned before.
+        _ => every_route(&a.client, "/rollback", "pinned", |n| {
+            format!("pinned {n} route(s) to default")
         }),
     }
 }
@@ -442,16 +436,24 @@ pub fn resume(a: &ResumeArgs) -> ExitCode {
                 })
             },
         ),
-        _ => fan_out(&a.client, "POST", "/resume", |v| {
-            let routes = v["routes"].as_array()?;
-            let now = routes.iter().filter(|r| !r["pinned"].is_null()).count();
-            Some(format!(
-                "resumed {} route(s); {now} of {} pinned now",
-                v["resumed"].as_u64()?,
-                routes.len()
-            ))
+        _ => every_route(&a.client, "/resume", "resumed", |n| {
+            format!("resumed {n} route(s)")
         }),
     }
+}
+
+/// `rollback --all` / `resume --all`: what the call did (the count under `key`), and where the
+/// replica stands after it.
+fn every_route(a: &ClientArgs, path: &str, key: &str, did: fn(u64) -> String) -> ExitCode {
+    fan_out(a, "POST", path, |v| {
+        let routes = v["routes"].as_array()?;
+        let now = routes.iter().filter(|r| !r["pinned"].is_null()).count();
+        Some(format!(
+            "{}; {now} of {} pinned now",
+            did(v[key].as_u64()?),
+            routes.len()
+        ))
+    })
 }
 
 /// `strangler reload`: the proxy re-reads the routing file it was started with (`POST

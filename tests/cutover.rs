@@ -551,11 +551,10 @@ fn a_failing_shadow_is_an_error_even_behind_a_slow_primary() {
 #[test]
 fn a_shadow_ending_after_its_backend_left_the_file_leaves_no_series() {
     let legacy = Backend::echo("legacy");
-    let gate = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+    let gate = Gate::default();
     let g = gate.clone();
     let gated = Backend::start(Arc::new(move |_s: &Seen| {
-        let (open, cv) = &*g;
-        let _open = cv.wait_while(open.lock().unwrap(), |open| !*open).unwrap();
+        g.wait();
         full(200, "different")
     }));
     let yaml = |with_shadow: bool| {
@@ -584,8 +583,7 @@ fn a_shadow_ending_after_its_backend_left_the_file_leaves_no_series() {
     wait_for("the reload", Duration::from_secs(3), || {
         route(&proxy, "mirrored")["shadow"].is_null()
     });
-    *gate.0.lock().unwrap() = true;
-    gate.1.notify_all();
+    gate.open();
     wait_for("the late comparison", Duration::from_secs(5), || {
         proxy.log_text().contains("shadow mismatch")
     });
@@ -606,12 +604,11 @@ fn a_shadow_ending_after_its_backend_left_the_file_leaves_no_series() {
 #[test]
 fn a_request_ending_after_its_rollback_rule_was_removed_does_not_pin() {
     let legacy = Backend::echo("legacy");
-    let gate = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+    let gate = Gate::default();
     let g = gate.clone();
     let failing = Backend::start(Arc::new(move |s: &Seen| {
         if s.target.starts_with("/orders/slow") {
-            let (open, cv) = &*g;
-            let _open = cv.wait_while(open.lock().unwrap(), |open| !*open).unwrap();
+            g.wait();
         }
         full(500, "broken")
     }));
@@ -638,8 +635,7 @@ fn a_request_ending_after_its_rollback_rule_was_removed_does_not_pin() {
     wait_for("the reload", Duration::from_secs(3), || {
         route(&proxy, "orders")["state"] == "new" && proxy.log_text().contains("reloaded ")
     });
-    *gate.0.lock().unwrap() = true;
-    gate.1.notify_all();
+    gate.open();
     assert_eq!(slow.join().unwrap(), 500);
     // The fourth failure would have met the old rule (4 of 4). Requests after it are served
     // by `new`, so a pin would show in their answers.
@@ -663,11 +659,10 @@ fn a_request_ending_after_its_rollback_rule_was_removed_does_not_pin() {
 #[test]
 fn a_request_ending_after_its_backend_left_the_file_leaves_no_series() {
     let legacy = Backend::echo("legacy");
-    let gate = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+    let gate = Gate::default();
     let g = gate.clone();
     let gated = Backend::start(Arc::new(move |_s: &Seen| {
-        let (open, cv) = &*g;
-        let _open = cv.wait_while(open.lock().unwrap(), |open| !*open).unwrap();
+        g.wait();
         full(200, "late")
     }));
     let yaml = |name: &str, timeout: &str| {
@@ -691,8 +686,7 @@ fn a_request_ending_after_its_backend_left_the_file_leaves_no_series() {
     });
     // The old table's backend times out (2 s) while the gate stays shut.
     assert_eq!(slow.join().unwrap(), 504);
-    *gate.0.lock().unwrap() = true;
-    gate.1.notify_all();
+    gate.open();
     assert_eq!(get(&proxy.url("/other")).0, 200);
     proxy.wait_metric(
         "strangler_requests_total{route=\"default\",backend=\"legacy\",method=\"GET\",code=\"200\"}",
@@ -929,17 +923,13 @@ fn failures_of_requests_sent_before_a_resume_or_a_move_do_not_pin_the_route() {
     let legacy = Backend::echo("legacy");
     let ok = Backend::echo("ok");
     // Answers 500, once the test opens the gate.
-    let gate = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+    let gate = Gate::default();
     let g = gate.clone();
     let slow = Backend::start(Arc::new(move |_s: &Seen| {
-        let (open, cv) = &*g;
-        let _open = cv.wait_while(open.lock().unwrap(), |open| !*open).unwrap();
+        g.wait();
         full(500, "late failure")
     }));
-    let set_gate = |to: bool| {
-        *gate.0.lock().unwrap() = to;
-        gate.1.notify_all();
-    };
+    let set_gate = |to: bool| gate.set(to);
     let yaml = |to: &str| {
         format!(
             "backends:\n  legacy: {{url: '{}'}}\n  slow: {{url: '{}'}}\n  ok: {{url: '{}'}}\ndefault: legacy\nroutes:\n\

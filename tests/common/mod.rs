@@ -28,6 +28,29 @@ pub struct Seen {
     pub body_len: usize,
 }
 
+/// Holds a test backend's answers until it is opened: the request is in flight, at the
+/// backend, for as long as the test needs (a reload meanwhile, say).
+#[derive(Clone, Default)]
+pub struct Gate(Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>);
+
+impl Gate {
+    /// Waits (in a backend's handler) until the gate is open.
+    pub fn wait(&self) {
+        let (open, cv) = &*self.0;
+        let _open = cv.wait_while(open.lock().unwrap(), |open| !*open).unwrap();
+    }
+
+    pub fn open(&self) {
+        self.set(true);
+    }
+
+    /// Opens or shuts it (answers already let through are not held back).
+    pub fn set(&self, open: bool) {
+        *self.0 .0.lock().unwrap() = open;
+        self.0 .1.notify_all();
+    }
+}
+
 /// How a test backend answers.
 pub type Handler = Arc<dyn Fn(&Seen) -> Response<Body> + Send + Sync>;
 
