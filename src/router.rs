@@ -201,6 +201,18 @@ pub struct RoutingTable {
     names: HashMap<Arc<str>, usize, ahash::RandomState>,
 }
 
+/// The server name Pingora's rustls connector sends for `sni`: the `_` of the leftmost label
+/// of a name with three labels or more become `-` (`replace_leftmost_underscore` in
+/// pingora-core's `connectors::tls`, a private module).
+fn sent_server_name(sni: &str) -> String {
+    match sni.split_once('.') {
+        Some((leftmost, rest)) if rest.contains('.') && leftmost.contains('_') => {
+            format!("{}.{rest}", leftmost.replace('_', "-"))
+        }
+        _ => sni.to_string(),
+    }
+}
+
 impl RoutingTable {
     /// Validates what [`crate::config::read_checked`] read. A file refused only for keys that
     /// can be taken out (unknown keys, optional keys of the wrong type) is also validated
@@ -281,12 +293,12 @@ impl RoutingTable {
                         .to_string()
                 })
                 .unwrap_or_else(|| parsed.host.clone());
-            // rustls takes a DNS name or a full IP address as the server name (Pingora turns
-            // one `_` into `-` first): anything else fails every connection with a 502, though
-            // the system resolver reads `127.1` or `0x7f.0.0.1` as 127.0.0.1 for plain http.
+            // rustls takes a DNS name or a full IP address as the server name, the name Pingora
+            // sends: anything else fails every connection with a 502, though the system
+            // resolver reads `127.1` or `0x7f.0.0.1` as 127.0.0.1 for plain http.
             if parsed.tls
                 && !sni.is_empty()
-                && pingora_core::tls::ServerName::try_from(sni.replacen('_', "-", 1)).is_err()
+                && pingora_core::tls::ServerName::try_from(sent_server_name(&sni)).is_err()
             {
                 let field = if spec.host.is_some() { "host" } else { "url" };
                 errors.push(source.error_at(
@@ -1570,6 +1582,13 @@ mod tests {
             ("{url: 'https://127.0.0.1:8443'}", None),
             ("{url: 'https://[::1]:8443'}", None),
             ("{url: 'https://my_svc.internal:8443'}", None),
+            ("{url: 'https://my_svc.team.internal:8443'}", None),
+            ("{url: 'https://_svc.internal:8443'}", None),
+            ("{url: 'https://api.svc_.corp:8443'}", None),
+            (
+                "{url: 'https://a_b_.x.y:8443'}",
+                Some("t.yaml:2:12: \"a_b_.x.y\""),
+            ),
         ] {
             let got = errors(&format!(
                 "backends:\n  b: {backend}\ndefault: b\nroutes: []\n"

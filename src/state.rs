@@ -586,13 +586,20 @@ impl State {
         metrics::forget(&gone);
         // So do the series of backends that left it (renamed, or removed).
         let kept_backends: HashSet<&str> = live.table.backends.iter().map(|b| &*b.name).collect();
+        // Before the series go: a request still on a table that names a backend this one does
+        // not adds nothing under the name when it ends (a request that looked just before
+        // may). The replaced table, and those replaced before it that requests still hold: a
+        // backend one reload stopped using and the next removed is named only there.
         let mut backends_gone = false;
-        for (b, flag) in old.table.backends.iter().zip(&old.backend_retired) {
-            if !kept_backends.contains(&*b.name) {
-                // Before the series go: a request still on the old table that ends after
-                // this adds nothing under the name (a request that looked just before may).
-                flag.store(true, Ordering::Release);
-                backends_gone = true;
+        {
+            let retired = self.retired.lock();
+            for t in std::iter::once(&old).chain(retired.iter()) {
+                for (b, flag) in t.table.backends.iter().zip(&t.backend_retired) {
+                    if !kept_backends.contains(&*b.name) {
+                        flag.store(true, Ordering::Release);
+                        backends_gone |= Arc::ptr_eq(t, &old);
+                    }
+                }
             }
         }
         if backends_gone {
@@ -740,10 +747,14 @@ impl State {
             return false;
         };
         // Judged under the request's table; the table in force must still send the route to
-        // the same backend under a rule (a reload in between may have turned it off).
+        // the same backend under the same rule. A reload in between that changed either (it
+        // clears the window, but only after its swap) leaves the judgement to the new rule.
         let (then, here) = (&live.table.routes[i], &now.table.routes[j]);
+        let (b_then, b_here) = (&live.table.backends[then.to], &now.table.backends[here.to]);
         if here.rollback.is_none()
-            || now.table.backends[here.to].name != live.table.backends[then.to].name
+            || here.rollback != then.rollback
+            || b_here.name != b_then.name
+            || b_here.url != b_then.url
         {
             return false;
         }

@@ -655,7 +655,8 @@ fn a_request_ending_after_its_rollback_rule_was_removed_does_not_pin() {
 
 /// A request still running on a backend that a reload renames away (`orders-v41` →
 /// `orders-v42`) does not bring back the series the reload deleted when it ends: not its
-/// request count, nor its duration, nor (answered 504 here) its upstream error.
+/// request count, nor its duration, nor (answered 504 here) its upstream error. Also when the
+/// reload that renames it is the second since the request began.
 #[test]
 fn a_request_ending_after_its_backend_left_the_file_leaves_no_series() {
     let legacy = Backend::echo("legacy");
@@ -665,26 +666,36 @@ fn a_request_ending_after_its_backend_left_the_file_leaves_no_series() {
         g.wait();
         full(200, "late")
     }));
-    let yaml = |name: &str, timeout: &str| {
+    // `name` is the gated backend's name; the route goes `to` it or elsewhere.
+    let yaml = |name: &str, to: &str| {
         format!(
-            "backends:\n  legacy: {{url: '{}'}}\n  {name}: {{url: '{}', timeout: {timeout}}}\ndefault: legacy\nroutes:\n  - {{name: orders, path: /orders, to: {name}}}\n",
+            "backends:\n  legacy: {{url: '{}'}}\n  {name}: {{url: '{}', timeout: 3s}}\ndefault: legacy\nroutes:\n  - {{name: orders, path: /orders, to: {to}}}\n",
             legacy.url(),
             gated.url()
         )
     };
     // One worker thread: a request sent after the 504 is served after the hooks that end the
     // first one (its counts are taken in the same run of the task that wrote its answer).
-    let proxy = Proxy::start_with(&yaml("orders-v41", "2s"), &["--threads", "1"], &[]);
+    let proxy = Proxy::start_with(&yaml("orders-v41", "orders-v41"), &["--threads", "1"], &[]);
+    let reloads = || proxy.metric("strangler_config_reloads_total{result=\"success\"}");
     let url = proxy.url("/orders/1");
     let slow = std::thread::spawn(move || request("GET", &url, &[], None).status);
     wait_for("the request in flight", Duration::from_secs(3), || {
         !gated.seen().is_empty()
     });
-    proxy.write_config(&yaml("orders-v42", "2s"));
-    wait_for("the reload", Duration::from_secs(3), || {
-        route(&proxy, "orders")["to"] == "orders-v42"
+    // Two reloads while it runs: the first sends the route elsewhere (the backend stays in the
+    // file), the second renames the backend. The request's table is then two tables back.
+    let before = reloads();
+    proxy.write_config(&yaml("orders-v41", "legacy"));
+    wait_for("the first reload", Duration::from_secs(3), || {
+        reloads() > before
     });
-    // The old table's backend times out (2 s) while the gate stays shut.
+    proxy.write_config(&yaml("orders-v42", "legacy"));
+    wait_for("the second reload", Duration::from_secs(3), || {
+        reloads() > before + 1.0
+    });
+    assert!(!slow.is_finished(), "the request outlived both reloads");
+    // The old table's backend times out (3 s) while the gate stays shut.
     assert_eq!(slow.join().unwrap(), 504);
     gate.open();
     assert_eq!(get(&proxy.url("/other")).0, 200);
