@@ -106,6 +106,7 @@ impl Flood {
     /// held back, how many and since when (to say so first).
     fn admit(
         this: &mut Option<Flood>,
+        limit: u32,
         now: std::time::Instant,
         wall: std::time::SystemTime,
     ) -> (bool, Option<(u64, std::time::SystemTime)>) {
@@ -122,7 +123,7 @@ impl Flood {
             f.window = now;
             f.shown = 0;
         }
-        if f.shown < FAILURE_LINES_PER_SECOND {
+        if f.shown < limit {
             f.shown += 1;
             (true, held_before)
         } else {
@@ -134,6 +135,36 @@ impl Flood {
 }
 
 static FLOOD: std::sync::Mutex<Option<Flood>> = std::sync::Mutex::new(None);
+
+/// At most this many shadow mismatch lines a second: a new service that differs on every
+/// answer writes one per request otherwise (7 000 a second measured), which buries the log,
+/// and a log reader that falls behind would then hold up the threads that write it.
+pub const SHADOW_LINES_PER_SECOND: u32 = 10;
+
+static SHADOW_FLOOD: std::sync::Mutex<Option<Flood>> = std::sync::Mutex::new(None);
+
+/// Whether a shadow mismatch line is logged now. When a new second begins after lines were
+/// held back, says first how many and since when.
+pub fn shadow_mismatch_admitted() -> bool {
+    let (show, held) = {
+        let mut flood = SHADOW_FLOOD.lock().unwrap_or_else(|p| p.into_inner());
+        Flood::admit(
+            &mut flood,
+            SHADOW_LINES_PER_SECOND,
+            std::time::Instant::now(),
+            std::time::SystemTime::now(),
+        )
+    };
+    if let Some((held, since)) = held {
+        let since = chrono::DateTime::<chrono::Utc>::from(since)
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        log::warn!(
+            target: "shadow",
+            "{held} more shadow mismatch lines held back since {since}: {SHADOW_LINES_PER_SECOND} a second are logged; strangler_shadow_total counts every comparison"
+        );
+    }
+    show
+}
 
 impl log::Log for Reclassified {
     fn enabled(&self, m: &log::Metadata) -> bool {
@@ -159,6 +190,7 @@ impl log::Log for Reclassified {
                 let mut flood = FLOOD.lock().unwrap_or_else(|p| p.into_inner());
                 Flood::admit(
                     &mut flood,
+                    FAILURE_LINES_PER_SECOND,
                     std::time::Instant::now(),
                     std::time::SystemTime::now(),
                 )
@@ -338,17 +370,20 @@ mod tests {
         let (t0, wall) = (std::time::Instant::now(), std::time::SystemTime::now());
         let mut flood = None;
         let shown = (0..25)
-            .filter(|_| Flood::admit(&mut flood, t0, wall).0)
+            .filter(|_| Flood::admit(&mut flood, FAILURE_LINES_PER_SECOND, t0, wall).0)
             .count();
         assert_eq!(shown, FAILURE_LINES_PER_SECOND as usize);
         // The next second: shown again, and the 15 held back are said, with when they began.
         let t1 = t0 + std::time::Duration::from_millis(1000);
         let later = wall + std::time::Duration::from_secs(1);
         assert_eq!(
-            Flood::admit(&mut flood, t1, later),
+            Flood::admit(&mut flood, FAILURE_LINES_PER_SECOND, t1, later),
             (true, Some((15, wall)))
         );
-        assert_eq!(Flood::admit(&mut flood, t1, later), (true, None));
+        assert_eq!(
+            Flood::admit(&mut flood, FAILURE_LINES_PER_SECOND, t1, later),
+            (true, None)
+        );
     }
 
     #[test]

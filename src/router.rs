@@ -468,8 +468,31 @@ impl RoutingTable {
                 .shadow
                 .as_ref()
                 .and_then(|s| lookup(&mut errors, s, &|| at("shadow")));
-            // `shadow` equal to `to` is allowed: the part of a split (or a pinned route) that
-            // `default` serves is shadowed, and a request `to` serves itself is not copied.
+            // `shadow` equal to `to` is allowed: the part of a split that `default` serves is
+            // shadowed, and a request `to` serves itself is not copied (a cut-over that removes
+            // `split` may leave it). A shadow that no request could ever reach is refused:
+            // the route would show as `shadow` while nothing is compared.
+            if let (Some(sh), Some(t), Some(d)) = (shadow, to, default) {
+                if sh == t && t == d {
+                    errors.push(source.error_at(
+                        &at("shadow"),
+                        format!(
+                            "shadow {:?} is the backend that serves every request of this route (its `to`, and the default): nothing would be compared",
+                            spec.shadow.as_deref().unwrap_or_default()
+                        ),
+                    ));
+                }
+            }
+            if shadow.is_some()
+                && methods
+                    .as_ref()
+                    .is_some_and(|ms| !ms.iter().any(|m| m == "GET" || m == "HEAD"))
+            {
+                errors.push(source.error_at(
+                    &at("shadow"),
+                    "shadow copies GET and HEAD requests only, and this route's `methods` have neither",
+                ));
+            }
             // `shadow_ignore` without `shadow` and `sticky` without `split` are left-overs of a
             // migration step (README, "Migrating a resource"): kept, without effect.
             for (j, p) in spec.shadow_ignore.iter().enumerate() {
@@ -1257,6 +1280,8 @@ mod tests {
             ("routes:\n  - {path: /a, to: new, split: 101%}\n", "t.yaml:6:32: split 101 is outside 0..100"),
             ("routes:\n  - {path: /a, to: new, rollback: {error_rate: 150%, min_requests: 1, window: 1s}}\n", "error_rate 150 is outside 0..100"),
             ("routes:\n  - {path: /a, to: new, split: ten}\n", "t.yaml:6:32: split \"ten\" is not a percentage like 5%"),
+            ("routes:\n  - {path: /a, to: legacy, shadow: legacy}\n", "t.yaml:6:36: shadow \"legacy\" is the backend that serves every request of this route"),
+            ("routes:\n  - {path: /a, to: legacy, shadow: new, methods: [POST, PUT]}\n", "t.yaml:6:36: shadow copies GET and HEAD requests only"),
             ("routes:\n  - {path: /a, to: legacy, shadow: new, shadow_ignore: ['/a~2']}\n", "t.yaml:6:57: \"/a~2\" is not a JSON pointer: '~' must be followed by 0 or 1"),
             ("routes:\n  - {path: /a, to: legacy, shadow: new, shadow_ignore: ['/b~']}\n", "'~' must be followed by 0 or 1"),
             ("routes:\n  - {path: /a, to: legacy, shadow: new, shadow_ignore: ['']}\n", "\"\" is the whole body"),

@@ -32,6 +32,14 @@ pub const MAX_IN_FLIGHT: usize = 32;
 /// may hold two 1 MiB captures and a socket. Beyond it a shadow is `skipped`.
 pub const MAX_IN_FLIGHT_TOTAL: usize = 256;
 static IN_FLIGHT_TOTAL: AtomicUsize = AtomicUsize::new(0);
+/// Bytes of response bodies the shadow captures may hold at once in the whole process: 256
+/// copies of bodies near the 1 MiB cap would otherwise hold 512 MiB (both sides). A capture
+/// that would pass it lets go of its bytes and its comparison is `skipped`.
+pub const BUFFER_BUDGET: usize = 64 << 20;
+static BUFFERED: AtomicUsize = AtomicUsize::new(0);
+/// Comparisons that run at once: each decodes and parses up to two bodies of a MiB (a parsed
+/// JSON document takes several times its text), so their memory is bounded by their number.
+static COMPARING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
 
 static CLIENT: LazyLock<Connector> = LazyLock::new(|| Connector::new(None));
 
@@ -47,7 +55,7 @@ pub static X_STRANGLER_SHADOW: HeaderName = HeaderName::from_static("x-strangler
 /// Hop-by-hop and framing headers never copied onto a shadow request.
 /// `X-Forwarded-Host` is set from the client's Host, never copied (an HTTP/1.0 client may send
 /// no Host and its own `X-Forwarded-Host`).
-static NOT_COPIED: [HeaderName; 13] = [
+static NOT_COPIED: [HeaderName; 15] = [
     header::CONNECTION,
     header::TE,
     header::TRAILER,
@@ -62,6 +70,10 @@ static NOT_COPIED: [HeaderName; 13] = [
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     forwarding::X_FORWARDED_HOST,
+    // A cache's or a browser's revalidation: the primary's 304 says nothing to compare, and a
+    // copy sent without them answers in full instead of 304 to the primary's validator.
+    header::IF_NONE_MATCH,
+    header::IF_MODIFIED_SINCE,
 ];
 
 /// What was seen of one side's response.
@@ -72,6 +84,18 @@ pub struct Capture {
     len: u64,
     body: Vec<u8>,
     hash: ring::digest::Context,
+    /// Bytes of `body` counted in [`BUFFERED`] (a decoded copy, bounded by [`COMPARING`], is
+    /// not counted).
+    held: usize,
+    counted: bool,
+    /// The process's [`BUFFER_BUDGET`] was reached: the bytes were let go, nothing to compare.
+    over_budget: bool,
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        BUFFERED.fetch_sub(self.held, Ordering::Relaxed);
+    }
 }
 
 /// The most bytes a compressed body is decoded to for the comparison: past it (a bomb, or a
@@ -91,7 +115,17 @@ impl Capture {
             len: 0,
             body: Vec::new(),
             hash: ring::digest::Context::new(&ring::digest::SHA256),
+            held: 0,
+            counted: true,
+            over_budget: false,
         }
+    }
+
+    /// Lets go of the body's bytes, for good (`len` only grows; a capture over the budget
+    /// stays so).
+    fn let_go(&mut self) {
+        self.body = Vec::new();
+        BUFFERED.fetch_sub(std::mem::take(&mut self.held), Ordering::Relaxed);
     }
 
     /// The body decoded by its `Content-Encoding` (gzip, deflate, br), so that a compressed
@@ -117,6 +151,7 @@ impl Capture {
             _ => return None,
         };
         let mut out = Capture::new(self.status, None);
+        out.counted = false;
         let mut buf = [0u8; 16 * 1024];
         loop {
             match reader.read(&mut buf) {
@@ -135,13 +170,24 @@ impl Capture {
     fn push(&mut self, chunk: &[u8]) {
         self.len += chunk.len() as u64;
         self.hash.update(chunk);
-        if !self.is_capped() {
-            self.body.extend_from_slice(chunk);
-        } else if self.body.capacity() > 0 {
-            // Over the cap: only length and hash are compared, so stop holding the bytes, for
-            // good (`len` only grows).
-            self.body = Vec::new();
+        if self.is_capped() || self.over_budget {
+            // Over the cap: only length and hash are compared, so stop holding the bytes.
+            if self.body.capacity() > 0 {
+                self.let_go();
+            }
+            return;
         }
+        if self.counted {
+            let n = chunk.len();
+            if BUFFERED.fetch_add(n, Ordering::Relaxed) + n > BUFFER_BUDGET {
+                BUFFERED.fetch_sub(n, Ordering::Relaxed);
+                self.over_budget = true;
+                self.let_go();
+                return;
+            }
+            self.held += n;
+        }
+        self.body.extend_from_slice(chunk);
     }
 
     fn is_capped(&self) -> bool {
@@ -337,7 +383,7 @@ pub fn tap(
     let (route_name, backend_name) = (route.name.clone(), backend.name.clone());
     let request_id = request_id.to_str().unwrap_or("-").to_string();
     let head = req.method == http::Method::HEAD;
-    let (tx, rx) = oneshot::channel();
+    let (tx, rx) = oneshot::channel::<Option<Capture>>();
     let (body, body_rx) = if has_body(req) {
         let (body_tx, body_rx) = oneshot::channel();
         (Some((Vec::new(), body_tx)), Some(body_rx))
@@ -395,15 +441,20 @@ pub fn tap(
         let result = match (primary, shadow) {
             (_, Err(error)) => error,
             (None, Ok(_)) => "skipped",
+            // The process held as many bodies as it may (`BUFFER_BUDGET`), or the primary
+            // answered a revalidation (304, no body; the copy asked for none).
+            (Some(p), Ok(s)) if p.over_budget || s.over_budget || p.status == 304 => "skipped",
             // Decoding and parsing up to two bodies of a MiB (16 once decompressed) is CPU
             // work: on the blocking pool, off the threads that serve requests.
             (Some(p), Ok(s)) => {
+                let _comparing = COMPARING.acquire().await;
                 match tokio::task::spawn_blocking(move || compare(&p, &s, &ignore)).await {
                     Err(e) => {
                         log::error!(target: "shadow", "shadow comparison of request {request_id} on route {route_name:?} failed: {e}");
                         "error"
                     }
                     Ok(None) => "match",
+                    Ok(Some(_)) if !crate::logging::shadow_mismatch_admitted() => "mismatch",
                     Ok(Some(diff)) => {
                         let (primary, shadow) = (truncate(&diff.primary), truncate(&diff.shadow));
                         log::warn!(
@@ -544,11 +595,16 @@ pub fn compare_bodies(p: &[u8], s: &[u8], ignore: &[String]) -> Option<Differenc
         }
         _ if p == s => None,
         _ => {
-            let at = p
+            let mut at = p
                 .iter()
                 .zip(s)
                 .position(|(x, y)| x != y)
                 .unwrap_or(p.len().min(s.len()));
+            // From the start of the character the difference falls in (`é` against `è` differ
+            // in their second byte), so that both sides show it whole.
+            while at > 0 && p.get(at).or(s.get(at)).is_some_and(|b| b & 0xc0 == 0x80) {
+                at -= 1;
+            }
             // What each has from there; "(end)" for the one that has ended, as "(absent)"
             // says it of a JSON member.
             let from = |b: &[u8]| match &b[at..] {
@@ -821,6 +877,29 @@ mod tests {
     }
 
     #[test]
+    fn captures_hold_no_more_than_the_process_budget() {
+        // Bodies at the cap (kept in full), more of them than the budget holds: the later ones
+        // let go of their bytes and say so; every byte is given back when they go.
+        let mib = vec![b'x'; BODY_CAP];
+        let captures: Vec<Capture> = (0..BUFFER_BUDGET / BODY_CAP + 8)
+            .map(|_| {
+                let mut c = Capture::new(200, None);
+                c.push(&mib);
+                c
+            })
+            .collect();
+        let over: Vec<&Capture> = captures.iter().filter(|c| c.over_budget).collect();
+        assert!(over.len() >= 8, "{} over the budget", over.len());
+        assert!(over.iter().all(|c| c.body.capacity() == 0 && c.held == 0));
+        assert!(BUFFERED.load(Ordering::Relaxed) <= BUFFER_BUDGET);
+        // Hashed still, as a capped one is: the length stays known.
+        assert!(over.iter().all(|c| c.len == BODY_CAP as u64));
+        drop(captures);
+        // Other tests' captures are small and short-lived.
+        assert!(BUFFERED.load(Ordering::Relaxed) < BODY_CAP);
+    }
+
+    #[test]
     fn every_result_the_task_counts_has_its_counter() {
         for result in ["match", "mismatch", "error", "skipped"] {
             assert!(metrics::SHADOW_RESULTS.contains(&result), "{result}");
@@ -834,6 +913,11 @@ mod tests {
             .unwrap()
             .pointer
             .contains("byte 3"));
+        let d = cmp("café au lait", "cafè au lait", &[]).unwrap();
+        assert_eq!(
+            (d.pointer.as_str(), d.primary.as_str(), d.shadow.as_str()),
+            ("body (byte 3)", "é au lait", "è au lait")
+        );
         let d = cmp("hello", "hello, world", &[]).unwrap();
         assert_eq!(
             (d.pointer.as_str(), d.primary.as_str(), d.shadow.as_str()),

@@ -546,6 +546,104 @@ fn a_failing_shadow_is_an_error_even_behind_a_slow_primary() {
     assert_eq!(shadow("skipped"), 0.0);
 }
 
+/// A browser's or a cache's revalidation (`If-None-Match`): the primary's 304 has no body to
+/// compare, and the copy goes without the validator (the shadow cannot know the primary's
+/// ETag). Skipped, not a mismatch of 304 against 200.
+#[test]
+fn a_revalidation_is_not_compared() {
+    let legacy = Backend::start(Arc::new(|s: &Seen| {
+        if s.headers.get("if-none-match").map(String::as_str) == Some("\"v1\"") {
+            full(304, "")
+        } else {
+            json(200, serde_json::json!({"a": 1}))
+        }
+    }));
+    let new = Backend::start(Arc::new(|_s: &Seen| json(200, serde_json::json!({"a": 1}))));
+    let yaml = format!(
+        "{}routes:\n  - {{name: customers, path: /customers, to: legacy, shadow: new}}\n",
+        base_yaml(&legacy.url(), &new.url())
+    );
+    let proxy = Proxy::start(&yaml);
+    let shadow = |result: &str| {
+        proxy.metric(&format!(
+            "strangler_shadow_total{{route=\"customers\",backend=\"new\",result=\"{result}\"}}"
+        ))
+    };
+    let r = request(
+        "GET",
+        &proxy.url("/customers/1"),
+        &[
+            ("If-None-Match", "\"v1\""),
+            ("If-Modified-Since", "Sun, 22 Nov 2026 10:00:00 GMT"),
+        ],
+        None,
+    );
+    assert_eq!(r.status, 304);
+    wait_for("the copy counted", Duration::from_secs(3), || {
+        shadow("skipped") == 1.0
+    });
+    let copy = &new.seen()[0];
+    assert!(
+        !copy.headers.contains_key("if-none-match")
+            && !copy.headers.contains_key("if-modified-since"),
+        "{:?}",
+        copy.headers
+    );
+    // Without a validator both answer in full, and are compared.
+    assert_eq!(
+        request("GET", &proxy.url("/customers/2"), &[], None).status,
+        200
+    );
+    wait_for("a match", Duration::from_secs(3), || shadow("match") == 1.0);
+    assert_eq!(shadow("mismatch"), 0.0);
+}
+
+/// A new service that differs on every answer logs at most ten mismatch lines a second, and
+/// says how many it held back; the counter counts them all.
+#[test]
+fn shadow_mismatch_lines_are_held_to_ten_a_second() {
+    let legacy = Backend::start(Arc::new(|_s: &Seen| json(200, serde_json::json!({"a": 1}))));
+    let new = Backend::start(Arc::new(|_s: &Seen| json(200, serde_json::json!({"a": 2}))));
+    let yaml = format!(
+        "{}routes:\n  - {{name: customers, path: /customers, to: legacy, shadow: new}}\n",
+        base_yaml(&legacy.url(), &new.url())
+    );
+    let proxy = Proxy::start(&yaml);
+    let mismatches = || {
+        proxy.metric(
+            "strangler_shadow_total{route=\"customers\",backend=\"new\",result=\"mismatch\"}",
+        )
+    };
+    let started = Instant::now();
+    for i in 0..60 {
+        assert_eq!(get(&proxy.url(&format!("/customers/{i}"))).0, 200);
+    }
+    wait_for("every comparison counted", Duration::from_secs(10), || {
+        mismatches() == 60.0
+    });
+    let seconds = started.elapsed().as_secs() + 1;
+    let log = proxy.log_text();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("shadow mismatch: request"))
+        .count();
+    assert!(
+        lines >= 10 && lines as u64 <= 10 * seconds,
+        "{lines} lines in {seconds} s"
+    );
+    if lines < 60 {
+        // Said with the first mismatch of a later second: one more now and then until it is.
+        let mut n = 0;
+        wait_for("the held-back lines said", Duration::from_secs(10), || {
+            n += 1;
+            assert_eq!(get(&proxy.url(&format!("/customers/late{n}"))).0, 200);
+            proxy
+                .log_text()
+                .contains("more shadow mismatch lines held back since")
+        });
+    }
+}
+
 /// A shadow copy still in flight when a reload removes its backend does not bring back the
 /// series the reload deleted.
 #[test]
