@@ -84,8 +84,8 @@ pub struct Capture {
     len: u64,
     body: Vec<u8>,
     hash: ring::digest::Context,
-    /// Bytes of `body` counted in [`BUFFERED`] (a decoded copy, bounded by [`COMPARING`], is
-    /// not counted).
+    /// Bytes allocated for `body`, counted in [`BUFFERED`] (a decoded copy, bounded by
+    /// [`COMPARING`], is not counted).
     held: usize,
     counted: bool,
     /// The process's [`BUFFER_BUDGET`] was reached: the bytes were let go, nothing to compare.
@@ -177,15 +177,22 @@ impl Capture {
             }
             return;
         }
-        if self.counted {
-            let n = chunk.len();
-            if BUFFERED.fetch_add(n, Ordering::Relaxed) + n > BUFFER_BUDGET {
-                BUFFERED.fetch_sub(n, Ordering::Relaxed);
-                self.over_budget = true;
-                self.let_go();
-                return;
+        let need = self.body.len() + chunk.len();
+        if need > self.body.capacity() {
+            // Grown as `Vec` grows (doubling), but by hand, so that what is counted is what
+            // is allocated.
+            let grown = need.max(2 * self.body.capacity()).min(BODY_CAP);
+            let more = grown - self.body.capacity();
+            if self.counted {
+                if BUFFERED.fetch_add(more, Ordering::Relaxed) + more > BUFFER_BUDGET {
+                    BUFFERED.fetch_sub(more, Ordering::Relaxed);
+                    self.over_budget = true;
+                    self.let_go();
+                    return;
+                }
+                self.held += more;
             }
-            self.held += n;
+            self.body.reserve_exact(grown - self.body.len());
         }
         self.body.extend_from_slice(chunk);
     }
