@@ -52,13 +52,19 @@ impl UpstreamErrorKind {
 }
 
 /// Whether an upstream error is how an upgraded connection (a tunnel) ends rather than a
-/// failure: the backend's read timeout (the tunnel sat idle that long), or a TLS peer that
-/// closed without `close_notify` (rustls reports the bare close as an unexpected EOF; a
-/// tunnel's protocol has its own end, as WebSocket's close frames).
+/// failure: the backend's read timeout (the tunnel sat idle that long), a TLS peer that
+/// closed without `close_notify` (rustls reports the bare close as an unexpected EOF), or a
+/// backend that closed its end while the client was still sending (the kernel answers the
+/// client's next frame with a reset: a WebSocket server saying goodbye with its close frame
+/// to a busy client). A tunnel's protocol has its own end, as WebSocket's close frames.
 pub fn ends_tunnel(e: &Error) -> bool {
+    use std::io::ErrorKind::*;
     *e.esource() == ErrorSource::Upstream
         && (*e.etype() == ErrorType::ReadTimedout
-            || io_kind(e) == Some(std::io::ErrorKind::UnexpectedEof))
+            || matches!(
+                io_kind(e),
+                Some(UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe)
+            ))
 }
 
 /// Whether the backend's TLS refused the proxy (a client certificate required or rejected,

@@ -146,6 +146,9 @@ pub struct RequestCtx {
     /// outcome counts only if the window was not cleared since (`rollback::Window`).
     to_generation: u64,
     failed_over: bool,
+    /// When the request went on to `default`: its duration there is `default`'s (the failed
+    /// attempt on `to` is not `default`'s latency; it shows as the failover and its error).
+    failed_over_at: Option<Instant>,
     /// Retried once already because a reused connection closed under it.
     stale_retried: bool,
     /// Where this request started in its backend's round robin of addresses, and the
@@ -435,6 +438,7 @@ impl ProxyHttp for Strangler {
             to_target: false,
             to_generation: 0,
             failed_over: false,
+            failed_over_at: None,
             stale_retried: false,
             addr_turn: 0,
             addr_tried: None,
@@ -1071,7 +1075,7 @@ impl ProxyHttp for Strangler {
                 if *e.etype() == ErrorType::ReadTimedout {
                     "idle for the backend's timeout"
                 } else {
-                    "the backend closed it without TLS close_notify"
+                    "the backend closed or reset it"
                 }
             );
             return e;
@@ -1268,7 +1272,8 @@ impl ProxyHttp for Strangler {
         let now = Instant::now();
         if let Some(b) = ctx.backend {
             if counted {
-                rl.observe(b, backend, now.duration_since(ctx.start).as_secs_f64());
+                let began = ctx.failed_over_at.unwrap_or(ctx.start);
+                rl.observe(b, backend, now.duration_since(began).as_secs_f64());
             }
             let failed = code >= 500 || ctx.upstream_error.is_some();
             rl.recent[b].record(now, crate::state::RECENT, failed);
@@ -1282,8 +1287,10 @@ impl ProxyHttp for Strangler {
         // now, and a success whose backend then timed out or broke off mid-body: a failure after
         // all (a truncated 200 failed the client as much as a 502; `/routes` counts it as an
         // error of that backend too). A client that left while the backend was doing fine says
-        // nothing about the backend.
-        if !(client_gone && ctx.upstream_error.is_none()) {
+        // nothing about the backend; one that left after `to` had failed and the request had
+        // gone on to `default` does not undo that failure (an unreachable `to` that makes every
+        // client wait its `connect_timeout` must still be rolled back when they give up).
+        if !(client_gone && ctx.upstream_error.is_none()) || ctx.failed_over {
             let failed = ctx.failed_over || ctx.upstream_error.is_some() || code >= 500;
             self.judge_target(ctx, failed);
         }
@@ -1452,8 +1459,10 @@ impl Strangler {
         // The attempt on `to` failed: the last-minute view (`/routes`) shows it there, as the
         // metrics do (`strangler_upstream_errors_total`); the request itself is then counted on
         // `default`.
-        live.route_live(Some(i)).recent[b].record(Instant::now(), crate::state::RECENT, true);
+        let now = Instant::now();
+        live.route_live(Some(i)).recent[b].record(now, crate::state::RECENT, true);
         ctx.failed_over = true;
+        ctx.failed_over_at = Some(now);
         ctx.to_target = false;
         ctx.backend = Some(default);
         ctx.upstream_error = None;

@@ -1182,6 +1182,53 @@ fn failover_retries_an_unreachable_backend_on_default() {
     );
 }
 
+/// Clients that give up while the request they sent to an unreachable `to` is being answered by
+/// `default` (a 499) still leave `to`'s failure in the rollback window: an unreachable new
+/// service whose failovers make every client wait is rolled back all the same.
+#[test]
+fn a_failover_whose_client_leaves_still_counts_against_to() {
+    // Legacy answers after 300 ms (it plays slow); each client has left by then.
+    let legacy = Backend::start(Arc::new(|_s: &Seen| {
+        std::thread::sleep(Duration::from_millis(300));
+        full(200, "late")
+    }));
+    let dead = dead_port();
+    let yaml = format!(
+        "{}routes:\n  - {{name: departures, path: /departures, to: new, failover: true, rollback: {{error_rate: 50%, min_requests: 4, window: 60s}}}}\n",
+        base_yaml(&legacy.url(), &format!("http://127.0.0.1:{dead}"))
+    );
+    let proxy = Proxy::start(&yaml);
+    let gone = || {
+        proxy.metric(
+            "strangler_requests_total{route=\"departures\",backend=\"legacy\",method=\"GET\",code=\"499\"}",
+        )
+    };
+    for i in 1..=4 {
+        // Sent, failed over (`new` refuses), at legacy, and given up on.
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+        std::io::Write::write_all(
+            &mut c,
+            format!("GET /departures/{i} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+        )
+        .unwrap();
+        wait_for("the request at legacy", Duration::from_secs(5), || {
+            legacy.seen().len() == i
+        });
+        drop(c);
+        wait_for(
+            "the client's leaving counted",
+            Duration::from_secs(5),
+            || gone() == i as f64,
+        );
+    }
+    assert_eq!(
+        route(&proxy, "departures")["pinned"]["reason"],
+        "auto",
+        "{}",
+        proxy.log_text()
+    );
+}
+
 #[test]
 fn failover_after_a_timeout_replays_only_whole_reads() {
     // `new` accepts and never answers.
@@ -1213,6 +1260,16 @@ fn failover_after_a_timeout_replays_only_whole_reads() {
         r.body
     );
     assert_eq!(failovers(), 1.0);
+    // `default`'s latency is its own: the 300 ms lost on `new` are not in it.
+    let legacy_seconds = |what: &str| {
+        proxy.metric(&format!(
+            "strangler_request_duration_seconds_{what}{{backend=\"legacy\",route=\"departures\"}}"
+        ))
+    };
+    wait_for("the answer timed", Duration::from_secs(5), || {
+        legacy_seconds("count") == 1.0
+    });
+    assert!(legacy_seconds("sum") < 0.3, "{}", legacy_seconds("sum"));
     // One with a small body too, whole.
     let r = request("GET", &proxy.url("/departures/2"), &[], Some(&[b'a'; 1000]));
     assert_eq!(

@@ -677,6 +677,56 @@ fn an_idle_tunnel_ends_at_the_timeout_without_blaming_the_backend() {
     );
 }
 
+/// A WebSocket backend that goes away while its client is talking (it closes with the client's
+/// next message unread, so its kernel resets the connection): that is how this tunnel ends,
+/// not a failure of the backend. No upstream error, no rollback, an info line.
+#[test]
+fn a_tunnel_the_backend_resets_is_not_its_failure() {
+    let (baddr, _lines) = raw_backend(|s, lines| {
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut w = s;
+        if let Some(line) = read_request_head(&mut r) {
+            lines.lock().unwrap().push(line);
+            let _ = w.write_all(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+            );
+            let _ = w.flush();
+            // The client's first message has arrived, and stays unread: the close resets.
+            let mut first = [0u8; 4];
+            let _ = w.peek(&mut first);
+        }
+    });
+    let proxy = Proxy::start(&format!(
+        "backends:\n  legacy: {{url: 'http://127.0.0.1:{}'}}\n  new: {{url: 'http://{baddr}'}}\n\
+         default: legacy\nroutes:\n\
+         \x20 - {{name: ws, path: /ws, to: new, rollback: {{error_rate: 1%, min_requests: 1, window: 60s}}}}\n",
+        dead_port()
+    ));
+    let mut s = TcpStream::connect(addr_of(&proxy)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    assert_eq!(read_response(&mut r, true).unwrap().status, 101);
+    s.write_all(b"ping").unwrap();
+    // The tunnel ends (an end of file or a reset, as the proxy passes it on).
+    let mut rest = Vec::new();
+    let _ = r.read_to_end(&mut rest);
+    wait_for("the tunnel's end logged", Duration::from_secs(5), || {
+        proxy
+            .log_text()
+            .contains("closed: the backend closed or reset it")
+    });
+    let (_, metrics) = get(&proxy.admin_url("/metrics"));
+    assert!(
+        !metrics.contains("strangler_upstream_errors_total{backend=\"new\""),
+        "{metrics}"
+    );
+    assert_eq!(proxy.metric("strangler_route_pinned{route=\"ws\"}"), 0.0);
+}
+
 /// Headers that Pingora's own parser refuses before any hook runs (it would answer a bare 400)
 /// get the proxy's JSON answers as its limits would give them: a target over Pingora's 65 534
 /// bytes is a 414, more than 256 fields a 431, two `Host` headers or conflicting lengths a 400.
