@@ -46,6 +46,22 @@ fn routes(proxy: &Proxy) -> Vec<Value> {
     r.json().as_array().cloned().unwrap()
 }
 
+/// A proxy whose route `customers` goes to `legacy` and is shadowed on `new` (`extra`: more of
+/// the route's settings, `, shadow_ignore: [...]`).
+fn shadowed(legacy: &Backend, new: &Backend, extra: &str) -> Proxy {
+    Proxy::start(&format!(
+        "{}routes:\n  - {{name: customers, path: /customers, to: legacy, shadow: new{extra}}}\n",
+        base_yaml(&legacy.url(), &new.url())
+    ))
+}
+
+/// `strangler_shadow_total` of the route `shadowed` makes, for one result.
+fn shadow_results(proxy: &Proxy, result: &str) -> f64 {
+    proxy.metric(&format!(
+        "strangler_shadow_total{{route=\"customers\",backend=\"new\",result=\"{result}\"}}"
+    ))
+}
+
 fn route(proxy: &Proxy, name: &str) -> Value {
     routes(proxy)
         .into_iter()
@@ -182,16 +198,8 @@ fn shadow_compares_json_as_values_and_reports_the_first_difference() {
         };
         json(200, serde_json::from_str(doc).unwrap())
     }));
-    let yaml = format!(
-        "{}routes:\n  - {{name: customers, path: /customers, to: legacy, shadow: new, shadow_ignore: [/updated_at]}}\n",
-        base_yaml(&legacy.url(), &new.url())
-    );
-    let proxy = Proxy::start(&yaml);
-    let shadow = |result: &str| {
-        proxy.metric(&format!(
-            "strangler_shadow_total{{route=\"customers\",backend=\"new\",result=\"{result}\"}}"
-        ))
-    };
+    let proxy = shadowed(&legacy, &new, ", shadow_ignore: [/updated_at]");
+    let shadow = |result: &str| shadow_results(&proxy, result);
 
     // Same values in another key order, ignored field different: a match. The client gets legacy's answer.
     let r = request(
@@ -559,16 +567,8 @@ fn a_revalidation_is_not_compared() {
         }
     }));
     let new = Backend::start(Arc::new(|_s: &Seen| json(200, serde_json::json!({"a": 1}))));
-    let yaml = format!(
-        "{}routes:\n  - {{name: customers, path: /customers, to: legacy, shadow: new}}\n",
-        base_yaml(&legacy.url(), &new.url())
-    );
-    let proxy = Proxy::start(&yaml);
-    let shadow = |result: &str| {
-        proxy.metric(&format!(
-            "strangler_shadow_total{{route=\"customers\",backend=\"new\",result=\"{result}\"}}"
-        ))
-    };
+    let proxy = shadowed(&legacy, &new, "");
+    let shadow = |result: &str| shadow_results(&proxy, result);
     let r = request(
         "GET",
         &proxy.url("/customers/1"),
@@ -604,16 +604,8 @@ fn a_revalidation_is_not_compared() {
 fn shadow_mismatch_lines_are_held_to_ten_a_second() {
     let legacy = Backend::start(Arc::new(|_s: &Seen| json(200, serde_json::json!({"a": 1}))));
     let new = Backend::start(Arc::new(|_s: &Seen| json(200, serde_json::json!({"a": 2}))));
-    let yaml = format!(
-        "{}routes:\n  - {{name: customers, path: /customers, to: legacy, shadow: new}}\n",
-        base_yaml(&legacy.url(), &new.url())
-    );
-    let proxy = Proxy::start(&yaml);
-    let mismatches = || {
-        proxy.metric(
-            "strangler_shadow_total{route=\"customers\",backend=\"new\",result=\"mismatch\"}",
-        )
-    };
+    let proxy = shadowed(&legacy, &new, "");
+    let mismatches = || shadow_results(&proxy, "mismatch");
     let started = Instant::now();
     for i in 0..60 {
         assert_eq!(get(&proxy.url(&format!("/customers/{i}"))).0, 200);
