@@ -374,9 +374,15 @@ mod tests {
         let mut idle = Error::new(ErrorType::ReadTimedout);
         idle.as_up();
         assert!(ends_tunnel(&idle));
-        // A reset is a reset, and the client's side is never the backend's.
+        // A backend that closed its end while the client still talked is reset by its kernel:
+        // that ends the tunnel too. Data the tunnel could not carry does not, and the client's
+        // side is never the backend's.
         let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
         let mut e = Error::because(ErrorType::ReadError, "reading body", reset);
+        e.as_up();
+        assert!(ends_tunnel(&e));
+        let garbled = std::io::Error::new(std::io::ErrorKind::InvalidData, "bad record");
+        let mut e = Error::because(ErrorType::ReadError, "reading body", garbled);
         e.as_up();
         assert!(!ends_tunnel(&e));
         let mut down = Error::new(ErrorType::ReadTimedout);
