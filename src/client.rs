@@ -402,17 +402,11 @@ pub fn routes(a: &ClientArgs) -> ExitCode {
 /// `strangler rollback ROUTE` / `--all`.
 pub fn rollback(a: &RollbackArgs) -> ExitCode {
     match &a.route {
-        Some(route) if !a.all => fan_out(
+        Some(route) if !a.all => one_route(
             &a.client,
-            "POST",
-            &format!("/routes/{}/rollback", escape(route)),
-            |v| {
-                Some(if v["changed"].as_bool()? {
-                    format!("{route}: pinned to default")
-                } else {
-                    format!("{route}: already pinned")
-                })
-            },
+            route,
+            "rollback",
+            ("pinned to default", "already pinned"),
         ),
         // `pinned` counts the routes this call pinned; some may have been pinned before.
         _ => every_route(&a.client, "/rollback", "pinned", |n| {
@@ -424,22 +418,31 @@ pub fn rollback(a: &RollbackArgs) -> ExitCode {
 /// `strangler resume ROUTE` / `--all`.
 pub fn resume(a: &ResumeArgs) -> ExitCode {
     match &a.route {
-        Some(route) if !a.all => fan_out(
-            &a.client,
-            "POST",
-            &format!("/routes/{}/resume", escape(route)),
-            |v| {
-                Some(if v["changed"].as_bool()? {
-                    format!("{route}: resumed")
-                } else {
-                    format!("{route}: was not pinned")
-                })
-            },
-        ),
+        Some(route) if !a.all => {
+            one_route(&a.client, route, "resume", ("resumed", "was not pinned"))
+        }
         _ => every_route(&a.client, "/resume", "resumed", |n| {
             format!("resumed {n} route(s)")
         }),
     }
+}
+
+/// `rollback ROUTE` / `resume ROUTE`: `POST /routes/ROUTE/ACTION`, and whether it changed
+/// anything (`said.0`) or found the route so already (`said.1`).
+fn one_route(a: &ClientArgs, route: &str, action: &str, said: (&str, &str)) -> ExitCode {
+    fan_out(
+        a,
+        "POST",
+        &format!("/routes/{}/{action}", escape(route)),
+        |v| {
+            let what = if v["changed"].as_bool()? {
+                said.0
+            } else {
+                said.1
+            };
+            Some(format!("{route}: {what}"))
+        },
+    )
 }
 
 /// `rollback --all` / `resume --all`: what the call did (the count under `key`), and where the

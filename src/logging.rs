@@ -136,6 +136,23 @@ impl Flood {
 
 static FLOOD: std::sync::Mutex<Option<Flood>> = std::sync::Mutex::new(None);
 
+/// [`Flood::admit`] now on the budget in `flood`: whether the line is shown, and how many lines
+/// were held back before it and since when (RFC 3339), to be said first.
+fn admit_now(flood: &std::sync::Mutex<Option<Flood>>, limit: u32) -> (bool, Option<(u64, String)>) {
+    let (show, held) = Flood::admit(
+        &mut flood.lock().unwrap_or_else(|p| p.into_inner()),
+        limit,
+        std::time::Instant::now(),
+        std::time::SystemTime::now(),
+    );
+    let held = held.map(|(n, since)| {
+        let since = chrono::DateTime::<chrono::Utc>::from(since)
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        (n, since)
+    });
+    (show, held)
+}
+
 /// At most this many shadow mismatch lines a second: a new service that differs on every
 /// answer writes one per request otherwise (7 000 a second measured), which buries the log,
 /// and a log reader that falls behind would then hold up the threads that write it.
@@ -146,18 +163,8 @@ static SHADOW_FLOOD: std::sync::Mutex<Option<Flood>> = std::sync::Mutex::new(Non
 /// Whether a shadow mismatch line is logged now. When a new second begins after lines were
 /// held back, says first how many and since when.
 pub fn shadow_mismatch_admitted() -> bool {
-    let (show, held) = {
-        let mut flood = SHADOW_FLOOD.lock().unwrap_or_else(|p| p.into_inner());
-        Flood::admit(
-            &mut flood,
-            SHADOW_LINES_PER_SECOND,
-            std::time::Instant::now(),
-            std::time::SystemTime::now(),
-        )
-    };
+    let (show, held) = admit_now(&SHADOW_FLOOD, SHADOW_LINES_PER_SECOND);
     if let Some((held, since)) = held {
-        let since = chrono::DateTime::<chrono::Utc>::from(since)
-            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
         log::warn!(
             target: "shadow",
             "{held} more shadow mismatch lines held back since {since}: {SHADOW_LINES_PER_SECOND} a second are logged; strangler_shadow_total counts every comparison"
@@ -186,18 +193,8 @@ impl log::Log for Reclassified {
             && r.target().starts_with("pingora_proxy")
             && msg.starts_with("Fail to proxy")
         {
-            let (show, held) = {
-                let mut flood = FLOOD.lock().unwrap_or_else(|p| p.into_inner());
-                Flood::admit(
-                    &mut flood,
-                    FAILURE_LINES_PER_SECOND,
-                    std::time::Instant::now(),
-                    std::time::SystemTime::now(),
-                )
-            };
+            let (show, held) = admit_now(&FLOOD, FAILURE_LINES_PER_SECOND);
             if let Some((held, since)) = held {
-                let since = chrono::DateTime::<chrono::Utc>::from(since)
-                    .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
                 self.0.log(
                     &log::Record::builder()
                         .level(log::Level::Warn)
