@@ -36,7 +36,35 @@ static IN_FLIGHT_TOTAL: AtomicUsize = AtomicUsize::new(0);
 /// copies of bodies near the 1 MiB cap would otherwise hold 512 MiB (both sides). A capture
 /// that would pass it lets go of its bytes and its comparison is `skipped`.
 pub const BUFFER_BUDGET: usize = 64 << 20;
-static BUFFERED: AtomicUsize = AtomicUsize::new(0);
+static BUFFERED: Budget = Budget::new(BUFFER_BUDGET);
+
+/// Bytes that captures may hold at once, and how many they hold.
+struct Budget {
+    held: AtomicUsize,
+    limit: usize,
+}
+
+impl Budget {
+    const fn new(limit: usize) -> Self {
+        Budget {
+            held: AtomicUsize::new(0),
+            limit,
+        }
+    }
+
+    /// Takes `bytes` from the budget, unless that would pass its limit.
+    fn take(&self, bytes: usize) -> bool {
+        if self.held.fetch_add(bytes, Ordering::Relaxed) + bytes > self.limit {
+            self.held.fetch_sub(bytes, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    fn give_back(&self, bytes: usize) {
+        self.held.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
 /// Comparisons that run at once: each decodes and parses up to two bodies of a MiB (a parsed
 /// JSON document takes several times its text), so their memory is bounded by their number.
 static COMPARING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
@@ -84,17 +112,17 @@ pub struct Capture {
     len: u64,
     body: Vec<u8>,
     hash: ring::digest::Context,
-    /// Bytes allocated for `body`, counted in [`BUFFERED`] (a decoded copy, bounded by
-    /// [`COMPARING`], is not counted).
+    /// Bytes allocated for `body`, taken from `budget`.
     held: usize,
-    counted: bool,
-    /// The process's [`BUFFER_BUDGET`] was reached: the bytes were let go, nothing to compare.
+    /// The process's [`BUFFERED`]; none for a decoded copy (bounded by [`COMPARING`]).
+    budget: Option<&'static Budget>,
+    /// The budget was reached: the bytes were let go, nothing to compare.
     over_budget: bool,
 }
 
 impl Drop for Capture {
     fn drop(&mut self) {
-        BUFFERED.fetch_sub(self.held, Ordering::Relaxed);
+        self.let_go();
     }
 }
 
@@ -104,6 +132,15 @@ const DECODED_MAX: u64 = 16 * BODY_CAP as u64;
 
 impl Capture {
     fn new(status: u16, encoding: Option<&HeaderValue>) -> Self {
+        Self::within(&BUFFERED, status, encoding)
+    }
+
+    /// A capture whose bytes are taken from `budget` (`None`: not counted).
+    fn within(
+        budget: impl Into<Option<&'static Budget>>,
+        status: u16,
+        encoding: Option<&HeaderValue>,
+    ) -> Self {
         let encoding = encoding
             .and_then(|v| v.to_str().ok())
             .map(|v| v.trim().to_ascii_lowercase())
@@ -116,7 +153,7 @@ impl Capture {
             body: Vec::new(),
             hash: ring::digest::Context::new(&ring::digest::SHA256),
             held: 0,
-            counted: true,
+            budget: budget.into(),
             over_budget: false,
         }
     }
@@ -125,7 +162,9 @@ impl Capture {
     /// stays so).
     fn let_go(&mut self) {
         self.body = Vec::new();
-        BUFFERED.fetch_sub(std::mem::take(&mut self.held), Ordering::Relaxed);
+        if let Some(budget) = self.budget {
+            budget.give_back(std::mem::take(&mut self.held));
+        }
     }
 
     /// The body decoded by its `Content-Encoding` (gzip, deflate, br), so that a compressed
@@ -150,8 +189,7 @@ impl Capture {
             "br" => Box::new(brotli::Decompressor::new(body, 4096)),
             _ => return None,
         };
-        let mut out = Capture::new(self.status, None);
-        out.counted = false;
+        let mut out = Capture::within(None, self.status, None);
         let mut buf = [0u8; 16 * 1024];
         loop {
             match reader.read(&mut buf) {
@@ -183,9 +221,8 @@ impl Capture {
             // is allocated.
             let grown = need.max(2 * self.body.capacity()).min(BODY_CAP);
             let more = grown - self.body.capacity();
-            if self.counted {
-                if BUFFERED.fetch_add(more, Ordering::Relaxed) + more > BUFFER_BUDGET {
-                    BUFFERED.fetch_sub(more, Ordering::Relaxed);
+            if let Some(budget) = self.budget {
+                if !budget.take(more) {
                     self.over_budget = true;
                     self.let_go();
                     return;
@@ -886,11 +923,13 @@ mod tests {
     #[test]
     fn captures_hold_no_more_than_the_process_budget() {
         // Bodies at the cap (kept in full), more of them than the budget holds: the later ones
-        // let go of their bytes and say so; every byte is given back when they go.
+        // let go of their bytes and say so; every byte is given back when they go. A budget of
+        // the test's own: the process's is shared with the tests running beside it.
+        static BUDGET: Budget = Budget::new(BUFFER_BUDGET);
         let mib = vec![b'x'; BODY_CAP];
         let captures: Vec<Capture> = (0..BUFFER_BUDGET / BODY_CAP + 8)
             .map(|_| {
-                let mut c = Capture::new(200, None);
+                let mut c = Capture::within(&BUDGET, 200, None);
                 c.push(&mib);
                 c
             })
@@ -898,12 +937,15 @@ mod tests {
         let over: Vec<&Capture> = captures.iter().filter(|c| c.over_budget).collect();
         assert!(over.len() >= 8, "{} over the budget", over.len());
         assert!(over.iter().all(|c| c.body.capacity() == 0 && c.held == 0));
-        assert!(BUFFERED.load(Ordering::Relaxed) <= BUFFER_BUDGET);
+        assert_eq!(
+            BUDGET.held.load(Ordering::Relaxed),
+            BUFFER_BUDGET,
+            "the budget filled, not passed"
+        );
         // Hashed still, as a capped one is: the length stays known.
         assert!(over.iter().all(|c| c.len == BODY_CAP as u64));
         drop(captures);
-        // Other tests' captures are small and short-lived.
-        assert!(BUFFERED.load(Ordering::Relaxed) < BODY_CAP);
+        assert_eq!(BUDGET.held.load(Ordering::Relaxed), 0);
     }
 
     #[test]
