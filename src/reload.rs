@@ -297,6 +297,12 @@ impl BackgroundService for Reloader {
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
         let file_tx = tx.clone();
+        // Writes into the file (under its names) as the watcher thread sees them, counted
+        // there and not in this loop: a look compares the count after its read with the count
+        // when it was decided (see `written_since`).
+        let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let names_now = Arc::new(std::sync::Mutex::new(file_names(&config)));
+        let (written_w, names_w) = (written.clone(), names_now.clone());
         let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
             // inotify also reports opens and reads: our own read of the file to hash it would
             // wake us again, in a loop (~40 reads and hashes a second). Only changes count, and
@@ -319,6 +325,15 @@ impl BackgroundService for Reloader {
                 kind if is_change(&kind) => Trigger::File,
                 _ => return,
             };
+            if let Trigger::Written(n) | Trigger::Created(n) = &t {
+                if names_w
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains(n)
+                {
+                    written_w.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
             let _ = file_tx.send(t);
         });
         let mut watcher = match watcher {
@@ -441,6 +456,23 @@ impl BackgroundService for Reloader {
             // the poll.
             follow_links(self.state.config_path(), &mut watcher, &mut watched);
             writing.names = file_names(self.state.config_path());
+            names_now
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone_from(&writing.names);
+            // A look decided while no writer is known to be at work leaves what it read to the
+            // next look if a writer began meanwhile: a look already under way (the poll's, on a
+            // loaded host where the reload thread waits at nice +10) would otherwise read a
+            // file truncated and half written since, which can validate. Not after the wait for
+            // writers gave up (`WRITER_WAIT_MAX`), nor for a signal.
+            let written_before = written.load(std::sync::atomic::Ordering::SeqCst);
+            let forced = signal || writing.wait_until().is_some();
+            let written_since = {
+                let written = written.clone();
+                move || {
+                    !forced && written.load(std::sync::atomic::Ordering::SeqCst) != written_before
+                }
+            };
             let state = self.state.clone();
             let config = config.clone();
             let tried = last_tried.clone();
@@ -481,6 +513,9 @@ impl BackgroundService for Reloader {
                     }
                     read => read.ok(),
                 };
+                if written_since() {
+                    return Look::not_due();
+                }
                 if signal {
                     // An operator's reload does not delay the next file change: the wait for
                     // `not_before` paces automatic reloads only.
