@@ -465,7 +465,7 @@ fn a_shadows_1xx_is_not_its_answer_and_a_copy_to_to_is_rewritten() {
         json(200, serde_json::json!({"a": 1}))
     }));
     // A raw backend: a 103, then the same JSON as the primary.
-    let hinting = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hinting = listener();
     let hinting_addr = hinting.local_addr().unwrap();
     std::thread::spawn(move || {
         use std::io::{BufRead, Write};
@@ -669,10 +669,13 @@ fn a_shadow_ending_after_its_backend_left_the_file_leaves_no_series() {
     wait_for("the copy in flight", Duration::from_secs(3), || {
         !gated.seen().is_empty()
     });
+    let reloads = || proxy.metric("strangler_config_reloads_total{result=\"success\"}");
+    let before = reloads();
     proxy.write_config(&yaml(false));
-    wait_for("the reload", Duration::from_secs(3), || {
-        route(&proxy, "mirrored")["shadow"].is_null()
-    });
+    // The success is counted once the reload's bookkeeping is done (the removed backend's
+    // series forgotten, its flag set); `/routes` shows the swap before that.
+    wait_for("the reload", Duration::from_secs(3), || reloads() > before);
+    assert!(route(&proxy, "mirrored")["shadow"].is_null());
     gate.open();
     wait_for("the late comparison", Duration::from_secs(5), || {
         proxy.log_text().contains("shadow mismatch")
@@ -808,7 +811,7 @@ fn a_request_ending_after_its_backend_left_the_file_leaves_no_series() {
 fn a_primary_that_outlives_the_shadow_is_not_compared() {
     // The primary drips its body for about 6 s (a server-sent events stream, a long poll);
     // the shadow answers at once, and its deadline is `timeout` + `connect_timeout` = 2 s.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listener = listener();
     let drip = format!("http://{}", listener.local_addr().unwrap());
     std::thread::spawn(move || {
         for conn in listener.incoming() {
@@ -1224,7 +1227,7 @@ fn a_failover_whose_client_leaves_still_counts_against_to() {
 #[test]
 fn failover_after_a_timeout_replays_only_whole_reads() {
     // `new` accepts and never answers.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listener = listener();
     let silent = format!("http://{}", listener.local_addr().unwrap());
     std::thread::spawn(move || {
         let mut held = Vec::new();
@@ -1321,7 +1324,7 @@ fn a_client_that_left_during_a_slow_connect_is_not_failed_over() {
     use std::os::fd::AsRawFd;
     // `new` never completes a connection: its accept queue is full (a backlog of 0, one
     // connection queued and never accepted), so the kernel drops the proxy's SYNs.
-    let blackhole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let blackhole = listener();
     let addr = blackhole.local_addr().unwrap();
     // SAFETY: listen(2) on a socket this test owns and keeps open.
     assert_eq!(unsafe { libc::listen(blackhole.as_raw_fd(), 0) }, 0);

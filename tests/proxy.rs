@@ -1516,7 +1516,7 @@ fn an_address_it_cannot_listen_on_is_a_start_up_error() {
         "backends:\n  legacy: {url: 'http://127.0.0.1:1'}\ndefault: legacy\n",
     )
     .unwrap();
-    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = listener();
     let taken = taken.local_addr().unwrap().to_string();
     let free = || format!("127.0.0.1:{}", free_port());
     // Its own two listeners on one address: Pingora's SO_REUSEPORT would let both bind and
@@ -1698,7 +1698,6 @@ fn slowloris_connections_are_cut_by_the_header_deadline_while_load_runs() {
 
 #[test]
 fn a_connection_that_sends_nothing_is_cut_at_the_header_deadline() {
-    use std::io::Read;
     let legacy = Backend::echo("legacy");
     let proxy = Proxy::start_with(
         &one_backend(&legacy.url()),
@@ -1712,7 +1711,7 @@ fn a_connection_that_sends_nothing_is_cut_at_the_header_deadline() {
         .unwrap();
     let mut buf = [0u8; 64];
     // Closed (EOF or reset), not answered and not left open until a later timeout.
-    let n = silent.read(&mut buf).unwrap_or(0);
+    let n = read_some(&mut silent, &mut buf).unwrap_or(0);
     let after = t0.elapsed();
     assert_eq!(n, 0, "{:?}", String::from_utf8_lossy(&buf[..n]));
     assert!(

@@ -150,7 +150,11 @@ impl Backend {
             .enable_all()
             .build()
             .unwrap();
-        let std_listener = TcpListener::bind(bind)?;
+        let std_listener = if bind == "127.0.0.1:0" {
+            listener()
+        } else {
+            TcpListener::bind(bind)?
+        };
         std_listener.set_nonblocking(true).unwrap();
         let addr = std_listener.local_addr().unwrap();
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
@@ -224,16 +228,55 @@ impl Backend {
     }
 }
 
-/// A port nothing listens on (bound, then released).
+/// A port nothing listens on, for the rest of the test process: bound without `listen` (a
+/// connection to it is refused) and held, so that no listener bound to port 0 beside it, in
+/// this process or another, is given it.
 pub fn dead_port() -> u16 {
-    free_port()
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    static HELD: Mutex<Vec<OwnedFd>> = Mutex::new(Vec::new());
+    // SAFETY: plain socket calls on a descriptor owned here; the address structs are local.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let fd = OwnedFd::from_raw_fd(fd);
+        let mut addr: libc::sockaddr_in = std::mem::zeroed();
+        addr.sin_family = libc::AF_INET as libc::sa_family_t;
+        addr.sin_addr.s_addr = u32::from_ne_bytes([127, 0, 0, 1]);
+        let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let sa = &mut addr as *mut libc::sockaddr_in as *mut libc::sockaddr;
+        assert_eq!(libc::bind(fd.as_raw_fd(), sa, len), 0, "bind");
+        assert_eq!(
+            libc::getsockname(fd.as_raw_fd(), sa, &mut len),
+            0,
+            "getsockname"
+        );
+        HELD.lock().unwrap().push(fd);
+        u16::from_be(addr.sin_port)
+    }
+}
+
+/// Ports handed out in this test process: to a proxy (`free_port`, released until the proxy
+/// binds it) or to a test's own listener (`listener`).
+static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+
+/// A listener on 127.0.0.1 on a port never handed out before in this test process: a plain
+/// bind to port 0 may be given the port `free_port` just released for a proxy about to start.
+pub fn listener() -> TcpListener {
+    loop {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&port) {
+            given.push(port);
+            return l;
+        }
+    }
 }
 
 /// A port nothing listens on now, never handed out before in this test process: the kernel may
 /// give a just-released port again, and a proxy started with the same port for `--listen` and
 /// `--admin` would pass its readiness check with the admin API on both.
 pub fn free_port() -> u16 {
-    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
     loop {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
