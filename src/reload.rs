@@ -368,6 +368,10 @@ impl BackgroundService for Reloader {
         };
 
         let mut last_tried: Option<String> = None;
+        // Since when looks have ended without reading (a writer began during each, say): past
+        // `WRITER_WAIT_MAX`, a look reads whatever a writer is doing, as the wait for writers
+        // does, so that a file rewritten in place again and again is still read.
+        let mut unread_since: Option<tokio::time::Instant> = None;
         // Since when the file has been seen missing or empty, look after look (see POLL).
         let mut absent_since: Option<tokio::time::Instant> = None;
         // The version that failed only in DNS, when it is due to be tried again, and the wait
@@ -464,9 +468,12 @@ impl BackgroundService for Reloader {
             // next look if a writer began meanwhile: a look already under way (the poll's, on a
             // loaded host where the reload thread waits at nice +10) would otherwise read a
             // file truncated and half written since, which can validate. Not after the wait for
-            // writers gave up (`WRITER_WAIT_MAX`), nor for a signal.
+            // writers gave up (`WRITER_WAIT_MAX`), nor when looks have left the file unread
+            // that long, nor for a signal.
             let written_before = written.load(std::sync::atomic::Ordering::SeqCst);
-            let forced = signal || writing.wait_until().is_some();
+            let forced = signal
+                || writing.wait_until().is_some()
+                || unread_since.is_some_and(|t| t.elapsed() >= WRITER_WAIT_MAX);
             let written_since = {
                 let written = written.clone();
                 move || {
@@ -584,8 +591,10 @@ impl BackgroundService for Reloader {
             if look.not_due {
                 // (A signal's look is never not due but for a shortage: see `read_file`'s use.)
                 signal_pending |= signal;
+                unread_since.get_or_insert_with(tokio::time::Instant::now);
                 continue;
             }
+            unread_since = None;
             let now = tokio::time::Instant::now();
             let absent = is_absent(look.tried.as_deref());
             if !absent {
