@@ -160,6 +160,33 @@ enum Trigger {
     Signal,
 }
 
+/// Writes into the config file (under its names) and creations of it, counted on the watcher's
+/// thread as it sees them, not in the reload loop: a look compares the count at the end of its
+/// read with the count when it was decided, and so learns that a writer began meanwhile.
+#[derive(Debug, Default)]
+struct WritesSeen {
+    count: std::sync::atomic::AtomicU64,
+    names: std::sync::Mutex<Vec<OsString>>,
+}
+
+impl WritesSeen {
+    fn note(&self, t: &Trigger) {
+        if let Trigger::Written(n) | Trigger::Created(n) = t {
+            if self.names().contains(n) {
+                self.count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    }
+
+    fn names(&self) -> std::sync::MutexGuard<'_, Vec<OsString>> {
+        self.names.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn count(&self) -> u64 {
+        self.count.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 /// Whether a writer may still be writing the config file in place: bytes written into it (under
 /// its own name or its symlink target's) and not closed since. `unclosed` is when the last
 /// bytes were written.
@@ -297,12 +324,9 @@ impl BackgroundService for Reloader {
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
         let file_tx = tx.clone();
-        // Writes into the file (under its names) as the watcher thread sees them, counted
-        // there and not in this loop: a look compares the count after its read with the count
-        // when it was decided (see `written_since`).
-        let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let names_now = Arc::new(std::sync::Mutex::new(file_names(&config)));
-        let (written_w, names_w) = (written.clone(), names_now.clone());
+        let seen = Arc::new(WritesSeen::default());
+        *seen.names() = file_names(&config);
+        let seen_w = seen.clone();
         let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
             // inotify also reports opens and reads: our own read of the file to hash it would
             // wake us again, in a loop (~40 reads and hashes a second). Only changes count, and
@@ -325,15 +349,9 @@ impl BackgroundService for Reloader {
                 kind if is_change(&kind) => Trigger::File,
                 _ => return,
             };
-            if let Trigger::Written(n) | Trigger::Created(n) = &t {
-                if names_w
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .contains(n)
-                {
-                    written_w.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                }
-            }
+            // Counted before it is sent: a look that sees the count change finds the event
+            // still queued, which brings the next look.
+            seen_w.note(&t);
             let _ = file_tx.send(t);
         });
         let mut watcher = match watcher {
@@ -460,25 +478,20 @@ impl BackgroundService for Reloader {
             // the poll.
             follow_links(self.state.config_path(), &mut watcher, &mut watched);
             writing.names = file_names(self.state.config_path());
-            names_now
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone_from(&writing.names);
+            seen.names().clone_from(&writing.names);
             // A look decided while no writer is known to be at work leaves what it read to the
             // next look if a writer began meanwhile: a look already under way (the poll's, on a
             // loaded host where the reload thread waits at nice +10) would otherwise read a
             // file truncated and half written since, which can validate. Not after the wait for
             // writers gave up (`WRITER_WAIT_MAX`), nor when looks have left the file unread
             // that long, nor for a signal.
-            let written_before = written.load(std::sync::atomic::Ordering::SeqCst);
+            let written_before = seen.count();
             let forced = signal
                 || writing.wait_until().is_some()
                 || unread_since.is_some_and(|t| t.elapsed() >= WRITER_WAIT_MAX);
             let written_since = {
-                let written = written.clone();
-                move || {
-                    !forced && written.load(std::sync::atomic::Ordering::SeqCst) != written_before
-                }
+                let seen = seen.clone();
+                move || !forced && seen.count() != written_before
             };
             let state = self.state.clone();
             let config = config.clone();
@@ -746,6 +759,28 @@ fn follow_links(
 mod tests {
     use super::*;
     use notify::event::{CreateKind, ModifyKind};
+
+    /// Only what can leave the file half written counts: bytes written into it, or its
+    /// creation, under its own names. A close, a rename (`File`), another file do not.
+    #[test]
+    fn writes_seen_count_writers_of_the_file_alone() {
+        let seen = WritesSeen::default();
+        *seen.names() = vec!["routing.yaml".into(), "target.yaml".into()];
+        let n = |s: &str| OsString::from(s);
+        for t in [
+            Trigger::Written(n("routing.yaml")),
+            Trigger::Created(n("target.yaml")),
+            Trigger::Closed(n("routing.yaml")),
+            Trigger::Written(n("audit.log")),
+            Trigger::Created(n(".strangler-state.json")),
+            Trigger::File,
+            Trigger::Poll,
+            Trigger::Signal,
+        ] {
+            seen.note(&t);
+        }
+        assert_eq!(seen.count(), 2);
+    }
 
     #[test]
     fn watches_stay_while_a_swapped_link_is_missing() {
