@@ -40,6 +40,15 @@ impl Gate {
         let _open = cv.wait_while(open.lock().unwrap(), |open| !*open).unwrap();
     }
 
+    /// Waits until the gate is open, or `limit` has passed: a backend that plays slow for as
+    /// long as the test measures, and lets its runtime shut down if the test fails first.
+    pub fn wait_at_most(&self, limit: Duration) {
+        let (open, cv) = &*self.0;
+        let _open = cv
+            .wait_timeout_while(open.lock().unwrap(), limit, |open| !*open)
+            .unwrap();
+    }
+
     pub fn open(&self) {
         self.set(true);
     }
