@@ -15,7 +15,7 @@
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use notify::event::{AccessKind, AccessMode, ModifyKind};
@@ -111,7 +111,10 @@ struct Look {
     /// The version (digest) that failed only in DNS.
     unresolved: Option<String>,
     /// The version that failed in DNS, looked at before its retry was due: nothing changed.
+    /// Also a look that left what it read because a writer may have been at work meanwhile.
     not_due: bool,
+    /// That writer's change may have been seen before the look was decided: look again.
+    look_again: bool,
 }
 
 impl Look {
@@ -134,6 +137,14 @@ impl Look {
     fn not_due() -> Look {
         Look {
             not_due: true,
+            ..Look::default()
+        }
+    }
+
+    fn look_again() -> Look {
+        Look {
+            not_due: true,
+            look_again: true,
             ..Look::default()
         }
     }
@@ -240,11 +251,52 @@ async fn next_hup(hup: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
     }
 }
 
-/// The file's bytes and their sha256.
-fn read_file(path: &Path) -> std::io::Result<(Vec<u8>, String)> {
-    let bytes = std::fs::read(path)?;
+/// The file's bytes and their sha256, and when the file last changed, as the descriptor they
+/// were read from says once they are read (`None` when its size differs from what was read: it
+/// changed during the read).
+fn read_file(path: &Path) -> std::io::Result<(Vec<u8>, String, Option<SystemTime>)> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let mut file = std::fs::File::open(path)?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    let meta = file.metadata()?;
+    let changed = (meta.len() == bytes.len() as u64)
+        .then(|| {
+            let secs = u64::try_from(meta.ctime()).ok()?;
+            let nanos = u32::try_from(meta.ctime_nsec()).ok()?;
+            SystemTime::UNIX_EPOCH.checked_add(Duration::new(secs, nanos))
+        })
+        .flatten();
     let digest = sha256_hex(&bytes);
-    Ok((bytes, digest))
+    Ok((bytes, digest, changed))
+}
+
+/// How far a file's change time may lag the clock: the kernel stamps it from the coarse clock,
+/// which moves a tick at a time (4 ms at 250 Hz). At most half the debounce, so that a look the
+/// debounce put after a write never takes that write for a later one.
+fn stamp_granularity() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec.
+    let res = if unsafe { libc::clock_getres(libc::CLOCK_REALTIME_COARSE, &mut ts) } == 0 {
+        Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    } else {
+        Duration::from_millis(10)
+    };
+    res.min(DEBOUNCE / 2)
+}
+
+/// Whether a file that last changed at `changed` (`None`: during the read) may have been written
+/// after a look was decided at `decided`: a writer the look did not know of may have cut it
+/// short. A change time ahead of the clock (the clock was set back) tells nothing.
+fn changed_after(changed: Option<SystemTime>, decided: SystemTime, granularity: Duration) -> bool {
+    let Some(changed) = changed else {
+        return true;
+    };
+    changed + granularity >= decided && changed <= SystemTime::now()
 }
 
 /// After an automatic reload that used `T` of CPU, the next one waits until `T × RELOAD_DUTY_WAIT`
@@ -373,6 +425,7 @@ impl BackgroundService for Reloader {
                 None
             }
         };
+        let granularity = stamp_granularity();
         let mut poll = tokio::time::interval(POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -485,7 +538,11 @@ impl BackgroundService for Reloader {
             // file truncated and half written since, which can validate. Not after the wait for
             // writers gave up (`WRITER_WAIT_MAX`), nor when looks have left the file unread
             // that long, nor for a signal.
+            // A writer is known by the watcher's count of its writes, and by the time the file
+            // last changed: the watcher's thread may not have counted the first write yet when
+            // the read ends (a loaded host), but the file's change time already tells it.
             let written_before = seen.count();
+            let decided_at = SystemTime::now();
             let forced = signal
                 || writing.wait_until().is_some()
                 || unread_since.is_some_and(|t| t.elapsed() >= WRITER_WAIT_MAX);
@@ -534,8 +591,22 @@ impl BackgroundService for Reloader {
                     read => read.ok(),
                 };
                 if written_since() {
+                    // The writer's events are still queued: they bring the next look.
                     return Look::not_due();
                 }
+                if !forced
+                    && read.as_ref().is_some_and(|(_, _, changed)| {
+                        changed_after(*changed, decided_at, granularity)
+                    })
+                {
+                    // Its events may have been taken before the decision: look again.
+                    log::debug!(
+                        "{} changed as it was read; looking again",
+                        config.display()
+                    );
+                    return Look::look_again();
+                }
+                let read = read.map(|(bytes, digest, _)| (bytes, digest));
                 if signal {
                     // An operator's reload does not delay the next file change: the wait for
                     // `not_before` paces automatic reloads only.
@@ -601,6 +672,10 @@ impl BackgroundService for Reloader {
             // The next poll is a whole period after this look: a file seen missing or empty
             // once is not confirmed a moment later by a tick that came due during the look.
             poll.reset();
+            if look.look_again {
+                // As a poll would: a change this finds is announced only by its own events.
+                let _ = tx.send(Trigger::Poll);
+            }
             if look.not_due {
                 // (A signal's look is never not due but for a shortage: see `read_file`'s use.)
                 signal_pending |= signal;
@@ -780,6 +855,34 @@ mod tests {
             seen.note(&t);
         }
         assert_eq!(seen.count(), 2);
+    }
+
+    /// A write the watcher has not counted yet still shows in the file's change time, read from
+    /// the descriptor the bytes came from; a write the debounce put before the decision does not.
+    #[test]
+    fn a_write_after_a_looks_decision_shows_in_the_files_change_time() {
+        let granularity = stamp_granularity();
+        assert!(granularity > Duration::ZERO && granularity <= DEBOUNCE / 2);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routing.yaml");
+        std::fs::write(&path, "default: a\n").unwrap();
+        let (_, _, first) = read_file(&path).unwrap();
+        let first = first.expect("read whole");
+        // A look decided once the write is older than the stamps' granularity.
+        while SystemTime::now() < first + granularity + Duration::from_millis(1) {
+            std::thread::yield_now();
+        }
+        let decided = SystemTime::now();
+        assert!(!changed_after(Some(first), decided, granularity));
+        // A writer cuts the file short after the decision: what the look reads is left.
+        std::fs::write(&path, "default:").unwrap();
+        let (bytes, _, second) = read_file(&path).unwrap();
+        assert_eq!(bytes, b"default:");
+        assert!(changed_after(second, decided, granularity));
+        // A change during the read, and a change time ahead of the clock.
+        assert!(changed_after(None, decided, granularity));
+        let ahead = SystemTime::now() + Duration::from_secs(3600);
+        assert!(!changed_after(Some(ahead), decided, granularity));
     }
 
     #[test]
