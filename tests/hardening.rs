@@ -1364,7 +1364,7 @@ fn a_backend_that_breaks_off_mid_body_truncates_and_is_counted_as_reset() {
 fn a_response_s_first_bytes_reach_the_client_while_its_backend_pauses() {
     // A header with a Content-Length and ten bytes, then nothing until the test opens the gate
     // (a report whose first rows are ready, a long poll that sends its header first).
-    let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+    let gate = Gate::default();
     let g = gate.clone();
     let (baddr, _lines) = raw_backend(move |s, _lines| {
         let mut r = BufReader::new(s.try_clone().unwrap());
@@ -1372,8 +1372,7 @@ fn a_response_s_first_bytes_reach_the_client_while_its_backend_pauses() {
         if read_request_head(&mut r).is_some() {
             let _ = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789");
             let _ = w.flush();
-            let (open, cv) = &*g;
-            let _open = cv.wait_while(open.lock().unwrap(), |open| !*open).unwrap();
+            g.wait();
             let _ = w.write_all(&[b'z'; 90]);
         }
     });
@@ -1393,8 +1392,7 @@ fn a_response_s_first_bytes_reach_the_client_while_its_backend_pauses() {
             ),
         }
     }
-    *gate.0.lock().unwrap() = true;
-    gate.1.notify_all();
+    gate.open();
     while !got.ends_with(&[b'z'; 90]) {
         let n = read_some(&mut s, &mut buf).unwrap();
         assert!(n > 0, "closed early: {:?}", String::from_utf8_lossy(&got));
@@ -1409,7 +1407,7 @@ fn a_response_s_first_bytes_reach_the_client_while_its_backend_pauses() {
 fn a_response_that_outlives_the_rollback_window_is_not_judged_in_it() {
     // /long: a good header and a little body, then the connection is cut once the test opens
     // the gate. Anything else: a proper answer.
-    let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+    let gate = Gate::default();
     let g = gate.clone();
     let (baddr, _lines) = raw_backend(move |s, _lines| {
         let mut r = BufReader::new(s.try_clone().unwrap());
@@ -1418,8 +1416,7 @@ fn a_response_that_outlives_the_rollback_window_is_not_judged_in_it() {
             if line.contains("/long") {
                 let _ = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\nxxxxxxxxxx");
                 let _ = w.flush();
-                let (open, cv) = &*g;
-                let _open = cv.wait_while(open.lock().unwrap(), |open| !*open).unwrap();
+                g.wait();
                 let _ = w.shutdown(Shutdown::Both);
                 return;
             }
@@ -1460,8 +1457,7 @@ fn a_response_that_outlives_the_rollback_window_is_not_judged_in_it() {
         assert_eq!((r.status, r.header("x-strangler-backend")), (200, "new"));
     }
     // The long downloads break off now: sent before this window, they are not judged in it.
-    *gate.0.lock().unwrap() = true;
-    gate.1.notify_all();
+    gate.open();
     for mut s in long {
         let mut buf = [0u8; 4096];
         while matches!(read_some(&mut s, &mut buf), Ok(n) if n > 0) {}

@@ -1827,14 +1827,10 @@ fn a_route_that_leaves_the_file_leaves_the_metrics_too() {
 #[test]
 fn in_flight_counts_a_request_while_it_is_served() {
     // The backend holds every request until the gate opens.
-    let gate = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+    let gate = Gate::default();
     let held = gate.clone();
     let slow = Backend::start(Arc::new(move |_s: &Seen| {
-        let (open, changed) = &*held;
-        let mut open = open.lock().unwrap();
-        while !*open {
-            open = changed.wait(open).unwrap();
-        }
+        held.wait();
         full(200, "done")
     }));
     let legacy = Backend::echo("legacy");
@@ -1857,11 +1853,7 @@ fn in_flight_counts_a_request_while_it_is_served() {
         || in_flight("slow") == 1.0,
     );
     assert_eq!(in_flight("default"), 0.0);
-    {
-        let (open, changed) = &*gate;
-        *open.lock().unwrap() = true;
-        changed.notify_all();
-    }
+    gate.open();
     assert_eq!(client.join().unwrap(), (200, "done".to_string()));
     wait_for("the request to end", Duration::from_secs(5), || {
         in_flight("slow") == 0.0
