@@ -174,6 +174,8 @@ enum Trigger {
 /// Writes into the config file (under its names) and creations of it, counted on the watcher's
 /// thread as it sees them, not in the reload loop: a look compares the count at the end of its
 /// read with the count when it was decided, and so learns that a writer began meanwhile.
+/// An event is counted once it is sent: a count the loop took before it drains its queue
+/// covers no event it will not find there.
 #[derive(Debug, Default)]
 struct WritesSeen {
     count: std::sync::atomic::AtomicU64,
@@ -181,12 +183,13 @@ struct WritesSeen {
 }
 
 impl WritesSeen {
-    fn note(&self, t: &Trigger) {
-        if let Trigger::Written(n) | Trigger::Created(n) = t {
-            if self.names().contains(n) {
-                self.count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            }
-        }
+    /// Whether the event is a write into (or the creation of) the config file.
+    fn counts(&self, t: &Trigger) -> bool {
+        matches!(t, Trigger::Written(n) | Trigger::Created(n) if self.names().contains(n))
+    }
+
+    fn add(&self) {
+        self.count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn names(&self) -> std::sync::MutexGuard<'_, Vec<OsString>> {
@@ -251,52 +254,70 @@ async fn next_hup(hup: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
     }
 }
 
-/// The file's bytes and their sha256, and when the file last changed, as the descriptor they
-/// were read from says once they are read (`None` when its size differs from what was read: it
-/// changed during the read).
-fn read_file(path: &Path) -> std::io::Result<(Vec<u8>, String, Option<SystemTime>)> {
+/// When a file read whole last changed, as the descriptor it was read from says once read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Changed {
+    At(SystemTime),
+    /// Its size differs from what was read: it changed during the read.
+    DuringRead,
+    /// Nothing to tell: not a regular file (its size means nothing), a change time before 1970.
+    Unknown,
+}
+
+/// The file's bytes and their sha256, and when it last changed.
+fn read_file(path: &Path) -> std::io::Result<(Vec<u8>, String, Changed)> {
     use std::io::Read;
     use std::os::unix::fs::MetadataExt;
     let mut file = std::fs::File::open(path)?;
     let mut bytes = Vec::new();
     file.read_to_end(&mut bytes)?;
     let meta = file.metadata()?;
-    let changed = (meta.len() == bytes.len() as u64)
-        .then(|| {
-            let secs = u64::try_from(meta.ctime()).ok()?;
-            let nanos = u32::try_from(meta.ctime_nsec()).ok()?;
-            SystemTime::UNIX_EPOCH.checked_add(Duration::new(secs, nanos))
-        })
-        .flatten();
+    let changed = if !meta.is_file() {
+        Changed::Unknown
+    } else if meta.len() != bytes.len() as u64 {
+        Changed::DuringRead
+    } else {
+        u64::try_from(meta.ctime())
+            .ok()
+            .zip(u32::try_from(meta.ctime_nsec()).ok())
+            .and_then(|(secs, nanos)| {
+                SystemTime::UNIX_EPOCH.checked_add(Duration::new(secs, nanos))
+            })
+            .map_or(Changed::Unknown, Changed::At)
+    };
     let digest = sha256_hex(&bytes);
     Ok((bytes, digest, changed))
 }
 
-/// How far a file's change time may lag the clock: the kernel stamps it from the coarse clock,
-/// which moves a tick at a time (4 ms at 250 Hz). At most half the debounce, so that a look the
-/// debounce put after a write never takes that write for a later one.
-fn stamp_granularity() -> Duration {
+/// How far a file's change time may lag the clock. The kernel stamps it from the coarse clock,
+/// which moves a tick at a time (4 ms at 250 Hz), and a tick can be handled late: stamps were
+/// measured up to 6.8 ms behind the clock on a 4 ms-tick host. Twice the tick, and at most
+/// half the debounce, so that a look the debounce put after a write seldom takes that write
+/// for a later one (it would only look again).
+fn stamp_lag_max() -> Duration {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: `ts` is a valid, writable timespec.
-    let res = if unsafe { libc::clock_getres(libc::CLOCK_REALTIME_COARSE, &mut ts) } == 0 {
+    let tick = if unsafe { libc::clock_getres(libc::CLOCK_REALTIME_COARSE, &mut ts) } == 0 {
         Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
     } else {
         Duration::from_millis(10)
     };
-    res.min(DEBOUNCE / 2)
+    (tick * 2).min(DEBOUNCE / 2)
 }
 
-/// Whether a file that last changed at `changed` (`None`: during the read) may have been written
-/// after a look was decided at `decided`: a writer the look did not know of may have cut it
-/// short. A change time ahead of the clock (the clock was set back) tells nothing.
-fn changed_after(changed: Option<SystemTime>, decided: SystemTime, granularity: Duration) -> bool {
-    let Some(changed) = changed else {
-        return true;
-    };
-    changed + granularity >= decided && changed <= SystemTime::now()
+/// Whether a file may have been written after a look was decided at `decided`: a writer the
+/// look did not know of may have cut it short. A change time ahead of the clock (the clock was
+/// set back) tells nothing; nor does one on a file system that stamps whole seconds, unless it
+/// falls in the same second.
+fn changed_after(changed: Changed, decided: SystemTime, lag_max: Duration) -> bool {
+    match changed {
+        Changed::DuringRead => true,
+        Changed::Unknown => false,
+        Changed::At(at) => at + lag_max >= decided && at <= SystemTime::now(),
+    }
 }
 
 /// After an automatic reload that used `T` of CPU, the next one waits until `T × RELOAD_DUTY_WAIT`
@@ -401,10 +422,13 @@ impl BackgroundService for Reloader {
                 kind if is_change(&kind) => Trigger::File,
                 _ => return,
             };
-            // Counted before it is sent: a look that sees the count change finds the event
-            // still queued, which brings the next look.
-            seen_w.note(&t);
+            // Counted once sent (see WritesSeen): a look that sees the count change finds the
+            // event still queued, and it brings the next look.
+            let counts = seen_w.counts(&t);
             let _ = file_tx.send(t);
+            if counts {
+                seen_w.add();
+            }
         });
         let mut watcher = match watcher {
             Ok(w) => Some(w),
@@ -425,7 +449,7 @@ impl BackgroundService for Reloader {
                 None
             }
         };
-        let granularity = stamp_granularity();
+        let stamp_lag = stamp_lag_max();
         let mut poll = tokio::time::interval(POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -485,9 +509,13 @@ impl BackgroundService for Reloader {
             } else {
                 settle.max(not_before)
             };
-            loop {
+            // What the look is decided on (see `written_since` below): the count of writes and
+            // the time, both taken before the queue is drained, so that no writer counted or
+            // stamped before them can be missing from what the drain finds.
+            let (written_before, decided_at) = loop {
                 tokio::select! {
                     _ = tokio::time::sleep_until(wake) => {
+                        let decided = (seen.count(), SystemTime::now());
                         while let Ok(t) = rx.try_recv() {
                             signal |= matches!(t, Trigger::Signal);
                             seen_now |= writing.may_concern(&t);
@@ -497,7 +525,7 @@ impl BackgroundService for Reloader {
                             Some(until) if !signal && until > tokio::time::Instant::now() => {
                                 wake = until
                             }
-                            _ => break,
+                            _ => break decided,
                         }
                     }
                     Some(t) = rx.recv() => {
@@ -520,7 +548,7 @@ impl BackgroundService for Reloader {
                         wake = wake.min(tokio::time::Instant::now() + DEBOUNCE);
                     }
                 }
-            }
+            };
             if !seen_now && !signal && !matches!(trigger, Trigger::Poll) {
                 // Only other files of the directory were written (a log file beside it).
                 continue;
@@ -541,8 +569,6 @@ impl BackgroundService for Reloader {
             // A writer is known by the watcher's count of its writes, and by the time the file
             // last changed: the watcher's thread may not have counted the first write yet when
             // the read ends (a loaded host), but the file's change time already tells it.
-            let written_before = seen.count();
-            let decided_at = SystemTime::now();
             let forced = signal
                 || writing.wait_until().is_some()
                 || unread_since.is_some_and(|t| t.elapsed() >= WRITER_WAIT_MAX);
@@ -596,7 +622,7 @@ impl BackgroundService for Reloader {
                 }
                 if !forced
                     && read.as_ref().is_some_and(|(_, _, changed)| {
-                        changed_after(*changed, decided_at, granularity)
+                        changed_after(*changed, decided_at, stamp_lag)
                     })
                 {
                     // Its events may have been taken before the decision: look again.
@@ -852,37 +878,55 @@ mod tests {
             Trigger::Poll,
             Trigger::Signal,
         ] {
-            seen.note(&t);
+            if seen.counts(&t) {
+                seen.add();
+            }
         }
         assert_eq!(seen.count(), 2);
     }
 
     /// A write the watcher has not counted yet still shows in the file's change time, read from
-    /// the descriptor the bytes came from; a write the debounce put before the decision does not.
+    /// the descriptor the bytes came from once they are read; a write well before the decision
+    /// does not.
     #[test]
     fn a_write_after_a_looks_decision_shows_in_the_files_change_time() {
-        let granularity = stamp_granularity();
-        assert!(granularity > Duration::ZERO && granularity <= DEBOUNCE / 2);
+        let lag = stamp_lag_max();
+        assert!(lag > Duration::ZERO && lag <= DEBOUNCE / 2);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("routing.yaml");
         std::fs::write(&path, "default: a\n").unwrap();
         let (_, _, first) = read_file(&path).unwrap();
-        let first = first.expect("read whole");
-        // A look decided once the write is older than the stamps' granularity.
-        while SystemTime::now() < first + granularity + Duration::from_millis(1) {
-            std::thread::yield_now();
+        let Changed::At(first) = first else {
+            panic!("a regular file read whole: {first:?}")
+        };
+        // Past a second, on any file system's stamps.
+        let decided = first + Duration::from_millis(1100);
+        while SystemTime::now() < decided {
+            std::thread::sleep(Duration::from_millis(20));
         }
-        let decided = SystemTime::now();
-        assert!(!changed_after(Some(first), decided, granularity));
-        // A writer cuts the file short after the decision: what the look reads is left.
+        assert!(!changed_after(Changed::At(first), decided, lag));
         std::fs::write(&path, "default:").unwrap();
         let (bytes, _, second) = read_file(&path).unwrap();
         assert_eq!(bytes, b"default:");
-        assert!(changed_after(second, decided, granularity));
-        // A change during the read, and a change time ahead of the clock.
-        assert!(changed_after(None, decided, granularity));
-        let ahead = SystemTime::now() + Duration::from_secs(3600);
-        assert!(!changed_after(Some(ahead), decided, granularity));
+        let Changed::At(second) = second else {
+            panic!("a regular file read whole: {second:?}")
+        };
+        assert!(second > first, "the write moved the change time");
+        // Within the stamps' lag of the decision, or after it: left. Before it, or ahead of
+        // the clock: read.
+        let now = SystemTime::now();
+        assert!(changed_after(Changed::At(now - lag / 2), now, lag));
+        assert!(!changed_after(Changed::At(now - lag * 2), now, lag));
+        assert!(!changed_after(
+            Changed::At(now + Duration::from_secs(3600)),
+            now,
+            lag
+        ));
+        assert!(changed_after(Changed::DuringRead, now, lag));
+        assert!(!changed_after(Changed::Unknown, now, lag));
+        // Not a regular file: its size tells nothing.
+        let (_, _, dev) = read_file(Path::new("/dev/null")).unwrap();
+        assert_eq!(dev, Changed::Unknown);
     }
 
     #[test]
