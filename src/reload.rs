@@ -111,9 +111,10 @@ struct Look {
     /// The version (digest) that failed only in DNS.
     unresolved: Option<String>,
     /// The version that failed in DNS, looked at before its retry was due: nothing changed.
-    /// Also a look that left what it read because a writer may have been at work meanwhile.
+    /// Also a look that could not read for want of descriptors or memory, or left what it read.
     not_due: bool,
-    /// That writer's change may have been seen before the look was decided: look again.
+    /// A writer may have been at work during the look: what it read is left, and the loop
+    /// looks again (the writer's events may be queued still, or taken before the decision).
     look_again: bool,
 }
 
@@ -509,7 +510,7 @@ impl BackgroundService for Reloader {
             } else {
                 settle.max(not_before)
             };
-            // What the look is decided on (see `written_since` below): the count of writes and
+            // What the look is decided on (see `writer_began` below): the count of writes and
             // the time, both taken before the queue is drained, so that no writer counted or
             // stamped before them can be missing from what the drain finds.
             let (written_before, decided_at) = loop {
@@ -565,16 +566,20 @@ impl BackgroundService for Reloader {
             // loaded host where the reload thread waits at nice +10) would otherwise read a
             // file truncated and half written since, which can validate. Not after the wait for
             // writers gave up (`WRITER_WAIT_MAX`), nor when looks have left the file unread
-            // that long, nor for a signal.
-            // A writer is known by the watcher's count of its writes, and by the time the file
-            // last changed: the watcher's thread may not have counted the first write yet when
-            // the read ends (a loaded host), but the file's change time already tells it.
+            // that long, nor for a signal. A writer is known by the watcher's count of its
+            // writes, and by the time the file last changed: the watcher's thread may not have
+            // counted the first write yet when the read ends (a loaded host), but the file's
+            // change time already tells it.
             let forced = signal
                 || writing.wait_until().is_some()
                 || unread_since.is_some_and(|t| t.elapsed() >= WRITER_WAIT_MAX);
-            let written_since = {
+            let writer_began = {
                 let seen = seen.clone();
-                move || !forced && seen.count() != written_before
+                move |changed: Option<Changed>| {
+                    !forced
+                        && (seen.count() != written_before
+                            || changed.is_some_and(|c| changed_after(c, decided_at, stamp_lag)))
+                }
             };
             let state = self.state.clone();
             let config = config.clone();
@@ -616,16 +621,9 @@ impl BackgroundService for Reloader {
                     }
                     read => read.ok(),
                 };
-                if written_since() {
-                    // The writer's events are still queued: they bring the next look.
-                    return Look::not_due();
-                }
-                if !forced
-                    && read.as_ref().is_some_and(|(_, _, changed)| {
-                        changed_after(*changed, decided_at, stamp_lag)
-                    })
-                {
-                    // Its events may have been taken before the decision: look again.
+                if writer_began(read.as_ref().map(|(_, _, changed)| *changed)) {
+                    // Its events may be queued still, or may have been taken before the
+                    // decision: look again either way.
                     log::debug!(
                         "{} changed as it was read; looking again",
                         config.display()
