@@ -983,11 +983,13 @@ fn a_file_written_in_place_is_read_once_its_writer_closes_it() {
     // b), pauses again, then writes the rest and closes it (an editor or a script saving in
     // place on a busy machine). Read before the close, the half file would be served and lift
     // b's pin (b left the file); the empty one would count an error.
+    // Each pause is three debounces (a look falls in it) and well inside WRITER_QUIET (500 ms,
+    // which would end the wait for the writer): a loaded host may stretch a pause, not by 400 ms.
     let mut f = std::fs::File::create(&proxy.config).unwrap();
-    std::thread::sleep(Duration::from_millis(150));
+    std::thread::sleep(Duration::from_millis(75));
     f.write_all(head.as_bytes()).unwrap();
     f.flush().unwrap();
-    std::thread::sleep(Duration::from_millis(150));
+    std::thread::sleep(Duration::from_millis(75));
     f.write_all(format!("{tail}# saved in place\n").as_bytes())
         .unwrap();
     drop(f);
