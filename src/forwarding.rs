@@ -159,6 +159,9 @@ pub struct ResponseFields {
     /// ... and it says more than `keep-alive` or `close` (nginx's answers say `keep-alive`):
     /// an option that may nominate another hop-by-hop field, or `Upgrade`.
     pub connection_options: bool,
+    /// ... and says `close` on a line after the first only (see [`ConnectionSays`]): Pingora
+    /// would pool the connection its backend is about to close.
+    pub late_close: bool,
     /// `Upgrade`: kept on a 101 only.
     pub upgrade: bool,
     /// `Keep-Alive`, `Proxy-Connection`, `Proxy-Authenticate`, `TE`, `Trailer`: always removed.
@@ -177,9 +180,10 @@ impl ResponseFields {
         let mut found = Self::default();
         for name in headers.keys() {
             if name == CONNECTION {
+                let says = ConnectionSays::of(headers, &[b"keep-alive".as_slice(), b"close"]);
                 found.connection = true;
-                found.connection_options =
-                    connection_says_more(headers, &[b"keep-alive".as_slice(), b"close"]);
+                found.connection_options = says.more;
+                found.late_close = says.late_close;
             } else if name == UPGRADE {
                 found.upgrade = true;
             } else if [
@@ -202,18 +206,48 @@ impl ResponseFields {
     }
 }
 
-/// Whether a message's `Connection` lists an option other than these (ASCII case ignored):
-/// one that may nominate a field, or `Upgrade`, or `close` where it is not among them.
-fn connection_says_more(headers: &HeaderMap, plain: &[&[u8]]) -> bool {
-    let is_plain = |t: &[u8]| plain.iter().any(|p| t.eq_ignore_ascii_case(p));
-    headers.get_all(http::header::CONNECTION).iter().any(|v| {
-        // Nearly every value is one plain token (`keep-alive`): no list to split.
-        !is_plain(v.as_bytes())
-            && v.as_bytes()
-                .split(|b| *b == b',')
-                .map(<[u8]>::trim_ascii)
-                .any(|t| !t.is_empty() && !is_plain(t))
-    })
+/// What a message's `Connection` lines say, in one pass over them.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct ConnectionSays {
+    /// An option other than the plain ones (ASCII case ignored): one that may nominate a
+    /// field, or `Upgrade`, or `close` where it is not among them.
+    more: bool,
+    /// `close` on a line after the first, and not on the first. The lines are one list (RFC
+    /// 9110 §5.3), and `close` anywhere in it ends the connection (RFC 9112 §9.6); Pingora
+    /// reads the first line only when it decides whether a connection is kept.
+    late_close: bool,
+}
+
+impl ConnectionSays {
+    fn of(headers: &HeaderMap, plain: &[&[u8]]) -> Self {
+        let is_plain = |t: &[u8]| plain.iter().any(|p| t.eq_ignore_ascii_case(p));
+        let mut says = Self::default();
+        let mut first_closes = false;
+        for (i, v) in headers.get_all(http::header::CONNECTION).iter().enumerate() {
+            let v = v.as_bytes();
+            // Nearly every value is one plain token (`keep-alive`): no list to split.
+            let (more, close) = if is_plain(v) {
+                (false, v.eq_ignore_ascii_case(b"close"))
+            } else {
+                v.split(|b| *b == b',')
+                    .map(<[u8]>::trim_ascii)
+                    .filter(|t| !t.is_empty())
+                    .fold((false, false), |(more, close), t| {
+                        (
+                            more || !is_plain(t),
+                            close || t.eq_ignore_ascii_case(b"close"),
+                        )
+                    })
+            };
+            says.more |= more;
+            if i == 0 {
+                first_closes = close;
+            } else if close && !first_closes {
+                says.late_close = true;
+            }
+        }
+        says
+    }
 }
 
 /// Which of the fields the proxy, or Pingora's standard upstream policy, acts on a client's
@@ -225,6 +259,9 @@ pub struct RequestFields {
     pub connection: bool,
     /// ... and this one says more: `close`, an option naming another field, `Upgrade`.
     pub connection_options: bool,
+    /// ... and says `close` on a line after the first only (see [`ConnectionSays`]): Pingora
+    /// would keep the connection the client asked to close.
+    pub late_close: bool,
     /// Another field Pingora's standard upstream policy strips: `Keep-Alive`,
     /// `Proxy-Connection`, `Proxy-Authenticate`, `Proxy-Authorization`, `TE`, `Trailer`,
     /// `Transfer-Encoding`, `Upgrade`, `HTTP2-Settings`.
@@ -248,9 +285,10 @@ impl RequestFields {
         let mut found = Self::default();
         for name in headers.keys() {
             if name == CONNECTION {
+                let says = ConnectionSays::of(headers, &[b"keep-alive".as_slice()]);
                 found.connection = true;
-                found.connection_options =
-                    connection_says_more(headers, &[b"keep-alive".as_slice()]);
+                found.connection_options = says.more;
+                found.late_close = says.late_close;
             } else if [
                 &KEEP_ALIVE,
                 &PROXY_CONNECTION,
@@ -371,7 +409,8 @@ pub fn transfer_coding_refusal(headers: &HeaderMap) -> Option<&'static str> {
 /// itself sends (`Host`, `X-Forwarded-For`/`-Host`/`-Proto`: nominating one would strip it, the
 /// classic way to hide the client address from a backend), a pseudo-header, a token that is not
 /// an HTTP token, or ten nominations or more. That refusal would come after routing, blamed on
-/// the chosen backend; the proxy asks the same questions first and answers 400 itself.
+/// the chosen backend; the proxy asks the same questions first and answers 400 itself. It also
+/// refuses a nomination of `Content-Length` or `Transfer-Encoding`, which that sanitiser strips.
 pub fn connection_refusal(headers: &HeaderMap) -> Option<&'static str> {
     const PROTECTED: [&[u8]; 4] = [
         b"host",
@@ -379,6 +418,9 @@ pub fn connection_refusal(headers: &HeaderMap) -> Option<&'static str> {
         b"x-forwarded-host",
         b"x-forwarded-proto",
     ];
+    // Pingora's sanitiser would strip a nominated framing field, and the body would go on
+    // re-framed as chunked, which many WSGI servers refuse. Nothing needs to nominate one.
+    const FRAMING: [&[u8]; 2] = [b"content-length", b"transfer-encoding"];
     let is_tchar = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
     let mut count = 0;
     for token in headers
@@ -394,6 +436,11 @@ pub fn connection_refusal(headers: &HeaderMap) -> Option<&'static str> {
         }
         if token.starts_with(b":") || PROTECTED.iter().any(|p| token.eq_ignore_ascii_case(p)) {
             return Some("Connection cannot name Host or X-Forwarded-*: the proxy sends those");
+        }
+        if FRAMING.iter().any(|p| token.eq_ignore_ascii_case(p)) {
+            return Some(
+                "Connection cannot name Content-Length or Transfer-Encoding: they frame the body",
+            );
         }
         if !token.iter().all(is_tchar) {
             return Some("Connection holds something that is not a header name");
@@ -715,6 +762,8 @@ mod tests {
         }
         for bad in [
             "X-Forwarded-For",
+            "Content-Length",
+            "keep-alive, transfer-encoding",
             "keep-alive, host",
             "X-FORWARDED-PROTO",
             "x-forwarded-host",
@@ -1089,6 +1138,50 @@ mod tests {
             ("Keep-Alive", "timeout=5")
         ]));
         assert!(need(&[("TE", "trailers")]));
+    }
+
+    /// `close` on a later line than the first is what Pingora does not read: the only case the
+    /// proxy has to act on, for a client's request as for a backend's answer.
+    #[test]
+    fn close_on_a_later_connection_line_is_told() {
+        let request = |values: &[&str]| {
+            RequestFields::of(&lines_of(http::header::CONNECTION, values)).late_close
+        };
+        let response = |values: &[&str]| {
+            ResponseFields::of(&lines_of(http::header::CONNECTION, values)).late_close
+        };
+        for later in [
+            &["keep-alive", "close"][..],
+            &["keep-alive", "X-Secret, close"],
+            &["X-Hop", "keep-alive", " CLOSE "],
+            &["Upgrade", "close"],
+        ] {
+            assert!(request(later), "{later:?}");
+            assert!(response(later), "{later:?}");
+        }
+        for not_later in [
+            &[][..],
+            &["close"],
+            &["keep-alive, close"],
+            &["close", "keep-alive"],
+            &["Close, X-Hop", "close"],
+            &["keep-alive", "keep-alive"],
+            &["keep-alive", "closed, X-close"],
+        ] {
+            assert!(!request(not_later), "{not_later:?}");
+            assert!(!response(not_later), "{not_later:?}");
+        }
+        // What else the lines say is read as before.
+        let fields = ResponseFields::of(&lines_of(
+            http::header::CONNECTION,
+            &["keep-alive", "close"],
+        ));
+        assert!(fields.connection && !fields.connection_options);
+        let fields = RequestFields::of(&lines_of(
+            http::header::CONNECTION,
+            &["keep-alive", "close"],
+        ));
+        assert!(fields.connection && fields.connection_options);
     }
 
     #[test]

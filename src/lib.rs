@@ -15,6 +15,7 @@
 //! path (normalisation) · split · shadow · rollback · pins · audit · forwarding · errors · metrics
 //! head_scan (what a header Pingora's parser refused was: 400, 414 or 431)
 //! dns (backend addresses: all of them, in turn, refreshed)
+//! upstream_close (pooled backend connections a backend said it would close)
 //! allocator (mimalloc settings)
 //! ```
 /// `println!` for the command-line output (`check`, `explain`, `routes`): a reader that closes
@@ -55,3 +56,4 @@ pub mod shadow;
 pub mod source_map;
 pub mod split;
 pub mod state;
+pub mod upstream_close;

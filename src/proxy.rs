@@ -9,6 +9,7 @@
 //! `fail_to_connect` / `error_while_proxy` (failover) → `fail_to_proxy` (JSON error).
 
 use std::net::{IpAddr, SocketAddr};
+use std::os::unix::io::RawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,10 +17,11 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
+use pingora_core::protocols::Digest;
 use pingora_core::upstreams::peer::{HttpPeer, HttpUpstreamRequestPolicy};
 use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
-use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+use pingora_proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
 
 use crate::connection::DeadlineStream;
 use crate::dns;
@@ -32,6 +34,7 @@ use crate::router::{upstream_path, DEFAULT_ROUTE, NO_BACKEND};
 use crate::shadow::{self, ShadowTap};
 use crate::split;
 use crate::state::{LiveTable, RouteControl, State};
+use crate::upstream_close;
 
 use crate::forwarding::{
     PROTO_HTTP, WIRE_FORWARDED_FOR, WIRE_FORWARDED_HOST, WIRE_FORWARDED_PROTO, WIRE_REQUEST_ID,
@@ -43,6 +46,10 @@ static ACRM: HeaderName = HeaderName::from_static("access-control-request-method
 
 /// How long one write to a client may wait for it to read (nginx's `send_timeout`, 60 s).
 pub const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why a pooled backend connection was refused (`connected_to_upstream`).
+const POOLED_SAID_CLOSE: &str =
+    "pooled backend connection not reused: its backend said it would close it";
 
 /// Interim (1xx) responses relayed per request before the backend's answer is taken as
 /// invalid (502): each restarts the backend's read timeout, so an endless stream of them would
@@ -151,6 +158,11 @@ pub struct RequestCtx {
     failed_over_at: Option<Instant>,
     /// Retried once already because a reused connection closed under it.
     stale_retried: bool,
+    /// The descriptor of the backend connection of the last attempt (-1 before one).
+    upstream_fd: RawFd,
+    /// The last attempt was given a pooled connection its backend said it would close
+    /// (`upstream_close`): refused before anything was sent, and retried.
+    refused_pooled: bool,
     /// Where this request started in its backend's round robin of addresses, and the
     /// addresses it could not connect to, `addr_tries` of them (`dns.rs`).
     addr_turn: usize,
@@ -440,6 +452,8 @@ impl ProxyHttp for Strangler {
             failed_over: false,
             failed_over_at: None,
             stale_retried: false,
+            upstream_fd: -1,
+            refused_pooled: false,
             addr_turn: 0,
             addr_tried: None,
             addr_tries: 0,
@@ -562,6 +576,11 @@ impl ProxyHttp for Strangler {
             self.answer(session, ctx, errors::BAD_REQUEST, Some(why))
                 .await?;
             return Ok(true);
+        }
+        if ctx.fields.late_close {
+            // The client said `close` on a later `Connection` line, which Pingora does not read:
+            // the connection closes after this answer (RFC 9112 §9.6), and the answer says so.
+            session.set_keepalive(None);
         }
 
         // A CORS preflight is routed as the request it announces.
@@ -829,6 +848,10 @@ impl ProxyHttp for Strangler {
             resp.remove_header(&header::TRANSFER_ENCODING);
         }
         let fields = forwarding::ResponseFields::of(&resp.headers);
+        if fields.late_close && !resp.status.is_informational() {
+            // Pingora reads the first `Connection` line only, and would pool the connection.
+            upstream_close::said_close(ctx.upstream_fd);
+        }
         strip_hop_by_hop(resp, fields)?;
         let (Some(live), Some(b)) = (&ctx.live, ctx.backend) else {
             return Ok(());
@@ -1045,6 +1068,26 @@ impl ProxyHttp for Strangler {
         e
     }
 
+    /// Phase: a connection to the backend was made or taken from the pool; the request is not
+    /// written yet. A pooled one its backend said it would close is refused (`upstream_close`):
+    /// closed, and the request sent on another (`error_while_proxy`).
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        reused: bool,
+        _peer: &HttpPeer,
+        fd: RawFd,
+        _digest: Option<&Digest>,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        ctx.upstream_fd = fd;
+        if upstream_close::refuse(fd, reused) {
+            ctx.refused_pooled = true;
+            return Error::e_explain(ErrorType::ConnectionClosed, POOLED_SAID_CLOSE);
+        }
+        Ok(())
+    }
+
     /// Phase: an error after the connection was made (or reused). Pingora's policy is kept
     /// (idempotent requests on a reused connection are retried once it closed under us); in
     /// addition, with `failover`, a GET/HEAD whose backend timed out before any response byte
@@ -1057,6 +1100,17 @@ impl ProxyHttp for Strangler {
         ctx: &mut RequestCtx,
         client_reused: bool,
     ) -> Box<Error> {
+        if std::mem::take(&mut ctx.refused_pooled) {
+            // Nothing of the request went out: any method goes again, on another connection,
+            // and it was no failure of the backend's.
+            log::debug!(
+                "request {}: {e}; sent on another connection",
+                ctx.request_id.to_str().unwrap_or("-")
+            );
+            let mut e = e;
+            e.set_retry(true);
+            return e;
+        }
         let mut e = e.more_context(format!("Peer: {peer}"));
         // After a 101 the connection carries the upgraded protocol: a tunnel left idle for the
         // backend's `timeout` (nginx's `proxy_read_timeout` ends it the same way), or an https
@@ -1223,6 +1277,20 @@ impl ProxyHttp for Strangler {
 
     /// Pingora logs a request that ended in an error at level error; a tunnel that ended as
     /// tunnels do was logged at info in `error_while_proxy` instead.
+    /// Pingora warns of every retry; the refusal of a pooled connection its backend said it
+    /// would close is routine (`error_while_proxy` logs it at debug).
+    fn suppress_proxy_warn_log(
+        &self,
+        _session: &Session,
+        _ctx: &RequestCtx,
+        e: &Error,
+        _context: ProxyWarnLogContext,
+    ) -> bool {
+        e.context
+            .as_ref()
+            .is_some_and(|c| c.as_str() == POOLED_SAID_CLOSE)
+    }
+
     fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, e: &Error) -> bool {
         // A client that went away is not an error of the proxy (nginx logs it at info, as
         // `logging` does here; the request counts as a 499).

@@ -882,6 +882,11 @@ fn foreign_targets_connect_and_host_errors_are_refused_and_sent_nowhere() {
             "Connection naming Host",
             b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, host\r\n\r\n",
         ),
+        (
+            // Stripped as hop-by-hop, the body would reach the backend re-framed as chunked.
+            "Connection naming Content-Length",
+            b"POST /a HTTP/1.1\r\nHost: x\r\nConnection: Content-Length\r\nContent-Length: 3\r\n\r\nabc",
+        ),
     ];
     for (what, req) in cases {
         let (answer, _) = exchange(&addr, req, Duration::from_secs(3));
@@ -2176,6 +2181,107 @@ fn pipelined_requests_are_each_answered_in_order() {
         assert_eq!(v["target"], format!("/p{i}"), "answers in request order");
     }
     assert_eq!(targets(&legacy), vec!["/p0", "/p1", "/p2"]);
+}
+
+/// `Connection` lines are one list (RFC 9110 §5.3): a client's `close` on its second line ends
+/// the connection after the answer (RFC 9112 §9.6), and a request pipelined behind is not
+/// served. Pingora alone reads the first line only.
+#[test]
+fn a_clients_close_on_a_later_connection_line_closes_the_connection() {
+    let legacy = Backend::echo("legacy");
+    let proxy = Proxy::start(&one_backend(&legacy.url()));
+    for (version, first) in [
+        ("1.1", "keep-alive"),
+        ("1.0", "keep-alive"),
+        ("1.1", "X-Hop"),
+    ] {
+        let before = legacy.seen().len();
+        let (answer, closed) = exchange(
+            &addr_of(&proxy),
+            format!(
+                "GET /first HTTP/{version}\r\nHost: x\r\nConnection: {first}\r\nConnection: X-Secret, close\r\nX-Secret: v\r\n\r\nGET /next HTTP/1.1\r\nHost: x\r\n\r\n"
+            )
+            .as_bytes(),
+            Duration::from_secs(5),
+        );
+        assert!(
+            closed,
+            "HTTP/{version}, {first}: the connection stayed open: {answer}"
+        );
+        assert_eq!(
+            answer.matches("HTTP/1.1 200").count(),
+            1,
+            "HTTP/{version}, {first}: {answer}"
+        );
+        assert!(
+            answer.to_ascii_lowercase().contains("connection: close"),
+            "HTTP/{version}, {first}: the answer does not say close: {answer}"
+        );
+        let seen = legacy.seen();
+        assert_eq!(
+            seen[before..]
+                .iter()
+                .map(|s| s.target.as_str())
+                .collect::<Vec<_>>(),
+            ["/first"],
+            "HTTP/{version}, {first}"
+        );
+        assert_eq!(
+            seen[before].headers.get("x-secret"),
+            None,
+            "nominated: hop-by-hop"
+        );
+    }
+}
+
+/// A backend's `close` on its answer's second `Connection` line: the connection is not pooled
+/// (Pingora alone reads the first line and would send the next request on it). The backend
+/// here closes only a second later without reading anything more, so a POST sent on that
+/// connection would be lost, and not retried: 502.
+#[test]
+fn a_backends_close_on_a_later_connection_line_keeps_its_connection_out_of_the_pool() {
+    let connections = Arc::new(AtomicUsize::new(0));
+    let c2 = connections.clone();
+    let (baddr, lines) = raw_backend(move |s, lines| {
+        c2.fetch_add(1, Ordering::SeqCst);
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut w = s;
+        let Some(line) = read_request_head(&mut r) else {
+            return;
+        };
+        lines.lock().unwrap().push(line.clone());
+        if line.contains("/says-close") {
+            let _ = w.write_all(
+                b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nConnection: close\r\nContent-Length: 2\r\n\r\nhi",
+            );
+            // As a server that lingers before it closes: what comes in the meantime is lost.
+            std::thread::sleep(Duration::from_secs(1));
+            let _ = w.shutdown(std::net::Shutdown::Both);
+            return;
+        }
+        let _ = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        // One request per connection here; the proxy's next request would come on a new one.
+        std::thread::sleep(Duration::from_secs(1));
+    });
+    let proxy = Proxy::start(&one_backend(&format!("http://{baddr}")));
+    let r = request("GET", &proxy.url("/says-close"), &[], None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let post = request("POST", &proxy.url("/after"), &[], Some(b"payload"));
+    assert_eq!(post.status, 200, "{}", post.body);
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        2,
+        "the POST went on a connection of its own"
+    );
+    assert_eq!(
+        *lines.lock().unwrap(),
+        ["GET /says-close HTTP/1.1", "POST /after HTTP/1.1"]
+    );
+    let metrics = metrics_body(&proxy);
+    assert!(
+        !metrics.contains("strangler_upstream_errors_total{backend=\"legacy\""),
+        "not a failure of the backend's"
+    );
 }
 
 #[test]
