@@ -164,6 +164,9 @@ pub struct ResponseFields {
     pub late_close: bool,
     /// `Upgrade`: kept on a 101 only.
     pub upgrade: bool,
+    /// `Transfer-Encoding`: refused unless it is `chunked` alone (see
+    /// [`transfer_coding_refusal`]).
+    pub transfer_encoding: bool,
     /// `Keep-Alive`, `Proxy-Connection`, `Proxy-Authenticate`, `TE`, `Trailer`: always removed.
     pub hop_by_hop: bool,
     /// `Location`, `Content-Location`, `Refresh`, `Link`: URLs that may name a backend.
@@ -175,7 +178,7 @@ impl ResponseFields {
     pub fn of(headers: &HeaderMap) -> Self {
         use http::header::{
             CONNECTION, CONTENT_LOCATION, LINK, LOCATION, PROXY_AUTHENTICATE, REFRESH, SET_COOKIE,
-            TE, TRAILER, UPGRADE,
+            TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
         };
         let mut found = Self::default();
         for name in headers.keys() {
@@ -186,6 +189,8 @@ impl ResponseFields {
                 found.late_close = says.late_close;
             } else if name == UPGRADE {
                 found.upgrade = true;
+            } else if name == TRANSFER_ENCODING {
+                found.transfer_encoding = true;
             } else if [
                 &PROXY_AUTHENTICATE,
                 &TE,
@@ -388,11 +393,15 @@ pub fn method_refusal(method: &http::Method) -> Option<&'static str> {
         .then_some("CONNECT is not proxied: the request target must be a path (origin-form)")
 }
 
-/// Why a request's `Transfer-Encoding` cannot be forwarded, or `None`. Pingora refuses any
-/// list whose last coding is not `chunked`, and decodes the chunks of one that ends in it; the
-/// codings before (`gzip, chunked`) would be dropped, and the backend would take a compressed
-/// body for a plain one. A server that does not know a transfer coding refuses the request
-/// (RFC 9112 §6.1): the proxy does, before any backend sees it.
+/// Why a message's `Transfer-Encoding` cannot be forwarded, or `None`. In a request, Pingora
+/// refuses any list whose last coding is not `chunked`, and decodes the chunks of one that ends
+/// in it; the codings before (`gzip, chunked`) would be dropped, and the backend would take a
+/// compressed body for a plain one. A server that does not know a transfer coding refuses the
+/// request (RFC 9112 §6.1): the proxy does, before any backend sees it. In a backend's answer,
+/// a list that does not end in `chunked` makes a body delimited by the connection's end, which
+/// Pingora relays with the backend's `Transfer-Encoding` lines: a client or a cache in front
+/// that read only the first (`chunked`) would parse the raw body as chunks, and whatever the
+/// backend put in it as the next answer. nginx, Envoy and HAProxy answer 502; so does the proxy.
 pub fn transfer_coding_refusal(headers: &HeaderMap) -> Option<&'static str> {
     headers
         .get_all(http::header::TRANSFER_ENCODING)

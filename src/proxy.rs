@@ -848,6 +848,15 @@ impl ProxyHttp for Strangler {
             resp.remove_header(&header::TRANSFER_ENCODING);
         }
         let fields = forwarding::ResponseFields::of(&resp.headers);
+        if fields.transfer_encoding {
+            if let Some(why) = forwarding::transfer_coding_refusal(&resp.headers) {
+                return Err(Error::explain(
+                    ErrorType::InvalidHTTPHeader,
+                    format!("the backend's answer: {why}"),
+                )
+                .into_up());
+            }
+        }
         if fields.late_close && !resp.status.is_informational() {
             // Pingora reads the first `Connection` line only, and would pool the connection.
             upstream_close::said_close(ctx.upstream_fd);

@@ -2284,6 +2284,57 @@ fn a_backends_close_on_a_later_connection_line_keeps_its_connection_out_of_the_p
     );
 }
 
+/// A backend's answer whose transfer codings do not end in `chunked` has a body delimited by the
+/// connection's end. Relayed with its `Transfer-Encoding` lines, a client or cache in front that
+/// read only the first (`chunked`) would take the raw body for chunks, and what the backend put
+/// in it for the next answer. 502, as nginx, Envoy and HAProxy answer.
+#[test]
+fn a_backends_transfer_coding_other_than_chunked_is_a_502() {
+    let (baddr, _lines) = raw_backend(move |s, _lines| {
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut w = s;
+        let Some(line) = read_request_head(&mut r) else {
+            return;
+        };
+        let codings = if line.contains("/two-lines") {
+            "Transfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n"
+        } else if line.contains("/identity") {
+            "Transfer-Encoding: identity\r\n"
+        } else {
+            "Transfer-Encoding: Chunked\r\n"
+        };
+        let body = if line.contains("/chunked") {
+            "2\r\nok\r\n0\r\n\r\n"
+        } else {
+            "2\r\nok\r\n0\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nINJECTED"
+        };
+        let _ = w.write_all(format!("HTTP/1.1 200 OK\r\n{codings}\r\n{body}").as_bytes());
+        // Closing ends a body delimited by the connection's end.
+    });
+    let proxy = Proxy::start(&one_backend(&format!("http://{baddr}")));
+    for path in ["/two-lines", "/identity"] {
+        let (answer, _) = exchange(
+            &addr_of(&proxy),
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+            Duration::from_secs(5),
+        );
+        assert_eq!(status_of(&answer), 502, "{path}: {answer}");
+        assert!(
+            answer.contains("\"error\":\"bad_gateway\""),
+            "{path}: {answer}"
+        );
+        assert!(!answer.contains("INJECTED"), "{path}: {answer}");
+    }
+    wait_for("counted as the backend's", Duration::from_secs(2), || {
+        proxy.metric(
+            "strangler_upstream_errors_total{route=\"default\",backend=\"legacy\",kind=\"other\"}",
+        ) == 2.0
+    });
+    // `chunked` alone, in any case, is relayed.
+    let r = request("GET", &proxy.url("/chunked"), &[], None);
+    assert_eq!((r.status, r.body.as_str()), (200, "ok"));
+}
+
 #[test]
 fn random_paths_and_methods_add_no_metric_series() {
     use rand::{Rng, SeedableRng};
