@@ -3,7 +3,8 @@
 //! it to the end, so a reload never changes a request halfway.
 //!
 //! Phases, in order: `request_filter` (normalise, route, choose the backend, or answer 400) →
-//! `upstream_peer` (where to connect) → `upstream_request_filter` (path, Host, X-Forwarded-*) →
+//! `upstream_peer` (where to connect) → `connected_to_upstream` (a pooled connection its
+//! backend said it would close is refused) → `upstream_request_filter` (path, Host, X-Forwarded-*) →
 //! `upstream_response_filter` (Location, Set-Cookie, hop-by-hop) → `response_filter`
 //! (X-Strangler-* headers) → `logging` (metrics, rollback window). On failure:
 //! `fail_to_connect` / `error_while_proxy` (failover) → `fail_to_proxy` (JSON error).
@@ -1284,8 +1285,6 @@ impl ProxyHttp for Strangler {
         s
     }
 
-    /// Pingora logs a request that ended in an error at level error; a tunnel that ended as
-    /// tunnels do was logged at info in `error_while_proxy` instead.
     /// Pingora warns of every retry; the refusal of a pooled connection its backend said it
     /// would close is routine (`error_while_proxy` logs it at debug).
     fn suppress_proxy_warn_log(
@@ -1300,6 +1299,8 @@ impl ProxyHttp for Strangler {
             .is_some_and(|c| c.as_str() == POOLED_SAID_CLOSE)
     }
 
+    /// Pingora logs a request that ended in an error at level error; a tunnel that ended as
+    /// tunnels do was logged at info in `error_while_proxy` instead.
     fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, e: &Error) -> bool {
         // A client that went away is not an error of the proxy (nginx logs it at info, as
         // `logging` does here; the request counts as a 499).
