@@ -43,8 +43,9 @@ pub fn said_close(fd: RawFd) {
 }
 
 /// Whether a request about to be written on the connection on `fd` must not be: the connection
-/// is a pooled one (`reused`) its backend said it would close. A fresh connection's descriptor
-/// is forgotten, as it is once answered.
+/// is a pooled one (`reused`) its backend said it would close. A recorded descriptor is
+/// forgotten at its next use either way: its pooled connection is refused once (and closed), a
+/// fresh connection that got the number again is not refused.
 pub fn refuse(fd: RawFd, reused: bool) -> bool {
     if !ANY.load(Ordering::Acquire) {
         return false;

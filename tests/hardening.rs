@@ -2282,6 +2282,9 @@ fn a_backends_close_on_a_later_connection_line_keeps_its_connection_out_of_the_p
         !metrics.contains("strangler_upstream_errors_total{backend=\"legacy\""),
         "not a failure of the backend's"
     );
+    // Nor a warning: Pingora's line for the retry is held back.
+    let log = proxy.log_text();
+    assert!(!log.contains("Fail to proxy"), "{log}");
 }
 
 /// A backend's answer whose transfer codings do not end in `chunked` has a body delimited by the
